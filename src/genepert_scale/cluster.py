@@ -1,0 +1,105 @@
+"""Where work runs: local threads, a LocalCluster, or a running
+dask.distributed scheduler — chosen once, for every command — and progress
+display for long computations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def dask_client(
+    scheduler: str | None = None,
+    workers: int | None = None,
+    *,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = "auto",
+) -> Iterator[Any]:
+    """Context in which dask computations run on the chosen cluster.
+
+    Parameters
+    ----------
+    scheduler
+        Address of a running scheduler (``tcp://host:8786``); defaults to the
+        ``DASK_SCHEDULER_ADDRESS`` environment variable.
+    workers
+        Start a ``LocalCluster`` with this many worker processes.
+    threads_per_worker, memory_limit
+        For the ``LocalCluster``.
+
+    Yields
+    ------
+    distributed.Client or None
+        ``None`` for local threads.
+    """
+    scheduler = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if not scheduler and not workers:
+        with dask.config.set(scheduler="threads"):
+            yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+        cluster = None
+    else:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            processes=True,
+            dashboard_address=":0",
+        )
+        client = Client(cluster)
+    log.info("dask cluster: %s, dashboard %s", client.scheduler.address, client.dashboard_link)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def compute(obj: Any, *, label: str, progress: bool = True) -> Any:
+    """Compute ``obj`` on the current scheduler with a progress bar and a log line.
+
+    Uses ``distributed.progress`` when a distributed client is active, dask's
+    ``ProgressBar`` for local threads.
+    """
+    start = time.perf_counter()
+    client = _current_client()
+    if client is not None:
+        future = client.compute(obj)
+        if progress:
+            from distributed import progress as show_progress
+
+            show_progress(future)
+        result = future.result()
+    elif progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(minimum=1.0, dt=0.5):
+            (result,) = dask.compute(obj)
+    else:
+        (result,) = dask.compute(obj)
+    log.info("%s: %.1f s", label, time.perf_counter() - start)
+    return result
+
+
+def _current_client() -> Any:
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None

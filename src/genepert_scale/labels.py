@@ -1,0 +1,92 @@
+"""Perturbation labels: GEARS style (``A+ctrl``, ``A+B``, ``ctrl``) and plain
+style (``A``, ``A+B``, ``non-targeting``), mapped to canonical names.
+
+A canonical name lists the perturbed genes joined by ``+`` in the order given,
+with control tokens removed: ``ctrl+KLF1`` and ``KLF1+ctrl`` are both ``KLF1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import LabelError
+
+#: Tokens that mean "no gene" inside a GEARS-style label.
+CONTROL_TOKENS = frozenset({"ctrl", "control", "non-targeting", "nontargeting"})
+
+
+def parse_label(label: str, control: str) -> tuple[str, ...]:
+    """Genes perturbed by ``label``; the empty tuple for a control cell.
+
+    Raises
+    ------
+    LabelError
+        If the label is empty or has an empty part (``"A+"``).
+    """
+    text = str(label).strip()
+    if text == control:
+        return ()
+    parts = [part.strip() for part in text.split("+")]
+    if not text or any(not part for part in parts):
+        raise LabelError(
+            f"cannot parse perturbation label {label!r}: expected 'GENE', "
+            "'GENE+GENE', 'GENE+ctrl' or the control label "
+            f"{control!r}; fix or drop these cells"
+        )
+    genes = tuple(p for p in parts if p != control and p.lower() not in CONTROL_TOKENS)
+    return genes
+
+
+def canonical(genes: tuple[str, ...]) -> str:
+    """The canonical name of a perturbation from its genes."""
+    return "+".join(genes)
+
+
+def assign_groups(
+    labels: pd.Categorical | Iterable[str],
+    control: str,
+    *,
+    column: str = "perturbation",
+) -> tuple[np.ndarray, list[str]]:
+    """Map each cell's label to a group code.
+
+    Parameters
+    ----------
+    labels
+        One label per cell; missing labels (NaN) give code ``-1``.
+    control
+        The label of control cells.
+    column
+        Name of the obs column, for error messages.
+
+    Returns
+    -------
+    codes
+        ``int32`` group per cell: ``0`` is the control, ``-1`` no group.
+    groups
+        Group names, ``groups[0]`` is the control label, then the canonical
+        perturbation names in first-seen category order.
+    """
+    cat = pd.Categorical(labels)
+    if control not in set(map(str, cat.categories)):
+        frequent = pd.Series(cat).value_counts().head(10)
+        listing = ", ".join(f"{k!r} ({v})" for k, v in frequent.items())
+        raise LabelError(
+            f"control label {control!r} matches no cell in obs[{column!r}]; "
+            f"most frequent labels: {listing}. Pass the right one with --control"
+        )
+    groups = [control]
+    index = {control: 0}
+    category_code = np.empty(len(cat.categories), dtype=np.int32)
+    for i, label in enumerate(map(str, cat.categories)):
+        name = canonical(parse_label(label, control)) or control
+        if name not in index:
+            index[name] = len(groups)
+            groups.append(name)
+        category_code[i] = index[name]
+    raw = np.asarray(cat.codes)
+    codes = np.where(raw >= 0, category_code[np.maximum(raw, 0)], -1).astype(np.int32)
+    return codes, groups

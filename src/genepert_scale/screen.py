@@ -1,0 +1,169 @@
+"""Opening a Perturb-seq screen lazily: an AnnData zarr store (local path or any
+fsspec URL) or an ``.h5ad`` file.
+
+``X`` becomes a dask array of CSR row blocks (anndata's lazy element reader);
+``obs`` columns are read one at a time, on demand. Opening reads metadata only,
+never a chunk of ``X``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import h5py
+import numpy as np
+import pandas as pd
+import zarr
+from anndata.experimental import read_elem_lazy
+from anndata.io import read_elem
+
+from .errors import LabelError, StoreError
+from .store import exists, is_url, zarr_store
+
+#: Default number of stored values (non-zeros) per row block of a pass.
+TARGET_BLOCK_NNZ = 4_000_000
+
+
+@dataclass(frozen=True)
+class Screen:
+    """A lazily opened screen.
+
+    Attributes
+    ----------
+    source
+        The path or URL it was opened from.
+    group
+        The root zarr or h5py group.
+    X
+        Cells × genes, a dask array whose blocks are CSR row blocks.
+    var_names
+        Gene names, in column order.
+    obs_names
+        Cell names.
+    """
+
+    source: str
+    group: Any
+    X: da.Array
+    var_names: pd.Index
+    obs_names: pd.Index
+
+    @property
+    def n_obs(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return [k for k in self.group["obs"].keys() if k != _index_key(self.group["obs"])]
+
+    def obs_column(self, key: str) -> pd.Series:
+        """Read one ``obs`` column (e.g. the perturbation labels)."""
+        if key not in self.obs_columns:
+            raise LabelError(
+                f"{self.source}: obs has no column {key!r}; columns there are: "
+                f"{', '.join(self.obs_columns) or '(none)'}. "
+                "Pass the right one with --perturbation-key"
+            )
+        return pd.Series(read_elem(self.group["obs"][key]), index=self.obs_names, name=key)
+
+
+def _index_key(df_group) -> str:
+    return df_group.attrs.get("_index", "_index")
+
+
+def _read_index(df_group) -> pd.Index:
+    return pd.Index([str(name) for name in read_elem(df_group[_index_key(df_group)])])
+
+
+def open_group(path: str, storage_options: dict[str, Any] | None = None):
+    """The root group of an AnnData store (zarr, or h5py for ``.h5ad``)."""
+    path = str(path)
+    if not exists(path, storage_options):
+        raise StoreError(f"screen {path} does not exist; check the path or URL")
+    if path.endswith(".h5ad"):
+        if is_url(path):
+            raise StoreError(
+                f"{path}: remote .h5ad cannot be streamed; run "
+                "'genepert-scale convert' to a zarr store first"
+            )
+        try:
+            return h5py.File(path, "r")
+        except OSError as err:
+            raise StoreError(f"{path} is not a readable HDF5 (.h5ad) file: {err}") from err
+    try:
+        return zarr.open_group(zarr_store(path, storage_options), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+        raise StoreError(
+            f"{path} is not a zarr group ({err}); give an AnnData zarr store or .h5ad"
+        ) from err
+
+
+def block_rows_for(n_obs: int, nnz: int, target_nnz: int = TARGET_BLOCK_NNZ) -> int:
+    """Rows per block so that one block holds about ``target_nnz`` stored values."""
+    per_row = max(nnz / max(n_obs, 1), 1.0)
+    return int(min(max(target_nnz / per_row, 256), max(n_obs, 1)))
+
+
+def _stored_values(x_group) -> int:
+    if "indptr" in x_group:
+        indptr = x_group["indptr"]
+        return int(indptr[indptr.shape[0] - 1])
+    return int(np.prod(x_group.shape))
+
+
+def open_screen(
+    path: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    block_rows: int | None = None,
+) -> Screen:
+    """Open an AnnData screen lazily.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL of an AnnData zarr store, or a local ``.h5ad``.
+    storage_options
+        fsspec options (credentials, endpoint) for URLs.
+    block_rows
+        Rows per block of ``X``; by default about :data:`TARGET_BLOCK_NNZ`
+        stored values per block.
+
+    Raises
+    ------
+    StoreError
+        If the path is missing, is not AnnData, or has no usable ``X``.
+    """
+    group = open_group(path, storage_options)
+    for key in ("X", "obs", "var"):
+        if key not in group:
+            raise StoreError(
+                f"{path} has no '{key}' element; is it an AnnData store "
+                "(written by anndata or 'genepert-scale convert')?"
+            )
+    x_group = group["X"]
+    encoding = x_group.attrs.get("encoding-type", "array")
+    if encoding == "csc_matrix":
+        raise StoreError(
+            f"{path}: X is stored as CSC (column-major); rows cannot be streamed. "
+            "Rewrite it as CSR with 'genepert-scale convert'"
+        )
+    if encoding not in ("csr_matrix", "array"):
+        raise StoreError(f"{path}: X has unsupported encoding {encoding!r}")
+    var_names = _read_index(group["var"])
+    obs_names = _read_index(group["obs"])
+    shape = tuple(x_group.attrs["shape"]) if encoding == "csr_matrix" else x_group.shape
+    if shape != (len(obs_names), len(var_names)):
+        raise StoreError(
+            f"{path}: X has shape {shape} but obs has {len(obs_names)} cells and "
+            f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
+        )
+    rows = block_rows or block_rows_for(shape[0], _stored_values(x_group))
+    X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
+    return Screen(str(path), group, X, var_names, obs_names)
