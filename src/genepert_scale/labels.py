@@ -67,8 +67,8 @@ def assign_groups(
     codes
         ``int32`` group per cell: ``0`` is the control, ``-1`` no group.
     groups
-        Group names, ``groups[0]`` is the control label, then the canonical
-        perturbation names in first-seen category order.
+        Group names: ``groups[0]`` is the control label, then the canonical
+        perturbation names, sorted.
     """
     cat = pd.Categorical(labels)
     if control not in set(map(str, cat.categories)):
@@ -78,15 +78,10 @@ def assign_groups(
             f"control label {control!r} matches no cell in obs[{column!r}]; "
             f"most frequent labels: {listing}. Pass the right one with --control"
         )
-    groups = [control]
-    index = {control: 0}
-    category_code = np.empty(len(cat.categories), dtype=np.int32)
-    for i, label in enumerate(map(str, cat.categories)):
-        name = canonical(parse_label(label, control)) or control
-        if name not in index:
-            index[name] = len(groups)
-            groups.append(name)
-        category_code[i] = index[name]
+    names = [canonical(parse_label(label, control)) or control for label in map(str, cat.categories)]
+    groups = [control, *sorted(set(names) - {control})]
+    index = {name: i for i, name in enumerate(groups)}
+    category_code = np.array([index[name] for name in names], dtype=np.int32)
     raw = np.asarray(cat.codes)
     codes = np.where(raw >= 0, category_code[np.maximum(raw, 0)], -1).astype(np.int32)
     return codes, groups

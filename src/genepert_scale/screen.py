@@ -140,7 +140,11 @@ def open_screen(
     StoreError
         If the path is missing, is not AnnData, or has no usable ``X``.
     """
-    group = open_group(path, storage_options)
+    return screen_from_group(open_group(path, storage_options), str(path), block_rows=block_rows)
+
+
+def screen_from_group(group, path: str, *, block_rows: int | None = None) -> Screen:
+    """A :class:`Screen` over an already opened AnnData root group (zarr or h5py)."""
     for key in ("X", "obs", "var"):
         if key not in group:
             raise StoreError(

@@ -62,7 +62,7 @@ def make_model(
     genes = pd.Index([f"GENE{i:05d}" for i in range(n_genes)])
     embedding = rng.normal(size=(n_genes, dim))
     embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)
-    base = rng.normal(-1.0, 1.4, size=n_genes)
+    base = rng.normal(0.0, 2.5, size=n_genes)
     weights = rng.normal(size=(dim, n_genes)) * (rng.random((dim, n_genes)) < 0.3) * 1.2
     n_pairs = int(round(n_perturbations * pair_share)) if n_perturbations >= 10 else 0
     targets = rng.choice(n_genes, size=n_perturbations - n_pairs, replace=False)
@@ -107,7 +107,7 @@ def synth_screen(
     seed: int = 0,
     chunk_rows: int = 10_000,
     control_share: float = 0.05,
-    mean_umis: float = 2000.0,
+    mean_umis: float | None = None,
     embedding_dim: int = 32,
     overwrite: bool = False,
 ) -> tuple[str, str]:
@@ -126,7 +126,8 @@ def synth_screen(
     control_share
         Share of control cells (labelled ``non-targeting``).
     mean_umis
-        Mean library size.
+        Mean library size; by default a quarter of the genes (500 to 5,000),
+        which gives 5-15 % non-zeros as in droplet screens.
     embedding_dim
         Dimension of the gene embedding.
     overwrite
@@ -138,6 +139,7 @@ def synth_screen(
         The store path and the embedding pickle path (``dict[symbol, list[float]]``).
     """
     start = time.perf_counter()
+    mean_umis = mean_umis or float(np.clip(genes / 4, 500, 5000))
     model = make_model(genes, perturbations, seed=seed, dim=embedding_dim)
     groups = assign_cells(cells, len(model.labels), seed=seed, control_share=control_share)
     categories = [CONTROL_LABEL, *model.labels]

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import xarray as xr
+
+from genepert_scale.cli import main
+from genepert_scale.errors import INPUT_ERROR_EXIT_CODE
+
+
+def test_synth_then_pseudobulk_from_the_command_line(tmp_path, capsys):
+    screen = tmp_path / "screen.zarr"
+    assert main(["synth", str(screen), "--cells", "1500", "--genes", "150",
+                 "--perturbations", "15", "--seed", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "embedding:" in printed and (tmp_path / "screen_embedding.pkl").exists()
+    out = tmp_path / "pb.zarr"
+    assert main(["pseudobulk", str(screen), "--perturbation-key", "perturbation",
+                 "--control", "non-targeting", "--out", str(out), "--n-top-genes", "40",
+                 "--no-progress"]) == 0
+    ds = xr.open_zarr(out)
+    assert ds.sizes["gene"] == 40 and ds.sizes["perturbation"] == 15
+    assert np.isfinite(ds.delta.values).all()
+    # an existing output is kept unless --overwrite
+    code = main(["pseudobulk", str(screen), "--out", str(out), "--no-progress"])
+    assert code == INPUT_ERROR_EXIT_CODE
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_missing_column_is_a_clean_error_in_a_subprocess(small_screen):
+    path, _ = small_screen
+    result = subprocess.run(
+        [sys.executable, "-m", "genepert_scale", "pseudobulk", path, "--perturbation-key", "guide",
+         "--out", "never-written.zarr"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == INPUT_ERROR_EXIT_CODE
+    assert "obs has no column 'guide'" in result.stderr and "perturbation" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_convert_command(papalexi_path, tmp_path):
+    out = tmp_path / "papalexi.zarr"
+    assert main(["convert", str(papalexi_path), str(out)]) == 0
+    assert main(["pseudobulk", str(out), "--control", "control", "--n-top-genes", "all",
+                 "--out", str(tmp_path / "pb.zarr"), "--no-progress"]) == 0
+    assert xr.open_zarr(tmp_path / "pb.zarr").sizes["perturbation"] == 25

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genepert_scale import kernels
+
+
+def random_counts(rng, n=60, g=25, density=0.2, empty_rows=(3, 17)):
+    x = sp.random(n, g, density=density, format="csr", random_state=rng,
+                  data_rvs=lambda k: rng.integers(1, 50, k)).astype(np.float32)
+    x = x.tolil()
+    for r in empty_rows:
+        x[r, :] = 0
+    return sp.csr_array(x.tocsr())
+
+
+def test_normalize_log1p_matches_scanpy():
+    import anndata as ad
+    import scanpy as sc
+
+    x = random_counts(np.random.default_rng(0))
+    adata = ad.AnnData(sp.csr_matrix(x.astype(np.float64)))
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    expected_norm = adata.X.toarray()
+    sc.pp.log1p(adata)
+    normalized, logged = kernels.normalize_log1p(x, 1e4)
+    got_norm = sp.csr_array((normalized, x.indices, x.indptr), shape=x.shape).toarray()
+    got_log = sp.csr_array((logged, x.indices, x.indptr), shape=x.shape).toarray()
+    np.testing.assert_allclose(got_norm, expected_norm, rtol=1e-12)
+    np.testing.assert_allclose(got_log, adata.X.toarray(), rtol=1e-12)
+    assert np.all(got_norm[[3, 17]] == 0)
+
+
+def dense_oracle(x: np.ndarray, codes: np.ndarray, n_groups: int):
+    totals = x.sum(axis=1, keepdims=True)
+    totals[totals == 0] = 1
+    norm = x / totals * 1e4
+    logged = np.log1p(norm)
+    sums = np.zeros((n_groups, x.shape[1]))
+    for g in range(n_groups):
+        sums[g] = logged[codes == g].sum(axis=0)
+    return norm, logged, sums
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 80),
+    n_groups=st.integers(1, 6),
+    split=st.integers(1, 79),
+)
+def test_block_stats_combine_equals_dense_oracle(seed, n, n_groups, split):
+    rng = np.random.default_rng(seed)
+    x = random_counts(rng, n=n, g=12, density=0.3, empty_rows=())
+    codes = rng.integers(-1, n_groups, n).astype(np.int32)
+    split = min(split, n)
+    parts = [
+        kernels.block_stats(x[a:b], codes[a:b], n_groups, with_group_sumsq=True, block_index=i)
+        for i, (a, b) in enumerate(((0, split), (split, n)))
+        if b > a
+    ]
+    stats = kernels.combine_stats(parts)
+    norm, logged, sums = dense_oracle(x.toarray().astype(np.float64), codes, n_groups)
+    dense = lambda m: m.toarray() if sp.issparse(m) else m  # noqa: E731
+    assert stats.n_cells == n
+    np.testing.assert_array_equal(stats.group_n, np.bincount(codes[codes >= 0], minlength=n_groups))
+    np.testing.assert_allclose(stats.gene_sum, norm.sum(0), rtol=1e-10)
+    np.testing.assert_allclose(stats.gene_sumsq, (norm**2).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(stats.gene_log_sum, logged.sum(0), rtol=1e-10)
+    np.testing.assert_allclose(dense(stats.group_sum), sums, rtol=1e-10, atol=1e-12)
+    sq = np.stack([(logged[codes == g] ** 2).sum(0) for g in range(n_groups)])
+    np.testing.assert_allclose(dense(stats.group_sumsq), sq, rtol=1e-10, atol=1e-12)
+
+
+def test_log1p_input_is_not_normalized_again():
+    x = sp.csr_array(np.array([[0.5, 0.0, 1.5], [0.0, 2.0, 0.0]]))
+    stats = kernels.block_stats(x, np.array([0, 1], dtype=np.int32), 2, kind="log1p")
+    np.testing.assert_allclose(stats.gene_log_sum, [0.5, 2.0, 1.5])
+    np.testing.assert_allclose(stats.gene_sum, np.expm1([0.5, 2.0, 1.5]))
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "field"),
+    [([1.0, np.nan], "counts", "nonfinite"), ([1.0, -2.0], "log1p", "negative"),
+     ([1.0, 2.5], "counts", "noninteger")],
+)
+def test_value_check_counts_and_names_block(values, kind, field):
+    x = sp.csr_array((np.array(values), np.array([0, 1]), np.array([0, 2])), shape=(1, 3))
+    check = kernels.block_stats(x, np.zeros(1, np.int32), 1, kind=kind, block_index=4).check
+    assert getattr(check, field) == 1
+    assert check.first_block == {field: 4}

@@ -1,0 +1,175 @@
+"""The pseudo-bulk engine against scanpy, across chunkings and input kinds."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import xarray as xr
+import zarr
+
+from conftest import scanpy_pseudobulk
+from genepert_scale.convert import convert_h5ad
+from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.reduce import pass_stats
+from genepert_scale.screen import open_screen, screen_from_group
+
+RTOL = 1e-5
+
+
+def assert_matches_scanpy(ds, adata, *, key, control, n_top_genes, flavor="seurat", log1p_input=False):
+    hvg, means = scanpy_pseudobulk(
+        adata, key=key, control=control, n_top_genes=n_top_genes, flavor=flavor,
+        log1p_input=log1p_input,
+    )
+    if hvg is not None:
+        expected = set(hvg.index[hvg["highly_variable"]])
+        assert set(ds.gene.values) == expected
+        np.testing.assert_array_equal(ds.highly_variable.values, hvg["highly_variable"].to_numpy())
+        np.testing.assert_allclose(ds.hvg_dispersions_norm.values, hvg["dispersions_norm"], rtol=1e-4, atol=1e-6)
+    genes = list(ds.gene.values)
+    np.testing.assert_allclose(ds.control_mean.values, means.loc[control, genes], rtol=RTOL, atol=1e-7)
+    for name in ds.perturbation.values:
+        np.testing.assert_allclose(ds["mean"].sel(perturbation=name).values,
+                                   means.loc[name, genes], rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(ds.delta.values, ds["mean"].values - ds.control_mean.values[None])
+    counts = adata.obs[key].value_counts()
+    np.testing.assert_array_equal(ds.n_cells.values, counts.loc[list(ds.perturbation.values)])
+
+
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger"])
+@pytest.mark.parametrize("n_top_genes", [50, 200])
+def test_synthetic_matches_scanpy(small_screen, flavor, n_top_genes):
+    path, _ = small_screen
+    ds = pseudobulk(path, control="non-targeting", n_top_genes=n_top_genes, flavor=flavor,
+                    progress=False)
+    assert ds.sizes["gene"] == n_top_genes
+    assert "non-targeting" not in ds.perturbation.values
+    assert_matches_scanpy(ds, ad.read_zarr(path), key="perturbation", control="non-targeting",
+                          n_top_genes=n_top_genes, flavor=flavor)
+
+
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger"])
+def test_papalexi_matches_scanpy(papalexi_path, flavor):
+    ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=100, flavor=flavor,
+                    progress=False, block_rows=4096)
+    assert ds.sizes["perturbation"] == 25
+    assert_matches_scanpy(ds, ad.read_h5ad(papalexi_path), key="perturbation", control="control",
+                          n_top_genes=100, flavor=flavor)
+
+
+def test_converted_papalexi_equals_h5ad(papalexi_path, tmp_path):
+    out = convert_h5ad(str(papalexi_path), str(tmp_path / "p.zarr"), block_rows=5000)
+    back = ad.read_zarr(out)
+    original = ad.read_h5ad(papalexi_path)
+    assert (back.X != original.X).nnz == 0
+    assert back.obs.equals(original.obs)
+    from_zarr = pseudobulk(out, control="control", n_top_genes=None, progress=False)
+    from_h5ad = pseudobulk(str(papalexi_path), control="control", n_top_genes=None, progress=False)
+    xr.testing.assert_equal(from_zarr.drop_attrs(), from_h5ad.drop_attrs())
+
+
+@pytest.mark.parametrize("block_rows", [97, 1000, 3000])
+def test_result_does_not_depend_on_chunking(small_screen, block_rows):
+    path, _ = small_screen
+    reference = pseudobulk(path, n_top_genes=100, block_rows=512, progress=False)
+    other = pseudobulk(path, n_top_genes=100, block_rows=block_rows, progress=False)
+    assert list(other.gene.values) == list(reference.gene.values)
+    np.testing.assert_allclose(other["mean"], reference["mean"], rtol=1e-12, atol=1e-15)
+
+
+def test_building_the_graph_reads_no_chunk_of_x(small_screen):
+    path, _ = small_screen
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    store = zarr.storage.LoggingStore(zarr.storage.LocalStore(path, read_only=True), log_level="INFO")
+    store.logger.addHandler(Collect())
+    screen = screen_from_group(zarr.open_group(store, mode="r"), path, block_rows=500)
+    codes = np.zeros(screen.n_obs, dtype=np.int32)
+    graph = pass_stats(screen, codes, 1, kind="counts")
+    reads = [r for r in records if "X/data/c" in r or "X/indices/c" in r]
+    assert reads == []
+    graph.compute(scheduler="sync")
+    assert any("X/data/c" in r for r in records), records
+
+
+def test_log1p_input_detected_and_not_normalized_again(small_screen, tmp_path):
+    import scanpy as sc
+
+    path, _ = small_screen
+    adata = ad.read_zarr(path)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.obs["condition"] = [
+        "ctrl" if p == "non-targeting" else (p if "+" in p else f"{p}+ctrl")
+        for p in adata.obs["perturbation"]
+    ]
+    gears = tmp_path / "gears.h5ad"
+    adata.write_h5ad(gears)
+    ds = pseudobulk(str(gears), perturbation_key="condition", control="ctrl",
+                    n_top_genes=None, progress=False)
+    assert ds.attrs["input_kind"] == "log1p"
+    reference = pseudobulk(path, n_top_genes=None, progress=False)
+    np.testing.assert_allclose(ds["mean"].values, reference["mean"].values, rtol=1e-5, atol=1e-7)
+    assert list(ds.perturbation.values) == list(reference.perturbation.values)
+
+
+def test_min_cells_drops_and_reports(small_screen, caplog):
+    path, _ = small_screen
+    full = pseudobulk(path, n_top_genes=None, progress=False)
+    threshold = int(np.median(full.n_cells)) + 1
+    with caplog.at_level(logging.WARNING):
+        ds = pseudobulk(path, n_top_genes=None, min_cells=threshold, progress=False)
+    dropped = set(full.perturbation.values[full.n_cells.values < threshold])
+    assert dropped and set(ds.perturbation.values) == set(full.perturbation.values) - dropped
+    assert f"dropping {len(dropped)} perturbations" in caplog.text
+
+
+def test_group_variance_matches_numpy(small_screen):
+    import scanpy as sc
+
+    path, _ = small_screen
+    ds = pseudobulk(path, n_top_genes=30, group_variance=True, progress=False)
+    adata = ad.read_zarr(path)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    x = adata[:, list(ds.gene.values)].X.toarray()
+    name = ds.perturbation.values[0]
+    mask = (adata.obs["perturbation"] == name).to_numpy()
+    np.testing.assert_allclose(ds["var"].sel(perturbation=name), x[mask].var(0, ddof=1), rtol=1e-5, atol=1e-8)
+    control = (adata.obs["perturbation"] == "non-targeting").to_numpy()
+    np.testing.assert_allclose(ds["control_var"], x[control].var(0, ddof=1), rtol=1e-5, atol=1e-8)
+
+
+def test_written_store_opens_with_xarray(small_screen, tmp_path):
+    path, _ = small_screen
+    ds = pseudobulk(path, n_top_genes=50, progress=False)
+    out = write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
+    opened = xr.open_zarr(out)
+    assert set(opened.dims) >= {"perturbation", "gene"}
+    for name in ("mean", "delta", "n_cells", "control_mean"):
+        assert name in opened
+    assert opened["mean"].dims == ("perturbation", "gene")
+    xr.testing.assert_allclose(open_pseudobulk(out).load().drop_attrs(), ds.drop_attrs())
+
+
+def test_dense_x_is_read_in_row_blocks(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.poisson(1.0, size=(300, 40)).astype(np.float32)
+    obs = {"perturbation": np.where(np.arange(300) % 3 == 0, "non-targeting", np.where(np.arange(300) % 3 == 1, "A", "B"))}
+    dense = ad.AnnData(x, obs=obs)
+    dense.obs_names = [f"c{i}" for i in range(300)]
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    sparse = dense.copy()
+    sparse.X = sp.csr_matrix(x)
+    sparse.write_h5ad(tmp_path / "sparse.h5ad")
+    a = pseudobulk(str(tmp_path / "dense.h5ad"), n_top_genes=None, block_rows=64, progress=False)
+    b = pseudobulk(str(tmp_path / "sparse.h5ad"), n_top_genes=None, block_rows=64, progress=False)
+    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-12)
