@@ -48,12 +48,14 @@ def scanpy_pseudobulk(
     import scanpy as sc
 
     adata = adata.copy()
+    hvg = None
+    if flavor == "seurat_v3" and n_top_genes:
+        hvg = sc.pp.highly_variable_genes(adata, flavor=flavor, n_top_genes=n_top_genes, inplace=False)
     if not log1p_input:
         sc.pp.normalize_total(adata, target_sum=1e4)
         sc.pp.log1p(adata)
-    hvg = sc.pp.highly_variable_genes(
-        adata, flavor=flavor, n_top_genes=n_top_genes, inplace=False
-    ) if n_top_genes else None
+    if flavor != "seurat_v3" and n_top_genes:
+        hvg = sc.pp.highly_variable_genes(adata, flavor=flavor, n_top_genes=n_top_genes, inplace=False)
     keep = hvg["highly_variable"].to_numpy() if hvg is not None else np.ones(adata.n_vars, bool)
     agg = sc.get.aggregate(adata[:, keep], by=key, func="mean")
     means = pd.DataFrame(

@@ -29,7 +29,8 @@ def assert_matches_scanpy(ds, adata, *, key, control, n_top_genes, flavor="seura
         expected = set(hvg.index[hvg["highly_variable"]])
         assert set(ds.gene.values) == expected
         np.testing.assert_array_equal(ds.highly_variable.values, hvg["highly_variable"].to_numpy())
-        np.testing.assert_allclose(ds.hvg_dispersions_norm.values, hvg["dispersions_norm"], rtol=1e-4, atol=1e-6)
+        score = "variances_norm" if flavor == "seurat_v3" else "dispersions_norm"
+        np.testing.assert_allclose(ds[f"hvg_{score}"].values, hvg[score], rtol=1e-4, atol=1e-6)
     genes = list(ds.gene.values)
     np.testing.assert_allclose(ds.control_mean.values, means.loc[control, genes], rtol=RTOL, atol=1e-7)
     for name in ds.perturbation.values:
@@ -40,7 +41,7 @@ def assert_matches_scanpy(ds, adata, *, key, control, n_top_genes, flavor="seura
     np.testing.assert_array_equal(ds.n_cells.values, counts.loc[list(ds.perturbation.values)])
 
 
-@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger"])
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger", "seurat_v3"])
 @pytest.mark.parametrize("n_top_genes", [50, 200])
 def test_synthetic_matches_scanpy(small_screen, flavor, n_top_genes):
     path, _ = small_screen
@@ -52,7 +53,7 @@ def test_synthetic_matches_scanpy(small_screen, flavor, n_top_genes):
                           n_top_genes=n_top_genes, flavor=flavor)
 
 
-@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger"])
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger", "seurat_v3"])
 def test_papalexi_matches_scanpy(papalexi_path, flavor):
     ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=100, flavor=flavor,
                     progress=False, block_rows=4096)

@@ -103,7 +103,8 @@ def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--perturbation-key", default="perturbation", help="obs column of perturbation labels")
     p.add_argument("--control", default="non-targeting", help="label of control cells")
     p.add_argument("--n-top-genes", type=_n_top_genes, default=5000, help="number of HVGs, or 'all'")
-    p.add_argument("--flavor", choices=("seurat", "cell_ranger"), default="seurat")
+    p.add_argument("--flavor", choices=("seurat", "cell_ranger", "seurat_v3"), default="seurat",
+                   help="scanpy HVG flavor (seurat_v3: raw counts, a second pass)")
     p.add_argument("--target-sum", type=float, default=1e4)
     p.add_argument("--input", choices=("auto", "counts", "log1p"), default="auto",
                    help="raw counts, log1p-normalised data, or detect")

@@ -1,9 +1,12 @@
 """Highly-variable genes from per-gene moments, selecting the same genes as
-``scanpy.pp.highly_variable_genes`` (flavors ``seurat`` and ``cell_ranger``).
+``scanpy.pp.highly_variable_genes``.
 
 scanpy computes per-gene mean and variance over the cell matrix; we receive
-them from the streamed pass (sums and sums of squares), so no second pass is
-needed. The binning, normalisation and cut-off follow scanpy exactly.
+them from the streamed pass (sums and sums of squares). ``seurat`` and
+``cell_ranger`` need nothing more; ``seurat_v3`` needs a second pass for the
+clipped variance (:func:`seurat_v3_clip` gives the clip values,
+:func:`seurat_v3_select` ranks) and the optional ``scikit-misc`` package for
+its loess fit. Binning, normalisation and cut-offs follow scanpy exactly.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from scipy.stats import norm
 
 from .errors import ParameterError
 
-Flavor = Literal["seurat", "cell_ranger"]
-FLAVORS: tuple[str, ...] = ("seurat", "cell_ranger")
+Flavor = Literal["seurat", "cell_ranger", "seurat_v3"]
+FLAVORS: tuple[str, ...] = ("seurat", "cell_ranger", "seurat_v3")
 
 
 def mean_var(total: np.ndarray, total_sq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +78,8 @@ def highly_variable_genes(
     percentiles and the bin median and MAD are used. The top ``n_top_genes`` by
     ``dispersions_norm`` are kept, ties at the cut-off included.
     """
-    if flavor not in FLAVORS:
-        raise ParameterError(f"unknown HVG flavor {flavor!r}; choose one of {FLAVORS}")
+    if flavor not in ("seurat", "cell_ranger"):
+        raise ParameterError(f"flavor {flavor!r} is not dispersion-based; use seurat_v3_select")
     mean = np.array(mean, dtype=np.float64)
     dispersion = np.asarray(var, dtype=np.float64) / np.where(mean == 0, 1e-12, mean)
     mean[mean == 0] = 1e-12
@@ -116,3 +119,83 @@ def _top(dispersion_norm: np.ndarray, n_top_genes: int | None) -> np.ndarray:
         return np.zeros(dispersion_norm.size, dtype=bool)
     cut_off = finite[min(n_top_genes, finite.size) - 1]
     return np.nan_to_num(dispersion_norm, nan=-np.inf) >= cut_off
+
+
+def seurat_v3_clip(
+    mean: np.ndarray, var: np.ndarray, n_obs: int, *, span: float = 0.3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expected SD of each gene from a loess fit of log variance on log mean,
+    and Seurat's clip value ``mean + sqrt(n_obs) * SD``.
+
+    Parameters
+    ----------
+    mean, var
+        Per-gene mean and unbiased variance of the raw counts.
+    n_obs
+        Number of cells.
+    span
+        Loess span (scanpy's default 0.3).
+
+    Returns
+    -------
+    reg_std, clip
+        Both of shape ``(n_genes,)``.
+    """
+    try:
+        from skmisc.loess import loess
+    except ImportError as err:
+        raise ParameterError(
+            "flavor seurat_v3 needs scikit-misc: pip install 'genepert-scale[seurat-v3]'"
+        ) from err
+    varying = var > 0
+    fitted = np.zeros(mean.size)
+    model = loess(np.log10(mean[varying]), np.log10(var[varying]), span=span, degree=2)
+    model.fit()
+    fitted[varying] = model.outputs.fitted_values
+    reg_std = np.sqrt(10**fitted)
+    return reg_std, reg_std * np.sqrt(n_obs) + mean
+
+
+def seurat_v3_select(
+    mean: np.ndarray,
+    var: np.ndarray,
+    reg_std: np.ndarray,
+    clipped_sum: np.ndarray,
+    clipped_sumsq: np.ndarray,
+    n_obs: int,
+    *,
+    n_top_genes: int | None = 5000,
+    gene_names: pd.Index | None = None,
+) -> pd.DataFrame:
+    """Rank genes by Seurat v3's normalised (clipped) variance.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``means``, ``variances``, ``variances_norm``,
+        ``highly_variable_rank`` and ``highly_variable``, as scanpy writes.
+
+    Notes
+    -----
+    ``variances_norm = (n m² + Σ c² − 2 m Σ c) / ((n − 1) σ̂²)`` with ``c`` the
+    counts clipped at :func:`seurat_v3_clip`'s value, ``m`` the mean and
+    ``σ̂`` the loess-fitted SD; the top ``n_top_genes`` are kept.
+    """
+    norm_var = (n_obs * mean**2 + clipped_sumsq - 2 * clipped_sum * mean) / (
+        (n_obs - 1) * reg_std**2
+    )
+    n_top = mean.size if n_top_genes is None else min(n_top_genes, mean.size)
+    rank = np.argsort(np.argsort(-norm_var)).astype(np.float64)
+    rank[rank >= n_top] = np.nan
+    df = pd.DataFrame(
+        {
+            "means": mean,
+            "variances": var,
+            "variances_norm": norm_var,
+            "highly_variable_rank": rank,
+            "highly_variable": ~np.isnan(rank),
+        }
+    )
+    if gene_names is not None:
+        df.index = gene_names
+    return df

@@ -70,6 +70,9 @@ class PassStats:
         sparse while sparse enough, dense after.
     group_sumsq
         Per-group sums of squared ``log1p`` values, or ``None`` when not asked.
+    gene_raw_sum, gene_raw_sumsq
+        Per-gene sums of the raw stored values and their squares (for the
+        ``seurat_v3`` flavor), or ``None`` when not asked.
     check
         Counts of non-finite, negative and non-integer inputs.
     """
@@ -82,6 +85,8 @@ class PassStats:
     gene_log_sumsq: np.ndarray
     group_sum: np.ndarray | sp.csr_array
     group_sumsq: np.ndarray | sp.csr_array | None
+    gene_raw_sum: np.ndarray | None
+    gene_raw_sumsq: np.ndarray | None
     check: ValueCheck
 
     def combine(self, other: PassStats) -> PassStats:
@@ -191,6 +196,7 @@ def block_stats(
     kind: InputKind = "counts",
     target_sum: float = 1e4,
     with_group_sumsq: bool = False,
+    with_raw_moments: bool = False,
     block_index: int = 0,
 ) -> PassStats:
     """The *chunk* step of the pass: statistics of one row block.
@@ -209,6 +215,8 @@ def block_stats(
         Total count per cell after normalization.
     with_group_sumsq
         Also sum squared ``log1p`` values per group (for per-group variances).
+    with_raw_moments
+        Also sum the raw values and their squares per gene.
     block_index
         Position of the block, reported by :class:`ValueCheck`.
     """
@@ -225,6 +233,7 @@ def block_stats(
         return np.bincount(block.indices, weights=values, minlength=n_genes)
 
     sums = group_sums(logged, block.indices, block.indptr, codes, n_groups, n_genes)
+    raw = block.data.astype(np.float64, copy=False)
     sumsq = None
     if with_group_sumsq:
         sumsq = group_sums(
@@ -239,8 +248,34 @@ def block_stats(
         gene_log_sumsq=per_gene(logged * logged),
         group_sum=sums,
         group_sumsq=sumsq,
+        gene_raw_sum=per_gene(raw) if with_raw_moments else None,
+        gene_raw_sumsq=per_gene(raw * raw) if with_raw_moments else None,
         check=check,
     )
+
+
+def clipped_moments(
+    block: sp.csr_array | sp.csr_matrix, clip: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene sum and sum of squares of ``min(x, clip[gene])`` over one block.
+
+    The second pass of the ``seurat_v3`` flavor (Seurat's clipped variance).
+    """
+    block = sp.csr_array(block)
+    values = np.minimum(block.data.astype(np.float64, copy=False), clip[block.indices])
+    n_genes = block.shape[1]
+    return (
+        np.bincount(block.indices, weights=values, minlength=n_genes),
+        np.bincount(block.indices, weights=values * values, minlength=n_genes),
+    )
+
+
+def add_pairs(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Combine step for :func:`clipped_moments`: add the sums left to right."""
+    total, total_sq = parts[0]
+    for part, part_sq in parts[1:]:
+        total, total_sq = total + part, total_sq + part_sq
+    return total, total_sq
 
 
 def combine_stats(parts: list[PassStats]) -> PassStats:

@@ -22,9 +22,9 @@ import xarray as xr
 from . import __version__, kernels
 from .cluster import compute
 from .errors import LabelError, ParameterError, StoreError
-from .hvg import Flavor, highly_variable_genes, mean_var
+from .hvg import Flavor, highly_variable_genes, mean_var, seurat_v3_clip, seurat_v3_select
 from .labels import assign_groups
-from .reduce import SPLIT_EVERY, pass_stats
+from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
 from .store import atomic_output, quiet_zarr_warnings, zarr_store
 
@@ -103,7 +103,8 @@ def pseudobulk(
     n_top_genes
         Highly-variable genes to keep; ``None`` (or more than there are) keeps all.
     flavor
-        scanpy HVG flavor, ``seurat`` or ``cell_ranger``.
+        scanpy HVG flavor: ``seurat``, ``cell_ranger`` or ``seurat_v3`` (raw
+        counts only; a second pass, needs the ``seurat-v3`` extra).
     target_sum
         Counts per cell after normalization (ignored for ``log1p`` input).
     input
@@ -126,7 +127,8 @@ def pseudobulk(
     xarray.Dataset
         Dims ``perturbation`` and ``gene``; variables ``mean``, ``delta``,
         ``n_cells``, ``control_mean`` (and ``var``/``control_var``), plus the
-        HVG table over all screen genes (dim ``screen_gene``).
+        HVG table over all screen genes (dim ``screen_gene``: ``highly_variable``
+        and scanpy's columns prefixed ``hvg_``).
     """
     if isinstance(screen, str):
         screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows)
@@ -144,20 +146,69 @@ def pseudobulk(
         screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
         screen.X.numblocks[0], screen.X.chunks[0][0],
     )
+    if flavor == "seurat_v3" and kind != "counts":
+        raise ParameterError(
+            f"{screen.source}: flavor seurat_v3 needs raw counts but the input is {kind}; "
+            "use --flavor seurat or cell_ranger"
+        )
     graph = pass_stats(
         screen, codes, len(groups), kind=kind, target_sum=target_sum,
-        with_group_sumsq=group_variance, split_every=split_every,
+        with_group_sumsq=group_variance, with_raw_moments=flavor == "seurat_v3",
+        split_every=split_every,
     )
-    start = time.perf_counter()
-    stats = compute(graph, label="streamed pass", progress=progress)
-    seconds = time.perf_counter() - start
-    log.info("streamed pass: %.0f cells/s", screen.n_obs / max(seconds, 1e-9))
+    stats = _timed_pass(graph, screen, "streamed pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
-    ds = finalize(stats, groups, screen.var_names, params, kind=kind)
+    hvg = select_genes(stats, screen, params, split_every=split_every, progress=progress)
+    ds = finalize(stats, groups, hvg, params, kind=kind)
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
     ds.attrs["n_vars"] = screen.n_vars
     return ds
+
+
+def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:
+    start = time.perf_counter()
+    result = compute(graph, label=label, progress=progress)
+    seconds = max(time.perf_counter() - start, 1e-9)
+    log.info("%s: %d cells in %.1f s (%.0f cells/s)", label, screen.n_obs, seconds,
+             screen.n_obs / seconds)
+    return result
+
+
+def select_genes(
+    stats: kernels.PassStats,
+    screen: Screen,
+    params: PseudobulkParams,
+    *,
+    split_every: int = SPLIT_EVERY,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The HVG table of the screen's genes (scanpy's ``var`` columns).
+
+    ``seurat`` and ``cell_ranger`` use the moments of the pass; ``seurat_v3``
+    runs a second pass for the clipped variance.
+    """
+    n_top = params.n_top_genes
+    if n_top is not None and n_top >= screen.n_vars:
+        log.warning("n_top_genes=%d >= %d genes in the screen: keeping every gene",
+                    n_top, screen.n_vars)
+        n_top = None
+    if params.flavor != "seurat_v3":
+        moments = (
+            (stats.gene_sum, stats.gene_sumsq)
+            if params.flavor == "seurat"
+            else (stats.gene_log_sum, stats.gene_log_sumsq)
+        )
+        return highly_variable_genes(
+            *mean_var(*moments, stats.n_cells), flavor=params.flavor, n_top_genes=n_top,
+            gene_names=screen.var_names,
+        )
+    mean, var = mean_var(stats.gene_raw_sum, stats.gene_raw_sumsq, stats.n_cells)
+    reg_std, clip = seurat_v3_clip(mean, var, stats.n_cells)
+    clipped = _timed_pass(clipped_moments(screen, clip, split_every=split_every), screen,
+                          "seurat_v3 clipped pass", progress)
+    return seurat_v3_select(mean, var, reg_std, *clipped, stats.n_cells, n_top_genes=n_top,
+                            gene_names=screen.var_names)
 
 
 def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -> None:
@@ -183,25 +234,29 @@ def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -
 def finalize(
     stats: kernels.PassStats,
     groups: list[str],
-    var_names: pd.Index,
+    hvg: pd.DataFrame,
     params: PseudobulkParams,
     *,
     kind: kernels.InputKind,
 ) -> xr.Dataset:
-    """The *finalize* step: means, HVG selection, delta, as a Dataset."""
+    """The *finalize* step: group means over the selected genes, delta, as a Dataset.
+
+    Parameters
+    ----------
+    stats
+        Statistics of the pass.
+    groups
+        Group names, the control first.
+    hvg
+        HVG table indexed by every screen gene, with a ``highly_variable`` column.
+    params
+        The run's parameters (recorded in attrs).
+    kind
+        The input kind that was used.
+    """
     if stats.group_n[0] == 0:
         raise LabelError(f"no control cells ({params.control!r}) in the screen")
-    moments = (
-        (stats.gene_sum, stats.gene_sumsq)
-        if params.flavor == "seurat"
-        else (stats.gene_log_sum, stats.gene_log_sumsq)
-    )
-    hvg = highly_variable_genes(
-        *mean_var(*moments, stats.n_cells),
-        flavor=params.flavor,
-        n_top_genes=params.n_top_genes,
-        gene_names=var_names,
-    )
+    var_names = hvg.index
     keep = hvg["highly_variable"].to_numpy()
     group_sum = _dense_rows(stats.group_sum)[:, keep]
     n = stats.group_n
@@ -223,9 +278,11 @@ def finalize(
         "control_mean": ("gene", means[0]),
         "n_control_cells": ((), int(n[0])),
         "highly_variable": ("screen_gene", keep),
-        "hvg_means": ("screen_gene", hvg["means"].to_numpy()),
-        "hvg_dispersions": ("screen_gene", hvg["dispersions"].to_numpy()),
-        "hvg_dispersions_norm": ("screen_gene", hvg["dispersions_norm"].to_numpy()),
+        **{
+            f"hvg_{column}": ("screen_gene", hvg[column].to_numpy(dtype=np.float64))
+            for column in hvg.columns
+            if column != "highly_variable"
+        },
     }
     if stats.group_sumsq is not None:
         sq_mean = _dense_rows(stats.group_sumsq)[:, keep] / np.maximum(n, 1)[:, None]

@@ -57,6 +57,7 @@ def pass_stats(
     kind: kernels.InputKind,
     target_sum: float = 1e4,
     with_group_sumsq: bool = False,
+    with_raw_moments: bool = False,
     split_every: int = SPLIT_EVERY,
 ) -> Delayed:
     """The lazy one-pass statistics of a screen (a :class:`kernels.PassStats`).
@@ -69,7 +70,7 @@ def pass_stats(
         Group code of every cell (``-1``: no group).
     n_groups
         Number of groups.
-    kind, target_sum, with_group_sumsq
+    kind, target_sum, with_group_sumsq, with_raw_moments
         Passed to :func:`kernels.block_stats`.
     split_every
         Inputs per combine task.
@@ -85,8 +86,16 @@ def pass_stats(
             kind=kind,
             target_sum=target_sum,
             with_group_sumsq=with_group_sumsq,
+            with_raw_moments=with_raw_moments,
             block_index=i,
         )
         for i, block in enumerate(blocks)
     ]
     return tree_reduce(parts, kernels.combine_stats, split_every=split_every, name="pass-combine")
+
+
+def clipped_moments(screen: Screen, clip: np.ndarray, *, split_every: int = SPLIT_EVERY) -> Delayed:
+    """The lazy second pass of ``seurat_v3``: per-gene sums of clipped counts."""
+    chunk = delayed(kernels.clipped_moments, pure=True, name="clip-chunk")
+    parts = [chunk(block, clip) for block in screen.X.to_delayed().ravel()]
+    return tree_reduce(parts, kernels.add_pairs, split_every=split_every, name="clip-combine")
