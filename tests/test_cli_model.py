@@ -140,3 +140,28 @@ def test_papalexi_end_to_end(tmp_path, capsys):
                  "--out", out]) == 0
     adata = ad.read_h5ad(out)
     assert adata.shape == (3, 299) and np.isfinite(adata.X).all()
+
+
+def test_cli_evaluate_concatenates_sources(linear, tmp_path):
+    pb, emb, *_ = linear
+    second = write_embedding(tmp_path / "second.pkl", [f"G{i}" for i in range(30)], dim=3, seed=9)
+    out = tmp_path / "report"
+    assert main(["evaluate", pb, "--embeddings", emb, "--embeddings", second, "--folds", "3",
+                 "--alpha", "1", "10", "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["parameters"]["embedding_dim"] == 9 and len(doc["parameters"]["embedding"]) == 2
+    assert doc["parameters"]["alphas"] == [1.0, 10.0]
+    assert main(["evaluate", pb, "--embeddings", emb, "--folds", "3", "--out", str(out)]) == INPUT_ERROR_EXIT_CODE
+
+
+@pytest.mark.slow
+def test_demo_ridge_beats_mean_baseline(tmp_path, capsys):
+    """The whole chain on the synthetic screen: the planted structure must be found."""
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "genepert_ridge" in printed and "report:" in printed
+    models = json.loads((tmp_path / "report" / "metrics.json").read_text())["models"]
+    ridge, mean = models["genepert_ridge"], models["mean_baseline"]
+    assert ridge["pearson_delta"]["mean"] > mean["pearson_delta"]["mean"] + 0.3
+    assert ridge["rmse_delta"]["mean"] < 0.8 * mean["rmse_delta"]["mean"]
+    assert len(pd.read_csv(tmp_path / "predictions.csv", index_col=0)) == 4

@@ -211,6 +211,10 @@ def _read_delimited(path, fs, root, storage_options) -> tuple[Any, np.ndarray]:
 
 
 def _read_parquet(path, fs, root, storage_options) -> tuple[Any, np.ndarray]:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as err:
+        raise EmbeddingError(f"{path}: reading parquet needs pyarrow; pip install 'genepert-scale[parquet]'") from err
     with fs.open(root, "rb") as fh:
         frame = pd.read_parquet(fh)
     return _from_frame(path, frame, index_is_gene=not isinstance(frame.index, pd.RangeIndex))
