@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pickle
 from pathlib import Path
@@ -50,7 +51,7 @@ def linear(tmp_path):
     return write_pseudobulk(ds, str(tmp_path / "pb.zarr")), emb, unit, delta
 
 
-def test_fit_predict_api(linear, tmp_path):
+def test_fit_predict_api(linear, tmp_path, caplog):
     pb, emb, unit, delta = linear
     model = fit(pb, emb, alphas=0.5, progress=False)
     ref = Ridge(alpha=0.5).fit(unit[:30], delta)
@@ -63,6 +64,10 @@ def test_fit_predict_api(linear, tmp_path):
     np.testing.assert_allclose(pred["mean"].values, pred["delta"].values + 2.0)
     with pytest.raises(EmbeddingError, match="NOPE, NOTHERE"):
         predict(path, emb, ["G31", "NOTHERE+G1", "NOPE"])
+    superset = write_embedding(tmp_path / "superset.pkl", [f"G{i}" for i in range(40)], dim=6)
+    with caplog.at_level(logging.WARNING):
+        predict(path, superset, ["G31"])
+    assert "differs from the one the model was trained with" in caplog.text
     other = write_embedding(tmp_path / "other.pkl", ["G31"], dim=4)
     with pytest.raises(EmbeddingError, match="4 dimensions, the model was trained on 6"):
         predict(path, other, ["G31"])

@@ -21,8 +21,8 @@ import pandas as pd
 import xarray as xr
 
 from .embeddings import MissingPolicy
-from .model import BLOCK_SIZE, Embeddings, GeneMap, dual_rows, fold_statistics, training_data
-from .ridge import DEFAULT_ALPHAS, FoldFit, Solver, check_alphas, cross_validate
+from .model import BLOCK_SIZE, Embeddings, GeneMap, fold_statistics, training_data
+from .ridge import DEFAULT_ALPHAS, FoldFit, Rows, Solver, check_alphas, cross_validate
 from .splits import kfold
 
 log = logging.getLogger(__name__)
@@ -159,32 +159,26 @@ def evaluate(
                          storage_options=storage_options)
     fold = kfold(data.n, n_folds, seed)
     fold_stats = fold_statistics(data, fold, n_folds, block_size=block_size, progress=progress)
-    fits = cross_validate(fold_stats, alphas, rows=dual_rows(data, fold, solver), solver=solver)
     G = data.features.rows()
     X = np.asarray(data.delta.compute(), dtype=np.float64)
+    fits = cross_validate(fold_stats, alphas, rows=Rows(G, X, fold), solver=solver)
     names = np.asarray(data.features.perturbations, dtype=object)
     models = [RIDGE, "mean_baseline", "median_baseline", "control_baseline", *(f"knn_{k}" for k in knn_k)]
     prediction = np.zeros((len(models), *X.shape), dtype=np.float32)
-    tables = []
     for fit in fits:
         test, train = fold == fit.fold, fold != fit.fold
         preds = {RIDGE: G[test] @ fit.coef + fit.intercept,
                  **baseline_predictions(G[train], X[train], G[test], knn_k)}
-        for m, model in enumerate(models):
-            prediction[m, test] = preds[model]
-            table = pd.DataFrame(perturbation_metrics(preds[model], X[test]))
-            table.insert(0, "model", model)
-            table.insert(0, "fold", fit.fold)
-            table.insert(0, "perturbation", names[test])
-            tables.append(table)
-    per_perturbation = pd.concat(tables, ignore_index=True)
+        prediction[:, test] = [preds[model] for model in models]
+    per_perturbation = metrics_table(prediction, X, models, names, fold)
     predictions = xr.Dataset(
         {
             "prediction": (("model", "perturbation", "gene"), prediction),
             "delta": (("perturbation", "gene"), X.astype(np.float32)),
             "fold": ("perturbation", fold),
         },
-        coords={"model": np.asarray(models, dtype=object), "perturbation": names, "gene": np.asarray(data.genes, dtype=object)},
+        coords={"model": np.asarray(models, dtype=object), "perturbation": names,
+                "gene": np.asarray(data.genes, dtype=object)},
     )
     parameters = {
         "n_folds": n_folds, "seed": seed, "alphas": list(alphas), "missing": missing,
@@ -197,6 +191,21 @@ def evaluate(
         per_perturbation, predictions, pd.DataFrame({"perturbation": names, "fold": fold}), fits,
         summarize(per_perturbation), data.features.summary(), parameters,
     )
+
+
+def metrics_table(
+    prediction: np.ndarray, true: np.ndarray, models: Sequence[str], names: np.ndarray, fold: np.ndarray
+) -> pd.DataFrame:
+    """One row per (model, perturbation): ``perturbation``, ``fold``, ``model``
+    and every metric of the prediction (model × perturbation × gene)."""
+    tables = []
+    for model, pred in zip(models, prediction):
+        table = pd.DataFrame(perturbation_metrics(pred.astype(np.float64), true))
+        table.insert(0, "model", model)
+        table.insert(0, "fold", fold)
+        table.insert(0, "perturbation", names)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
 
 
 def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, float | None]]]:

@@ -156,8 +156,8 @@ def fold_statistics(
 
 
 def dual_rows(data: TrainingData, fold: np.ndarray, solver: Solver) -> Rows | None:
-    """The rows for the dual solver: loaded only when it may be used (fewer
-    perturbations than dimensions), when they are smaller than ``GᵀG``."""
+    """Feature and delta rows for the dual solver, loaded only when it may be
+    used: fewer perturbations than dimensions, so the rows are smaller than ``GᵀG``."""
     if solver == "primal" or (solver == "auto" and data.n >= data.features.dim):
         return None
     return Rows(data.features.rows(), np.asarray(data.delta.compute(), dtype=np.float64), fold)
