@@ -16,7 +16,9 @@ from pathlib import Path
 
 from . import __version__
 from .cluster import dask_client
+from .embeddings import MISSING_POLICIES
 from .errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
+from .ridge import DEFAULT_ALPHAS
 
 log = logging.getLogger("genepert_scale")
 
@@ -92,9 +94,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_pseudobulk_options(p)
     p.add_argument("--out", required=True, help="output pseudo-bulk zarr store")
 
+    p = sub.add_parser("evaluate", parents=[parent],
+                       help="K-fold CV of GenePert's ridge and baselines over perturbations")
+    p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
+    add_model_options(p)
+    p.add_argument("--folds", type=int, default=5, help="folds over perturbations")
+    p.add_argument("--out", required=True, help="report directory")
+
+    p = sub.add_parser("fit", parents=[parent], help="fit GenePert's ridge on every perturbation")
+    p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
+    add_model_options(p)
+    p.add_argument("--folds", type=int, default=5, help="folds of the CV choosing alpha from a grid")
+    p.add_argument("--out", required=True, help="model zarr store")
+
+    p = sub.add_parser("predict", parents=[parent], help="predict perturbations from their embeddings")
+    p.add_argument("model", help="model zarr store written by 'fit'")
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="the embedding source(s) the model was fitted with, same order")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--perturbations", help='comma-separated, e.g. "GENE1,GENE2,GENE1+GENE3"')
+    which.add_argument("--perturbations-file", help="one perturbation per line")
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="error",
+                   help="genes without a vector: error (default), drop, random or zero")
+    p.add_argument("--gene-map", help="two-column table: name to predict -> embedding name")
+    p.add_argument("--seed", type=int, default=0, help="seed of --missing random")
+    p.add_argument("--out", required=True, help="predictions: .zarr, .h5ad or .csv")
+
     p = sub.add_parser("demo", parents=[parent], help="run the whole job on an embedded synthetic screen")
     p.add_argument("--out", default="demo-output", help="directory for every demo output")
     return parser
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of the steps that fit ridge models (evaluate, fit)."""
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="gene embedding table (path or URL); repeat to concatenate sources")
+    p.add_argument("--alpha", type=float, nargs="+",
+                   help="one alpha, or a grid chosen by cross-validation (default: 0.1 1 10 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds (and of --missing random)")
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="drop",
+                   help="perturbations whose genes have no vector: drop (reported), random, zero or error")
+    p.add_argument("--gene-map", help="two-column table: screen gene name -> embedding name")
+    p.add_argument("--solver", choices=("auto", "primal", "dual"), default="auto",
+                   help="ridge form; auto: dual when fewer perturbations than dimensions")
 
 
 def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
@@ -154,19 +196,108 @@ def _pseudobulk(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`.model.fit` / :func:`.evaluate.evaluate` from parsed options."""
+    return {
+        "alphas": args.alpha or DEFAULT_ALPHAS, "n_folds": args.folds, "seed": args.seed,
+        "missing": args.missing, "gene_map": args.gene_map, "solver": args.solver,
+        "storage_options": _storage_options(args.storage_options), "progress": not args.no_progress,
+    }
+
+
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .report import write_report
+
+    result = evaluate(args.pseudobulk, args.embeddings, **model_options(args))
+    print(summary_table(result.summary))
+    print(f"report: {write_report(result, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+@command("fit")
+def _fit(args: argparse.Namespace) -> int:
+    from .model import fit
+    from .ridge import save_model
+
+    model = fit(args.pseudobulk, args.embeddings, **model_options(args))
+    print(save_model(model, args.out, overwrite=args.overwrite,
+                     storage_options=_storage_options(args.storage_options)))
+    return 0
+
+
+def read_perturbations(args: argparse.Namespace) -> list[str]:
+    """Perturbations named by ``--perturbations`` or ``--perturbations-file``."""
+    if args.perturbations is not None:
+        names = args.perturbations.split(",")
+    else:
+        try:
+            names = Path(args.perturbations_file).read_text().splitlines()
+        except OSError as err:
+            raise ParameterError(f"cannot read --perturbations-file: {err}") from err
+    names = [n.strip() for n in names if n.strip() and not n.strip().startswith("#")]
+    if not names:
+        raise ParameterError("no perturbation given to predict")
+    return names
+
+
+@command("predict")
+def _predict(args: argparse.Namespace) -> int:
+    from .model import predict, write_predictions
+
+    options = _storage_options(args.storage_options)
+    predictions = predict(args.model, args.embeddings, read_perturbations(args), missing=args.missing,
+                          gene_map=args.gene_map, seed=args.seed, storage_options=options)
+    print(write_predictions(predictions, args.out, overwrite=args.overwrite, storage_options=options))
+    return 0
+
+
+def summary_table(summary: dict, metrics: Sequence[str] = ("pearson_delta", "rmse_delta")) -> str:
+    """A plain-text table: one row per model, mean ± std over folds of each metric."""
+    lines = [f"{'model':<18}" + "".join(f"{m:>24}" for m in metrics)]
+    for model, values in summary.items():
+        cells = []
+        for m in metrics:
+            mean, std = values[m]["fold_mean"], values[m]["fold_std"]
+            cells.append("n/a" if mean is None else f"{mean:.3f} ± {std or 0:.3f}")
+        lines.append(f"{model:<18}" + "".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
+    from .embeddings import load_embeddings
+    from .evaluate import evaluate
+    from .model import fit, predict, write_predictions
+    from .report import write_report
+    from .ridge import save_model
     from .synth import synth_screen
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    screen, _ = synth_screen(str(out / "screen.zarr"), cells=20_000, genes=2_000,
-                             perturbations=200, seed=0, overwrite=True)
+    progress = not args.no_progress
+    screen, embedding = synth_screen(str(out / "screen.zarr"), cells=20_000, genes=2_000,
+                                     perturbations=200, seed=0, overwrite=True)
     pb_args = build_parser().parse_args(["pseudobulk", screen, "--out", "unused",
                                          "--n-top-genes", "1000", "--overwrite"])
     pb_args.no_progress = args.no_progress
     pb = run_pseudobulk(pb_args, str(out / "pseudobulk.zarr"))
     print(f"pseudo-bulk: {pb}")
+    table = load_embeddings(embedding)
+    result = evaluate(pb, table, n_folds=5, seed=0, progress=progress)
+    report = write_report(result, str(out / "report"), overwrite=True)
+    model = save_model(fit(pb, table, progress=progress), str(out / "model.zarr"), overwrite=True)
+    seen = {g for p in result.folds["perturbation"] for g in p.split("+")}
+    unseen = [g for g in table.genes if g not in seen][:3]
+    predictions = write_predictions(
+        predict(model, table, [*unseen, f"{unseen[0]}+{unseen[1]}"]),
+        str(out / "predictions.csv"), overwrite=True,
+    )
+    print("\nheld-out perturbations, 5-fold CV (mean ± std over folds):")
+    print(summary_table(result.summary))
+    print(f"\nreport: {report}\nmodel: {model}\npredictions of unseen {', '.join(unseen)} "
+          f"and {unseen[0]}+{unseen[1]}: {predictions}")
     return 0
 
 

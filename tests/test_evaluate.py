@@ -1,0 +1,147 @@
+"""Metrics and baselines against direct computations; evaluation and report on a small pseudo-bulk."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from scipy.spatial.distance import cdist
+from scipy.stats import pearsonr
+from sklearn.linear_model import Ridge
+
+from genepert_scale.embeddings import normalize_rows
+from genepert_scale.errors import ParameterError
+from genepert_scale.evaluate import (
+    baseline_predictions,
+    evaluate,
+    knn_prediction,
+    pearson_rows,
+    perturbation_metrics,
+)
+from genepert_scale.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.report import FILES, write_report
+from genepert_scale.splits import kfold
+
+
+def test_metrics_equal_direct_computation():
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(6, 50))
+    pred = true + rng.normal(size=(6, 50))
+    m = perturbation_metrics(pred, true)
+    for i in range(6):
+        top = np.argsort(-np.abs(true[i]))[:20]
+        assert m["pearson_delta"][i] == pytest.approx(pearsonr(pred[i], true[i])[0], rel=1e-12)
+        assert m["pearson_delta_de20"][i] == pytest.approx(pearsonr(pred[i, top], true[i, top])[0], rel=1e-12)
+        assert m["rmse_delta"][i] == pytest.approx(np.sqrt(np.mean((pred[i] - true[i]) ** 2)), rel=1e-12)
+        assert m["mae_delta"][i] == pytest.approx(np.mean(np.abs(pred[i] - true[i])), rel=1e-12)
+
+
+def test_pearson_of_constant_prediction_is_nan():
+    assert np.isnan(pearson_rows(np.zeros((1, 5)), np.arange(5.0)[None]))[0]
+
+
+def test_baselines():
+    rng = np.random.default_rng(1)
+    G_train, G_test = normalize_rows(rng.normal(size=(30, 4))), normalize_rows(rng.normal(size=(5, 4)))
+    X_train = rng.normal(size=(30, 8))
+    preds = baseline_predictions(G_train, X_train, G_test, knn_k=(1, 5))
+    # GenePert's baseline: the mean of the training deltas, for every test perturbation
+    np.testing.assert_allclose(preds["mean_baseline"], np.tile(X_train.mean(0), (5, 1)))
+    np.testing.assert_allclose(preds["median_baseline"][2], np.median(X_train, axis=0))
+    np.testing.assert_array_equal(preds["control_baseline"], 0.0)
+    order = np.argsort(cdist(G_test, G_train, metric="cosine"), axis=1)
+    for k in (1, 5):
+        np.testing.assert_allclose(preds[f"knn_{k}"], X_train[order[:, :k]].mean(axis=1))
+    assert knn_prediction(G_train[:2], X_train[:2], G_test, 10).shape == (5, 8)
+
+
+def test_kfold():
+    fold = kfold(11, 3, seed=4)
+    assert sorted(np.bincount(fold)) == [3, 4, 4]
+    np.testing.assert_array_equal(fold, kfold(11, 3, seed=4))
+    assert not np.array_equal(fold, kfold(11, 3, seed=5))
+    with pytest.raises(ParameterError):
+        kfold(3, 4, seed=0)
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A pseudo-bulk of 40 singles and 6 pairs whose delta is linear in the
+    embedding, plus its embedding pickle (one target gene lacks a vector)."""
+    rng = np.random.default_rng(2)
+    genes = [f"G{i}" for i in range(40)]
+    emb = rng.normal(size=(40, 8))
+    unit = normalize_rows(emb)
+    names = genes + [f"G{i}+G{i + 1}" for i in range(0, 12, 2)] + ["NOVEC"]
+    feats = np.vstack([unit, normalize_rows(unit[0:12:2] + unit[1:12:2]), unit[:1]])
+    delta = feats @ rng.normal(size=(8, 30)) + 0.1 * rng.normal(size=(len(names), 30))
+    ds = xr.Dataset(
+        {"delta": (("perturbation", "gene"), delta), "mean": (("perturbation", "gene"), delta + 1),
+         "n_cells": ("perturbation", np.full(len(names), 50)), "control_mean": ("gene", np.ones(30))},
+        coords={"perturbation": np.array(names, dtype=object),
+                "gene": np.array([f"R{j}" for j in range(30)], dtype=object)},
+        attrs={"encoding_type": ENCODING_TYPE, "encoding_version": ENCODING_VERSION},
+    )
+    pb = write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
+    emb_path = tmp_path / "emb.pkl"
+    emb_path.write_bytes(pickle.dumps({g: list(v) for g, v in zip(genes, emb)}))
+    return pb, str(emb_path), feats[:-1], delta[:-1], names[:-1]
+
+
+def test_evaluate_matches_refit_and_metrics(small):
+    pb, emb, G, X, names = small
+    result = evaluate(pb, emb, n_folds=4, seed=3, block_size=7, progress=False)
+    assert result.missing["dropped_perturbations"] == ["NOVEC"]
+    fold = result.folds.set_index("perturbation").loc[names, "fold"].to_numpy()
+    np.testing.assert_array_equal(fold, kfold(len(names), 4, seed=3))
+    pred = result.predictions["prediction"].sel(model="genepert_ridge", perturbation=names).values
+    for fit in result.fold_fits:
+        test = fold == fit.fold
+        ref = Ridge(alpha=fit.alpha).fit(G[~test], X[~test]).predict(G[test])
+        np.testing.assert_allclose(pred[test], ref, rtol=1e-5, atol=1e-5)  # stored as float32
+    table = result.per_perturbation
+    assert set(table.model) == {"genepert_ridge", "mean_baseline", "median_baseline", "control_baseline",
+                                "knn_1", "knn_5", "knn_10"}
+    assert len(table) == 7 * len(names) and "NOVEC" not in set(table.perturbation)
+    ridge = table[table.model == "genepert_ridge"].set_index("perturbation").loc[names]
+    direct = perturbation_metrics(pred.astype(np.float64), X)
+    np.testing.assert_allclose(ridge["rmse_delta"], direct["rmse_delta"], rtol=1e-5)
+    summary = result.summary["genepert_ridge"]["pearson_delta"]
+    assert summary["mean"] == pytest.approx(ridge["pearson_delta"].mean())
+    assert summary["fold_mean"] == pytest.approx(ridge.groupby("fold")["pearson_delta"].mean().mean())
+    assert summary["fold_std"] == pytest.approx(ridge.groupby("fold")["pearson_delta"].mean().std())
+    # the planted linear structure: ridge must beat the mean of training deltas
+    assert summary["mean"] > result.summary["mean_baseline"]["pearson_delta"]["mean"] + 0.3
+    assert result.summary["control_baseline"]["pearson_delta"]["mean"] is None
+
+
+def test_fixed_alpha_and_missing_error(small):
+    pb, emb, *_ = small
+    result = evaluate(pb, emb, n_folds=2, alphas=5.0, missing="zero", knn_k=(1,), progress=False)
+    assert [f.alpha for f in result.fold_fits] == [5.0, 5.0]
+    assert "NOVEC" in set(result.per_perturbation.perturbation)
+    with pytest.raises(ParameterError, match="at least 2 folds"):
+        evaluate(pb, emb, n_folds=2, progress=False)
+
+
+def test_report_files(small, tmp_path):
+    pb, emb, *_ = small
+    result = evaluate(pb, emb, n_folds=3, progress=False)
+    out = write_report(result, str(tmp_path / "report"))
+    for name in FILES:
+        assert (tmp_path / "report" / name).exists(), name
+    doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    folds = doc["models"]["genepert_ridge"]["folds"]
+    assert len(folds) == 3 and {"alpha", "alpha_path"} <= set(folds[0])
+    assert {"train_mse", "val_mse", "inner_cv_mse"} <= set(folds[0]["alpha_path"][0])
+    assert doc["missing"]["n_dropped_perturbations"] == 1
+    per = pd.read_csv(tmp_path / "report" / "per_perturbation.csv")
+    assert list(per.columns[:3]) == ["perturbation", "fold", "model"]
+    preds = xr.open_zarr(tmp_path / "report" / "predictions.zarr")
+    assert preds["prediction"].dims == ("model", "perturbation", "gene") and "fold" in preds
+    assert (tmp_path / "report" / "pearson_per_model.png").read_bytes()[:4] == b"\x89PNG"
+    assert out.endswith("report")
