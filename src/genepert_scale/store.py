@@ -20,6 +20,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from .errors import StoreError
+from .retry import RetryingStore
 
 #: Elements per chunk of the 1-D CSR arrays (``data``, ``indices``); 1 MiB of float32.
 CSR_CHUNK = 262_144
@@ -43,13 +44,20 @@ def exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
 
 
 def zarr_store(path: str, storage_options: dict[str, Any] | None = None, *, mode="r"):
-    """A zarr store for a local path or an fsspec URL."""
+    """A zarr store for a local path or an fsspec URL.
+
+    Stores opened for reading (``mode="r"``) retry transient errors with
+    back-off and name the URL and key in their errors
+    (:class:`~genepert_scale.retry.RetryingStore`).
+    """
+    read_only = mode == "r"
     if is_url(path) and not str(path).startswith("file://"):
-        return zarr.storage.FsspecStore.from_url(
-            str(path), storage_options=storage_options or {}, read_only=mode == "r"
+        store = zarr.storage.FsspecStore.from_url(
+            str(path), storage_options=storage_options or {}, read_only=read_only
         )
-    local = str(path).removeprefix("file://")
-    return zarr.storage.LocalStore(local, read_only=mode == "r")
+    else:
+        store = zarr.storage.LocalStore(str(path).removeprefix("file://"), read_only=read_only)
+    return RetryingStore(store, url=str(path)) if read_only else store
 
 
 @contextlib.contextmanager
