@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
@@ -129,10 +130,27 @@ def atomic_output(
     backup = None
     if fs.exists(root):
         backup = f"{tmp_root}.old"
-        fs.mv(root, backup, recursive=True)
-    fs.mv(tmp_root, root, recursive=True)
+        move(fs, root, backup)
+    move(fs, tmp_root, root)
     if backup is not None:
         fs.rm(backup, recursive=True)
+
+
+def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a file or folder within ``fs``.
+
+    Local folders are renamed. Object stores have no folders, and a recursive
+    ``mv`` there also tries to copy the implied folder keys (and fails), so
+    their folders move file by file: copy every object, then delete the source.
+    """
+    fs.invalidate_cache(src)
+    if isinstance(fs, LocalFileSystem) or not fs.isdir(src):
+        fs.mv(src, dst, recursive=True)
+        return
+    files = fs.find(src)
+    fs.copy(files, [dst + name[len(src):] for name in files])
+    fs.rm(src, recursive=True)
+    fs.invalidate_cache(dst)
 
 
 def _with_protocol(original: str, root: str, fs) -> str:
