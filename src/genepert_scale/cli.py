@@ -8,6 +8,7 @@ traceback unless ``--debug``) and exit with :data:`INPUT_ERROR_EXIT_CODE`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,13 +25,21 @@ log = logging.getLogger("genepert_scale")
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
+#: Commands that choose their cluster themselves (from a config file).
+OWN_CLUSTER: set[str] = set()
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    """Register a subcommand handler."""
+def command(name: str, *, own_cluster: bool = False) -> Callable[[Command], Command]:
+    """Register a subcommand handler.
+
+    Handlers run inside the cluster chosen by the common options, unless
+    ``own_cluster`` is set.
+    """
 
     def register(func: Command) -> Command:
         COMMANDS[name] = func
+        if own_cluster:
+            OWN_CLUSTER.add(name)
         return func
 
     return register
@@ -119,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-map", help="two-column table: name to predict -> embedding name")
     p.add_argument("--seed", type=int, default=0, help="seed of --missing random")
     p.add_argument("--out", required=True, help="predictions: .zarr, .h5ad or .csv")
+
+    p = sub.add_parser("run", parents=[parent],
+                       help="run a batch job from a TOML config, skipping stages already done")
+    p.add_argument("config", help="TOML config file (see README, 'Batch runs')")
+    p.add_argument("--until", help="last stage to run (pseudobulk, evaluate, fit, predict)")
+    p.add_argument("--dry-run", action="store_true", help="only print which stages would run")
 
     p = sub.add_parser("demo", parents=[parent], help="run the whole job on an embedded synthetic screen")
     p.add_argument("--out", default="demo-output", help="directory for every demo output")
@@ -265,6 +280,26 @@ def summary_table(summary: dict, metrics: Sequence[str] = ("pearson_delta", "rms
     return "\n".join(lines)
 
 
+@command("run", own_cluster=True)
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import STAGES, default_until, run_stages, select
+
+    config = load_config(args.config, storage_options=_storage_options(args.storage_options))
+    stages = select(STAGES, args.until or default_until(config))
+    cluster = config.cluster.client_options()
+    if args.scheduler or args.workers:
+        cluster = {"scheduler": args.scheduler, "workers": args.workers,
+                   "threads_per_worker": args.threads_per_worker,
+                   "memory_limit": args.memory_limit, "slurm": None}
+    with contextlib.nullcontext() if args.dry_run else dask_client(**cluster):
+        outcome = run_stages(config, stages, force=args.overwrite, dry_run=args.dry_run,
+                             progress=not args.no_progress)
+    for planned, what in outcome:
+        print(f"{planned.stage.name:<12} {what:<10} {planned.output}")
+    return 0
+
+
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
     from .embeddings import load_embeddings
@@ -310,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        if args.command in OWN_CLUSTER:
+            return COMMANDS[args.command](args)
         with dask_client(args.scheduler, args.workers, threads_per_worker=args.threads_per_worker,
                          memory_limit=args.memory_limit):
             return COMMANDS[args.command](args)

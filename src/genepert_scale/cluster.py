@@ -14,6 +14,8 @@ from typing import Any
 
 import dask
 
+from .errors import ParameterError
+
 log = logging.getLogger(__name__)
 
 
@@ -24,43 +26,40 @@ def dask_client(
     *,
     threads_per_worker: int | None = None,
     memory_limit: str | None = "auto",
+    slurm: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """Context in which dask computations run on the chosen cluster.
 
     Parameters
     ----------
     scheduler
-        Address of a running scheduler (``tcp://host:8786``); defaults to the
-        ``DASK_SCHEDULER_ADDRESS`` environment variable.
+        Address of a running scheduler (``tcp://host:8786``). When neither a
+        scheduler, ``workers`` nor ``slurm`` is given, the
+        ``DASK_SCHEDULER_ADDRESS`` environment variable is used if set.
     workers
-        Start a ``LocalCluster`` with this many worker processes.
+        Start a ``LocalCluster`` with this many worker processes, or with
+        ``slurm``, this many SLURM jobs.
     threads_per_worker, memory_limit
         For the ``LocalCluster``.
+    slurm
+        Keyword arguments of ``dask_jobqueue.SLURMCluster`` (``cores``,
+        ``memory``, ``queue``, ``walltime``, ...): start the workers as SLURM jobs.
 
     Yields
     ------
     distributed.Client or None
         ``None`` for local threads.
     """
-    scheduler = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
-    if not scheduler and not workers:
+    if scheduler is None and workers is None and slurm is None:
+        scheduler = os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if not scheduler and not workers and slurm is None:
         with dask.config.set(scheduler="threads"):
             yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    if scheduler:
-        client = Client(scheduler)
-        cluster = None
-    else:
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads_per_worker,
-            memory_limit=memory_limit,
-            processes=True,
-            dashboard_address=":0",
-        )
-        client = Client(cluster)
+    cluster = None if scheduler else _start_cluster(workers, threads_per_worker, memory_limit, slurm)
+    client = Client(scheduler or cluster)
     log.info("dask cluster: %s, dashboard %s", client.scheduler.address, client.dashboard_link)
     try:
         yield client
@@ -68,6 +67,47 @@ def dask_client(
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _start_cluster(
+    workers: int | None,
+    threads_per_worker: int | None,
+    memory_limit: str | None,
+    slurm: dict[str, Any] | None,
+) -> Any:
+    if slurm is not None:
+        cluster = slurm_cluster(slurm)
+        cluster.scale(jobs=workers or 1)
+        return cluster
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+        processes=True,
+        dashboard_address=":0",
+    )
+
+
+def slurm_cluster(options: dict[str, Any]) -> Any:
+    """A dask-jobqueue ``SLURMCluster`` (no jobs submitted yet).
+
+    Raises
+    ------
+    ParameterError
+        If dask-jobqueue is not installed or rejects the options.
+    """
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as err:
+        raise ParameterError(
+            "[cluster] kind = \"slurm\" needs dask-jobqueue: pip install 'genepert-scale[slurm]'"
+        ) from err
+    try:
+        return SLURMCluster(**options)
+    except (TypeError, ValueError) as err:
+        raise ParameterError(f"[cluster.slurm] options {options} rejected by SLURMCluster: {err}") from err
 
 
 def compute(obj: Any, *, label: str, progress: bool = True) -> Any:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from .evaluate import RIDGE, Evaluation
-from .store import atomic_output, quiet_zarr_warnings, zarr_store
+from .store import atomic_output, local_directory, quiet_zarr_warnings, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,19 @@ def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
     }
 
 
-def write_report(evaluation: Evaluation, out: str, *, overwrite: bool = False) -> str:
-    """Write every report file into the local directory ``out``."""
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        root = Path(tmp)
-        root.mkdir(parents=True)
+def write_report(
+    evaluation: Evaluation,
+    out: str,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write every report file into the directory ``out`` (a path or URL)."""
+    with (
+        atomic_output(out, overwrite=overwrite, storage_options=storage_options) as tmp,
+        local_directory(tmp, storage_options) as local,
+    ):
+        root = Path(local)
         (root / "metrics.json").write_text(json.dumps(metrics_document(evaluation), indent=2))
         evaluation.per_perturbation.to_csv(root / "per_perturbation.csv", index=False)
         evaluation.folds.to_csv(root / "folds.csv", index=False)

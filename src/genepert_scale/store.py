@@ -10,16 +10,20 @@ store, and an existing output is replaced only with ``overwrite=True``.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from .errors import StoreError
+from .retry import RetryingStore
 
 #: Elements per chunk of the 1-D CSR arrays (``data``, ``indices``); 1 MiB of float32.
 CSR_CHUNK = 262_144
@@ -43,13 +47,20 @@ def exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
 
 
 def zarr_store(path: str, storage_options: dict[str, Any] | None = None, *, mode="r"):
-    """A zarr store for a local path or an fsspec URL."""
+    """A zarr store for a local path or an fsspec URL.
+
+    Stores opened for reading (``mode="r"``) retry transient errors with
+    back-off and name the URL and key in their errors
+    (:class:`~genepert_scale.retry.RetryingStore`).
+    """
+    read_only = mode == "r"
     if is_url(path) and not str(path).startswith("file://"):
-        return zarr.storage.FsspecStore.from_url(
-            str(path), storage_options=storage_options or {}, read_only=mode == "r"
+        store = zarr.storage.FsspecStore.from_url(
+            str(path), storage_options=storage_options or {}, read_only=read_only
         )
-    local = str(path).removeprefix("file://")
-    return zarr.storage.LocalStore(local, read_only=mode == "r")
+    else:
+        store = zarr.storage.LocalStore(str(path).removeprefix("file://"), read_only=read_only)
+    return RetryingStore(store, url=str(path)) if read_only else store
 
 
 @contextlib.contextmanager
@@ -121,10 +132,46 @@ def atomic_output(
     backup = None
     if fs.exists(root):
         backup = f"{tmp_root}.old"
-        fs.mv(root, backup, recursive=True)
-    fs.mv(tmp_root, root, recursive=True)
+        move(fs, root, backup)
+    move(fs, tmp_root, root)
     if backup is not None:
         fs.rm(backup, recursive=True)
+
+
+def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a file or folder within ``fs``.
+
+    Local folders are renamed. Object stores have no folders, and a recursive
+    ``mv`` there also tries to copy the implied folder keys (and fails), so
+    their folders move file by file: copy every object, then delete the source.
+    """
+    fs.invalidate_cache(src)
+    if isinstance(fs, LocalFileSystem) or not fs.isdir(src):
+        fs.mv(src, dst, recursive=True)
+        return
+    files = fs.find(src)
+    fs.copy(files, [dst + name[len(src):] for name in files])
+    fs.rm(src, recursive=True)
+    fs.invalidate_cache(dst)
+
+
+@contextlib.contextmanager
+def local_directory(path: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """A local directory whose files end up at ``path``.
+
+    For a local ``path`` it is ``path`` itself; for a URL, a temporary local
+    directory uploaded to ``path`` on success. For writers that only write
+    local files (matplotlib, h5py, pandas).
+    """
+    if not is_url(path) or str(path).startswith("file://"):
+        local = str(path).removeprefix("file://")
+        os.makedirs(local, exist_ok=True)
+        yield local
+        return
+    fs, root = filesystem(path, storage_options)
+    with tempfile.TemporaryDirectory() as local:
+        yield local
+        fs.put(local.rstrip("/") + "/", root, recursive=True)
 
 
 def _with_protocol(original: str, root: str, fs) -> str:
