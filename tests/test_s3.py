@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import xarray as xr
 from cloud_helpers import assert_same_pseudobulk, make_screen, moto_s3, write_config
 
 from genepert_scale.cli import main
@@ -53,6 +55,33 @@ def test_run_reads_and_writes_s3(s3, tmp_path, capsys):
     assert_same_pseudobulk(open_pseudobulk("s3://screens/runs/one/pseudobulk.zarr", options),
                            remote)
     assert not [p for p in fs.ls("screens/runs/one") if ".tmp-" in p]
+
+
+def test_full_run_on_s3_equals_local(s3, tmp_path, capsys):
+    """Every stage reads from and writes to the bucket (embeddings included);
+    the report, model and predictions equal a local run."""
+    options, fs, local = s3
+    fs.put(local.replace("screen.zarr", "screen_embedding.pkl"), "screens/emb.pkl")
+    model_cfg = ('[evaluate]\nfolds = 3\n\n[predict]\nperturbations = ["GENE00001", "GENE00002"]\n\n')
+    remote_cfg = write_config(tmp_path / "remote.toml", screen="s3://screens/screen.zarr",
+                              out="s3://screens/runs/full",
+                              extra='[embeddings]\npaths = ["s3://screens/emb.pkl"]\n\n' + model_cfg)
+    local_emb = local.replace("screen.zarr", "screen_embedding.pkl")
+    local_cfg = write_config(tmp_path / "local.toml", screen=local, out=str(tmp_path / "out"),
+                             extra=f'[embeddings]\npaths = ["{local_emb}"]\n\n' + model_cfg)
+    assert main(["run", str(remote_cfg), "--no-progress", "--storage-options", json.dumps(options)]) == 0
+    assert main(["run", str(local_cfg), "--no-progress"]) == 0
+    listing = {p.rsplit("/", 1)[-1] for p in fs.ls("screens/runs/full")}
+    assert {"pseudobulk.zarr", "evaluate", "model.zarr", "predictions.zarr", "_stages"} <= listing
+    with fs.open("screens/runs/full/evaluate/metrics.json") as fh:
+        remote_metrics = json.load(fh)["models"]
+    local_metrics = json.loads((tmp_path / "out" / "evaluate" / "metrics.json").read_text())["models"]
+    for model in ("genepert_ridge", "mean_baseline"):
+        assert remote_metrics[model]["pearson_delta"]["mean"] == pytest.approx(
+            local_metrics[model]["pearson_delta"]["mean"], rel=1e-10)
+    remote_pred = xr.open_zarr(fs.get_mapper("screens/runs/full/predictions.zarr"))
+    local_pred = xr.open_zarr(tmp_path / "out" / "predictions.zarr")
+    np.testing.assert_allclose(remote_pred.delta.values, local_pred.delta.values, rtol=1e-10)
 
 
 def test_missing_s3_screen_is_a_clear_error(s3, tmp_path, capsys):
