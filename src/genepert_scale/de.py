@@ -124,10 +124,12 @@ def top_de_genes(
     eligible = t.notnull()
     if non_dropout:
         eligible = eligible & ((ds["mean"] != 0) | (ds["control_mean"] == 0))
-    score = abs(t) if rankby_abs else t
+    score = (abs(t) if rankby_abs else t).fillna(0)
+    if score.chunks is not None:  # whole rows per block: ranking needs every gene
+        score, eligible = score.chunk(gene=-1), eligible.chunk(gene=-1)
     k = min(k, ds.sizes["gene"])
     top = xr.apply_ufunc(
-        _top_k, score.fillna(0), eligible, kwargs={"k": k},
+        _top_k, score, eligible, kwargs={"k": k},
         input_core_dims=[["gene"], ["gene"]], output_core_dims=[["de_rank"]],
         dask="parallelized", output_dtypes=[np.int64],
         dask_gufunc_kwargs={"output_sizes": {"de_rank": k}},
