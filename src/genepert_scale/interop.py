@@ -54,9 +54,10 @@ def pseudobulk_to_anndata(ds: xr.Dataset) -> ad.AnnData:
         ``obs``: ``condition``, ``n_cells``, ``is_control``; ``var``: genes with
         their HVG statistics; ``X``: group means; layers ``delta`` (and ``var``
         when the Dataset has group variances); ``uns["genepert_scale"]``: the
-        control label, control mean, parameters and source.
+        control label, control mean, parameters and source. Built in memory
+        (perturbations x genes).
     """
-    ds = ds.load()
+    ds = ds.compute()
     control = str(ds.attrs.get("control", GEARS_CONTROL))
     layers = {"delta": ds["delta"].values}
     control_layers = {"delta": np.zeros(ds.sizes["gene"])}
