@@ -163,7 +163,7 @@ def simulation_split(
     kept = rng.choice(full_pairs, int(full_pairs.size * (1 - test_share)), replace=False)
     test[np.setdiff1d(full_pairs, kept)] = True
     parameters = {"split": "simulation", "test_share": test_share, "seed": seed,
-                  "n_genes": len(genes), "n_train_genes": len(train_genes),
+                  "n_perturbed_genes": len(genes), "n_train_genes": len(train_genes),
                   "inner_folds": inner_folds}
     return train_test_split("simulation", test, inner_folds, seed, parameters)
 
