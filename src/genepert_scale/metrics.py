@@ -32,6 +32,8 @@ ROW_METRICS = (
 #: Set-level metrics (against every evaluated perturbation).
 SET_METRICS = ("discrimination_score", "centroid_accuracy")
 METRICS = ROW_METRICS + SET_METRICS
+#: Relative spread below which a row counts as constant (float32 eps ≈ 1.2e-7).
+_FLOAT32_NOISE = 1e-5
 #: Elements of the largest temporary array of the blocked distance loops.
 _BLOCK_ELEMENTS = 1 << 24
 
@@ -94,7 +96,8 @@ def perturbation_metrics(
     Nat. Biotechnol. 2025; ``corr_all_allpert`` / ``corr_20de_allpert``):
     since means are ``control + delta``, ``mean − centroid mean`` equals
     ``delta − c``. A prediction of the average perturbation effect (the mean
-    baseline) is constant there and gets NaN.
+    baseline) is constant there and gets NaN — also when it equals ``c`` only
+    to float32 precision (relative spread below ``1e-5``).
     """
     de = top_delta_genes(true) if de_genes is None else np.asarray(de_genes, dtype=np.intp)
     pred_de, true_de = np.take_along_axis(pred, de, axis=1), np.take_along_axis(true, de, axis=1)
@@ -111,9 +114,19 @@ def perturbation_metrics(
     if centroid is not None:
         c = np.broadcast_to(np.asarray(centroid, dtype=np.float64), true.shape)
         c_de = np.take_along_axis(c, de, axis=1)
-        out["pearson_delta_centroid"] = pearson_rows(pred - c, true - c)
-        out["pearson_delta_centroid_de20"] = pearson_rows(pred_de - c_de, true_de - c_de)
+        at_centroid = _flat(pred - c, c)
+        out["pearson_delta_centroid"] = np.where(at_centroid, np.nan, pearson_rows(pred - c, true - c))
+        out["pearson_delta_centroid_de20"] = np.where(
+            at_centroid, np.nan, pearson_rows(pred_de - c_de, true_de - c_de))
     return out
+
+
+def _flat(shifted: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Rows of ``shifted`` that are constant up to float32 rounding of ``scale``
+    (predictions are stored as float32, so the mean baseline differs from
+    its float64 centroid by rounding noise, not by a signal)."""
+    spread = np.linalg.norm(shifted - shifted.mean(axis=1, keepdims=True), axis=1)
+    return spread <= _FLOAT32_NOISE * np.linalg.norm(scale, axis=1)
 
 
 def discrimination_score(
