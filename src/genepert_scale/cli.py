@@ -286,7 +286,7 @@ def summary_table(summary: dict, metrics: Sequence[str] = ("pearson_delta", "rms
         cells = []
         for m in metrics:
             mean, std = values[m]["fold_mean"], values[m]["fold_std"]
-            cells.append("n/a" if mean is None else f"{mean:.3f} ± {std or 0:.3f}")
+            cells.append("n/a" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}"))
         lines.append(f"{model:<18}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 
