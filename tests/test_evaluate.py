@@ -15,13 +15,8 @@ from sklearn.linear_model import Ridge
 
 from genepert_scale.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
-from genepert_scale.evaluate import (
-    baseline_predictions,
-    evaluate,
-    knn_prediction,
-    pearson_rows,
-    perturbation_metrics,
-)
+from genepert_scale.evaluate import baseline_predictions, evaluate, knn_prediction
+from genepert_scale.metrics import pearson_rows, perturbation_metrics
 from genepert_scale.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
 from genepert_scale.report import FILES, write_report
 from genepert_scale.splits import kfold

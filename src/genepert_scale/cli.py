@@ -107,8 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="K-fold CV of GenePert's ridge and baselines over perturbations")
     p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
     add_model_options(p)
-    p.add_argument("--folds", type=int, default=5, help="folds over perturbations")
+    p.add_argument("--folds", type=int, default=5,
+                   help="folds over perturbations (kfold), or inner-CV folds choosing alpha")
+    p.add_argument("--split", choices=("kfold", "simulation", "custom"), default="kfold",
+                   help="kfold over perturbations, GEARS' simulation split (held-out genes, "
+                        "pairs by seen genes), or custom from --split-file")
+    p.add_argument("--split-file", help="custom split: CSV/TSV (perturbation, split = train/val/test "
+                                        "or a fold number) or GEARS' JSON {train: [...], test: [...]}")
+    p.add_argument("--test-share", type=float,
+                   help="simulation split: share of genes (and fully seen pairs) held out (default 0.25)")
     p.add_argument("--out", required=True, help="report directory")
+
+    p = sub.add_parser("compare", parents=[parent], help="merge several evaluation reports into one table")
+    p.add_argument("runs", nargs="+", help="report directories written by 'evaluate'")
+    p.add_argument("--labels", help="comma-separated run names (default: directory names)")
+    p.add_argument("--out", required=True, help="output directory: compare.csv, compare.md, compare.png")
 
     p = sub.add_parser("fit", parents=[parent], help="fit GenePert's ridge on every perturbation")
     p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
@@ -157,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the steps that fit ridge models (evaluate, fit)."""
     p.add_argument("--embeddings", action="append", required=True,
-                   help="gene embedding table (path or URL); repeat to concatenate sources")
+                   help="gene embedding table (path or URL), or pca:K (evaluate: top-K principal "
+                        "components of each fold's training pseudo-bulk); repeat to concatenate")
     p.add_argument("--alpha", type=float, nargs="+",
                    help="one alpha, or a grid chosen by cross-validation (default: 0.1 1 10 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds (and of --missing random)")
@@ -239,9 +253,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .report import write_report
 
-    result = evaluate(args.pseudobulk, args.embeddings, **model_options(args))
+    result = evaluate(args.pseudobulk, args.embeddings, split=args.split, split_file=args.split_file,
+                      test_share=args.test_share, **model_options(args))
     print(summary_table(result.summary))
     print(f"report: {write_report(result, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+@command("compare")
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import COMPARE_METRICS, compare_runs, markdown
+
+    table = compare_runs(args.runs, args.out, labels=args.labels.split(",") if args.labels else None,
+                         overwrite=args.overwrite)
+    print(markdown(table, COMPARE_METRICS[:3]))
+    print(f"comparison: {args.out}")
     return 0
 
 
@@ -289,7 +315,7 @@ def summary_table(summary: dict, metrics: Sequence[str] = ("pearson_delta", "rms
         cells = []
         for m in metrics:
             mean, std = values[m]["fold_mean"], values[m]["fold_std"]
-            cells.append("n/a" if mean is None else f"{mean:.3f} ± {std or 0:.3f}")
+            cells.append("n/a" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}"))
         lines.append(f"{model:<18}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 

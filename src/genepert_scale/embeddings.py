@@ -70,6 +70,15 @@ class EmbeddingTable:
 
 
 @dataclass(frozen=True)
+class Source:
+    """One embedding source before joining: genes, raw vectors, identity."""
+
+    genes: pd.Index
+    vectors: np.ndarray
+    identity: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Features:
     """Perturbations encoded as feature rows, lazily (see :meth:`rows`).
 
@@ -293,31 +302,36 @@ def _validated(path: str, genes: pd.Index, vectors: np.ndarray) -> tuple[pd.Inde
 def load_embeddings(
     paths: str | Sequence[str], storage_options: dict[str, Any] | None = None
 ) -> EmbeddingTable:
-    """Read one or several sources into one normalised table.
-
-    Each source is L2-normalised per row; several sources are joined on the
-    genes they all have (in the first source's order), concatenated, and
-    normalised again.
-    """
+    """Read one or several sources into one normalised table (:func:`join_sources`)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ParameterError("give at least one embedding source (--embeddings)")
-    genes, parts, sources = None, [], []
-    for path in paths:
-        names, raw = read_table(path, storage_options)
-        sources.append({
-            "path": str(path), "dim": raw.shape[1], "n_genes": len(names),
-            "sha256": _fingerprint(names, raw),
-        })
-        table = pd.DataFrame(normalize_rows(raw), index=names)
-        parts.append(table)
-        genes = names if genes is None else genes[genes.isin(names)]
+    return join_sources([read_source(path, storage_options) for path in paths])
+
+
+def read_source(path: str, storage_options: dict[str, Any] | None = None) -> Source:
+    """One source: its genes, raw vectors and identity."""
+    names, raw = read_table(path, storage_options)
+    return Source(names, raw, {"path": str(path), "dim": raw.shape[1], "n_genes": len(names),
+                               "sha256": _fingerprint(names, raw)})
+
+
+def join_sources(sources: Sequence[Source]) -> EmbeddingTable:
+    """Each source L2-normalised per row, joined on the genes they all have
+    (in the first source's order), concatenated, and normalised again."""
+    genes = sources[0].genes
+    for source in sources[1:]:
+        genes = genes[genes.isin(source.genes)]
     if len(genes) == 0:
-        raise EmbeddingError(f"the embedding sources {', '.join(paths)} share no gene symbol")
-    if len(paths) > 1:
-        log.info("concatenated %d embedding sources on %d shared genes", len(paths), len(genes))
-    vectors = np.hstack([p.loc[genes].to_numpy() for p in parts])
-    return EmbeddingTable(genes, normalize_rows(vectors), tuple(sources))
+        raise EmbeddingError(
+            f"the embedding sources {', '.join(s.identity['path'] for s in sources)} share no gene symbol"
+        )
+    if len(sources) > 1:
+        log.info("concatenated %d embedding sources on %d shared genes", len(sources), len(genes))
+    vectors = np.hstack([
+        pd.DataFrame(normalize_rows(s.vectors), index=s.genes).loc[genes].to_numpy() for s in sources
+    ])
+    return EmbeddingTable(genes, normalize_rows(vectors), tuple(s.identity for s in sources))
 
 
 def _fingerprint(genes: pd.Index, vectors: np.ndarray) -> str:

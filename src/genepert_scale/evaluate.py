@@ -1,18 +1,23 @@
-"""K-fold evaluation over perturbations: GenePert's ridge against baselines,
-metrics per held-out perturbation, and their summaries.
+"""Evaluation over perturbations: GenePert's ridge against baselines on a
+split (K-fold, GEARS' simulation, or a custom file), metrics per held-out
+perturbation, and their summaries — overall, per GEARS subgroup, and against
+novelty (distance to the nearest training perturbation in embedding space).
 
 Ridge models of every fold come from fold statistics (:mod:`.ridge`); the
 baselines (mean and median of training deltas, control = no change, and
 cosine k-nearest neighbours in embedding space) and the metrics need the
 held-out and training deltas as rows, so evaluation holds the pseudo-bulk
 deltas (perturbations × genes) and feature rows in memory — the size of the
-pseudo-bulk, not of the screen.
+pseudo-bulk, not of the screen. A data-derived embedding (``pca:K``) is
+rebuilt in every fold from its training perturbations, so test data never
+shapes the features.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,42 +25,31 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .embeddings import MissingPolicy
-from .model import BLOCK_SIZE, Embeddings, GeneMap, fold_statistics, training_data
+from .data_embedding import EmbeddingPlan, with_table
+from .embeddings import Features, MissingPolicy, perturbation_genes
+from .errors import ParameterError
+from .metrics import METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
+from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
+from .pseudobulk import open_pseudobulk
 from .ridge import DEFAULT_ALPHAS, FoldFit, Rows, Solver, check_alphas, cross_validate
-from .splits import kfold
+from .splits import (
+    DEFAULT_TEST_SHARE,
+    UNUSED,
+    Split,
+    SplitKind,
+    custom_split,
+    kfold_split,
+    read_split_file,
+    simulation_split,
+    subgroups,
+)
 
 log = logging.getLogger(__name__)
 
 RIDGE = "genepert_ridge"
-METRICS = ("pearson_delta", "pearson_delta_de20", "rmse_delta", "mae_delta")
-#: Genes of the ``_de20`` metrics: the largest true |delta|.
-DE_TOP = 20
 KNN_K = (1, 5, 10)
-
-
-def pearson_rows(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row pair; NaN where a row is constant."""
-    a = pred - pred.mean(axis=1, keepdims=True)
-    b = true - true.mean(axis=1, keepdims=True)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, np.sum(a * b, axis=1) / denom, np.nan)
-
-
-def perturbation_metrics(pred: np.ndarray, true: np.ndarray, *, de_top: int = DE_TOP) -> dict[str, np.ndarray]:
-    """Metrics of every row (perturbation) over all genes, and Pearson over the
-    ``de_top`` genes with the largest true ``|delta|``."""
-    top = np.argsort(-np.abs(true), axis=1, kind="stable")[:, :de_top]
-    error = pred - true
-    return {
-        "pearson_delta": pearson_rows(pred, true),
-        "pearson_delta_de20": pearson_rows(
-            np.take_along_axis(pred, top, axis=1), np.take_along_axis(true, top, axis=1)
-        ),
-        "rmse_delta": np.sqrt(np.mean(error**2, axis=1)),
-        "mae_delta": np.mean(np.abs(error), axis=1),
-    }
+#: Quantile bins of the novelty table.
+NOVELTY_BINS = 4
 
 
 def knn_prediction(G_train: np.ndarray, X_train: np.ndarray, G_test: np.ndarray, k: int) -> np.ndarray:
@@ -82,6 +76,12 @@ def baseline_predictions(
     return out
 
 
+def nearest_distance(G_test: np.ndarray, G_train: np.ndarray) -> np.ndarray:
+    """Novelty: cosine distance ``1 − max_j cos(g_i, g_j)`` of every test row to
+    its nearest training row (rows of unit norm; a zero row is at distance 1)."""
+    return 1.0 - (G_test @ G_train.T).max(axis=1)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The result of :func:`evaluate`.
@@ -89,21 +89,26 @@ class Evaluation:
     Attributes
     ----------
     per_perturbation
-        One row per (perturbation, model): ``perturbation``, ``fold``,
-        ``model`` and every metric.
+        One row per (test perturbation, model): ``perturbation``, ``fold``,
+        ``model``, ``subgroup``, ``novelty`` and every metric.
     predictions
         Held-out predictions ``prediction`` (model × perturbation × gene), the
-        true ``delta`` and the ``fold`` of every perturbation.
+        true ``delta`` and the ``fold`` of every test perturbation.
     folds
-        ``perturbation``, ``fold``.
+        The split: ``perturbation``, ``fold`` (−1: training only, or left
+        out), ``group`` (of the ridge statistics; ``fold`` for test
+        perturbations, an inner-CV group for training-only ones),
+        ``subgroup`` and ``novelty`` (test perturbations).
     fold_fits
         The ridge model of every fold with its alpha path.
     summary
         Per model and metric: mean and std over perturbations, over folds.
+    subgroups
+        :func:`summarize` of the test perturbations of every GEARS subgroup.
     missing
         What happened to perturbations whose genes have no vector.
     parameters
-        The run's parameters and embedding identity.
+        The run's parameters, split and embedding identity.
     """
 
     per_perturbation: pd.DataFrame
@@ -111,6 +116,7 @@ class Evaluation:
     folds: pd.DataFrame = field(repr=False)
     fold_fits: list[FoldFit] = field(repr=False)
     summary: dict[str, dict[str, dict[str, float | None]]]
+    subgroups: dict[str, dict[str, dict[str, dict[str, float | None]]]]
     missing: dict[str, Any]
     parameters: dict[str, Any]
 
@@ -119,11 +125,41 @@ class Evaluation:
         return list(self.summary)
 
 
+def make_split(
+    kind: SplitKind,
+    perturbations: Sequence[str],
+    *,
+    n_folds: int = 5,
+    seed: int = 0,
+    split_file: str | None = None,
+    test_share: float | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Split:
+    """The split of ``kind``; ``n_folds`` are the folds of ``kfold`` and the
+    inner-CV groups of the one-test-set splits."""
+    if (split_file is not None) != (kind == "custom"):
+        raise ParameterError("--split-file goes with --split custom, and --split custom needs it")
+    if test_share is not None and kind != "simulation":
+        raise ParameterError("--test-share applies to --split simulation only")
+    if kind == "kfold":
+        return kfold_split(len(perturbations), n_folds, seed)
+    if kind == "simulation":
+        return simulation_split(perturbations, test_share=test_share or DEFAULT_TEST_SHARE,
+                                inner_folds=n_folds, seed=seed)
+    if kind == "custom":
+        return custom_split(perturbations, read_split_file(split_file, storage_options),
+                            inner_folds=n_folds, seed=seed, source=split_file)
+    raise ParameterError(f"split {kind!r}: use kfold, simulation or custom")
+
+
 def evaluate(
     pseudobulk: xr.Dataset | str,
     embeddings: Embeddings,
     *,
+    split: SplitKind = "kfold",
     n_folds: int = 5,
+    split_file: str | None = None,
+    test_share: float | None = None,
     seed: int = 0,
     alphas: float | Sequence[float] = DEFAULT_ALPHAS,
     missing: MissingPolicy = "drop",
@@ -134,16 +170,25 @@ def evaluate(
     storage_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """K-fold cross-validation of GenePert's ridge and the baselines.
+    """Evaluate GenePert's ridge and the baselines on held-out perturbations.
 
     Parameters
     ----------
     pseudobulk
         A pseudo-bulk store (path/URL) or Dataset.
     embeddings
-        Embedding path(s)/URL(s) (several are concatenated) or a table.
-    n_folds, seed
-        Folds over perturbations and their seed.
+        Embedding path(s)/URL(s) and ``pca:K`` sources (several are
+        concatenated), or a table.
+    split
+        ``kfold``, ``simulation`` (GEARS) or ``custom`` (``split_file``); see
+        :mod:`.splits`.
+    n_folds
+        Folds of ``kfold``; for the one-test-set splits, the groups of the
+        inner CV that chooses alpha.
+    split_file, test_share
+        The file of a ``custom`` split; the held-out share of a ``simulation``.
+    seed
+        Seed of the split (and of ``missing="random"``).
     alphas
         A grid (alpha chosen per fold by inner CV on its training folds) or one alpha.
     missing, gene_map
@@ -155,52 +200,118 @@ def evaluate(
         See :func:`.model.fit`.
     """
     alphas = check_alphas(alphas)
-    data = training_data(pseudobulk, embeddings, missing=missing, gene_map=gene_map, seed=seed,
+    ds = open_pseudobulk(pseudobulk, storage_options) if isinstance(pseudobulk, str) else pseudobulk
+    plan = EmbeddingPlan(embeddings, storage_options)
+    genes = [str(g) for g in ds["gene"].values]
+    template = plan.table(genes)
+    data = training_data(ds, template, missing=missing, gene_map=gene_map, seed=seed,
                          storage_options=storage_options)
-    fold = kfold(data.n, n_folds, seed)
-    fold_stats = fold_statistics(data, fold, n_folds, block_size=block_size, progress=progress)
-    G = data.features.rows()
-    X = np.asarray(data.delta.compute(), dtype=np.float64)
-    fits = cross_validate(fold_stats, alphas, rows=Rows(G, X, fold), solver=solver)
     names = np.asarray(data.features.perturbations, dtype=object)
+    X = np.asarray(data.delta.compute(), dtype=np.float64)
+    the_split = make_split(split, names, n_folds=n_folds, seed=seed, split_file=split_file,
+                           test_share=test_share, storage_options=storage_options)
     models = [RIDGE, "mean_baseline", "median_baseline", "control_baseline", *(f"knn_{k}" for k in knn_k)]
     prediction = np.zeros((len(models), *X.shape), dtype=np.float32)
-    for fit in fits:
-        test, train = fold == fit.fold, fold != fit.fold
-        preds = {RIDGE: G[test] @ fit.coef + fit.intercept,
-                 **baseline_predictions(G[train], X[train], G[test], knn_k)}
-        prediction[:, test] = [preds[model] for model in models]
-    per_perturbation = metrics_table(prediction, X, models, names, fold)
+    centroid, novelty = np.zeros_like(X), np.full(len(names), np.nan)
+    subgroup = np.full(len(names), "", dtype=object)
+    used = the_split.group != UNUSED
+    fits = []
+    for features, folds in feature_sets(plan, data, X, the_split):
+        stats = fold_statistics(dataclasses.replace(data, features=features), the_split.group,
+                                the_split.n_groups, block_size=block_size, progress=progress)
+        G = features.rows()
+        rows = Rows(G[used], X[used], the_split.group[used])
+        for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds):
+            test, train = the_split.test_mask(fit.fold), the_split.train_mask(fit.fold)
+            preds = {RIDGE: G[test] @ fit.coef + fit.intercept,
+                     **baseline_predictions(G[train], X[train], G[test], knn_k)}
+            prediction[:, test] = [preds[model] for model in models]
+            centroid[test] = X[train].mean(axis=0)
+            novelty[test] = nearest_distance(G[test], G[train])
+            subgroup[test] = subgroups(names, test, train)[test]
+            fits.append(fit)
+    fold = the_split.fold
+    tested = fold != UNUSED
+    per_perturbation = metrics_table(
+        prediction[:, tested], X[tested], models, names[tested], fold[tested],
+        centroid=centroid[tested], exclude=target_genes(names[tested], genes),
+    )
+    per_perturbation.insert(3, "subgroup", np.tile(subgroup[tested], len(models)))
+    per_perturbation.insert(4, "novelty", np.tile(novelty[tested], len(models)))
     predictions = xr.Dataset(
         {
-            "prediction": (("model", "perturbation", "gene"), prediction),
-            "delta": (("perturbation", "gene"), X.astype(np.float32)),
-            "fold": ("perturbation", fold),
+            "prediction": (("model", "perturbation", "gene"), prediction[:, tested]),
+            "delta": (("perturbation", "gene"), X[tested].astype(np.float32)),
+            "fold": ("perturbation", fold[tested]),
         },
-        coords={"model": np.asarray(models, dtype=object), "perturbation": names,
+        coords={"model": np.asarray(models, dtype=object), "perturbation": names[tested],
                 "gene": np.asarray(data.genes, dtype=object)},
     )
+    folds_table = pd.DataFrame({"perturbation": names, "fold": fold, "group": the_split.group,
+                                "subgroup": subgroup, "novelty": novelty})
     parameters = {
-        "n_folds": n_folds, "seed": seed, "alphas": list(alphas), "missing": missing,
+        **the_split.parameters, "alphas": list(alphas), "missing": missing,
         "knn_k": list(knn_k), "solver": solver,
         "pseudobulk": pseudobulk if isinstance(pseudobulk, str) else None,
-        "embedding": list(data.embedding.sources), "n_perturbations": data.n,
-        "n_genes": len(data.genes), "embedding_dim": data.features.dim,
+        "embedding": list(template.sources), "n_perturbations": data.n,
+        "n_test_perturbations": int(tested.sum()), "n_genes": len(data.genes),
+        "embedding_dim": data.features.dim,
+        "subgroup_sizes": {str(k): int(v) for k, v in pd.Series(subgroup[tested]).value_counts().items()},
     }
-    return Evaluation(
-        per_perturbation, predictions, pd.DataFrame({"perturbation": names, "fold": fold}), fits,
-        summarize(per_perturbation), data.features.summary(), parameters,
-    )
+    by_subgroup = {str(name): summarize(table) for name, table in per_perturbation.groupby("subgroup")}
+    return Evaluation(per_perturbation, predictions, folds_table, fits, summarize(per_perturbation),
+                      by_subgroup, data.features.summary(), parameters)
+
+
+def feature_sets(
+    plan: EmbeddingPlan, data: TrainingData, X: np.ndarray, split: Split
+) -> Iterator[tuple[Features, list[int]]]:
+    """Features and the test folds they serve: one set for embedding files;
+    one per fold for data-derived sources, from that fold's training deltas."""
+    if not plan.data_derived:
+        yield data.features, list(split.test_groups)
+        return
+    for k in split.test_groups:
+        table = plan.table(list(data.genes), X[split.train_mask(k)])
+        yield with_table(data.features, table), [k]
+
+
+def target_genes(perturbations: Sequence[str], genes: Sequence[str]) -> np.ndarray:
+    """Mask (perturbations × genes): the measured genes each perturbation targets."""
+    position = {g: j for j, g in enumerate(genes)}
+    mask = np.zeros((len(perturbations), len(genes)), dtype=bool)
+    for i, p in enumerate(perturbations):
+        mask[i, [position[g] for g in perturbation_genes(p) if g in position]] = True
+    return mask
 
 
 def metrics_table(
-    prediction: np.ndarray, true: np.ndarray, models: Sequence[str], names: np.ndarray, fold: np.ndarray
+    prediction: np.ndarray,
+    true: np.ndarray,
+    models: Sequence[str],
+    names: np.ndarray,
+    fold: np.ndarray,
+    *,
+    centroid: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
+    de_genes: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per (model, perturbation): ``perturbation``, ``fold``, ``model``
-    and every metric of the prediction (model × perturbation × gene)."""
+    and every metric of the prediction (model × perturbation × gene).
+
+    ``centroid`` (the perturbed centroid's delta per row), ``de_genes`` (top
+    DE gene indices per row) and ``exclude`` (genes left out of the
+    discrimination score per row) are passed to :mod:`.metrics`; set-level
+    metrics compare every row with all rows of ``true``.
+    """
     tables = []
     for model, pred in zip(models, prediction):
-        table = pd.DataFrame(perturbation_metrics(pred.astype(np.float64), true))
+        pred = pred.astype(np.float64)
+        table = pd.DataFrame({
+            **perturbation_metrics(pred, true, de_genes=de_genes, centroid=centroid),
+            "discrimination_score": discrimination_score(pred, true, exclude=exclude),
+            "centroid_accuracy": centroid_accuracy(pred, true),
+        })
         table.insert(0, "model", model)
         table.insert(0, "fold", fold)
         table.insert(0, "perturbation", names)
@@ -226,6 +337,26 @@ def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, f
             for metric in METRICS
         }
     return out
+
+
+def novelty_table(per_perturbation: pd.DataFrame, metric: str = "pearson_delta",
+                  bins: int = NOVELTY_BINS) -> pd.DataFrame:
+    """Mean ``metric`` per model in quantile bins of novelty: columns
+    ``bin``, ``novelty_low``, ``novelty_high``, ``n`` and one per model."""
+    table = per_perturbation.dropna(subset=["novelty"])
+    if table.empty:
+        return pd.DataFrame(columns=["bin", "novelty_low", "novelty_high", "n"])
+    codes = pd.qcut(table["novelty"], q=bins, duplicates="drop")
+    means = table.groupby([codes, "model"], observed=True, sort=True)[metric].mean().unstack("model")
+    counts = table[table["model"] == table["model"].iloc[0]].groupby(codes, observed=True).size()
+    out = pd.DataFrame({
+        "bin": range(len(means)),
+        "novelty_low": [float(i.left) for i in means.index],
+        "novelty_high": [float(i.right) for i in means.index],
+        "n": counts.reindex(means.index).to_numpy(),
+    })
+    models = list(dict.fromkeys(table["model"]))
+    return pd.concat([out, means[models].reset_index(drop=True)], axis=1)
 
 
 def _number(value: float) -> float | None:

@@ -45,6 +45,13 @@ def canonical(genes: tuple[str, ...]) -> str:
     return "+".join(genes)
 
 
+def gears_condition(label: str) -> str:
+    """GEARS' condition of a perturbation: ``A+ctrl`` for a single, ``A+B``
+    for a pair (``ctrl`` for a label naming no gene)."""
+    genes = parse_label(label, control="ctrl")
+    return "ctrl" if not genes else f"{genes[0]}+ctrl" if len(genes) == 1 else "+".join(genes)
+
+
 def assign_groups(
     labels: pd.Categorical | Iterable[str],
     control: str,

@@ -30,7 +30,9 @@ from .embeddings import (
     load_embeddings,
     read_gene_map,
 )
+from .data_embedding import pca_dims
 from .errors import EmbeddingError, ParameterError
+from .labels import gears_condition
 from .pseudobulk import open_pseudobulk
 from .splits import kfold
 from .ridge import (
@@ -90,7 +92,13 @@ def as_table(embeddings: Embeddings, storage_options: dict[str, Any] | None = No
     """An :class:`EmbeddingTable` from paths/URLs (concatenated) or a table."""
     if isinstance(embeddings, EmbeddingTable):
         return embeddings
-    return load_embeddings(embeddings, storage_options)
+    specs = [embeddings] if isinstance(embeddings, str) else list(embeddings)
+    if any(pca_dims(s) for s in specs):
+        raise ParameterError(
+            "pca:K embeddings are derived from each fold's training data and are supported by "
+            "'evaluate' only; fit and predict need embedding files"
+        )
+    return load_embeddings(specs, storage_options)
 
 
 def as_gene_map(gene_map: GeneMap, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
@@ -294,7 +302,8 @@ def write_predictions(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write predictions by suffix: ``.zarr`` (the Dataset), ``.h5ad`` (AnnData,
-    ``X`` = delta, layer ``mean``, obs = perturbations) or ``.csv`` (delta,
+    ``X`` = delta, layer ``mean``, obs = perturbations with GEARS' ``condition``
+    column, ``A+ctrl`` / ``A+B``; var = genes) or ``.csv`` (delta,
     perturbations × genes)."""
     suffix = str(path).rstrip("/").lower().rsplit(".", 1)[-1]
     if suffix not in ("zarr", "h5ad", "csv"):
@@ -307,8 +316,10 @@ def write_predictions(
         elif suffix == "csv":
             frame.to_csv(tmp, index_label="perturbation")
         else:
+            index = frame.index.astype(str)
             ad.AnnData(
-                frame.to_numpy(), obs=pd.DataFrame(index=frame.index.astype(str)),
+                frame.to_numpy(),
+                obs=pd.DataFrame({"condition": [gears_condition(p) for p in index]}, index=index),
                 var=pd.DataFrame(index=frame.columns.astype(str)),
                 layers={"mean": predictions["mean"].values},
             ).write_h5ad(tmp)

@@ -1,5 +1,6 @@
 """The evaluation report: a directory with ``metrics.json``,
-``per_perturbation.csv``, ``predictions.zarr``, ``folds.csv`` and PNG plots.
+``per_perturbation.csv``, ``predictions.zarr``, ``folds.csv`` (the split),
+PNG plots and ``report.html`` (:mod:`.report_html`, the plots inline).
 
 Plots are drawn with matplotlib's object API (``Figure``, no pyplot), so no
 display or global backend is involved. The directory is written atomically.
@@ -7,6 +8,7 @@ display or global backend is involved. The directory is written atomically.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -16,14 +18,16 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import __version__
-from .evaluate import RIDGE, Evaluation
+from .evaluate import RIDGE, Evaluation, novelty_table
+from .report_html import render_html
 from .store import atomic_output, local_directory, quiet_zarr_warnings, zarr_store
 
 log = logging.getLogger(__name__)
 
 FILES = (
     "metrics.json", "per_perturbation.csv", "predictions.zarr", "folds.csv",
-    "pearson_per_model.png", "best_worst_perturbations.png", "alpha_path.png",
+    "pearson_per_model.png", "best_worst_perturbations.png", "alpha_path.png", "novelty.png",
+    "report.html",
 )
 
 
@@ -49,7 +53,19 @@ def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
         "parameters": evaluation.parameters,
         "missing": evaluation.missing,
         "models": models,
+        "subgroups": evaluation.subgroups,
+        "novelty": [
+            {k: _json_value(v) for k, v in row.items()}
+            for row in novelty_table(evaluation.per_perturbation).to_dict(orient="records")
+        ],
     }
+
+
+def _json_value(value: Any) -> Any:
+    """Numbers as JSON numbers; NaN as null."""
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def write_report(
@@ -60,23 +76,32 @@ def write_report(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write every report file into the directory ``out`` (a path or URL)."""
+    document = metrics_document(evaluation)
+    images = {name: png_bytes(plot(evaluation)) for name, plot in PLOTS.items()}
     with (
         atomic_output(out, overwrite=overwrite, storage_options=storage_options) as tmp,
         local_directory(tmp, storage_options) as local,
     ):
         root = Path(local)
-        (root / "metrics.json").write_text(json.dumps(metrics_document(evaluation), indent=2))
+        (root / "metrics.json").write_text(json.dumps(document, indent=2))
         evaluation.per_perturbation.to_csv(root / "per_perturbation.csv", index=False)
         evaluation.folds.to_csv(root / "folds.csv", index=False)
         with quiet_zarr_warnings():
             evaluation.predictions.to_zarr(
                 zarr_store(str(root / "predictions.zarr"), mode="w"), mode="w", consolidated=True
             )
-        plot_pearson(evaluation).savefig(root / "pearson_per_model.png", dpi=100)
-        plot_best_worst(evaluation).savefig(root / "best_worst_perturbations.png", dpi=100)
-        plot_alpha_path(evaluation).savefig(root / "alpha_path.png", dpi=100)
+        for name, data in images.items():
+            (root / name).write_bytes(data)
+        (root / "report.html").write_text(render_html(document, images), encoding="utf-8")
     log.info("wrote report %s", out)
     return out
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """A figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def plot_pearson(evaluation: Evaluation) -> Figure:
@@ -93,12 +118,13 @@ def plot_pearson(evaluation: Evaluation) -> Figure:
 
 
 def plot_best_worst(evaluation: Evaluation) -> Figure:
-    """Predicted vs true delta of the ridge's best and worst perturbation."""
+    """Predicted vs true delta of the ridge's best, median and worst perturbation."""
     ridge = evaluation.per_perturbation.query("model == @RIDGE").dropna(subset=["pearson_delta"])
     ranked = ridge.sort_values("pearson_delta")
-    picks = {"best": ranked.iloc[-1], "worst": ranked.iloc[0]} if len(ranked) else {}
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
-    for ax, (which, row) in zip(fig.subplots(1, 2), picks.items()):
+    picks = ({"best": ranked.iloc[-1], "median": ranked.iloc[len(ranked) // 2], "worst": ranked.iloc[0]}
+             if len(ranked) else {})
+    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    for ax, (which, row) in zip(fig.subplots(1, 3), picks.items()):
         true = evaluation.predictions["delta"].sel(perturbation=row.perturbation).values
         pred = evaluation.predictions["prediction"].sel(model=RIDGE, perturbation=row.perturbation).values
         ax.scatter(true, pred, s=6, alpha=0.6)
@@ -122,3 +148,32 @@ def plot_alpha_path(evaluation: Evaluation) -> Figure:
     ax.set_ylabel("MSE of delta (dashed: training)")
     ax.legend(fontsize="small")
     return fig
+
+
+def plot_novelty(evaluation: Evaluation) -> Figure:
+    """Pearson of delta against novelty (cosine distance to the nearest
+    training perturbation): the ridge's perturbations, and every model's
+    mean per novelty quartile."""
+    table = evaluation.per_perturbation
+    ridge = table[table.model == RIDGE]
+    bins = novelty_table(table)
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter(ridge["novelty"], ridge["pearson_delta"], s=8, alpha=0.4, color="grey", label=f"{RIDGE} (each)")
+    centres = (bins["novelty_low"] + bins["novelty_high"]) / 2
+    for model in evaluation.models:
+        if model in bins and bins[model].notna().any():
+            ax.plot(centres, bins[model], marker="o", label=model)
+    ax.set_xlabel("novelty: cosine distance to nearest training perturbation")
+    ax.set_ylabel("Pearson of delta")
+    ax.legend(fontsize="x-small")
+    return fig
+
+
+#: Report images and the functions drawing them.
+PLOTS = {
+    "pearson_per_model.png": plot_pearson,
+    "best_worst_perturbations.png": plot_best_worst,
+    "alpha_path.png": plot_alpha_path,
+    "novelty.png": plot_novelty,
+}

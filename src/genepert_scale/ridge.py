@@ -293,8 +293,9 @@ def cross_validate(
     *,
     rows: Rows | None = None,
     solver: Solver = "auto",
+    folds: Sequence[int] | None = None,
 ) -> list[FoldFit]:
-    """Fit the model of every outer fold from fold statistics.
+    """Fit the model of every outer fold (or of ``folds``) from fold statistics.
 
     Fold ``k`` trains on ``total − S_k``. With several alphas, the alpha is
     chosen by an inner K-fold CV on the training folds only (:func:`cv_error`
@@ -303,7 +304,8 @@ def cross_validate(
     alphas = check_alphas(alphas)
     total = sum_stats(list(fold_stats))
     fits = []
-    for k, held_out in enumerate(fold_stats):
+    for k in range(len(fold_stats)) if folds is None else folds:
+        held_out = fold_stats[k]
         inner = (
             cv_error(fold_stats, alphas, exclude=(k,), rows=rows, solver=solver)
             if len(alphas) > 1 else np.full(1, np.nan)
