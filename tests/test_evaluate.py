@@ -140,3 +140,31 @@ def test_report_files(small, tmp_path):
     assert preds["prediction"].dims == ("model", "perturbation", "gene") and "fold" in preds
     assert (tmp_path / "report" / "pearson_per_model.png").read_bytes()[:4] == b"\x89PNG"
     assert out.endswith("report")
+
+
+def test_ttest_de_metrics_use_welch_genes_from_the_pass(small_screen):
+    """With group variances, pearson_delta_de20_ttest and mse_de20 are computed on
+    the Welch t-test top-20 DE genes (GEARS); without them they are empty."""
+    from scipy.stats import pearsonr
+
+    from genepert_scale.de import top_de_genes
+    from genepert_scale.evaluate import evaluate
+    from genepert_scale.pseudobulk import pseudobulk
+
+    path, embedding = small_screen
+    ds = pseudobulk(path, n_top_genes=None, group_variance=True, progress=False)
+    result = evaluate(ds, embedding, n_folds=3, seed=1, progress=False)
+    table = result.per_perturbation.query("model == 'genepert_ridge'").set_index("perturbation")
+    predicted = result.predictions.prediction.sel(model="genepert_ridge")
+    true = result.predictions.delta
+    de = top_de_genes(ds, 20)
+    for name in table.index[:5]:
+        genes = de.sel(perturbation=name).values
+        p = predicted.sel(perturbation=name).values[genes].astype(float)
+        t = true.sel(perturbation=name).values[genes].astype(float)
+        assert table.loc[name, "pearson_delta_de20_ttest"] == pytest.approx(pearsonr(p, t)[0], rel=1e-5)
+        assert table.loc[name, "mse_de20"] == pytest.approx(np.mean((p - t) ** 2), rel=1e-4)
+    without = evaluate(ds.drop_vars(["var", "control_var"]), embedding, n_folds=3, seed=1,
+                       progress=False).per_perturbation
+    assert without["mse_de20"].isna().all()
+    assert without["pearson_delta"].equals(result.per_perturbation["pearson_delta"])

@@ -148,7 +148,7 @@ def test_run_command_pseudobulk_stage(tmp_path, capsys):
     out = tmp_path / "out"
     config = write_config(tmp_path / "run.toml", screen=screen, out=str(out))
     assert "pseudobulk   ran" in _run(config, capsys)
-    expected = pseudobulk(screen, n_top_genes=100, block_rows=500, progress=False)
+    expected = pseudobulk(screen, n_top_genes=100, block_rows=500, group_variance=True, progress=False)
     assert_same_pseudobulk(open_pseudobulk(str(out / "pseudobulk.zarr")), expected)
     assert "pseudobulk   skipped" in _run(config, capsys)
 
@@ -158,7 +158,7 @@ def test_run_command_pseudobulk_stage(tmp_path, capsys):
 
     make_screen(tmp_path / "data", seed=1)  # the input changes in place
     assert "pseudobulk   ran" in _run(config, capsys)
-    expected = pseudobulk(screen, n_top_genes=50, block_rows=500, progress=False)
+    expected = pseudobulk(screen, n_top_genes=50, block_rows=500, group_variance=True, progress=False)
     assert_same_pseudobulk(open_pseudobulk(str(out / "pseudobulk.zarr")), expected)
 
 
@@ -181,5 +181,5 @@ def test_run_killed_during_pseudobulk_resumes(tmp_path, capsys):
 
     assert "pseudobulk   ran" in _run(config, capsys)
     assert "pseudobulk   skipped" in _run(config, capsys)
-    expected = pseudobulk(screen, n_top_genes=100, block_rows=100, progress=False)
+    expected = pseudobulk(screen, n_top_genes=100, block_rows=100, group_variance=True, progress=False)
     assert_same_pseudobulk(open_pseudobulk(str(out / "pseudobulk.zarr")), expected)

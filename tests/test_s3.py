@@ -42,7 +42,7 @@ def test_run_reads_and_writes_s3(s3, tmp_path, capsys):
     assert main(argv) == 0
     assert "pseudobulk   ran        s3://screens/runs/one/pseudobulk.zarr" in capsys.readouterr().out
     remote = open_pseudobulk("s3://screens/runs/one/pseudobulk.zarr", options).load()
-    assert_same_pseudobulk(remote, pseudobulk(local, n_top_genes=100, block_rows=500,
+    assert_same_pseudobulk(remote, pseudobulk(local, n_top_genes=100, block_rows=500, group_variance=True,
                                               progress=False))
     record = read_record("s3://screens/runs/one", "pseudobulk", options)
     assert record["inputs"] == {"screen": "s3://screens/screen.zarr"}

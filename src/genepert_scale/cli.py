@@ -355,7 +355,7 @@ def _demo(args: argparse.Namespace) -> int:
     screen, embedding = synth_screen(str(out / "screen.zarr"), cells=20_000, genes=2_000,
                                      perturbations=200, seed=0, overwrite=True)
     pb_args = build_parser().parse_args(["pseudobulk", screen, "--out", "unused",
-                                         "--n-top-genes", "1000", "--overwrite"])
+                                         "--n-top-genes", "1000", "--group-variance", "--overwrite"])
     pb_args.no_progress = args.no_progress
     pb = run_pseudobulk(pb_args, str(out / "pseudobulk.zarr"))
     print(f"pseudo-bulk: {pb}")

@@ -43,7 +43,7 @@ class PseudobulkConfig:
     target_sum: float = _key(1e4, (int, float))
     input: str = _key("auto", str, ("auto", "counts", "log1p"))
     min_cells: int = _key(1, int)
-    group_variance: bool = _key(False, bool)
+    group_variance: bool = _key(True, bool)
     block_rows: int | None = _key(None, int)
 
     @property

@@ -26,9 +26,10 @@ import pandas as pd
 import xarray as xr
 
 from .data_embedding import EmbeddingPlan, with_table
+from .de import top_de_genes
 from .embeddings import Features, MissingPolicy, perturbation_genes
 from .errors import ParameterError
-from .metrics import METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
+from .metrics import DE_TOP, METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
 from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
 from .pseudobulk import open_pseudobulk
 from .ridge import DEFAULT_ALPHAS, FoldFit, Rows, Solver, check_alphas, cross_validate
@@ -235,6 +236,7 @@ def evaluate(
     per_perturbation = metrics_table(
         prediction[:, tested], X[tested], models, names[tested], fold[tested],
         centroid=centroid[tested], exclude=target_genes(names[tested], genes),
+        ttest_genes=ttest_de_genes(ds, names[tested]),
     )
     per_perturbation.insert(3, "subgroup", np.tile(subgroup[tested], len(models)))
     per_perturbation.insert(4, "novelty", np.tile(novelty[tested], len(models)))
@@ -276,6 +278,17 @@ def feature_sets(
         yield with_table(data.features, table), [k]
 
 
+def ttest_de_genes(ds: xr.Dataset, perturbations: np.ndarray) -> np.ndarray | None:
+    """Top-20 DE genes of each perturbation by the Welch t-test against the
+    control (GEARS' definition), when the pseudo-bulk has group variances
+    (``pseudobulk --group-variance``); else ``None``."""
+    if "var" not in ds:
+        log.info("pseudo-bulk has no group variances: t-test DE metrics are left empty "
+                 "(rerun pseudobulk with --group-variance)")
+        return None
+    return top_de_genes(ds, DE_TOP).sel(perturbation=list(perturbations)).values
+
+
 def target_genes(perturbations: Sequence[str], genes: Sequence[str]) -> np.ndarray:
     """Mask (perturbations × genes): the measured genes each perturbation targets."""
     position = {g: j for j, g in enumerate(genes)}
@@ -295,12 +308,13 @@ def metrics_table(
     centroid: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
     de_genes: np.ndarray | None = None,
+    ttest_genes: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per (model, perturbation): ``perturbation``, ``fold``, ``model``
     and every metric of the prediction (model × perturbation × gene).
 
-    ``centroid`` (the perturbed centroid's delta per row), ``de_genes`` (top
-    DE gene indices per row) and ``exclude`` (genes left out of the
+    ``centroid`` (the perturbed centroid's delta per row), ``de_genes`` and
+    ``ttest_genes`` (top DE gene indices per row) and ``exclude`` (genes left out of the
     discrimination score per row) are passed to :mod:`.metrics`; set-level
     metrics compare every row with all rows of ``true``.
     """
@@ -308,7 +322,8 @@ def metrics_table(
     for model, pred in zip(models, prediction):
         pred = pred.astype(np.float64)
         table = pd.DataFrame({
-            **perturbation_metrics(pred, true, de_genes=de_genes, centroid=centroid),
+            **perturbation_metrics(pred, true, de_genes=de_genes, ttest_genes=ttest_genes,
+                                   centroid=centroid),
             "discrimination_score": discrimination_score(pred, true, exclude=exclude),
             "centroid_accuracy": centroid_accuracy(pred, true),
         })

@@ -22,11 +22,14 @@ from typing import Literal
 
 import numpy as np
 
+from .de import mse_de, pearson_delta_de
+
 #: Genes of the ``_de20`` metrics.
 DE_TOP = 20
 #: Per-perturbation metrics, in report order.
 ROW_METRICS = (
     "pearson_delta", "pearson_delta_de20", "rmse_delta", "mae_delta",
+    "pearson_delta_de20_ttest", "mse_de20",
     "pearson_delta_centroid", "pearson_delta_centroid_de20", "direction_de20",
 )
 #: Set-level metrics (against every evaluated perturbation).
@@ -58,6 +61,7 @@ def perturbation_metrics(
     true: np.ndarray,
     *,
     de_genes: np.ndarray | None = None,
+    ttest_genes: np.ndarray | None = None,
     centroid: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Metrics of every row (perturbation) of a prediction.
@@ -69,6 +73,10 @@ def perturbation_metrics(
     de_genes
         Gene indices of the top DE genes of every row (perturbations × k);
         default :func:`top_delta_genes`.
+    ttest_genes
+        The top DE genes of every row by the Welch t-test against the control
+        (:func:`.de.top_de_genes`, GEARS' definition; ``-1`` pads rows with
+        fewer). Without them ``pearson_delta_de20_ttest`` and ``mse_de20`` are NaN.
     centroid
         Delta of the perturbed centroid (the mean of the training
         perturbations' means, minus the control), per row (perturbations ×
@@ -81,11 +89,14 @@ def perturbation_metrics(
 
     Notes
     -----
-    With ``D`` the DE genes of a row and ``c`` its centroid delta::
+    With ``D`` the DE genes of a row (largest true ``|delta|`` by default),
+``T`` its Welch t-test DE genes and ``c`` its centroid delta::
 
         pearson_delta               = r(pred, true)
-        pearson_delta_de20          = r(pred[D], true[D])                 (GEARS)
+        pearson_delta_de20          = r(pred[D], true[D])
         rmse_delta, mae_delta       = sqrt(mean((pred-true)²)), mean(|pred-true|)
+        pearson_delta_de20_ttest    = r(pred[T], true[T])                 (GEARS)
+        mse_de20                    = mean((pred[T]-true[T])²)            (GEARS)
         pearson_delta_centroid      = r(pred - c, true - c)
         pearson_delta_centroid_de20 = r(pred[D] - c[D], true[D] - c[D])
         direction_de20              = mean(sign(pred[D]) == sign(true[D]))
@@ -107,10 +118,15 @@ def perturbation_metrics(
         "pearson_delta_de20": pearson_rows(pred_de, true_de),
         "rmse_delta": np.sqrt(np.mean(error**2, axis=1)),
         "mae_delta": np.mean(np.abs(error), axis=1),
+        "pearson_delta_de20_ttest": np.full(len(pred), np.nan),
+        "mse_de20": np.full(len(pred), np.nan),
         "pearson_delta_centroid": np.full(len(pred), np.nan),
         "pearson_delta_centroid_de20": np.full(len(pred), np.nan),
         "direction_de20": np.mean(np.sign(pred_de) == np.sign(true_de), axis=1),
     }
+    if ttest_genes is not None:
+        out["pearson_delta_de20_ttest"] = pearson_delta_de(pred, true, ttest_genes)
+        out["mse_de20"] = mse_de(pred, true, ttest_genes)
     if centroid is not None:
         c = np.broadcast_to(np.asarray(centroid, dtype=np.float64), true.shape)
         c_de = np.take_along_axis(c, de, axis=1)
