@@ -88,9 +88,10 @@ def test_prediction_formats(linear, tmp_path, suffix):
     if suffix == "zarr":
         back = xr.open_zarr(path)["delta"].values
     elif suffix == "h5ad":
-        adata = ad.read_h5ad(path)
-        assert list(adata.obs_names) == ["G30", "G31+G34"] and "mean" in adata.layers
-        back = adata.X
+        adata = ad.read_h5ad(path)  # the control row first, as cell-eval expects
+        assert list(adata.obs_names) == ["ctrl", "G30", "G31+G34"]
+        np.testing.assert_allclose(adata.X[1:], pred["mean"].values, rtol=1e-6)
+        back = adata[1:].layers["delta"]
     else:
         back = pd.read_csv(path, index_col=0).to_numpy()
     np.testing.assert_allclose(back, pred["delta"].values, rtol=1e-6)
@@ -146,7 +147,7 @@ def test_papalexi_end_to_end(tmp_path, capsys):
     assert main(["predict", model, "--embeddings", emb, "--perturbations", "UNSEEN1,UNSEEN2,UNSEEN1+STAT1",
                  "--out", out]) == 0
     adata = ad.read_h5ad(out)
-    assert adata.shape == (3, 299) and np.isfinite(adata.X).all()
+    assert adata.shape == (4, 299) and np.isfinite(adata.X).all()
 
 
 def test_cli_evaluate_concatenates_sources(linear, tmp_path):

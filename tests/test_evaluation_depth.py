@@ -185,8 +185,8 @@ def test_predictions_h5ad_condition(screen, tmp_path):
     model = fit(pb, emb, alphas=1.0, progress=False)
     path = write_predictions(predict(model, emb, ["G30", "G31+G32"]), str(tmp_path / "pred.h5ad"))
     adata = ad.read_h5ad(path)
-    assert adata.obs["condition"].tolist() == ["G30+ctrl", "G31+G32"]
-    assert list(adata.obs_names) == ["G30", "G31+G32"] and list(adata.var_names) == [f"G{i}" for i in range(N_GENES)]
+    assert adata.obs["condition"].tolist() == ["ctrl", "G30+ctrl", "G31+G32"]
+    assert list(adata.obs_names) == ["ctrl", "G30", "G31+G32"] and list(adata.var_names) == [f"G{i}" for i in range(N_GENES)]
 
 
 def test_write_report_is_atomic_and_complete(screen, tmp_path):

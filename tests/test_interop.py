@@ -11,8 +11,8 @@ import xarray as xr
 
 from genepert_scale.cli import main
 from genepert_scale.errors import ParameterError
+from genepert_scale.labels import gears_condition
 from genepert_scale.interop import (
-    gears_condition,
     predictions_to_anndata,
     pseudobulk_to_anndata,
     write_h5ad,

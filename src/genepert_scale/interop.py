@@ -21,23 +21,10 @@ import xarray as xr
 
 from . import __version__
 from .errors import ParameterError
-from .labels import parse_label
+from .labels import GEARS_CONTROL, gears_condition
 from .store import atomic_output, filesystem, is_url
 
 log = logging.getLogger(__name__)
-
-#: The control's name in a GEARS ``condition`` column.
-GEARS_CONTROL = "ctrl"
-
-
-def gears_condition(name: str, control: str) -> str:
-    """GEARS' label of a perturbation: ``A+ctrl`` for one gene, ``A+B`` for a pair,
-    ``ctrl`` for the control."""
-    genes = parse_label(name, control)
-    if not genes:
-        return GEARS_CONTROL
-    return f"{genes[0]}+{GEARS_CONTROL}" if len(genes) == 1 else "+".join(genes)
-
 
 def pseudobulk_to_anndata(ds: xr.Dataset) -> ad.AnnData:
     """The pseudo-bulk Dataset as AnnData, one row per perturbation and the control.

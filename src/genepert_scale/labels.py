@@ -14,6 +14,8 @@ import pandas as pd
 
 from .errors import LabelError
 
+#: The control's name in a GEARS ``condition`` column.
+GEARS_CONTROL = "ctrl"
 #: Tokens that mean "no gene" inside a GEARS-style label.
 CONTROL_TOKENS = frozenset({"ctrl", "control", "non-targeting", "nontargeting"})
 
@@ -45,11 +47,13 @@ def canonical(genes: tuple[str, ...]) -> str:
     return "+".join(genes)
 
 
-def gears_condition(label: str) -> str:
+def gears_condition(label: str, control: str = GEARS_CONTROL) -> str:
     """GEARS' condition of a perturbation: ``A+ctrl`` for a single, ``A+B``
-    for a pair (``ctrl`` for a label naming no gene)."""
-    genes = parse_label(label, control="ctrl")
-    return "ctrl" if not genes else f"{genes[0]}+ctrl" if len(genes) == 1 else "+".join(genes)
+    for a pair, ``ctrl`` for the control (``control``) or a label naming no gene."""
+    genes = parse_label(label, control)
+    if not genes:
+        return GEARS_CONTROL
+    return f"{genes[0]}+{GEARS_CONTROL}" if len(genes) == 1 else "+".join(genes)
 
 
 def assign_groups(

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import anndata as ad
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -32,7 +31,6 @@ from .embeddings import (
 )
 from .data_embedding import pca_dims
 from .errors import EmbeddingError, ParameterError
-from .labels import gears_condition
 from .pseudobulk import open_pseudobulk
 from .splits import kfold
 from .ridge import (
@@ -48,7 +46,8 @@ from .ridge import (
     ridge_path,
     sum_stats,
 )
-from .store import atomic_output, quiet_zarr_warnings, zarr_store
+from .interop import predictions_to_anndata, write_h5ad
+from .store import atomic_output, filesystem, quiet_zarr_warnings, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +282,7 @@ def predict(
         {
             "delta": (("perturbation", "gene"), delta),
             "mean": (("perturbation", "gene"), delta + model.control_mean),
+            "control_mean": ("gene", model.control_mean),
         },
         coords={"perturbation": np.asarray(features.perturbations, dtype=object),
                 "gene": np.asarray(model.genes, dtype=object)},
@@ -301,27 +301,25 @@ def write_predictions(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """Write predictions by suffix: ``.zarr`` (the Dataset), ``.h5ad`` (AnnData,
-    ``X`` = delta, layer ``mean``, obs = perturbations with GEARS' ``condition``
-    column, ``A+ctrl`` / ``A+B``; var = genes) or ``.csv`` (delta,
-    perturbations × genes)."""
+    """Write predictions by suffix: ``.zarr`` (the Dataset), ``.h5ad``
+    (:func:`.interop.predictions_to_anndata`: ``X`` = predicted expression,
+    layer ``delta``, obs with GEARS' ``condition``, ``A+ctrl`` / ``A+B``, and
+    a control row; var = genes) or ``.csv`` (delta, perturbations × genes);
+    local paths or URLs."""
     suffix = str(path).rstrip("/").lower().rsplit(".", 1)[-1]
     if suffix not in ("zarr", "h5ad", "csv"):
         raise ParameterError(f"prediction output {path}: use a .zarr, .h5ad or .csv name")
+    if suffix == "h5ad":
+        adata = predictions_to_anndata(predictions["delta"], predictions["control_mean"],
+                                       uns={"alpha": predictions.attrs.get("alpha")})
+        return write_h5ad(adata, path, overwrite=overwrite, storage_options=storage_options)
     with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp:
-        frame = predictions["delta"].to_pandas()
         if suffix == "zarr":
             with quiet_zarr_warnings():
                 predictions.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True)
-        elif suffix == "csv":
-            frame.to_csv(tmp, index_label="perturbation")
         else:
-            index = frame.index.astype(str)
-            ad.AnnData(
-                frame.to_numpy(),
-                obs=pd.DataFrame({"condition": [gears_condition(p) for p in index]}, index=index),
-                var=pd.DataFrame(index=frame.columns.astype(str)),
-                layers={"mean": predictions["mean"].values},
-            ).write_h5ad(tmp)
+            fs, root = filesystem(tmp, storage_options)
+            with fs.open(root, "w") as handle:
+                predictions["delta"].to_pandas().to_csv(handle, index_label="perturbation")
     log.info("wrote predictions %s (%d perturbations)", path, predictions.sizes["perturbation"])
     return path
