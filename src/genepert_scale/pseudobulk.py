@@ -23,10 +23,20 @@ from . import __version__, kernels
 from .cluster import compute
 from .errors import LabelError, ParameterError, StoreError
 from .hvg import Flavor, highly_variable_genes, mean_var
+from .integrity import named_chunk_errors
 from .labels import assign_groups
 from .reduce import SPLIT_EVERY, pass_stats
 from .screen import Screen, open_screen
 from .store import atomic_output, quiet_zarr_warnings, zarr_store
+from .validate import (
+    LOG1P_MAX,
+    NTopGenes,
+    check_declared_input,
+    check_encoding,
+    check_min_cells,
+    check_positive,
+    resolve_n_top_genes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +60,43 @@ class PseudobulkParams:
     group_variance: bool = False
 
 
+def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
+    """The finite stored values of the first ``sample_rows`` cells (one small read)."""
+    with named_chunk_errors(screen.group, screen.source):
+        block = sp.csr_array(screen.X[: min(sample_rows, screen.n_obs)].compute())
+    return block.data[np.isfinite(block.data)]
+
+
+def resolve_input_kind(screen: Screen, input: InputKindOption) -> kernels.InputKind:
+    """The input kind: detected for ``"auto"``, else the declared one checked on a sample.
+
+    Raises
+    ------
+    ParameterError
+        If the sample contradicts the declared kind (counts given as log1p, or
+        log1p data given as counts), or looks like neither.
+    """
+    if input == "auto":
+        return detect_input_kind(screen)
+    check_declared_input(input, _sample_values(screen), screen.source)
+    return input
+
+
 def detect_input_kind(screen: Screen, sample_rows: int = 2000) -> kernels.InputKind:
     """Tell raw counts from ``log1p`` data by the first ``sample_rows`` cells.
 
     Reads one small slice of ``X``. Integer values mean counts; non-integer
-    values no larger than 30 mean log1p-normalised data.
+    values no larger than :data:`~.validate.LOG1P_MAX` mean log1p-normalised data.
 
     Raises
     ------
     ParameterError
         If the values look like neither (normalised but not logged, say).
     """
-    block = sp.csr_array(screen.X[: min(sample_rows, screen.n_obs)].compute())
-    data = block.data[np.isfinite(block.data)]
+    data = _sample_values(screen, sample_rows)
     if data.size == 0 or np.all(data == np.round(data)):
         return "counts"
-    if data.max() <= 30 and data.min() >= 0:
+    if data.max() <= LOG1P_MAX and data.min() >= 0:
         return "log1p"
     raise ParameterError(
         f"{screen.source}: X holds non-integer values up to {data.max():.3g}, "
@@ -79,7 +110,7 @@ def pseudobulk(
     *,
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
-    n_top_genes: int | None = 5000,
+    n_top_genes: NTopGenes = "default",
     flavor: Flavor = "seurat",
     target_sum: float = 1e4,
     input: InputKindOption = "auto",
@@ -101,7 +132,9 @@ def pseudobulk(
     control
         Label of control cells (they are not a row of the result).
     n_top_genes
-        Highly-variable genes to keep; ``None`` (or more than there are) keeps all.
+        Highly-variable genes to keep; ``None`` keeps all; ``"default"`` keeps
+        :data:`~.validate.DEFAULT_N_TOP_GENES`, or all genes (with a warning)
+        when there are fewer. An explicit number above the genes is an error.
     flavor
         scanpy HVG flavor, ``seurat`` or ``cell_ranger``.
     target_sum
@@ -130,13 +163,13 @@ def pseudobulk(
     """
     if isinstance(screen, str):
         screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows)
-    if min_cells < 1:
-        raise ParameterError(f"min_cells must be at least 1, got {min_cells}")
+    check_positive("--min-cells", min_cells, integer=True)
+    check_positive("--target-sum", target_sum)
     params = PseudobulkParams(
-        perturbation_key, control, n_top_genes, flavor, target_sum, input, min_cells,
-        group_variance,
+        perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
+        flavor, target_sum, input, min_cells, group_variance,
     )
-    kind = detect_input_kind(screen) if input == "auto" else input
+    kind = resolve_input_kind(screen, input)
     labels = screen.obs_column(perturbation_key)
     codes, groups = assign_groups(labels.array, control, column=perturbation_key)
     log.info(
@@ -149,10 +182,12 @@ def pseudobulk(
         with_group_sumsq=group_variance, split_every=split_every,
     )
     start = time.perf_counter()
-    stats = compute(graph, label="streamed pass", progress=progress)
+    with named_chunk_errors(screen.group, screen.source):
+        stats = compute(graph, label="streamed pass", progress=progress)
     seconds = time.perf_counter() - start
     log.info("streamed pass: %.0f cells/s", screen.n_obs / max(seconds, 1e-9))
     _raise_on_bad_values(stats.check, screen, kind)
+    check_min_cells(dict(zip(groups[1:], stats.group_n[1:].tolist())), min_cells, screen.source)
     ds = finalize(stats, groups, screen.var_names, params, kind=kind)
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
@@ -284,14 +319,6 @@ def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) ->
             f"{path} is not a pseudo-bulk store ({err}); create one with "
             "'genepert-scale pseudobulk'"
         ) from err
-    if ds.attrs.get("encoding_type") != ENCODING_TYPE:
-        raise StoreError(
-            f"{path} is not a genepert_scale pseudo-bulk store "
-            f"(encoding_type {ds.attrs.get('encoding_type')!r})"
-        )
-    if ds.attrs.get("encoding_version") != ENCODING_VERSION:
-        raise StoreError(
-            f"{path} has pseudo-bulk encoding version {ds.attrs.get('encoding_version')}, "
-            f"this version reads {ENCODING_VERSION}; rerun 'genepert-scale pseudobulk'"
-        )
+    check_encoding(ds.attrs, expected_type=ENCODING_TYPE, expected_version=ENCODING_VERSION,
+                   source=path, remedy="'genepert-scale pseudobulk'")
     return ds
