@@ -33,6 +33,7 @@ from .validate import (
     NTopGenes,
     check_declared_input,
     check_encoding,
+    check_exact_sum_range,
     check_min_cells,
     check_positive,
     resolve_n_top_genes,
@@ -170,6 +171,9 @@ def pseudobulk(
         flavor, target_sum, input, min_cells, group_variance,
     )
     kind = resolve_input_kind(screen, input)
+    check_exact_sum_range(
+        screen.n_obs, np.log1p(target_sum) if kind == "counts" else LOG1P_MAX, screen.source
+    )
     labels = screen.obs_column(perturbation_key)
     codes, groups = assign_groups(labels.array, control, column=perturbation_key)
     log.info(
@@ -203,6 +207,10 @@ def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -
         "noninteger": (
             "non-integer values although raw counts were declared",
             "pass --input log1p if X is log-normalised",
+        ),
+        "too_large": (
+            f"values above {kernels.LOG1P_MAX:g} although log1p data was declared",
+            "pass --input counts if X holds raw counts",
         ),
     }
     for key, (what, todo) in problems.items():
@@ -238,7 +246,7 @@ def finalize(
         gene_names=var_names,
     )
     keep = hvg["highly_variable"].to_numpy()
-    group_sum = _dense_rows(stats.group_sum)[:, keep]
+    group_sum = kernels.from_fixed(_dense_rows(stats.group_sum)[:, keep], kernels.SUM_BITS)
     n = stats.group_n
     means = group_sum / np.maximum(n, 1)[:, None]
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
@@ -263,7 +271,8 @@ def finalize(
         "hvg_dispersions_norm": ("screen_gene", hvg["dispersions_norm"].to_numpy()),
     }
     if stats.group_sumsq is not None:
-        sq_mean = _dense_rows(stats.group_sumsq)[:, keep] / np.maximum(n, 1)[:, None]
+        sq_sum = kernels.from_fixed(_dense_rows(stats.group_sumsq)[:, keep], kernels.SQUARE_BITS)
+        sq_mean = sq_sum / np.maximum(n, 1)[:, None]
         ddof = (n / np.maximum(n - 1, 1))[:, None]
         variance = np.maximum(sq_mean - means**2, 0) * ddof
         data_vars["var"] = (("perturbation", "gene"), variance[rows])

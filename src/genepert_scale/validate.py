@@ -17,14 +17,12 @@ import numpy as np
 import pandas as pd
 
 from .errors import LabelError, ParameterError, StoreError
+from .kernels import LOG1P_MAX, SQUARE_BITS, SUM_BITS
 
 log = logging.getLogger(__name__)
 
 #: HVGs kept when ``n_top_genes`` is not given.
 DEFAULT_N_TOP_GENES = 5000
-
-#: Largest value of log1p-normalised data we accept (log1p of 10^13).
-LOG1P_MAX = 30.0
 
 NTopGenes = int | None | Literal["default"]
 
@@ -243,3 +241,27 @@ def check_same_genes(expected: Sequence[str], found: Sequence[str], *, source: s
         f"({detail}); use outputs of the same pseudo-bulk run"
     )
 
+
+
+def check_exact_sum_range(n_obs: int, max_value: float, source: str) -> None:
+    """Raise if fixed-point group sums over ``n_obs`` cells could overflow int64.
+
+    Parameters
+    ----------
+    n_obs
+        Cells of the screen (a bound on the cells of any group).
+    max_value
+        Largest possible ``log1p`` value: ``log1p(target_sum)`` for counts,
+        :data:`~.kernels.LOG1P_MAX` for log1p input.
+    source
+        The screen, for messages.
+    """
+    limit = 2.0**63
+    worst = max(n_obs * max_value * 2.0**SUM_BITS, n_obs * max_value**2 * 2.0**SQUARE_BITS)
+    if worst >= limit:
+        cells = int(limit / max(max_value * 2.0**SUM_BITS, max_value**2 * 2.0**SQUARE_BITS))
+        raise ParameterError(
+            f"{source} has {n_obs} cells; exact pseudo-bulk sums hold at most {cells} cells "
+            f"with log1p values up to {max_value:.3g}: split the screen by perturbation, "
+            "or lower --target-sum"
+        )
