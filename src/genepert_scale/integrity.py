@@ -6,14 +6,17 @@ zarr fills a chunk that is absent from the store with the array's
 instead, for the arrays where an absent chunk cannot be legitimate:
 
 - every array under ``X`` (an all-``fill_value`` chunk of CSR ``data``,
-  ``indices`` or ``indptr``, or of a count matrix, does not occur in real data);
+  ``indices`` or ``indptr``, or of a count matrix, does not occur in real data;
+  a dense ``X`` written by another tool with ``write_empty_chunks=False`` and a
+  chunk of cells that are all zero would be reported, and must be rewritten);
 - every array of stores we wrote, which are written with all chunks present
   (:func:`complete_chunks`) and marked so (:data:`COMPLETE_CHUNKS_ATTR`).
 
 A chunk that is present but cannot be decoded (checksum mismatch from the
 CRC32C codec of stores we write, a decompression error elsewhere) fails inside
 zarr without naming the chunk; :func:`named_chunk_errors` finds and names it
-after the fact, so the steady state pays nothing.
+after the fact, so the steady state pays nothing. Stores without a checksum
+codec can decode damaged bytes into wrong numbers; only a checksum prevents that.
 """
 
 from __future__ import annotations

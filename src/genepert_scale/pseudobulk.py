@@ -29,7 +29,6 @@ from .reduce import SPLIT_EVERY, pass_stats
 from .screen import Screen, open_screen
 from .store import atomic_output, quiet_zarr_warnings, zarr_store
 from .validate import (
-    LOG1P_MAX,
     NTopGenes,
     check_declared_input,
     check_encoding,
@@ -87,7 +86,7 @@ def detect_input_kind(screen: Screen, sample_rows: int = 2000) -> kernels.InputK
     """Tell raw counts from ``log1p`` data by the first ``sample_rows`` cells.
 
     Reads one small slice of ``X``. Integer values mean counts; non-integer
-    values no larger than :data:`~.validate.LOG1P_MAX` mean log1p-normalised data.
+    values no larger than :data:`~.kernels.LOG1P_MAX` mean log1p-normalised data.
 
     Raises
     ------
@@ -97,7 +96,7 @@ def detect_input_kind(screen: Screen, sample_rows: int = 2000) -> kernels.InputK
     data = _sample_values(screen, sample_rows)
     if data.size == 0 or np.all(data == np.round(data)):
         return "counts"
-    if data.max() <= LOG1P_MAX and data.min() >= 0:
+    if data.max() <= kernels.LOG1P_MAX and data.min() >= 0:
         return "log1p"
     raise ParameterError(
         f"{screen.source}: X holds non-integer values up to {data.max():.3g}, "
@@ -172,7 +171,7 @@ def pseudobulk(
     )
     kind = resolve_input_kind(screen, input)
     check_exact_sum_range(
-        screen.n_obs, np.log1p(target_sum) if kind == "counts" else LOG1P_MAX, screen.source
+        screen.n_obs, np.log1p(target_sum) if kind == "counts" else kernels.LOG1P_MAX, screen.source
     )
     labels = screen.obs_column(perturbation_key)
     codes, groups = assign_groups(labels.array, control, column=perturbation_key)
