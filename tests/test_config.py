@@ -73,7 +73,7 @@ def test_every_key(tmp_path):
 
 def test_defaults(tmp_path):
     config = _load(tmp_path, '[input]\nurl = "s.zarr"\n[output]\ndir = "s3://b/out"\n')
-    assert config.pseudobulk.n_top == 5000 and config.input.control == "non-targeting"
+    assert config.pseudobulk.n_top == "default" and config.input.control == "non-targeting"
     assert config.output.dir == "s3://b/out" and config.output.storage_options == {}
     assert config.cluster.client_options()["scheduler"] is None
     assert config.cluster.client_options()["slurm"] is None

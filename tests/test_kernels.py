@@ -71,9 +71,12 @@ def test_block_stats_combine_equals_dense_oracle(seed, n, n_groups, split):
     np.testing.assert_allclose(stats.gene_sum, norm.sum(0), rtol=1e-10)
     np.testing.assert_allclose(stats.gene_sumsq, (norm**2).sum(0), rtol=1e-10)
     np.testing.assert_allclose(stats.gene_log_sum, logged.sum(0), rtol=1e-10)
-    np.testing.assert_allclose(dense(stats.group_sum), sums, rtol=1e-10, atol=1e-12)
+    # fixed point: at most half a unit in the last place per value
+    decoded = kernels.from_fixed(dense(stats.group_sum), kernels.SUM_BITS)
+    np.testing.assert_allclose(decoded, sums, rtol=0, atol=n * 2.0 ** -(kernels.SUM_BITS + 1))
     sq = np.stack([(logged[codes == g] ** 2).sum(0) for g in range(n_groups)])
-    np.testing.assert_allclose(dense(stats.group_sumsq), sq, rtol=1e-10, atol=1e-12)
+    decoded_sq = kernels.from_fixed(dense(stats.group_sumsq), kernels.SQUARE_BITS)
+    np.testing.assert_allclose(decoded_sq, sq, rtol=0, atol=n * 2.0 ** -(kernels.SQUARE_BITS + 1))
 
 
 def test_log1p_input_is_not_normalized_again():

@@ -20,6 +20,7 @@ from .cluster import dask_client
 from .embeddings import MISSING_POLICIES
 from .errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
 from .ridge import DEFAULT_ALPHAS
+from .store import check_output_free
 
 log = logging.getLogger("genepert_scale")
 
@@ -57,8 +58,13 @@ def _storage_options(text: str | None) -> dict:
     return value
 
 
-def _n_top_genes(text: str) -> int | None:
-    return None if text == "all" else int(text)
+def _n_top_genes(text: str) -> int | str | None:
+    if text in ("all", "default"):
+        return None if text == "all" else text
+    try:
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from err
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -187,7 +193,8 @@ def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
     p.add_argument("--perturbation-key", default="perturbation", help="obs column of perturbation labels")
     p.add_argument("--control", default="non-targeting", help="label of control cells")
-    p.add_argument("--n-top-genes", type=_n_top_genes, default=5000, help="number of HVGs, or 'all'")
+    p.add_argument("--n-top-genes", type=_n_top_genes, default="default",
+                   help="number of HVGs, or 'all' (default: 5000, or all genes if fewer)")
     p.add_argument("--flavor", choices=("seurat", "cell_ranger", "seurat_v3"), default="seurat",
                    help="scanpy HVG flavor (seurat_v3: raw counts, a second pass)")
     p.add_argument("--target-sum", type=float, default=1e4)
@@ -224,6 +231,7 @@ def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
     from .pseudobulk import pseudobulk, write_pseudobulk
 
     options = _storage_options(args.storage_options)
+    check_output_free(out, overwrite=args.overwrite, storage_options=options)
     ds = pseudobulk(
         args.screen, perturbation_key=args.perturbation_key, control=args.control,
         n_top_genes=args.n_top_genes, flavor=args.flavor, target_sum=args.target_sum,

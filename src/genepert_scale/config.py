@@ -38,8 +38,8 @@ class InputConfig:
 class PseudobulkConfig:
     """``[pseudobulk]``: options of the pseudo-bulk stage."""
 
-    n_top_genes: int | str = _key(5000, (int, str))
-    flavor: str = _key("seurat", str, ("seurat", "cell_ranger"))
+    n_top_genes: int | str = _key("default", (int, str))
+    flavor: str = _key("seurat", str, ("seurat", "cell_ranger", "seurat_v3"))
     target_sum: float = _key(1e4, (int, float))
     input: str = _key("auto", str, ("auto", "counts", "log1p"))
     min_cells: int = _key(1, int)
@@ -212,8 +212,10 @@ def _check(config: RunConfig) -> None:
     if not config.output.dir:
         raise ParameterError(f"{where}: [output] dir is required (directory or URL for outputs)")
     n_top = config.pseudobulk.n_top_genes
-    if isinstance(n_top, str) and n_top != "all" or isinstance(n_top, int) and n_top < 1:
-        raise ParameterError(f"{where}: [pseudobulk] n_top_genes must be a positive integer or \"all\"")
+    if isinstance(n_top, str) and n_top not in ("all", "default") or isinstance(n_top, int) and n_top < 1:
+        raise ParameterError(
+            f"{where}: [pseudobulk] n_top_genes must be a positive integer, \"all\" or \"default\""
+        )
     if config.evaluate.folds < 2:
         raise ParameterError(f"{where}: [evaluate] folds must be at least 2")
     if not all(isinstance(a, int | float) and a > 0 for a in config.evaluate.alphas):

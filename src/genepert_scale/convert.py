@@ -13,6 +13,7 @@ import zarr
 from anndata.io import read_elem, sparse_dataset, write_elem
 
 from .errors import StoreError
+from .integrity import complete_chunks, mark_complete
 from .screen import TARGET_BLOCK_NNZ, block_rows_for
 from .store import CsrAppender, atomic_output, quiet_zarr_warnings, zarr_store
 
@@ -37,11 +38,16 @@ def convert_h5ad(
         h5 = h5py.File(source, "r")
     except OSError as err:
         raise StoreError(f"{source} is not a readable .h5ad file: {err}") from err
-    with h5, atomic_output(out, overwrite=overwrite, storage_options=storage_options) as tmp:
+    with (
+        h5,
+        atomic_output(out, overwrite=overwrite, storage_options=storage_options) as tmp,
+        complete_chunks(),
+    ):
         if "X" not in h5:
             raise StoreError(f"{source} has no X; nothing to convert")
         root = zarr.open_group(zarr_store(tmp, storage_options, mode="w"), mode="w", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        mark_complete(root)
         with quiet_zarr_warnings(), ad.settings.override(zarr_write_format=3):
             for key in h5:
                 if key != "X":

@@ -24,6 +24,15 @@ InputKind = Literal["counts", "log1p"]
 #: Above this share of non-zeros, group sums are kept dense when combined.
 _DENSE_SHARE = 0.25
 
+#: Fractional bits of the fixed-point (int64) group sums and group sums of
+#: squares. Integer addition is associative, so these sums are bit-identical
+#: for every chunking, combine order and scheduler.
+SUM_BITS = 32
+SQUARE_BITS = 24
+
+#: Largest value accepted as log1p-normalised data (log1p of 10^13).
+LOG1P_MAX = 30.0
+
 
 @dataclass
 class ValueCheck:
@@ -36,6 +45,7 @@ class ValueCheck:
     nonfinite: int = 0
     negative: int = 0
     noninteger: int = 0
+    too_large: int = 0
     first_block: dict[str, int] | None = None
 
     def combine(self, other: ValueCheck) -> ValueCheck:
@@ -46,6 +56,7 @@ class ValueCheck:
             self.nonfinite + other.nonfinite,
             self.negative + other.negative,
             self.noninteger + other.noninteger,
+            self.too_large + other.too_large,
             first or None,
         )
 
@@ -66,10 +77,12 @@ class PassStats:
     gene_log_sum, gene_log_sumsq
         The same for the ``log1p`` values, used by ``cell_ranger``.
     group_sum
-        Per-group sums of the ``log1p`` values, ``(n_groups, n_genes)``,
-        sparse while sparse enough, dense after.
+        Per-group sums of the ``log1p`` values, ``(n_groups, n_genes)``, in
+        int64 fixed point with :data:`SUM_BITS` fractional bits (exact, see
+        :func:`to_fixed`), sparse while sparse enough, dense after.
     group_sumsq
-        Per-group sums of squared ``log1p`` values, or ``None`` when not asked.
+        Per-group sums of squared ``log1p`` values in fixed point with
+        :data:`SQUARE_BITS` fractional bits, or ``None`` when not asked.
     gene_raw_sum, gene_raw_sumsq
         Per-gene sums of the raw stored values and their squares (for the
         ``seurat_v3`` flavor), or ``None`` when not asked.
@@ -114,7 +127,7 @@ def _add_maybe_sparse(
             return total.toarray()
         return total
     dense, sparse = (a, b) if sp.issparse(b) else (b, a)
-    out = np.array(dense, dtype=np.float64, copy=True)
+    out = np.array(dense, dtype=np.result_type(dense, sparse.dtype), copy=True)
     coo = sparse.tocoo()
     np.add.at(out, (coo.row, coo.col), coo.data)
     return out
@@ -154,17 +167,36 @@ def normalize_log1p(
     return normalized, np.log1p(normalized)
 
 
+def to_fixed(values: np.ndarray, bits: int) -> np.ndarray:
+    """Round ``values`` to multiples of ``2**-bits``, as int64 numerators.
+
+    Sums of these integers are exact, hence independent of order and grouping;
+    the rounding error is at most ``2**-(bits + 1)`` per value.
+    """
+    with np.errstate(invalid="ignore"):  # NaN/Inf are counted by check_values
+        return np.rint(np.ldexp(values, bits)).astype(np.int64)
+
+
+def from_fixed(values: np.ndarray, bits: int) -> np.ndarray:
+    """The float64 values of fixed-point numerators made by :func:`to_fixed`."""
+    return np.ldexp(np.asarray(values, dtype=np.float64), -bits)
+
+
 def check_values(data: np.ndarray, kind: InputKind, block_index: int) -> ValueCheck:
-    """Count non-finite, negative and (for counts) non-integer stored values."""
+    """Count non-finite, negative, (for counts) non-integer and (for log1p)
+    too large stored values."""
     nonfinite = int(np.count_nonzero(~np.isfinite(data)))
     negative = int(np.count_nonzero(data < 0))
-    noninteger = 0
+    noninteger = too_large = 0
     if kind == "counts":
         finite = data[np.isfinite(data)]
         noninteger = int(np.count_nonzero(finite != np.round(finite)))
-    counts = {"nonfinite": nonfinite, "negative": negative, "noninteger": noninteger}
+    else:
+        too_large = int(np.count_nonzero(data[np.isfinite(data)] > LOG1P_MAX))
+    counts = {"nonfinite": nonfinite, "negative": negative, "noninteger": noninteger,
+              "too_large": too_large}
     first = {key: block_index for key, count in counts.items() if count}
-    return ValueCheck(nonfinite, negative, noninteger, first or None)
+    return ValueCheck(nonfinite, negative, noninteger, too_large, first or None)
 
 
 def group_sums(
@@ -183,7 +215,8 @@ def group_sums(
     member = codes >= 0
     rows = np.flatnonzero(member)
     indicator = sp.csr_array(
-        (np.ones(rows.size), (codes[member], rows)), shape=(n_groups, len(codes))
+        (np.ones(rows.size, dtype=values.dtype), (codes[member], rows)),
+        shape=(n_groups, len(codes)),
     )
     return (indicator @ block).tocsr()
 
@@ -232,12 +265,15 @@ def block_stats(
     def per_gene(values: np.ndarray) -> np.ndarray:
         return np.bincount(block.indices, weights=values, minlength=n_genes)
 
-    sums = group_sums(logged, block.indices, block.indptr, codes, n_groups, n_genes)
+    sums = group_sums(
+        to_fixed(logged, SUM_BITS), block.indices, block.indptr, codes, n_groups, n_genes
+    )
     raw = block.data.astype(np.float64, copy=False)
     sumsq = None
     if with_group_sumsq:
         sumsq = group_sums(
-            logged * logged, block.indices, block.indptr, codes, n_groups, n_genes
+            to_fixed(logged * logged, SQUARE_BITS), block.indices, block.indptr, codes,
+            n_groups, n_genes,
         )
     return PassStats(
         n_cells=block.shape[0],

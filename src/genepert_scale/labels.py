@@ -82,17 +82,25 @@ def assign_groups(
         perturbation names, sorted.
     """
     cat = pd.Categorical(labels)
-    if control not in set(map(str, cat.categories)):
-        frequent = pd.Series(cat).value_counts().head(10)
+    counts = pd.Series(cat).astype(str).where(pd.notna(cat)).value_counts()
+    if counts.get(control, 0) == 0:
+        frequent = counts.head(10)
         listing = ", ".join(f"{k!r} ({v})" for k, v in frequent.items())
         raise LabelError(
             f"control label {control!r} matches no cell in obs[{column!r}]; "
             f"most frequent labels: {listing}. Pass the right one with --control"
         )
-    names = [canonical(parse_label(label, control)) or control for label in map(str, cat.categories)]
+    names = [_canonical_or_control(label, control, column, counts) for label in map(str, cat.categories)]
     groups = [control, *sorted(set(names) - {control})]
     index = {name: i for i, name in enumerate(groups)}
     category_code = np.array([index[name] for name in names], dtype=np.int32)
     raw = np.asarray(cat.codes)
     codes = np.where(raw >= 0, category_code[np.maximum(raw, 0)], -1).astype(np.int32)
     return codes, groups
+
+
+def _canonical_or_control(label: str, control: str, column: str, counts: pd.Series) -> str:
+    try:
+        return canonical(parse_label(label, control)) or control
+    except LabelError as err:
+        raise LabelError(f"obs[{column!r}], {counts.get(label, 0)} cells: {err}") from err

@@ -23,10 +23,20 @@ from . import __version__, kernels
 from .cluster import compute
 from .errors import LabelError, ParameterError, StoreError
 from .hvg import Flavor, highly_variable_genes, mean_var, seurat_v3_clip, seurat_v3_select
+from .integrity import named_chunk_errors
 from .labels import assign_groups
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
 from .store import atomic_output, quiet_zarr_warnings, zarr_store
+from .validate import (
+    NTopGenes,
+    check_declared_input,
+    check_encoding,
+    check_exact_sum_range,
+    check_min_cells,
+    check_positive,
+    resolve_n_top_genes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +60,43 @@ class PseudobulkParams:
     group_variance: bool = False
 
 
+def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
+    """The finite stored values of the first ``sample_rows`` cells (one small read)."""
+    with named_chunk_errors(screen.group, screen.source):
+        block = sp.csr_array(screen.X[: min(sample_rows, screen.n_obs)].compute())
+    return block.data[np.isfinite(block.data)]
+
+
+def resolve_input_kind(screen: Screen, input: InputKindOption) -> kernels.InputKind:
+    """The input kind: detected for ``"auto"``, else the declared one checked on a sample.
+
+    Raises
+    ------
+    ParameterError
+        If the sample contradicts the declared kind (counts given as log1p, or
+        log1p data given as counts), or looks like neither.
+    """
+    if input == "auto":
+        return detect_input_kind(screen)
+    check_declared_input(input, _sample_values(screen), screen.source)
+    return input
+
+
 def detect_input_kind(screen: Screen, sample_rows: int = 2000) -> kernels.InputKind:
     """Tell raw counts from ``log1p`` data by the first ``sample_rows`` cells.
 
     Reads one small slice of ``X``. Integer values mean counts; non-integer
-    values no larger than 30 mean log1p-normalised data.
+    values no larger than :data:`~.kernels.LOG1P_MAX` mean log1p-normalised data.
 
     Raises
     ------
     ParameterError
         If the values look like neither (normalised but not logged, say).
     """
-    block = sp.csr_array(screen.X[: min(sample_rows, screen.n_obs)].compute())
-    data = block.data[np.isfinite(block.data)]
+    data = _sample_values(screen, sample_rows)
     if data.size == 0 or np.all(data == np.round(data)):
         return "counts"
-    if data.max() <= 30 and data.min() >= 0:
+    if data.max() <= kernels.LOG1P_MAX and data.min() >= 0:
         return "log1p"
     raise ParameterError(
         f"{screen.source}: X holds non-integer values up to {data.max():.3g}, "
@@ -79,7 +110,7 @@ def pseudobulk(
     *,
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
-    n_top_genes: int | None = 5000,
+    n_top_genes: NTopGenes = "default",
     flavor: Flavor = "seurat",
     target_sum: float = 1e4,
     input: InputKindOption = "auto",
@@ -101,7 +132,9 @@ def pseudobulk(
     control
         Label of control cells (they are not a row of the result).
     n_top_genes
-        Highly-variable genes to keep; ``None`` (or more than there are) keeps all.
+        Highly-variable genes to keep; ``None`` keeps all; ``"default"`` keeps
+        :data:`~.validate.DEFAULT_N_TOP_GENES`, or all genes (with a warning)
+        when there are fewer. An explicit number above the genes is an error.
     flavor
         scanpy HVG flavor: ``seurat``, ``cell_ranger`` or ``seurat_v3`` (raw
         counts only; a second pass, needs the ``seurat-v3`` extra).
@@ -132,13 +165,16 @@ def pseudobulk(
     """
     if isinstance(screen, str):
         screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows)
-    if min_cells < 1:
-        raise ParameterError(f"min_cells must be at least 1, got {min_cells}")
+    check_positive("--min-cells", min_cells, integer=True)
+    check_positive("--target-sum", target_sum)
     params = PseudobulkParams(
-        perturbation_key, control, n_top_genes, flavor, target_sum, input, min_cells,
-        group_variance,
+        perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
+        flavor, target_sum, input, min_cells, group_variance,
     )
-    kind = detect_input_kind(screen) if input == "auto" else input
+    kind = resolve_input_kind(screen, input)
+    check_exact_sum_range(
+        screen.n_obs, np.log1p(target_sum) if kind == "counts" else kernels.LOG1P_MAX, screen.source
+    )
     labels = screen.obs_column(perturbation_key)
     codes, groups = assign_groups(labels.array, control, column=perturbation_key)
     log.info(
@@ -158,6 +194,7 @@ def pseudobulk(
     )
     stats = _timed_pass(graph, screen, "streamed pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
+    check_min_cells(dict(zip(groups[1:], stats.group_n[1:].tolist())), min_cells, screen.source)
     hvg = select_genes(stats, screen, params, split_every=split_every, progress=progress)
     ds = finalize(stats, groups, hvg, params, kind=kind)
     ds.attrs["source"] = screen.source
@@ -167,8 +204,10 @@ def pseudobulk(
 
 
 def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:
+    """Compute a pass over ``screen``, naming any bad chunk, and log its speed."""
     start = time.perf_counter()
-    result = compute(graph, label=label, progress=progress)
+    with named_chunk_errors(screen.group, screen.source):
+        result = compute(graph, label=label, progress=progress)
     seconds = max(time.perf_counter() - start, 1e-9)
     log.info("%s: %d cells in %.1f s (%.0f cells/s)", label, screen.n_obs, seconds,
              screen.n_obs / seconds)
@@ -189,10 +228,6 @@ def select_genes(
     runs a second pass for the clipped variance.
     """
     n_top = params.n_top_genes
-    if n_top is not None and n_top >= screen.n_vars:
-        log.warning("n_top_genes=%d >= %d genes in the screen: keeping every gene",
-                    n_top, screen.n_vars)
-        n_top = None
     if params.flavor != "seurat_v3":
         moments = (
             (stats.gene_sum, stats.gene_sumsq)
@@ -219,6 +254,10 @@ def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -
         "noninteger": (
             "non-integer values although raw counts were declared",
             "pass --input log1p if X is log-normalised",
+        ),
+        "too_large": (
+            f"values above {kernels.LOG1P_MAX:g} although log1p data was declared",
+            "pass --input counts if X holds raw counts",
         ),
     }
     for key, (what, todo) in problems.items():
@@ -258,7 +297,7 @@ def finalize(
         raise LabelError(f"no control cells ({params.control!r}) in the screen")
     var_names = hvg.index
     keep = hvg["highly_variable"].to_numpy()
-    group_sum = _dense_rows(stats.group_sum)[:, keep]
+    group_sum = kernels.from_fixed(_dense_rows(stats.group_sum)[:, keep], kernels.SUM_BITS)
     n = stats.group_n
     means = group_sum / np.maximum(n, 1)[:, None]
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
@@ -285,7 +324,8 @@ def finalize(
         },
     }
     if stats.group_sumsq is not None:
-        sq_mean = _dense_rows(stats.group_sumsq)[:, keep] / np.maximum(n, 1)[:, None]
+        sq_sum = kernels.from_fixed(_dense_rows(stats.group_sumsq)[:, keep], kernels.SQUARE_BITS)
+        sq_mean = sq_sum / np.maximum(n, 1)[:, None]
         ddof = (n / np.maximum(n - 1, 1))[:, None]
         variance = np.maximum(sq_mean - means**2, 0) * ddof
         data_vars["var"] = (("perturbation", "gene"), variance[rows])
@@ -341,14 +381,6 @@ def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) ->
             f"{path} is not a pseudo-bulk store ({err}); create one with "
             "'genepert-scale pseudobulk'"
         ) from err
-    if ds.attrs.get("encoding_type") != ENCODING_TYPE:
-        raise StoreError(
-            f"{path} is not a genepert_scale pseudo-bulk store "
-            f"(encoding_type {ds.attrs.get('encoding_type')!r})"
-        )
-    if ds.attrs.get("encoding_version") != ENCODING_VERSION:
-        raise StoreError(
-            f"{path} has pseudo-bulk encoding version {ds.attrs.get('encoding_version')}, "
-            f"this version reads {ENCODING_VERSION}; rerun 'genepert-scale pseudobulk'"
-        )
+    check_encoding(ds.attrs, expected_type=ENCODING_TYPE, expected_version=ENCODING_VERSION,
+                   source=path, remedy="'genepert-scale pseudobulk'")
     return ds

@@ -20,7 +20,9 @@ from anndata.experimental import read_elem_lazy
 from anndata.io import read_elem
 
 from .errors import LabelError, StoreError
+from .integrity import named_chunk_errors, strict_group
 from .store import exists, is_url, zarr_store
+from .validate import check_case_collisions, check_unique_names, check_x_dtype
 
 #: Default number of stored values (non-zeros) per row block of a pass.
 TARGET_BLOCK_NNZ = 4_000_000
@@ -70,7 +72,9 @@ class Screen:
                 f"{', '.join(self.obs_columns) or '(none)'}. "
                 "Pass the right one with --perturbation-key"
             )
-        return pd.Series(read_elem(self.group["obs"][key]), index=self.obs_names, name=key)
+        with named_chunk_errors(self.group, self.source, (f"obs/{key}",)):
+            values = read_elem(self.group["obs"][key])
+        return pd.Series(values, index=self.obs_names, name=key)
 
 
 def _index_key(df_group) -> str:
@@ -97,7 +101,7 @@ def open_group(path: str, storage_options: dict[str, Any] | None = None):
         except OSError as err:
             raise StoreError(f"{path} is not a readable HDF5 (.h5ad) file: {err}") from err
     try:
-        return zarr.open_group(zarr_store(path, storage_options), mode="r")
+        return strict_group(zarr_store(path, storage_options), path)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
         raise StoreError(
             f"{path} is not a zarr group ({err}); give an AnnData zarr store or .h5ad"
@@ -143,6 +147,29 @@ def open_screen(
     return screen_from_group(open_group(path, storage_options), str(path), block_rows=block_rows)
 
 
+def _x_encoding(x_group, path: str) -> str:
+    """The encoding of ``X`` (``"csr_matrix"`` or ``"array"``), after checking it can be streamed."""
+    encoding = x_group.attrs.get("encoding-type", "array")
+    if encoding == "csc_matrix":
+        raise StoreError(
+            f"{path}: X is stored as CSC (column-major); rows cannot be streamed. "
+            "Rewrite it as CSR with 'genepert-scale convert'"
+        )
+    if encoding not in ("csr_matrix", "array"):
+        raise StoreError(f"{path}: X has unsupported encoding {encoding!r}")
+    if encoding == "array":
+        check_x_dtype(x_group.dtype, path)
+        return encoding
+    missing = [k for k in ("data", "indices", "indptr") if k not in x_group]
+    if missing or "shape" not in x_group.attrs:
+        raise StoreError(
+            f"{path}: X is a CSR matrix without {', '.join(missing) or 'its shape attribute'}; "
+            "the store is incomplete, write it again"
+        )
+    check_x_dtype(x_group["data"].dtype, path)
+    return encoding
+
+
 def screen_from_group(group, path: str, *, block_rows: int | None = None) -> Screen:
     """A :class:`Screen` over an already opened AnnData root group (zarr or h5py)."""
     for key in ("X", "obs", "var"):
@@ -152,16 +179,13 @@ def screen_from_group(group, path: str, *, block_rows: int | None = None) -> Scr
                 "(written by anndata or 'genepert-scale convert')?"
             )
     x_group = group["X"]
-    encoding = x_group.attrs.get("encoding-type", "array")
-    if encoding == "csc_matrix":
-        raise StoreError(
-            f"{path}: X is stored as CSC (column-major); rows cannot be streamed. "
-            "Rewrite it as CSR with 'genepert-scale convert'"
-        )
-    if encoding not in ("csr_matrix", "array"):
-        raise StoreError(f"{path}: X has unsupported encoding {encoding!r}")
-    var_names = _read_index(group["var"])
-    obs_names = _read_index(group["obs"])
+    encoding = _x_encoding(x_group, path)
+    with named_chunk_errors(group, path, ("obs", "var")):
+        var_names = _read_index(group["var"])
+        obs_names = _read_index(group["obs"])
+    check_unique_names(var_names, "var", path)
+    check_unique_names(obs_names, "obs", path)
+    check_case_collisions(var_names, path)
     shape = tuple(x_group.attrs["shape"]) if encoding == "csr_matrix" else x_group.shape
     if shape != (len(obs_names), len(var_names)):
         raise StoreError(

@@ -88,6 +88,17 @@ def compressors(dtype_size: int = 4) -> tuple:
     )
 
 
+def check_output_free(
+    target: str, *, overwrite: bool, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Raise if ``target`` exists and ``overwrite`` is false (call it before long work)."""
+    if not overwrite and exists(target, storage_options):
+        raise StoreError(
+            f"output {target} already exists; pass --overwrite (overwrite=True) "
+            "to replace it, or choose another path"
+        )
+
+
 @contextlib.contextmanager
 def atomic_output(
     target: str,
@@ -111,12 +122,8 @@ def atomic_output(
     StoreError
         If ``target`` exists and ``overwrite`` is false.
     """
+    check_output_free(target, overwrite=overwrite, storage_options=storage_options)
     fs, root = filesystem(target, storage_options)
-    if fs.exists(root) and not overwrite:
-        raise StoreError(
-            f"output {target} already exists; pass --overwrite (overwrite=True) "
-            "to replace it, or choose another path"
-        )
     parent, name = root.rstrip("/").rsplit("/", 1) if "/" in root else ("", root)
     tmp_name = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp_root = f"{parent}/{tmp_name}" if parent else tmp_name

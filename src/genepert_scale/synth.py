@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from .integrity import complete_chunks, mark_complete
 from .store import CsrAppender, atomic_output, quiet_zarr_warnings, zarr_store
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,11 @@ def synth_screen(
         index=pd.Index([f"cell{i:07d}" for i in range(cells)]),
     )
     var = pd.DataFrame(index=model.genes)
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite) as tmp, complete_chunks():
         with quiet_zarr_warnings(), ad.settings.override(zarr_write_format=3):
             ad.AnnData(obs=obs, var=var).write_zarr(zarr_store(tmp, mode="w"))
         root = zarr.open_group(zarr_store(tmp, mode="a"), mode="a")
+        mark_complete(root)
         appender = CsrAppender(root.create_group("X"), genes)
         pending = []
         for tile in range(-(-cells // TILE_ROWS)):

@@ -1,0 +1,176 @@
+"""Store integrity: missing chunks are errors, corrupt chunks are named.
+
+zarr fills a chunk that is absent from the store with the array's
+``fill_value`` — a truncated upload or a lost object reads as zeros, silently.
+:class:`StrictStore` wraps any zarr store and raises :class:`StoreError`
+instead, for the arrays where an absent chunk cannot be legitimate:
+
+- every array under ``X`` (an all-``fill_value`` chunk of CSR ``data``,
+  ``indices`` or ``indptr``, or of a count matrix, does not occur in real data;
+  a dense ``X`` written by another tool with ``write_empty_chunks=False`` and a
+  chunk of cells that are all zero would be reported, and must be rewritten);
+- every array of stores we wrote, which are written with all chunks present
+  (:func:`complete_chunks`) and marked so (:data:`COMPLETE_CHUNKS_ATTR`).
+
+A chunk that is present but cannot be decoded (checksum mismatch from the
+CRC32C codec of stores we write, a decompression error elsewhere) fails inside
+zarr without naming the chunk; :func:`named_chunk_errors` finds and names it
+after the fact, so the steady state pays nothing. Stores without a checksum
+codec can decode damaged bytes into wrong numbers; only a checksum prevents that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import WrapperStore
+
+from .errors import GenePertInputError, StoreError
+
+#: Root attribute of stores written with every chunk present.
+COMPLETE_CHUNKS_ATTR = "genepert_scale_complete_chunks"
+
+_METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+
+
+def is_chunk_key(key: str) -> bool:
+    """Whether ``key`` names a chunk (not a metadata document)."""
+    return key.rsplit("/", 1)[-1] not in _METADATA_NAMES
+
+
+class StrictStore(WrapperStore[Store]):
+    """A zarr store that raises on missing chunks below given prefixes.
+
+    Parameters
+    ----------
+    store
+        The wrapped store.
+    strict_prefixes
+        Key prefixes (``"X/"``; ``""`` for every key) whose missing chunks are errors.
+    source
+        Path or URL of the store, for messages.
+    """
+
+    def __init__(self, store: Store, strict_prefixes: tuple[str, ...] = ("X/",), source: str = ""):
+        super().__init__(store)
+        self.strict_prefixes = strict_prefixes
+        self.source = source
+
+    def _with_store(self, store: Store) -> StrictStore:
+        return type(self)(store, self.strict_prefixes, self.source)
+
+    def _check(self, key: str, value: Buffer | None) -> Buffer | None:
+        if value is None and is_chunk_key(key) and key.startswith(self.strict_prefixes):
+            array, _, chunk = key.rpartition("/c/") if "/c/" in key else key.rpartition("/")
+            raise StoreError(
+                f"{self.source}: chunk {chunk!r} of array {array!r} is missing (key {key!r}); "
+                "the store is incomplete (interrupted upload or copy?). Copy or write it again; "
+                "zeros are never read in its place"
+            )
+        return value
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        return self._check(key, await self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(
+        self,
+        prototype: BufferPrototype,
+        key_ranges: Iterable[tuple[str, ByteRequest | None]],
+    ) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        return [self._check(key, value) for (key, _), value in zip(key_ranges, values)]
+
+
+def strict_group(store: Store, source: str) -> zarr.Group:
+    """Open the root group of ``store`` behind a :class:`StrictStore`.
+
+    Arrays under ``X`` are always strict; a store marked with
+    :data:`COMPLETE_CHUNKS_ATTR` is strict everywhere.
+    """
+    root = zarr.open_group(StrictStore(store, ("X/",), source), mode="r")
+    if root.attrs.get(COMPLETE_CHUNKS_ATTR):
+        root = zarr.open_group(StrictStore(store, ("",), source), mode="r")
+    return root
+
+
+@contextlib.contextmanager
+def complete_chunks() -> Iterator[None]:
+    """Write every chunk, even one equal to the fill value, inside this context."""
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        yield
+
+
+def mark_complete(root: zarr.Group) -> None:
+    """Mark a store written under :func:`complete_chunks` (all of its arrays become strict)."""
+    root.attrs[COMPLETE_CHUNKS_ATTR] = True
+
+
+def _arrays(node: Any, name: str) -> Iterator[tuple[str, Any]]:
+    if hasattr(node, "keys"):
+        for key in sorted(node.keys()):
+            yield from _arrays(node[key], f"{name}/{key}")
+    else:
+        yield name, node
+
+
+def find_bad_chunk(group: Any, source: str, elements: tuple[str, ...] = ("X",)) -> StoreError | None:
+    """Read every chunk of the arrays below ``elements``; name the first bad one.
+
+    Works on zarr and h5py groups. Returns the error to raise, or ``None`` when
+    every chunk decodes.
+    """
+    try:
+        arrays = [item for element in elements if element in group
+                  for item in _arrays(group[element], element)]
+    except GenePertInputError as err:
+        return StoreError(str(err))
+    except Exception as err:  # noqa: BLE001 - unreadable metadata is the finding
+        return StoreError(
+            f"{source}: the metadata below {', '.join(elements)} cannot be read "
+            f"({type(err).__name__}: {err}); the store is corrupt. Copy or write it again"
+        )
+    for name, array in arrays:
+        step = (getattr(array, "chunks", None) or (65_536,))[0] if array.ndim else 1
+        for index, start in enumerate(range(0, max(array.shape[:1] or (1,)), step)):
+            try:
+                np.asarray(array[start : start + step] if array.ndim else array[()])
+            except GenePertInputError as err:
+                return StoreError(str(err))
+            except Exception as err:  # noqa: BLE001 - any decode failure names the chunk
+                return StoreError(
+                    f"{source}: chunk {index} of array {name!r} (first index {start}) cannot "
+                    f"be decoded ({type(err).__name__}: {err}); the store is corrupt. "
+                    "Copy or write it again"
+                )
+    return None
+
+
+@contextlib.contextmanager
+def named_chunk_errors(
+    group: Any, source: str, elements: tuple[str, ...] = ("X",)
+) -> Iterator[None]:
+    """Turn a failure while reading ``elements`` into a :class:`StoreError` naming the chunk.
+
+    On any non-input exception inside the context, every chunk below
+    ``elements`` is read once (:func:`find_bad_chunk`); if one is bad, its error
+    is raised from the original one, otherwise the original exception
+    propagates unchanged.
+    """
+    try:
+        yield
+    except GenePertInputError:
+        raise
+    except Exception as err:
+        bad = find_bad_chunk(group, source, elements)
+        if bad is None:
+            raise
+        raise bad from err

@@ -1,0 +1,50 @@
+"""Small synthetic inputs for robustness tests: tiny AnnData zarr stores with
+one thing wrong at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+LABELS = ("non-targeting", "A", "B", "C")
+
+
+def counts(n_obs: int = 60, n_vars: int = 8, seed: int = 0) -> np.ndarray:
+    """Poisson counts, every cell non-empty."""
+    x = np.random.default_rng(seed).poisson(3.0, size=(n_obs, n_vars)).astype(np.float32)
+    x[:, 0] += 1
+    return x
+
+
+def log1p_of(x: np.ndarray) -> np.ndarray:
+    """scanpy's normalize_total(1e4) + log1p of dense counts."""
+    return np.log1p(x / x.sum(1, keepdims=True) * 1e4).astype(np.float32)
+
+
+def write_screen(
+    path: Path,
+    x: np.ndarray | None = None,
+    *,
+    labels: list[str] | pd.Categorical | None = None,
+    var_names: list[str] | None = None,
+    obs_names: list[str] | None = None,
+    layout: str = "csr",
+) -> str:
+    """Write a tiny AnnData zarr screen (zarr format 3) and return its path."""
+    x = counts() if x is None else x
+    n_obs, n_vars = x.shape
+    labels = labels if labels is not None else [LABELS[i % len(LABELS)] for i in range(n_obs)]
+    obs = pd.DataFrame(
+        {"perturbation": pd.Categorical(labels)},
+        index=pd.Index(obs_names or [f"cell{i}" for i in range(n_obs)]),
+    )
+    var = pd.DataFrame(index=pd.Index(var_names or [f"G{i}" for i in range(n_vars)]))
+    matrix = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": np.asarray}[layout](x)
+    adata = ad.AnnData(matrix, obs=obs, var=var)
+    with ad.settings.override(zarr_write_format=3):
+        adata.write_zarr(path)
+    return str(path)
