@@ -47,3 +47,13 @@ def test_convert_command(papalexi_path, tmp_path):
     assert main(["pseudobulk", str(out), "--control", "control", "--n-top-genes", "all",
                  "--out", str(tmp_path / "pb.zarr"), "--no-progress"]) == 0
     assert xr.open_zarr(tmp_path / "pb.zarr").sizes["perturbation"] == 25
+
+
+def test_existing_output_fails_before_any_work(tmp_path, capsys):
+    """An existing --out is refused up front (not after the computation): the
+    input here does not even exist, yet the output is what gets reported."""
+    (tmp_path / "report").mkdir()
+    code = main(["evaluate", str(tmp_path / "missing.zarr"), "--embeddings", "e.pkl",
+                 "--out", str(tmp_path / "report")])
+    assert code == INPUT_ERROR_EXIT_CODE
+    assert "already exists" in capsys.readouterr().err

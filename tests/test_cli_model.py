@@ -69,7 +69,7 @@ def test_fit_predict_api(linear, tmp_path, caplog):
         predict(path, superset, ["G31"])
     assert "differs from the one the model was trained with" in caplog.text
     other = write_embedding(tmp_path / "other.pkl", ["G31"], dim=4)
-    with pytest.raises(EmbeddingError, match="4 dimensions, the model was trained on 6"):
+    with pytest.raises(EmbeddingError, match="has dimension 4 but the model was fitted on dimension 6"):
         predict(path, other, ["G31"])
 
 

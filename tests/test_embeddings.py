@@ -138,7 +138,7 @@ def test_missing_zero_and_random(tmp_path, raw):
 
 def test_nothing_left_is_an_error(tmp_path, raw):
     table = load_embeddings(write("npz", tmp_path, GENES, raw))
-    with pytest.raises(EmbeddingError, match="no perturbation has embedding vectors"):
+    with pytest.raises(EmbeddingError, match="has none of the 1 perturbed genes"):
         featurize(table, ["NOPE"])
 
 
@@ -164,7 +164,7 @@ def test_gene_map(tmp_path, raw):
 @pytest.mark.parametrize(
     "content,match",
     [
-        ({"A": [1.0, 2.0], "B": [1.0]}, "differ in length"),
+        ({"A": [1.0, 2.0], "B": [1.0]}, "rows have different lengths"),
         ({"A": [1.0, float("nan")]}, "NaN or infinite"),
         ([1, 2, 3], "pickle holds a list"),
     ],
@@ -183,7 +183,7 @@ def test_bad_paths(tmp_path):
     with pytest.raises(EmbeddingError, match="unknown embedding format"):
         read_table(str(tmp_path / "emb.xyz"))
     (tmp_path / "dup.csv").write_text("A,1,2\nA,3,4\n")
-    with pytest.raises(EmbeddingError, match="appear twice"):
+    with pytest.raises(EmbeddingError, match="duplicate genes: A"):
         read_table(str(tmp_path / "dup.csv"))
     (tmp_path / "text.csv").write_text("A,1,2\nB,3,x\nC,5,6\n")
     with pytest.raises(EmbeddingError, match="text.csv"):

@@ -231,7 +231,6 @@ def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
     from .pseudobulk import pseudobulk, write_pseudobulk
 
     options = _storage_options(args.storage_options)
-    check_output_free(out, overwrite=args.overwrite, storage_options=options)
     ds = pseudobulk(
         args.screen, perturbation_key=args.perturbation_key, control=args.control,
         n_top_genes=args.n_top_genes, flavor=args.flavor, target_sum=args.target_sum,
@@ -404,6 +403,10 @@ def _embed_text(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Commands whose ``--out`` is a directory they fill (not one output to replace).
+WRITES_INTO_OUT = frozenset({"demo"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``genepert-scale`` command."""
     args = build_parser().parse_args(argv)
@@ -413,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        if args.command not in WRITES_INTO_OUT and getattr(args, "out", None):
+            # fail before hours of work, not at the end
+            check_output_free(args.out, overwrite=args.overwrite,
+                              storage_options=_storage_options(args.storage_options))
         if args.command in OWN_CLUSTER:
             return COMMANDS[args.command](args)
         with dask_client(args.scheduler, args.workers, threads_per_worker=args.threads_per_worker,

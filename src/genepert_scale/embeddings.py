@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from .embedding_checks import check_coverage, check_embedding_table
 from .errors import EmbeddingError, ParameterError
 from .labels import parse_label
 from .store import filesystem, zarr_store
@@ -188,7 +189,8 @@ def read_table(path: str, storage_options: dict[str, Any] | None = None) -> tupl
         raise
     except Exception as err:  # a reader's own error: say which file
         raise EmbeddingError(f"{path}: cannot read embedding table ({type(err).__name__}: {err})") from err
-    return _validated(path, pd.Index([str(g) for g in genes]), vectors)
+    genes = pd.Index([str(g) for g in genes])
+    return genes, check_embedding_table(genes, vectors, path)
 
 
 def _read_pickle(path, fs, root, storage_options) -> tuple[Any, np.ndarray]:
@@ -198,11 +200,7 @@ def _read_pickle(path, fs, root, storage_options) -> tuple[Any, np.ndarray]:
         return _from_frame(path, obj, index_is_gene=True)
     if isinstance(obj, Mapping):
         genes = list(obj.keys())
-        try:
-            vectors = np.asarray([np.asarray(obj[g], dtype=np.float64) for g in genes])
-        except ValueError as err:
-            raise EmbeddingError(f"{path}: vectors of the dict differ in length or are not numbers ({err})") from err
-        return genes, vectors
+        return genes, [obj[g] for g in genes]
     raise EmbeddingError(
         f"{path}: pickle holds a {type(obj).__name__}; expected a dict symbol -> vector "
         "(GenePT format) or a pandas DataFrame indexed by gene"
@@ -278,25 +276,6 @@ _READERS = {
     ".h5ad": _read_anndata,
     ".zarr": _read_anndata,
 }
-
-
-def _validated(path: str, genes: pd.Index, vectors: np.ndarray) -> tuple[pd.Index, np.ndarray]:
-    if vectors.ndim != 2 or vectors.shape[0] != len(genes) or vectors.shape[0] == 0:
-        raise EmbeddingError(f"{path}: expected one vector per gene, got shape {vectors.shape} for {len(genes)} genes")
-    if genes.has_duplicates:
-        dup = genes[genes.duplicated()].unique()
-        raise EmbeddingError(f"{path}: {len(dup)} genes appear twice, e.g. {', '.join(dup[:LIST_LIMIT])}")
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        raise EmbeddingError(
-            f"{path}: {bad.sum()} vectors have NaN or infinite values, e.g. "
-            f"{', '.join(genes[bad][:LIST_LIMIT])}; fix or remove those rows"
-        )
-    zero = ~(np.abs(vectors) > 0).any(axis=1)
-    if zero.any():
-        log.warning("%s: %d all-zero vectors ignored (they count as missing): %s",
-                    path, zero.sum(), ", ".join(genes[zero][:LIST_LIMIT]))
-    return genes[~zero], vectors[~zero]
 
 
 def load_embeddings(
@@ -438,6 +417,8 @@ def featurize(
             "(genes: %s)", len(dropped), len(genes_of), _listing(dropped), _listing(missing_genes),
         )
     if not kept:
+        check_coverage([g for genes in genes_of.values() for g in genes], table.genes,
+                       " + ".join(s["path"] for s in table.sources))
         raise EmbeddingError(
             f"no perturbation has embedding vectors for all its genes ({_sources(table)}); "
             f"missing genes: {_listing(missing_genes)}. Check the symbols or pass --gene-map"

@@ -30,7 +30,8 @@ from .embeddings import (
     read_gene_map,
 )
 from .data_embedding import pca_dims
-from .errors import EmbeddingError, ParameterError
+from .embedding_checks import check_dimension
+from .errors import ParameterError
 from .pseudobulk import open_pseudobulk
 from .splits import kfold
 from .ridge import (
@@ -265,12 +266,8 @@ def predict(
     if not perturbations:
         raise ParameterError("give at least one perturbation to predict")
     table = as_table(embeddings, storage_options)
-    if table.dim != model.dim:
-        raise EmbeddingError(
-            f"embedding {_paths(table)} has {table.dim} dimensions, the model was trained on "
-            f"{model.dim} ({', '.join(s['path'] for s in model.metadata.get('embedding', []))}); "
-            "predict with the same embedding source(s) in the same order"
-        )
+    trained_on = ", ".join(s["path"] for s in model.metadata.get("embedding", []))
+    check_dimension(model.dim, table.dim, f"{_paths(table)} (the model's: {trained_on})")
     trained = [s.get("sha256") for s in model.metadata.get("embedding", [])]
     if trained and trained != [s["sha256"] for s in table.sources]:
         log.warning("embedding %s differs from the one the model was trained with; "

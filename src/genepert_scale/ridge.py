@@ -53,6 +53,7 @@ from dask import delayed
 from dask.delayed import Delayed
 
 from . import __version__
+from . import validate
 from .errors import ParameterError, StoreError
 from .reduce import SPLIT_EVERY, tree_reduce
 from .store import atomic_output, quiet_zarr_warnings, zarr_store
@@ -212,11 +213,8 @@ def mean_squared_error(stats: GramStats, theta: np.ndarray, intercept: np.ndarra
 
 
 def check_alphas(alphas: float | Sequence[float]) -> tuple[float, ...]:
-    """Validate a grid (or one alpha): positive, finite, unique, sorted."""
-    grid = tuple(sorted({float(a) for a in np.atleast_1d(alphas)}))
-    if not grid or not all(np.isfinite(a) and a > 0 for a in grid):
-        raise ParameterError(f"alphas must be positive and finite, got {list(np.atleast_1d(alphas))}")
-    return grid
+    """A grid (or one alpha), validated (:func:`.validate.check_alphas`), unique and sorted."""
+    return tuple(sorted(set(validate.check_alphas(alphas).tolist())))
 
 
 @dataclass(frozen=True)

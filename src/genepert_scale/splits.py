@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ParameterError
+from .validate import check_folds
 from .labels import canonical, parse_label
 from .store import filesystem
 
@@ -82,10 +83,7 @@ def kfold(n: int, n_folds: int, seed: int) -> np.ndarray:
     """Fold of each of ``n`` perturbations: a seeded permutation cut into
     ``n_folds`` near-equal parts (singles and pairs alike, so a pair's genes
     may be seen as singles in training, as in GenePert)."""
-    if not 2 <= n_folds <= n:
-        raise ParameterError(
-            f"folds must be between 2 and the number of perturbations ({n}), got {n_folds}"
-        )
+    check_folds(n_folds, n, "the pseudo-bulk")
     fold = np.empty(n, dtype=np.int64)
     for k, part in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), n_folds)):
         fold[part] = k
