@@ -4,25 +4,36 @@ Nothing here knows about dask, zarr or files: every function takes arrays of
 one row block and returns arrays. The graph builders in :mod:`.reduce` call
 them; tests call them directly against scanpy and numpy oracles.
 
-The streamed pass is a *chunk → combine → finalize* reduction (as in flox):
+The streamed pass is a *chunk → fold → combine → finalize* reduction (as in flox):
 
-- chunk: :func:`block_stats` turns one CSR row block into :class:`PassStats`;
-- combine: :meth:`PassStats.combine` adds partial statistics;
+- chunk: :func:`transform_block` normalizes and logs one CSR row block and sums
+  its per-gene moments (:class:`BlockPartial`, about the size of the block);
+- fold: :func:`fold_block` adds a partial into a running :class:`PassStats`
+  whose per-group sums are one dense ``(n_groups, n_genes)`` float64 array,
+  in place — the only object that grows with the number of groups;
+- combine: :meth:`PassStats.combine` adds the running statistics of the chains;
 - finalize: :mod:`.pseudobulk` divides sums by counts and selects genes.
+
+The loops over the CSR arrays are compiled with numba when it is importable
+(and ``GENEPERT_SCALE_NO_NUMBA`` is unset); the numpy implementation of each
+is the fallback and the test oracle: both sum in the same order.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 
+from . import _numba_kernels
+
 InputKind = Literal["counts", "log1p"]
 
-#: Above this share of non-zeros, group sums are kept dense when combined.
-_DENSE_SHARE = 0.25
+#: Whether the compiled loops are used (numba importable and not disabled).
+USE_NUMBA = _numba_kernels.AVAILABLE and not os.environ.get("GENEPERT_SCALE_NO_NUMBA")
 
 
 @dataclass
@@ -66,8 +77,8 @@ class PassStats:
     gene_log_sum, gene_log_sumsq
         The same for the ``log1p`` values, used by ``cell_ranger``.
     group_sum
-        Per-group sums of the ``log1p`` values, ``(n_groups, n_genes)``,
-        sparse while sparse enough, dense after.
+        Per-group sums of the ``log1p`` values, dense ``(n_groups, n_genes)``
+        float64, or ``None`` in a :class:`BlockPartial` (added by the fold).
     group_sumsq
         Per-group sums of squared ``log1p`` values, or ``None`` when not asked.
     check
@@ -80,8 +91,8 @@ class PassStats:
     gene_sumsq: np.ndarray
     gene_log_sum: np.ndarray
     gene_log_sumsq: np.ndarray
-    group_sum: np.ndarray | sp.csr_array
-    group_sumsq: np.ndarray | sp.csr_array | None
+    group_sum: np.ndarray | None
+    group_sumsq: np.ndarray | None
     check: ValueCheck
 
     def combine(self, other: PassStats) -> PassStats:
@@ -91,35 +102,30 @@ class PassStats:
             a, b = getattr(self, field.name), getattr(other, field.name)
             if field.name == "check":
                 merged[field.name] = a.combine(b)
-            elif a is None:
-                merged[field.name] = None
-            elif sp.issparse(a) or sp.issparse(b):
-                merged[field.name] = _add_maybe_sparse(a, b)
+            elif a is None or b is None:
+                merged[field.name] = a if b is None else b
             else:
                 merged[field.name] = a + b
         return PassStats(**merged)
 
 
-def _add_maybe_sparse(
-    a: np.ndarray | sp.csr_array, b: np.ndarray | sp.csr_array
-) -> np.ndarray | sp.csr_array:
-    if sp.issparse(a) and sp.issparse(b):
-        total = (a + b).tocsr()
-        if total.nnz > _DENSE_SHARE * np.prod(total.shape):
-            return total.toarray()
-        return total
-    dense, sparse = (a, b) if sp.issparse(b) else (b, a)
-    out = np.array(dense, dtype=np.float64, copy=True)
-    coo = sparse.tocoo()
-    np.add.at(out, (coo.row, coo.col), coo.data)
-    return out
+@dataclass
+class BlockPartial:
+    """The chunk step's output: the block's moments, and its ``log1p`` values
+    with their CSR structure and row groups, for :func:`fold_block`."""
+
+    stats: PassStats
+    logged: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    codes: np.ndarray
 
 
 def normalize_log1p(
     block: sp.csr_array | sp.csr_matrix,
     target_sum: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normalize each cell to ``target_sum`` counts, then ``log1p``.
+    """Normalize each cell to ``target_sum`` counts, then ``log1p`` (numpy).
 
     Parameters
     ----------
@@ -157,43 +163,41 @@ def check_values(data: np.ndarray, kind: InputKind, block_index: int) -> ValueCh
     if kind == "counts":
         finite = data[np.isfinite(data)]
         noninteger = int(np.count_nonzero(finite != np.round(finite)))
+    return _value_check(nonfinite, negative, noninteger, block_index)
+
+
+def _value_check(nonfinite: int, negative: int, noninteger: int, block_index: int) -> ValueCheck:
     counts = {"nonfinite": nonfinite, "negative": negative, "noninteger": noninteger}
     first = {key: block_index for key, count in counts.items() if count}
     return ValueCheck(nonfinite, negative, noninteger, first or None)
 
 
-def group_sums(
-    values: np.ndarray,
-    indices: np.ndarray,
-    indptr: np.ndarray,
-    codes: np.ndarray,
-    n_groups: int,
-    n_genes: int,
-) -> sp.csr_array:
-    """Sum the rows of a CSR block by group: ``indicator @ block``.
+def _transform_numpy(data, indices, indptr, n_genes, kind, target_sum):
+    block = sp.csr_array((data, indices, indptr), shape=(indptr.size - 1, n_genes))
+    if kind == "counts":
+        normalized, logged = normalize_log1p(block, target_sum)
+    else:
+        logged = data.astype(np.float64, copy=False)
+        normalized = np.expm1(logged)
 
-    Rows with a negative code belong to no group and are skipped.
-    """
-    block = sp.csr_array((values, indices, indptr), shape=(len(codes), n_genes))
-    member = codes >= 0
-    rows = np.flatnonzero(member)
-    indicator = sp.csr_array(
-        (np.ones(rows.size), (codes[member], rows)), shape=(n_groups, len(codes))
-    )
-    return (indicator @ block).tocsr()
+    def per_gene(values: np.ndarray) -> np.ndarray:
+        return np.bincount(indices, weights=values, minlength=n_genes)
+
+    moments = [per_gene(v) for v in (normalized, normalized * normalized, logged, logged * logged)]
+    return logged, moments
 
 
-def block_stats(
-    block: sp.csr_array | sp.csr_matrix,
+def transform_block(
+    block: sp.csr_array | sp.csr_matrix | np.ndarray,
     codes: np.ndarray,
     n_groups: int,
     *,
     kind: InputKind = "counts",
     target_sum: float = 1e4,
-    with_group_sumsq: bool = False,
     block_index: int = 0,
-) -> PassStats:
-    """The *chunk* step of the pass: statistics of one row block.
+    use_numba: bool | None = None,
+) -> BlockPartial:
+    """The *chunk* step: normalize + ``log1p`` one block and sum its gene moments.
 
     Parameters
     ----------
@@ -207,40 +211,143 @@ def block_stats(
         ``"counts"`` normalizes and logs; ``"log1p"`` takes the values as they are.
     target_sum
         Total count per cell after normalization.
-    with_group_sumsq
-        Also sum squared ``log1p`` values per group (for per-group variances).
     block_index
         Position of the block, reported by :class:`ValueCheck`.
+    use_numba
+        Force the compiled (``True``) or numpy (``False``) loops; default :data:`USE_NUMBA`.
     """
-    block = sp.csr_array(block)
+    block = block if isinstance(block, sp.csr_array | sp.csr_matrix) else sp.csr_array(block)
     n_genes = block.shape[1]
-    check = check_values(block.data, kind, block_index)
-    if kind == "counts":
-        normalized, logged = normalize_log1p(block, target_sum)
+    data, indices, indptr = block.data, block.indices, block.indptr
+    codes = np.asarray(codes)
+    if USE_NUMBA if use_numba is None else use_numba:
+        scaled, counts = _numba_kernels.scale_rows(data, indptr, kind == "counts",
+                                                   float(target_sum))
+        check = _value_check(*counts, block_index)
+        if kind == "counts":
+            normalized, logged = scaled, np.log1p(scaled)
+        else:
+            normalized, logged = np.expm1(scaled), scaled
+        moments = _numba_kernels.moments(normalized, logged, indices, n_genes)
+        del normalized, scaled
     else:
-        logged = block.data.astype(np.float64, copy=False)
-        normalized = np.expm1(logged)
-
-    def per_gene(values: np.ndarray) -> np.ndarray:
-        return np.bincount(block.indices, weights=values, minlength=n_genes)
-
-    sums = group_sums(logged, block.indices, block.indptr, codes, n_groups, n_genes)
-    sumsq = None
-    if with_group_sumsq:
-        sumsq = group_sums(
-            logged * logged, block.indices, block.indptr, codes, n_groups, n_genes
-        )
-    return PassStats(
+        check = check_values(data, kind, block_index)
+        logged, moments = _transform_numpy(data, indices, indptr, n_genes, kind, target_sum)
+    stats = PassStats(
         n_cells=block.shape[0],
         group_n=np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.int64),
-        gene_sum=per_gene(normalized),
-        gene_sumsq=per_gene(normalized * normalized),
-        gene_log_sum=per_gene(logged),
-        gene_log_sumsq=per_gene(logged * logged),
-        group_sum=sums,
-        group_sumsq=sumsq,
+        gene_sum=moments[0],
+        gene_sumsq=moments[1],
+        gene_log_sum=moments[2],
+        gene_log_sumsq=moments[3],
+        group_sum=None,
+        group_sumsq=None,
         check=check,
     )
+    return BlockPartial(stats, logged, indices, indptr, codes)
+
+
+def scatter_group_sums(
+    out: np.ndarray,
+    values: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    codes: np.ndarray,
+    *,
+    square: bool = False,
+    use_numba: bool | None = None,
+) -> None:
+    """Add the CSR rows' ``values`` (or their squares) into ``out[code]``, in place.
+
+    Rows with a negative code belong to no group and are skipped. Values are
+    added in storage order, by the compiled loop or by ``np.add.at``.
+    """
+    if USE_NUMBA if use_numba is None else use_numba:
+        _numba_kernels.scatter(out, values, indices, indptr, codes, square)
+        return
+    rows = np.repeat(codes, np.diff(indptr))
+    member = rows >= 0
+    add = values[member]
+    np.add.at(out, (rows[member], indices[member]), add * add if square else add)
+
+
+def fold_block(
+    acc: PassStats | None,
+    part: BlockPartial,
+    n_groups: int,
+    *,
+    with_group_sumsq: bool = False,
+    use_numba: bool | None = None,
+) -> PassStats:
+    """The *fold* step: add ``part`` into the running statistics ``acc``.
+
+    ``acc`` is updated in place and returned (``None`` starts a new one with
+    zero group sums); it must not be shared with any other computation.
+    """
+    n_genes = part.stats.gene_sum.size
+    if acc is None:
+        acc = PassStats(
+            0, np.zeros(n_groups, np.int64), *(np.zeros(n_genes) for _ in range(4)),
+            np.zeros((n_groups, n_genes)),
+            np.zeros((n_groups, n_genes)) if with_group_sumsq else None,
+            ValueCheck(),
+        )
+    moments = part.stats
+    acc.n_cells += moments.n_cells
+    acc.check = acc.check.combine(moments.check)
+    for name in ("group_n", "gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq"):
+        np.add(getattr(acc, name), getattr(moments, name), out=getattr(acc, name))
+    args = (part.logged, part.indices, part.indptr, part.codes)
+    scatter_group_sums(acc.group_sum, *args, use_numba=use_numba)
+    if acc.group_sumsq is not None:
+        scatter_group_sums(acc.group_sumsq, *args, square=True, use_numba=use_numba)
+    return acc
+
+
+def fold_blocks(
+    acc: PassStats | None, parts: list[BlockPartial], n_groups: int, *,
+    with_group_sumsq: bool = False,
+) -> PassStats:
+    """Fold several partials, left to right."""
+    for part in parts:
+        acc = fold_block(acc, part, n_groups, with_group_sumsq=with_group_sumsq)
+    return acc
+
+
+def block_stats(
+    block: sp.csr_array | sp.csr_matrix,
+    codes: np.ndarray,
+    n_groups: int,
+    *,
+    kind: InputKind = "counts",
+    target_sum: float = 1e4,
+    with_group_sumsq: bool = False,
+    block_index: int = 0,
+    use_numba: bool | None = None,
+) -> PassStats:
+    """Statistics of one row block (chunk + fold into fresh statistics).
+
+    See :func:`transform_block` for the parameters; ``with_group_sumsq`` also
+    sums squared ``log1p`` values per group (for per-group variances).
+    """
+    part = transform_block(block, codes, n_groups, kind=kind, target_sum=target_sum,
+                           block_index=block_index, use_numba=use_numba)
+    return fold_block(None, part, n_groups, with_group_sumsq=with_group_sumsq,
+                      use_numba=use_numba)
+
+
+def combine_into(parts: list[PassStats]) -> PassStats:
+    """Add ``parts[1:]`` into ``parts[0]`` in place (the fold's own accumulators)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total.n_cells += part.n_cells
+        total.check = total.check.combine(part.check)
+        for name in ("group_n", "gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq",
+                     "group_sum", "group_sumsq"):
+            mine = getattr(total, name)
+            if mine is not None:
+                np.add(mine, getattr(part, name), out=mine)
+    return total
 
 
 def combine_stats(parts: list[PassStats]) -> PassStats:

@@ -26,7 +26,7 @@ from .hvg import Flavor, highly_variable_genes, mean_var
 from .labels import assign_groups
 from .reduce import SPLIT_EVERY, pass_stats
 from .screen import Screen, open_screen
-from .store import atomic_output, quiet_zarr_warnings, zarr_store
+from .store import atomic_output, compressors, quiet_zarr_warnings, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,13 @@ def detect_input_kind(screen: Screen, sample_rows: int = 2000) -> kernels.InputK
     ParameterError
         If the values look like neither (normalised but not logged, say).
     """
-    block = sp.csr_array(screen.X[: min(sample_rows, screen.n_obs)].compute())
-    data = block.data[np.isfinite(block.data)]
+    x_group = screen.group["X"]
+    rows = min(sample_rows, screen.n_obs)
+    if x_group.attrs.get("encoding-type") == "csr_matrix":  # read the first rows' values, not a whole block
+        data = np.asarray(x_group["data"][: int(x_group["indptr"][rows])])
+    else:
+        data = np.asarray(screen.X[:rows].compute()).ravel()
+    data = data[np.isfinite(data)]
     if data.size == 0 or np.all(data == np.round(data)):
         return "counts"
     if data.max() <= 30 and data.min() >= 0:
@@ -269,7 +274,13 @@ def write_pseudobulk(
         atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp,
         quiet_zarr_warnings(),
     ):
-        ds.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True)
+        encoding = {
+            name: {"compressors": compressors(ds[name].dtype.itemsize)}
+            for name in ds.data_vars
+            if ds[name].ndim and ds[name].dtype.kind in "fiu"
+        }
+        ds.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True,
+                   encoding=encoding)
     log.info("wrote pseudo-bulk %s (%d perturbations x %d genes)",
              path, ds.sizes["perturbation"], ds.sizes["gene"])
     return path

@@ -1,5 +1,6 @@
-"""Building the dask graphs: one chunk task per row block, then a tree of
-combine tasks (``split_every`` inputs each), as in ``dask.array.reductions``.
+"""Building the dask graphs: one chunk task per row block, folded into a few
+running accumulators, then a tree of combine tasks (``split_every`` inputs
+each), as in ``dask.array.reductions``.
 
 No data is read here: functions return lazy :class:`dask.delayed.Delayed`
 objects. The per-block work is in :mod:`.kernels`.
@@ -19,6 +20,8 @@ from .screen import Screen
 
 #: Inputs per combine task of the tree reduction.
 SPLIT_EVERY = 8
+#: Running accumulators of the pass (see :func:`pass_stats`).
+CHAINS = 2
 
 
 def tree_reduce(
@@ -58,6 +61,7 @@ def pass_stats(
     target_sum: float = 1e4,
     with_group_sumsq: bool = False,
     split_every: int = SPLIT_EVERY,
+    chains: int = CHAINS,
 ) -> Delayed:
     """The lazy one-pass statistics of a screen (a :class:`kernels.PassStats`).
 
@@ -70,23 +74,32 @@ def pass_stats(
     n_groups
         Number of groups.
     kind, target_sum, with_group_sumsq
-        Passed to :func:`kernels.block_stats`.
+        Passed to :func:`kernels.transform_block` and :func:`kernels.fold_block`.
     split_every
-        Inputs per combine task.
+        Inputs per combine task of the chains' results.
+    chains
+        Running accumulators the blocks are folded into (block ``i`` goes to
+        chain ``i % chains``).
+
+    Notes
+    -----
+    Every block is one *chunk* task (read, normalize, log1p, gene moments:
+    the heavy part, parallel over all workers). Its output is folded into its
+    chain's accumulator by a cheap, in-place *fold* task; the chains are
+    summed at the end. Memory is ``chains`` dense ``(n_groups, n_genes)``
+    float64 sums plus the blocks in flight — never a sum per block, which at
+    genome-wide scale (10k groups × all genes) would be hundreds of MB each.
+    The order of additions depends only on the chunking and ``chains``, not
+    on the scheduler.
     """
     blocks = screen.X.to_delayed().ravel()
     bounds = np.cumsum((0, *screen.X.chunks[0]))
-    chunk = delayed(kernels.block_stats, pure=True, name="pass-chunk")
-    parts = [
-        chunk(
-            block,
-            codes[bounds[i] : bounds[i + 1]],
-            n_groups,
-            kind=kind,
-            target_sum=target_sum,
-            with_group_sumsq=with_group_sumsq,
-            block_index=i,
-        )
-        for i, block in enumerate(blocks)
-    ]
-    return tree_reduce(parts, kernels.combine_stats, split_every=split_every, name="pass-combine")
+    chunk = delayed(kernels.transform_block, pure=True, name="pass-chunk")
+    fold = delayed(kernels.fold_block, pure=True, name="pass-fold")
+    accs: list[Any] = [None] * min(chains, len(blocks))
+    for i, block in enumerate(blocks):
+        part = chunk(block, codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
+                     target_sum=target_sum, block_index=i)
+        c = i % len(accs)
+        accs[c] = fold(accs[c], part, n_groups, with_group_sumsq=with_group_sumsq)
+    return tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")

@@ -1,0 +1,101 @@
+"""Compiled loops over CSR arrays for :mod:`.kernels` (numba, ``nogil`` so that
+dask threads run them in parallel).
+
+Only the loops numpy cannot vectorise are here: per-row scaling, the per-gene
+moments and the per-group scatter; ``log1p`` stays numpy's (SIMD). Each loop
+adds in the same order as its numpy twin in :mod:`.kernels`, which is the
+fallback when numba is missing and the oracle in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:
+    import numba
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+    AVAILABLE = False
+
+
+def _jit(func):
+    if not AVAILABLE:
+        return func
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(func)
+
+
+@_jit
+def _scale_rows(data, indptr, normalize, target_sum, out, counts):
+    for row in range(indptr.size - 1):
+        start, stop = indptr[row], indptr[row + 1]
+        scale = 1.0
+        if normalize:
+            total = 0.0
+            for k in range(start, stop):
+                total += np.float64(data[k])
+            scale = target_sum / (total if total != 0.0 else 1.0)
+        for k in range(start, stop):
+            raw = np.float64(data[k])
+            if not math.isfinite(raw):
+                counts[0] += 1
+            elif normalize and raw != math.floor(raw):
+                counts[2] += 1
+            if raw < 0:
+                counts[1] += 1
+            out[k] = raw * scale
+
+
+def scale_rows(data, indptr, normalize: bool, target_sum: float):
+    """Values scaled to ``target_sum`` per row (or as float64) and the counts of
+    non-finite, negative and (when normalizing) non-integer values."""
+    out = np.empty(data.size, np.float64)
+    counts = np.zeros(3, np.int64)
+    _scale_rows(data, indptr, normalize, target_sum, out, counts)
+    return out, tuple(int(c) for c in counts)
+
+
+@_jit
+def _moments(normalized, logged, indices, out):
+    for k in range(indices.size):
+        gene = indices[k]
+        value = normalized[k]
+        log_value = logged[k]
+        out[gene, 0] += value
+        out[gene, 1] += value * value
+        out[gene, 2] += log_value
+        out[gene, 3] += log_value * log_value
+
+
+def moments(normalized, logged, indices, n_genes: int) -> list[np.ndarray]:
+    """Per-gene sums of values, squares, logs and squared logs."""
+    out = np.zeros((n_genes, 4), np.float64)
+    _moments(normalized, logged, indices, out)
+    return [np.ascontiguousarray(out[:, i]) for i in range(4)]
+
+
+@_jit
+def _scatter(out, values, indices, indptr, codes, order, square):
+    for i in range(order.size):
+        row = order[i]
+        group = codes[row]
+        if group < 0:
+            continue
+        target = out[group]
+        for k in range(indptr[row], indptr[row + 1]):
+            value = values[k]
+            target[indices[k]] += value * value if square else value
+
+
+def scatter(out, values, indices, indptr, codes, square: bool) -> None:
+    """Add CSR rows (or their squares) into ``out[codes[row]]`` in place.
+
+    Rows are visited grouped by code (a stable sort: the rows of one group keep
+    their order, so every sum adds in storage order), which keeps one group's
+    row of ``out`` in cache while its cells are added.
+    """
+    order = np.argsort(codes, kind="stable")
+    _scatter(out, values, indices, indptr, codes, order, square)
