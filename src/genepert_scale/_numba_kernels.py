@@ -29,7 +29,7 @@ def _jit(func):
 
 
 @_jit
-def _scale_rows(data, indptr, normalize, target_sum, out, counts):
+def _scale_rows(data, indices, indptr, normalize, target_sum, out, moments, counts):
     for row in range(indptr.size - 1):
         start, stop = indptr[row], indptr[row + 1]
         scale = 1.0
@@ -46,35 +46,38 @@ def _scale_rows(data, indptr, normalize, target_sum, out, counts):
                 counts[2] += 1
             if raw < 0:
                 counts[1] += 1
-            out[k] = raw * scale
+            value = raw * scale
+            out[k] = value
+            gene = indices[k]
+            moments[gene, 0] += value
+            moments[gene, 1] += value * value
 
 
-def scale_rows(data, indptr, normalize: bool, target_sum: float):
-    """Values scaled to ``target_sum`` per row (or as float64) and the counts of
-    non-finite, negative and (when normalizing) non-integer values."""
+def scale_rows(data, indices, indptr, n_genes: int, normalize: bool, target_sum: float):
+    """Values scaled to ``target_sum`` per row (or as float64), the per-gene
+    sums of those values and of their squares (``(n_genes, 2)``), and the
+    counts of non-finite, negative and (when normalizing) non-integer values."""
     out = np.empty(data.size, np.float64)
+    moments = np.zeros((n_genes, 2), np.float64)
     counts = np.zeros(3, np.int64)
-    _scale_rows(data, indptr, normalize, target_sum, out, counts)
-    return out, tuple(int(c) for c in counts)
+    _scale_rows(data, indices, indptr, normalize, target_sum, out, moments, counts)
+    return out, moments, tuple(int(c) for c in counts)
 
 
 @_jit
-def _moments(normalized, logged, indices, out):
+def _moments(values, indices, out):
     for k in range(indices.size):
         gene = indices[k]
-        value = normalized[k]
-        log_value = logged[k]
+        value = values[k]
         out[gene, 0] += value
         out[gene, 1] += value * value
-        out[gene, 2] += log_value
-        out[gene, 3] += log_value * log_value
 
 
-def moments(normalized, logged, indices, n_genes: int) -> list[np.ndarray]:
-    """Per-gene sums of values, squares, logs and squared logs."""
-    out = np.zeros((n_genes, 4), np.float64)
-    _moments(normalized, logged, indices, out)
-    return [np.ascontiguousarray(out[:, i]) for i in range(4)]
+def moments(values, indices, n_genes: int) -> np.ndarray:
+    """Per-gene sums of ``values`` and of their squares, ``(n_genes, 2)``."""
+    out = np.zeros((n_genes, 2), np.float64)
+    _moments(values, indices, out)
+    return out
 
 
 @_jit

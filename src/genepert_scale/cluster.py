@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -97,6 +98,8 @@ def compute(obj: Any, *, label: str, progress: bool = True) -> Any:
 
 
 def _current_client() -> Any:
+    if "distributed" not in sys.modules:  # never imported: no client (and no import cost)
+        return None
     try:
         from distributed import default_client
 

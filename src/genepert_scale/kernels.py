@@ -221,15 +221,18 @@ def transform_block(
     data, indices, indptr = block.data, block.indices, block.indptr
     codes = np.asarray(codes)
     if USE_NUMBA if use_numba is None else use_numba:
-        scaled, counts = _numba_kernels.scale_rows(data, indptr, kind == "counts",
-                                                   float(target_sum))
+        scaled, scaled_moments, counts = _numba_kernels.scale_rows(
+            data, indices, indptr, n_genes, kind == "counts", float(target_sum)
+        )
         check = _value_check(*counts, block_index)
-        if kind == "counts":
-            normalized, logged = scaled, np.log1p(scaled)
+        if kind == "counts":  # log in place: one float64 array per block
+            norm_moments = scaled_moments
+            logged = np.log1p(scaled, out=scaled)
+            log_moments = _numba_kernels.moments(logged, indices, n_genes)
         else:
-            normalized, logged = np.expm1(scaled), scaled
-        moments = _numba_kernels.moments(normalized, logged, indices, n_genes)
-        del normalized, scaled
+            log_moments, logged = scaled_moments, scaled
+            norm_moments = _numba_kernels.moments(np.expm1(logged), indices, n_genes)
+        moments = [*norm_moments.T, *log_moments.T]
     else:
         check = check_values(data, kind, block_index)
         logged, moments = _transform_numpy(data, indices, indptr, n_genes, kind, target_sum)

@@ -193,7 +193,12 @@ def finalize(
     *,
     kind: kernels.InputKind,
 ) -> xr.Dataset:
-    """The *finalize* step: means, HVG selection, delta, as a Dataset."""
+    """The *finalize* step: means, HVG selection, delta, as a Dataset.
+
+    The dense group sums of ``stats`` are released (set to ``None``) once the
+    selected genes are copied out, so that at genome-wide scale the full
+    ``(groups, genes)`` matrix and the outputs are not held at the same time.
+    """
     if stats.group_n[0] == 0:
         raise LabelError(f"no control cells ({params.control!r}) in the screen")
     moments = (
@@ -208,9 +213,10 @@ def finalize(
         gene_names=var_names,
     )
     keep = hvg["highly_variable"].to_numpy()
-    group_sum = _dense_rows(stats.group_sum)[:, keep]
     n = stats.group_n
-    means = group_sum / np.maximum(n, 1)[:, None]
+    means = _dense_rows(stats.group_sum)[:, keep]
+    stats.group_sum = None
+    means /= np.maximum(n, 1)[:, None]
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
     if small:
         log.warning(
@@ -221,9 +227,10 @@ def finalize(
     rows = np.flatnonzero(n >= params.min_cells)
     rows = rows[rows > 0]
     genes = var_names[keep]
+    selected = _take_rows(means, rows)
     data_vars = {
-        "mean": (("perturbation", "gene"), means[rows]),
-        "delta": (("perturbation", "gene"), means[rows] - means[0]),
+        "mean": (("perturbation", "gene"), selected),
+        "delta": (("perturbation", "gene"), selected - means[0]),
         "n_cells": ("perturbation", n[rows]),
         "control_mean": ("gene", means[0]),
         "n_control_cells": ((), int(n[0])),
@@ -234,6 +241,7 @@ def finalize(
     }
     if stats.group_sumsq is not None:
         sq_mean = _dense_rows(stats.group_sumsq)[:, keep] / np.maximum(n, 1)[:, None]
+        stats.group_sumsq = None
         ddof = (n / np.maximum(n - 1, 1))[:, None]
         variance = np.maximum(sq_mean - means**2, 0) * ddof
         data_vars["var"] = (("perturbation", "gene"), variance[rows])
@@ -256,6 +264,13 @@ def finalize(
         },
         attrs=attrs,
     )
+
+
+def _take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows]``, as a view when ``rows`` is a contiguous range."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        return matrix[rows[0] : rows[-1] + 1]
+    return matrix[rows]
 
 
 def _dense_rows(matrix: np.ndarray | sp.csr_array) -> np.ndarray:
