@@ -106,3 +106,14 @@ def _current_client() -> Any:
         return default_client()
     except (ImportError, ValueError):
         return None
+
+
+def cluster_threads() -> int:
+    """Threads that compute tasks: the distributed cluster's, or this machine's CPUs."""
+    client = _current_client()
+    if client is not None:
+        try:
+            return max(1, sum(client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - a scheduler without workers yet
+            return os.cpu_count() or 1
+    return dask.config.get("num_workers", None) or os.cpu_count() or 1

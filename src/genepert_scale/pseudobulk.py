@@ -14,13 +14,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import dask.utils
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import xarray as xr
 
 from . import __version__, kernels
-from .cluster import compute
+from .cluster import cluster_threads, compute
 from .errors import LabelError, ParameterError, StoreError
 from .hvg import Flavor, highly_variable_genes, mean_var
 from .labels import assign_groups
@@ -92,7 +93,9 @@ def pseudobulk(
     group_variance: bool = False,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
+    memory_limit: int | str | None = None,
     split_every: int = SPLIT_EVERY,
+    chains: int | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
     """Pseudo-bulk a screen in one streamed pass.
@@ -120,9 +123,15 @@ def pseudobulk(
     storage_options
         fsspec options for URLs.
     block_rows
-        Rows per block; default from the number of stored values.
+        Rows per block; by default sized from the store's chunking and ``memory_limit``.
+    memory_limit
+        Memory the pass may use (bytes or a string such as ``"2GiB"``); caps
+        the default block size.
     split_every
         Inputs per combine task.
+    chains
+        Running ``(groups × genes)`` accumulators (see :func:`.reduce.pass_stats`);
+        default one per 8 threads of the cluster, at least one.
     progress
         Show a progress bar.
 
@@ -133,8 +142,12 @@ def pseudobulk(
         ``n_cells``, ``control_mean`` (and ``var``/``control_var``), plus the
         HVG table over all screen genes (dim ``screen_gene``).
     """
+    threads = cluster_threads()
+    if isinstance(memory_limit, str):
+        memory_limit = dask.utils.parse_bytes(memory_limit)
     if isinstance(screen, str):
-        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows)
+        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
+                             memory_limit=memory_limit, threads=threads)
     if min_cells < 1:
         raise ParameterError(f"min_cells must be at least 1, got {min_cells}")
     params = PseudobulkParams(
@@ -152,6 +165,7 @@ def pseudobulk(
     graph = pass_stats(
         screen, codes, len(groups), kind=kind, target_sum=target_sum,
         with_group_sumsq=group_variance, split_every=split_every,
+        chains=chains or max(1, threads // 8),
     )
     start = time.perf_counter()
     stats = compute(graph, label="streamed pass", progress=progress)
