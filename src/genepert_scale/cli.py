@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .cluster import dask_client
+from .cluster import dask_client, limit_heap_fragmentation
 from .errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
 
 log = logging.getLogger("genepert_scale")
@@ -173,6 +173,7 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``genepert-scale`` command."""
     args = build_parser().parse_args(argv)
+    limit_heap_fragmentation()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -117,3 +117,28 @@ def cluster_threads() -> int:
         except Exception:  # noqa: BLE001 - a scheduler without workers yet
             return os.cpu_count() or 1
     return dask.config.get("num_workers", None) or os.cpu_count() or 1
+
+
+#: Allocations above this size get their own memory mapping (glibc ``M_MMAP_THRESHOLD``).
+MMAP_THRESHOLD = 8 * 2**20
+
+
+def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Give block-sized arrays their own memory mappings (glibc only).
+
+    glibc raises its mmap threshold to 32 MiB after the first large free, so
+    the pass's blocks (tens of MiB, allocated and freed by several threads)
+    end up in per-thread heaps that fragment and are not returned: measured
+    on 1M cells, peak RSS 979 MiB with the default, 825 MiB with 8 MiB.
+    Does nothing (returns ``False``) on other C libraries or platforms.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False

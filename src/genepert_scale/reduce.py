@@ -23,6 +23,8 @@ SPLIT_EVERY = 8
 #: Running accumulators of the pass (see :func:`pass_stats`); one keeps up with
 #: about 8 threads transforming blocks (a fold is a cheap in-place scatter).
 CHAINS = 1
+#: Blocks read but not yet folded, at most (see :func:`pass_stats`).
+MAX_PENDING = 2
 
 
 def tree_reduce(
@@ -63,6 +65,7 @@ def pass_stats(
     with_group_sumsq: bool = False,
     split_every: int = SPLIT_EVERY,
     chains: int = CHAINS,
+    max_pending: int = MAX_PENDING,
 ) -> Delayed:
     """The lazy one-pass statistics of a screen (a :class:`kernels.PassStats`).
 
@@ -81,6 +84,10 @@ def pass_stats(
     chains
         Running accumulators the blocks are folded into (block ``i`` goes to
         chain ``i % chains``).
+    max_pending
+        Block ``i`` is read (by its chunk task) only after block
+        ``i - max_pending`` is folded, which bounds the blocks in memory; at
+        least the number of threads, so that every thread has a block.
 
     Notes
     -----
@@ -93,14 +100,40 @@ def pass_stats(
     The order of additions depends only on the chunking and ``chains``, not
     on the scheduler.
     """
-    blocks = screen.X.to_delayed().ravel()
+    blocks = [BlockRef(screen.X.blocks[i]) for i in range(screen.X.numblocks[0])]
     bounds = np.cumsum((0, *screen.X.chunks[0]))
-    chunk = delayed(kernels.transform_block, pure=True, name="pass-chunk")
+    chunk = delayed(_transform_after, pure=True, name="pass-chunk")
     fold = delayed(kernels.fold_block, pure=True, name="pass-fold")
+    done = delayed(_done, pure=True, name="pass-folded")
     accs: list[Any] = [None] * min(chains, len(blocks))
+    folded: list[Any] = []
     for i, block in enumerate(blocks):
-        part = chunk(block, codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
+        after = folded[i - max_pending] if i >= max_pending else None
+        part = chunk(block, codes[bounds[i] : bounds[i + 1]], n_groups, after, kind=kind,
                      target_sum=target_sum, block_index=i)
         c = i % len(accs)
         accs[c] = fold(accs[c], part, n_groups, with_group_sumsq=with_group_sumsq)
+        folded.append(done(accs[c]))
     return tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
+
+
+class BlockRef:
+    """A lazy block of ``X`` that dask does not see as a dependency: the task
+    given it reads it, so a block is read only when it can be transformed."""
+
+    def __init__(self, block):
+        self.block = block
+
+    def read(self):
+        return self.block.compute(scheduler="sync")
+
+
+def _transform_after(block: BlockRef, codes, n_groups, after, **kwargs) -> kernels.BlockPartial:
+    """Read a block and :func:`kernels.transform_block` it; ``after`` only
+    orders the task after an earlier block's fold."""
+    return kernels.transform_block(block.read(), codes, n_groups, **kwargs)
+
+
+def _done(acc: Any) -> bool:
+    """A small token that a fold finished (the accumulator itself stays put)."""
+    return True
