@@ -38,12 +38,12 @@ def screens(draw):
 
 def reduce_in_blocks(x, codes, n_groups, bounds, split_every, scheduler="sync"):
     parts = [
-        dask.delayed(kernels.block_stats)(x[a:b], codes[a:b], n_groups, with_group_sumsq=True)
-        for a, b in zip(bounds[:-1], bounds[1:])
+        dask.delayed(kernels.fold_block)(None, dask.delayed(kernels.transform_block)(
+            x[a:b], codes[a:b], n_groups, with_group_sumsq=True, block_index=i), n_groups)
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
     ]
-    return tree_reduce(parts, kernels.combine_stats, split_every=split_every).compute(
-        scheduler=scheduler
-    )
+    total = tree_reduce(parts, kernels.combine_into, split_every=split_every)
+    return dask.delayed(kernels.finish)(total).compute(scheduler=scheduler)
 
 
 def dense(matrix):

@@ -174,3 +174,25 @@ def test_dense_x_is_read_in_row_blocks(tmp_path):
     a = pseudobulk(str(tmp_path / "dense.h5ad"), n_top_genes=None, block_rows=64, progress=False)
     b = pseudobulk(str(tmp_path / "sparse.h5ad"), n_top_genes=None, block_rows=64, progress=False)
     np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("chains", [2, 3])
+def test_result_does_not_depend_on_the_number_of_fold_chains(small_screen, chains):
+    path, _ = small_screen
+    reference = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False, chains=1)
+    other = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False, chains=chains)
+    np.testing.assert_allclose(other["mean"].values, reference["mean"].values, rtol=1e-12)
+    assert list(other.gene.values) == list(reference.gene.values)
+
+
+def test_default_blocks_follow_store_chunks_and_memory_limit():
+    from genepert_scale.screen import BLOCK_MEMORY_SHARE, block_rows_for
+
+    # 1M cells x 560 values: the 8M-value target, rounded to whole 262,144-value chunks
+    rows = block_rows_for(1_000_000, 560_000_000, chunk_values=262_144)
+    assert rows == int(31 * 262_144 / 560)
+    # a 1 GiB limit on 2 threads caps blocks so that 4 in flight fit in its share
+    capped = block_rows_for(1_000_000, 560_000_000, memory_limit=2**30, threads=2)
+    assert capped * 560 * 24 * 4 <= BLOCK_MEMORY_SHARE * 2**30 * 1.01
+    # never less than one chunk
+    assert block_rows_for(1000, 10_000_000, chunk_values=262_144, memory_limit=1) * 10_000 >= 262_144

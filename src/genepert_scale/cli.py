@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .cluster import dask_client
+from .cluster import dask_client, limit_heap_fragmentation
 from .embeddings import MISSING_POLICIES
 from .errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
 from .ridge import DEFAULT_ALPHAS
@@ -74,7 +74,7 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument("--scheduler", help="address of a running dask scheduler (or DASK_SCHEDULER_ADDRESS)")
     group.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes")
     group.add_argument("--threads-per-worker", type=int, help="threads per LocalCluster worker")
-    group.add_argument("--memory-limit", default="auto", help="memory limit per LocalCluster worker, e.g. 2GiB")
+    group.add_argument("--memory-limit", default="auto", help="memory limit per LocalCluster worker, e.g. 2GiB; also caps the pass's block size")
     group.add_argument("--storage-options", help="JSON of fsspec options for URLs (s3://, gs://, ...)")
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -236,6 +236,7 @@ def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
         n_top_genes=args.n_top_genes, flavor=args.flavor, target_sum=args.target_sum,
         input=args.input, min_cells=args.min_cells, group_variance=args.group_variance,
         storage_options=options, block_rows=args.block_rows, progress=not args.no_progress,
+        memory_limit=None if args.memory_limit in (None, "auto") else args.memory_limit,
     )
     return write_pseudobulk(ds, out, overwrite=args.overwrite, storage_options=options)
 
@@ -410,6 +411,7 @@ WRITES_INTO_OUT = frozenset({"demo"})
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``genepert-scale`` command."""
     args = build_parser().parse_args(argv)
+    limit_heap_fragmentation()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

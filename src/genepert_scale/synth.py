@@ -57,8 +57,8 @@ def make_model(
     n_genes: int, n_perturbations: int, *, seed: int, dim: int = 32, pair_share: float = 0.1
 ) -> SynthModel:
     """Draw genes, embeddings, perturbations and their effects."""
-    if n_perturbations > n_genes:
-        raise ValueError(f"perturbations ({n_perturbations}) must not exceed genes ({n_genes})")
+    if n_perturbations > 2 * n_genes:
+        raise ValueError(f"perturbations ({n_perturbations}) must not exceed twice the genes ({n_genes})")
     rng = np.random.default_rng([seed, 0])
     genes = pd.Index([f"GENE{i:05d}" for i in range(n_genes)])
     embedding = rng.normal(size=(n_genes, dim))
@@ -66,6 +66,8 @@ def make_model(
     base = rng.normal(0.0, 2.5, size=n_genes)
     weights = rng.normal(size=(dim, n_genes)) * (rng.random((dim, n_genes)) < 0.3) * 1.2
     n_pairs = int(round(n_perturbations * pair_share)) if n_perturbations >= 10 else 0
+    # more perturbations than genes (genome-wide scale on few genes): the rest are pairs
+    n_pairs = max(n_pairs, n_perturbations - n_genes)
     targets = rng.choice(n_genes, size=n_perturbations - n_pairs, replace=False)
     single = np.tanh(embedding[targets] @ weights)
     single[np.arange(targets.size), targets] -= 2.0

@@ -1,0 +1,339 @@
+"""Side-by-side benchmark of the streamed pseudo-bulk pass against its read
+floor and two scanpy peers; every measurement is a separate process.
+
+    python benchmarks/run.py            # 100k and 1M cells, 10k-perturbation variant, ridge
+    python benchmarks/run.py --quick    # a small screen, under a minute
+
+Screens are generated with ``genepert-scale synth`` once and cached under
+``benchmarks/cache/``. Tools run alternating (round-robin) for ``--repeats``
+rounds; wall time, CPU time (user + system) and peak RSS of each process come
+from ``os.wait4``. Results: ``benchmarks/results/<date>-<machine>.json`` and
+``.md`` (the table with ratios, the exact command, versions, machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TASKS = str(HERE / "tasks.py")
+PEERS = ("floor", "ours", "scanpy_dask", "scanpy_memory")
+
+
+@dataclass(frozen=True)
+class ScreenSpec:
+    cells: int
+    genes: int
+    perturbations: int
+    seed: int = 0
+    peers: tuple[str, ...] = PEERS
+
+    @property
+    def name(self) -> str:
+        return f"screen_{_human(self.cells)}_{self.genes}g_{self.perturbations}p"
+
+
+@dataclass
+class Measurement:
+    tool: str
+    screen: str
+    repeat: int
+    wall_s: float
+    cpu_s: float
+    peak_rss_mib: float
+    returncode: int
+    summary: dict = field(default_factory=dict)
+
+
+def _human(n: int) -> str:
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}m"
+    if n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float, float, int, str]:
+    """Run ``argv``; its wall time, CPU seconds, peak RSS (MiB), exit code and stdout."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if proc.returncode != 0:
+        print(f"FAILED ({proc.returncode}): {shlex.join(argv)}\n{stderr[-3000:]}", file=sys.stderr)
+    rss_mib = usage.ru_maxrss / 1024  # KiB on Linux
+    return wall, usage.ru_utime + usage.ru_stime, rss_mib, proc.returncode, stdout
+
+
+def ensure_screen(spec: ScreenSpec, cache: Path, env: dict[str, str]) -> Path:
+    """The cached screen of ``spec``, generated with ``genepert-scale synth`` if missing."""
+    path = cache / f"{spec.name}.zarr"
+    if not (path / "zarr.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"generating {path} ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "genepert_scale", "synth", str(path), "--cells", str(spec.cells),
+             "--genes", str(spec.genes), "--perturbations", str(spec.perturbations),
+             "--seed", str(spec.seed), "--overwrite", "--no-progress"],
+            check=True, env=env, stdout=subprocess.DEVNULL,
+        )
+    return path
+
+
+def tool_argv(tool: str, screen: Path, n_top_genes: int, scratch: Path) -> list[str]:
+    if tool == "floor":
+        return [sys.executable, TASKS, "floor", str(screen)]
+    if tool == "ours":
+        return [sys.executable, "-m", "genepert_scale", "pseudobulk", str(screen),
+                "--n-top-genes", str(n_top_genes), "--out", str(scratch / "pb.zarr"),
+                "--overwrite", "--no-progress"]
+    if tool == "scanpy_memory":
+        return [sys.executable, TASKS, "scanpy-memory", str(screen), "--n-top-genes", str(n_top_genes)]
+    if tool == "scanpy_dask":
+        return [sys.executable, TASKS, "scanpy-dask", str(screen), "--n-top-genes", str(n_top_genes)]
+    raise ValueError(tool)
+
+
+def _last_json(stdout: str) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
+
+
+def run_screens(specs, repeats, n_top_genes, cache, env) -> list[Measurement]:
+    results = []
+    for spec in specs:
+        screen = ensure_screen(spec, cache, env)
+        with tempfile.TemporaryDirectory(prefix="gps-bench-") as scratch:
+            for repeat in range(repeats):
+                for tool in spec.peers:  # alternating: one of each per round
+                    argv = tool_argv(tool, screen, n_top_genes, Path(scratch))
+                    wall, cpu, rss, code, stdout = measure(argv, env)
+                    m = Measurement(tool, spec.name, repeat, wall, cpu, rss, code, _last_json(stdout))
+                    print(f"{spec.name:28s} {tool:14s} #{repeat}: {wall:7.2f} s wall "
+                          f"{cpu:7.2f} s cpu {rss:8.0f} MiB", flush=True)
+                    results.append(m)
+    return results
+
+
+def run_ridge(shape: tuple[int, int, int], repeats: int, env) -> list[Measurement]:
+    p, d, q = shape
+    results = []
+    for repeat in range(repeats):
+        for tool in ("ridge-eigen", "ridge-cholesky"):
+            argv = [sys.executable, TASKS, tool, "--p", str(p), "--d", str(d), "--q", str(q)]
+            wall, cpu, rss, code, stdout = measure(argv, env)
+            m = Measurement(tool, f"ridge_P{p}_d{d}_q{q}", repeat, wall, cpu, rss, code,
+                            _last_json(stdout))
+            print(f"{m.screen:28s} {tool:14s} #{repeat}: {wall:7.2f} s wall "
+                  f"(solve {m.summary.get('inner_seconds', float('nan')):.2f} s) {rss:8.0f} MiB",
+                  flush=True)
+            results.append(m)
+    return results
+
+
+def summarize(results: list[Measurement]) -> dict:
+    """Median wall/CPU/RSS per (screen, tool) and the ratios of the issue."""
+    table: dict[str, dict[str, dict]] = {}
+    for m in results:
+        if m.returncode == 0:
+            table.setdefault(m.screen, {}).setdefault(m.tool, []).append(m)
+    out = {}
+    for screen, tools in table.items():
+        rows = {}
+        for tool, ms in tools.items():
+            rows[tool] = {
+                "runs": len(ms),
+                "wall_s": statistics.median(m.wall_s for m in ms),
+                "wall_min_s": min(m.wall_s for m in ms),
+                "cpu_s": statistics.median(m.cpu_s for m in ms),
+                "peak_rss_mib": max(m.peak_rss_mib for m in ms),
+            }
+            inner = [m.summary["inner_seconds"] for m in ms if "inner_seconds" in m.summary]
+            if inner:
+                rows[tool]["inner_s"] = statistics.median(inner)
+        ours = rows.get("ours")
+        if ours:
+            if "floor" in rows:
+                ours["ours_over_floor"] = ours["wall_s"] / rows["floor"]["wall_s"]
+            for peer in ("scanpy_memory", "scanpy_dask"):
+                if peer in rows:
+                    rows[peer]["peer_over_ours"] = rows[peer]["wall_s"] / ours["wall_s"]
+        if "ridge-eigen" in rows and "ridge-cholesky" in rows:
+            rows["ridge-eigen"]["cholesky_over_eigen"] = (
+                rows["ridge-cholesky"]["inner_s"] / rows["ridge-eigen"]["inner_s"]
+            )
+        out[screen] = rows
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        ram = float("nan")
+    return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "ram_gib": round(ram, 1), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def versions() -> dict:
+    names = ("genepert-scale", "numpy", "scipy", "numba", "dask", "distributed", "zarr",
+             "numcodecs", "anndata", "scanpy")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Benchmark {report['date']} on {report['machine']['hostname']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['ram_gib']} GiB RAM, {report['machine']['platform']}, "
+        f"Python {report['machine']['python']}",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
+        "",
+        f"Median of {report['repeats']} alternating runs per tool, each a separate process "
+        "(wall time including interpreter start; CPU = user + system; peak RSS = max over runs).",
+        "`floor` decompresses every chunk of X once; `ours` is `genepert-scale pseudobulk` "
+        f"({report['n_top_genes']} HVGs + means, written to zarr); `scanpy_memory` reads the whole "
+        "store; `scanpy_dask` is scanpy on a dask-backed AnnData plus a per-block group sum.",
+        "",
+        "| screen | tool | wall s | CPU s | peak RSS MiB | ours / floor | peer / ours |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for screen, rows in report["summary"].items():
+        if screen.startswith("ridge"):
+            continue
+        for tool, r in rows.items():
+            lines.append(
+                f"| {screen} | {tool} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
+                f"{r['peak_rss_mib']:.0f} | {r.get('ours_over_floor', float('nan')):.2f} | "
+                f"{r.get('peer_over_ours', float('nan')):.1f} |".replace("nan", "")
+            )
+    ridge = {s: r for s, r in report["summary"].items() if s.startswith("ridge")}
+    if ridge:
+        lines += [
+            "",
+            "Ridge, 5-alpha path (solve time, excluding data generation): eigendecomposition "
+            "of GᵀG once vs `cho_factor`/`cho_solve` per alpha. *Plain numpy stand-ins in "
+            "`benchmarks/tasks.py`; switch to `genepert_scale.ridge` once merged.*",
+            "",
+            "| problem | method | solve s | wall s | peak RSS MiB | cholesky / eigen |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for screen, rows in ridge.items():
+            for tool, r in rows.items():
+                lines.append(
+                    f"| {screen} | {tool} | {r.get('inner_s', float('nan')):.2f} | "
+                    f"{r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+                    f"{r.get('cholesky_over_eigen', float('nan')):.2f} |".replace("nan", "")
+                )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small screen, under a minute")
+    parser.add_argument("--cells", type=int, nargs="+", help="screen sizes (default 100000 1000000)")
+    parser.add_argument("--genes", type=int, default=8000)
+    parser.add_argument("--perturbations", type=int, default=2000)
+    parser.add_argument("--wide-perturbations", type=int, default=10_000,
+                        help="perturbations of the genome-wide variant at the largest size (0: skip)")
+    parser.add_argument("--n-top-genes", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated tools")
+    parser.add_argument("--ridge", default="10000,3072,5000", help="P,d,q of the ridge timing ('' skips)")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--tag", default=None, help="results file name (default <date>-<machine>)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cells = args.cells or [20_000]
+        args.genes, args.perturbations, args.n_top_genes = 2000, 200, 1000
+        args.wide_perturbations = 0
+        args.repeats = min(args.repeats, 2)
+        args.ridge = "2000,512,1000" if args.ridge == "10000,3072,5000" else args.ridge
+    args.cells = args.cells or [100_000, 1_000_000]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = dict(os.environ)
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    peers = tuple(p for p in args.peers.split(",") if p)
+    specs = [ScreenSpec(c, args.genes, args.perturbations, peers=peers) for c in args.cells]
+    if args.wide_perturbations:
+        wide_peers = tuple(p for p in peers if p in ("floor", "ours"))
+        specs.append(ScreenSpec(max(args.cells), args.genes, args.wide_perturbations, peers=wide_peers))
+    start = time.perf_counter()
+    results = run_screens(specs, args.repeats, args.n_top_genes, args.cache, env)
+    if args.ridge:
+        shape = tuple(int(v) for v in args.ridge.split(","))
+        results += run_ridge(shape, args.repeats, env)
+    today = dt.date.today().isoformat()
+    report = {
+        "date": today,
+        "command": shlex.join([Path(sys.executable).name, "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "machine": machine(),
+        "versions": versions(),
+        "repeats": args.repeats,
+        "n_top_genes": args.n_top_genes,
+        "screens": [asdict(s) | {"name": s.name} for s in specs],
+        "summary": summarize(results),
+        "runs": [asdict(m) for m in results],
+        "total_seconds": time.perf_counter() - start,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{today}-{socket.gethostname()}{'-quick' if args.quick else ''}"
+    json_path = args.results / f"{tag}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {json_path} and {md_path}")
+    return 0 if all(m.returncode == 0 for m in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

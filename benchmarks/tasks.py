@@ -1,0 +1,180 @@
+"""The programs the benchmark times, each run as its own process by ``run.py``.
+
+    python benchmarks/tasks.py floor SCREEN
+    python benchmarks/tasks.py scanpy-memory SCREEN --n-top-genes 5000
+    python benchmarks/tasks.py scanpy-dask SCREEN --n-top-genes 5000 --block-rows R
+    python benchmarks/tasks.py ridge-eigen --p 10000 --d 3072 --q 5000
+    python benchmarks/tasks.py ridge-cholesky --p 10000 --d 3072 --q 5000
+
+Each prints one JSON line (a small summary, to check that the peers computed
+the same thing); ``run.py`` measures wall time, CPU time and peak RSS from
+outside (``os.wait4``). ``genepert-scale pseudobulk`` itself is run through
+its command line, not from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+CONTROL = "non-targeting"
+KEY = "perturbation"
+#: zarr chunks decoded per read in the read floor (decoded in zarr's thread pool).
+FLOOR_CHUNKS_PER_READ = 16
+
+
+def read_floor(screen: str) -> dict:
+    """Decompress every chunk of ``X/data``, ``X/indices`` and ``X/indptr`` once.
+
+    Reads chunk-aligned slabs of :data:`FLOOR_CHUNKS_PER_READ` chunks, so each
+    chunk is decoded exactly once and zarr decodes a slab's chunks in parallel;
+    nothing is done with the values but a checksum-free ``size`` count.
+    """
+    import zarr
+
+    root = zarr.open_group(screen, mode="r")
+    n_values = 0
+    n_chunks = 0
+    for name in ("indptr", "indices", "data"):
+        arr = root["X"][name]
+        step = arr.chunks[0] * FLOOR_CHUNKS_PER_READ
+        for start in range(0, arr.shape[0], step):
+            n_values += arr[start : start + step].size
+        n_chunks += -(-arr.shape[0] // arr.chunks[0])
+    return {"values": int(n_values), "chunks": int(n_chunks)}
+
+
+def _labels(adata) -> np.ndarray:
+    return adata.obs[KEY].astype(str).to_numpy()
+
+
+def scanpy_memory(screen: str, n_top_genes: int) -> dict:
+    """scanpy fully in memory: read, normalize_total, log1p, HVG (seurat), group means."""
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.read_zarr(screen)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes)
+    hvg = adata.var["highly_variable"].to_numpy()
+    agg = sc.get.aggregate(adata[:, hvg], by=KEY, func="mean")
+    means = np.asarray(agg.layers["mean"])
+    return {"n_hvg": int(hvg.sum()), "groups": int(means.shape[0]), "checksum": float(means.sum())}
+
+
+def scanpy_dask(screen: str, n_top_genes: int, block_rows: int) -> dict:
+    """scanpy on a dask-backed AnnData: normalize_total, log1p and HVG lazily,
+    then the group sums of the HVGs by a per-block indicator product (a second
+    pass, as ``sc.get.aggregate`` does not take dask arrays)."""
+    import anndata as ad
+    import dask
+    import dask.array as da
+    import scanpy as sc
+    import scipy.sparse as sp
+    import zarr
+    from anndata.experimental import read_elem_lazy
+
+    root = zarr.open_group(screen, mode="r")
+    X = read_elem_lazy(root["X"], chunks=(block_rows, root["X"].attrs["shape"][1]))
+    obs = ad.io.read_elem(root["obs"])
+    var = ad.io.read_elem(root["var"])
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    with dask.config.set(scheduler="threads"):
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes)
+        hvg = adata.var["highly_variable"].to_numpy()
+        codes = adata.obs[KEY].cat.codes.to_numpy()
+        n_groups = len(adata.obs[KEY].cat.categories)
+        X_hvg = adata.X[:, hvg].rechunk({1: -1})
+        bounds = np.cumsum((0, *X_hvg.chunks[0]))
+
+        def block_sum(block, block_codes):
+            indicator = sp.csr_array(
+                (np.ones(block_codes.size), (block_codes, np.arange(block_codes.size))),
+                shape=(n_groups, block_codes.size),
+            )
+            return (indicator @ sp.csr_array(block)).toarray()
+
+        parts = [
+            dask.delayed(block_sum)(block, codes[bounds[i] : bounds[i + 1]])
+            for i, block in enumerate(X_hvg.to_delayed().ravel())
+        ]
+        sums = dask.delayed(sum)(parts).compute()
+    counts = np.bincount(codes, minlength=n_groups)
+    means = sums / np.maximum(counts, 1)[:, None]
+    return {"n_hvg": int(hvg.sum()), "groups": int(means.shape[0]), "checksum": float(means.sum())}
+
+
+def ridge_problem(p: int, d: int, q: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random embeddings ``G`` (rows L2-normalised) and targets ``X``."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((p, d))
+    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    X = G[:, : min(d, 64)] @ rng.standard_normal((min(d, 64), q)) + rng.standard_normal((p, q))
+    return G, X
+
+
+ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def _centered_gram(G: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    Gc = G - G.mean(axis=0)
+    Xc = X - X.mean(axis=0)
+    return Gc.T @ Gc, Gc.T @ Xc
+
+
+def ridge_eigen(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> list[np.ndarray]:
+    """Decompose the Gram once, then solve every alpha by rescaling (sklearn's
+    ``_eigen_decompose_gram`` path). Stand-in for ``genepert_scale.ridge``."""
+    gram, cross = _centered_gram(G, X)
+    eigval, eigvec = np.linalg.eigh(gram)
+    projected = eigvec.T @ cross
+    return [eigvec @ (projected / (eigval + alpha)[:, None]) for alpha in alphas]
+
+
+def ridge_cholesky(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> list[np.ndarray]:
+    """Plain numpy/scipy: ``cho_factor`` / ``cho_solve`` of ``GᵀG + αI`` per alpha."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    gram, cross = _centered_gram(G, X)
+    eye = np.eye(gram.shape[0])
+    return [cho_solve(cho_factor(gram + alpha * eye), cross) for alpha in alphas]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=("floor", "scanpy-memory", "scanpy-dask",
+                                         "ridge-eigen", "ridge-cholesky"))
+    parser.add_argument("screen", nargs="?")
+    parser.add_argument("--n-top-genes", type=int, default=5000)
+    parser.add_argument("--block-rows", type=int, default=50_000)
+    parser.add_argument("--p", type=int, default=10_000)
+    parser.add_argument("--d", type=int, default=3072)
+    parser.add_argument("--q", type=int, default=5000)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.task == "floor":
+        summary = read_floor(args.screen)
+    elif args.task == "scanpy-memory":
+        summary = scanpy_memory(args.screen, args.n_top_genes)
+    elif args.task == "scanpy-dask":
+        summary = scanpy_dask(args.screen, args.n_top_genes, args.block_rows)
+    else:
+        G, X = ridge_problem(args.p, args.d, args.q)
+        start = time.perf_counter()  # time the solve, not the random draws
+        solve = ridge_eigen if args.task == "ridge-eigen" else ridge_cholesky
+        thetas = solve(G, X)
+        summary = {"alphas": len(thetas), "checksum": float(sum(t.sum() for t in thetas))}
+    summary["inner_seconds"] = time.perf_counter() - start
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

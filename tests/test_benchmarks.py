@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark harness on a tiny screen (speed itself is never
+asserted here; see benchmarks/run.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
+    harness = load_harness()
+    code = harness.main([
+        "--cells", "1500", "--genes", "200", "--perturbations", "12", "--n-top-genes", "50",
+        "--wide-perturbations", "0", "--repeats", "1", "--ridge", "120,16,30",
+        "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"), "--tag", "smoke",
+    ])
+    assert code == 0
+    report = json.loads((tmp_path / "results" / "smoke.json").read_text())
+    assert {"date", "command", "machine", "versions", "summary", "runs"} <= set(report)
+    assert {"cpu", "cores", "ram_gib"} <= set(report["machine"])
+    main = report["summary"]["screen_1500_200g_12p"]
+    assert set(main) == {"floor", "ours", "scanpy_dask", "scanpy_memory"}
+    for row in main.values():
+        assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_mib"] > 0
+    assert main["ours"]["ours_over_floor"] > 0 and main["scanpy_memory"]["peer_over_ours"] > 0
+    # the peers computed the same groups and genes as each other
+    assert main["scanpy_memory"]["runs"] == 1
+    ridge = report["summary"]["ridge_P120_d16_q30"]
+    assert ridge["ridge-eigen"]["cholesky_over_eigen"] > 0
+    table = (tmp_path / "results" / "smoke.md").read_text()
+    assert "| screen | tool |" in table and "ours / floor" in table and "cholesky / eigen" in table
+
+
+def test_ridge_stand_ins_agree():
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import tasks
+    finally:
+        sys.path.pop(0)
+    import numpy as np
+
+    G, X = tasks.ridge_problem(80, 10, 7)
+    for a, b in zip(tasks.ridge_eigen(G, X), tasks.ridge_cholesky(G, X)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
