@@ -123,26 +123,22 @@ def ridge_problem(p: int, d: int, q: int, seed: int = 0) -> tuple[np.ndarray, np
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-def _centered_gram(G: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    Gc = G - G.mean(axis=0)
-    Xc = X - X.mean(axis=0)
-    return Gc.T @ Gc, Gc.T @ Xc
-
-
 def ridge_eigen(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> list[np.ndarray]:
-    """Decompose the Gram once, then solve every alpha by rescaling (sklearn's
-    ``_eigen_decompose_gram`` path). Stand-in for ``genepert_scale.ridge``."""
-    gram, cross = _centered_gram(G, X)
-    eigval, eigvec = np.linalg.eigh(gram)
-    projected = eigvec.T @ cross
-    return [eigvec @ (projected / (eigval + alpha)[:, None]) for alpha in alphas]
+    """genepert_scale's ridge: the statistics (GᵀG, GᵀX, sums), one
+    eigendecomposition of the centred Gram, then every alpha by rescaling."""
+    from genepert_scale.ridge import gram_stats, primal_path
+
+    path = primal_path(gram_stats(G, X))
+    return [path.coef(alpha)[0] for alpha in alphas]
 
 
 def ridge_cholesky(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> list[np.ndarray]:
     """Plain numpy/scipy: ``cho_factor`` / ``cho_solve`` of ``GᵀG + αI`` per alpha."""
     from scipy.linalg import cho_factor, cho_solve
 
-    gram, cross = _centered_gram(G, X)
+    Gc = G - G.mean(axis=0)
+    Xc = X - X.mean(axis=0)
+    gram, cross = Gc.T @ Gc, Gc.T @ Xc
     eye = np.eye(gram.shape[0])
     return [cho_solve(cho_factor(gram + alpha * eye), cross) for alpha in alphas]
 
