@@ -30,6 +30,10 @@ BLOCK_ROWS, GENES, PER_ROW = 10_000, 400, 100
 @pytest.fixture(scope="module")
 def client():
     distributed = pytest.importorskip("distributed")
+    # compile (and cache on disk) the numba kernels here: a JIT compile inside a
+    # 450 MiB worker takes ~200 MiB and pauses it — that is not what is tested
+    block, _ = repeated_block()
+    kernels.block_stats(block[:10], np.zeros(10, np.int32), 1, with_group_sumsq=True)
     with (
         distributed.LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=MEMORY_LIMIT,
                                  processes=True, dashboard_address=":0") as cluster,
