@@ -2,7 +2,7 @@
 dask threads run them in parallel).
 
 Only the loops numpy cannot vectorise are here: per-row scaling, the per-gene
-moments and the per-group scatter; ``log1p`` stays numpy's (SIMD). Each loop
+moments and the per-group fixed-point scatter; ``log1p`` stays numpy's (SIMD). Each loop
 adds in the same order as its numpy twin in :mod:`.kernels`, which is the
 fallback when numba is missing and the oracle in the tests.
 """
@@ -81,7 +81,7 @@ def moments(values, indices, n_genes: int) -> np.ndarray:
 
 
 @_jit
-def _scatter(out, values, indices, indptr, codes, order):
+def _scatter(out, values, indices, indptr, codes, order, scale, square):
     for i in range(order.size):
         row = order[i]
         group = codes[row]
@@ -89,14 +89,17 @@ def _scatter(out, values, indices, indptr, codes, order):
             continue
         target = out[group]
         for k in range(indptr[row], indptr[row + 1]):
-            target[indices[k]] += values[k]
+            value = values[k] * values[k] if square else values[k]
+            target[indices[k]] += np.int64(np.rint(value * scale))
 
 
-def scatter(out, values, indices, indptr, codes) -> None:
-    """Add CSR rows into ``out[codes[row]]`` in place.
+def scatter(out, values, indices, indptr, codes, bits: int, square: bool) -> None:
+    """Add CSR rows (or their squares) into ``out[codes[row]]`` in place, as
+    int64 fixed point with ``bits`` fractional bits (``kernels.to_fixed``,
+    value by value: no block-sized temporaries).
 
     Rows are visited grouped by code (a stable sort), which keeps one group's
     row of ``out`` in cache while its cells are added.
     """
     order = np.argsort(codes, kind="stable")
-    _scatter(out, values, indices, indptr, codes, order)
+    _scatter(out, values, indices, indptr, codes, order, float(2.0**bits), square)

@@ -130,13 +130,12 @@ MOMENTS = ("gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq",
 @dataclass
 class BlockPartial:
     """The chunk step's output: the block's moments, and its ``log1p`` values
-    (and their squares) in fixed point with their CSR structure and row
-    groups, for :func:`fold_block`."""
+    with their CSR structure and row groups, for :func:`fold_block`."""
 
     stats: PassStats
     block_index: int
-    fixed: np.ndarray
-    fixed_sq: np.ndarray | None
+    with_group_sumsq: bool
+    logged: np.ndarray
     indices: np.ndarray
     indptr: np.ndarray
     codes: np.ndarray
@@ -183,7 +182,8 @@ def to_fixed(values: np.ndarray, bits: int) -> np.ndarray:
     the rounding error is at most ``2**-(bits + 1)`` per value.
     """
     with np.errstate(invalid="ignore"):  # NaN/Inf are counted by check_values
-        return np.rint(np.ldexp(values, bits)).astype(np.int64)
+        scaled = np.ldexp(values, bits)
+        return np.rint(scaled, out=scaled).astype(np.int64)
 
 
 def from_fixed(values: np.ndarray, bits: int) -> np.ndarray:
@@ -304,9 +304,7 @@ def transform_block(
         gene_raw_sumsq=None if raw is None else np.bincount(indices, raw * raw, minlength=n_genes),
         check=check,
     )
-    fixed_sq = to_fixed(logged * logged, SQUARE_BITS) if with_group_sumsq else None
-    return BlockPartial(stats, block_index, to_fixed(logged, SUM_BITS), fixed_sq, indices,
-                        indptr, codes)
+    return BlockPartial(stats, block_index, with_group_sumsq, logged, indices, indptr, codes)
 
 
 def scatter_group_sums(
@@ -316,19 +314,23 @@ def scatter_group_sums(
     indptr: np.ndarray,
     codes: np.ndarray,
     *,
+    bits: int,
+    square: bool = False,
     use_numba: bool | None = None,
 ) -> None:
-    """Add the CSR rows' ``values`` into ``out[code]``, in place.
+    """Add the CSR rows' ``values`` (or their squares) into ``out[code]`` in
+    place, in int64 fixed point with ``bits`` fractional bits (:func:`to_fixed`).
 
     Rows with a negative code belong to no group and are skipped; by the
-    compiled loop or by ``np.add.at``.
+    compiled loop or by ``np.add.at`` (the same integers either way).
     """
     if USE_NUMBA if use_numba is None else use_numba:
-        _numba_kernels.scatter(out, values, indices, indptr, codes)
+        _numba_kernels.scatter(out, values, indices, indptr, codes, bits, square)
         return
     rows = np.repeat(codes, np.diff(indptr))
     member = rows >= 0
-    np.add.at(out, (rows[member], indices[member]), values[member])
+    add = values[member]
+    np.add.at(out, (rows[member], indices[member]), to_fixed(add * add if square else add, bits))
 
 
 def fold_block(
@@ -347,7 +349,7 @@ def fold_block(
     block = part.stats
     if acc is None:
         n_genes = block.gene_sum.size
-        sumsq = None if part.fixed_sq is None else np.zeros((n_groups, n_genes), np.int64)
+        sumsq = np.zeros((n_groups, n_genes), np.int64) if part.with_group_sumsq else None
         acc = PassStats(0, np.zeros(n_groups, np.int64), *(None,) * 4,
                         np.zeros((n_groups, n_genes), np.int64), sumsq, None, None, ValueCheck())
     acc.n_cells += block.n_cells
@@ -356,10 +358,11 @@ def fold_block(
     acc.block_moments[part.block_index] = np.stack(
         [getattr(block, name) for name in MOMENTS if getattr(block, name) is not None]
     )
-    structure = (part.indices, part.indptr, part.codes)
-    scatter_group_sums(acc.group_sum, part.fixed, *structure, use_numba=use_numba)
+    rows = (part.logged, part.indices, part.indptr, part.codes)
+    scatter_group_sums(acc.group_sum, *rows, bits=SUM_BITS, use_numba=use_numba)
     if acc.group_sumsq is not None:
-        scatter_group_sums(acc.group_sumsq, part.fixed_sq, *structure, use_numba=use_numba)
+        scatter_group_sums(acc.group_sumsq, *rows, bits=SQUARE_BITS, square=True,
+                           use_numba=use_numba)
     return acc
 
 
