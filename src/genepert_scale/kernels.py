@@ -187,8 +187,10 @@ def to_fixed(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def from_fixed(values: np.ndarray, bits: int) -> np.ndarray:
-    """The float64 values of fixed-point numerators made by :func:`to_fixed`."""
-    return np.ldexp(np.asarray(values, dtype=np.float64), -bits)
+    """The float64 values of fixed-point numerators made by :func:`to_fixed`
+    (one new array; the scaling by ``2**-bits`` is exact and in place)."""
+    out = np.array(values, dtype=np.float64)
+    return np.ldexp(out, -bits, out=out)
 
 
 def check_values(data: np.ndarray, kind: InputKind, block_index: int) -> ValueCheck:

@@ -319,8 +319,10 @@ def finalize(
     var_names = hvg.index
     keep = hvg["highly_variable"].to_numpy()
     n = stats.group_n
-    means = kernels.from_fixed(stats.group_sum[:, keep], kernels.SUM_BITS)
-    stats.group_sum = None
+    selected_sums = stats.group_sum[:, keep]
+    stats.group_sum = None  # release the (groups × all genes) sums before converting
+    means = kernels.from_fixed(selected_sums, kernels.SUM_BITS)
+    del selected_sums
     means /= np.maximum(n, 1)[:, None]
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
     if small:
@@ -347,8 +349,10 @@ def finalize(
         },
     }
     if stats.group_sumsq is not None:
-        sq_sum = kernels.from_fixed(stats.group_sumsq[:, keep], kernels.SQUARE_BITS)
+        selected_sums = stats.group_sumsq[:, keep]
         stats.group_sumsq = None
+        sq_sum = kernels.from_fixed(selected_sums, kernels.SQUARE_BITS)
+        del selected_sums
         sq_mean = sq_sum / np.maximum(n, 1)[:, None]
         ddof = (n / np.maximum(n - 1, 1))[:, None]
         variance = np.maximum(sq_mean - means**2, 0) * ddof
