@@ -19,6 +19,7 @@ from . import __version__
 from .cluster import dask_client, limit_heap_fragmentation
 from .embeddings import MISSING_POLICIES
 from .errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
+from .hvg import FLAVORS
 from .ridge import DEFAULT_ALPHAS
 from .store import check_output_free
 
@@ -195,7 +196,7 @@ def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", default="non-targeting", help="label of control cells")
     p.add_argument("--n-top-genes", type=_n_top_genes, default="default",
                    help="number of HVGs, or 'all' (default: 5000, or all genes if fewer)")
-    p.add_argument("--flavor", choices=("seurat", "cell_ranger", "seurat_v3"), default="seurat",
+    p.add_argument("--flavor", choices=FLAVORS, default="seurat",
                    help="scanpy HVG flavor (seurat_v3: raw counts, a second pass)")
     p.add_argument("--target-sum", type=float, default=1e4)
     p.add_argument("--input", choices=("auto", "counts", "log1p"), default="auto",

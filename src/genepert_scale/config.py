@@ -11,12 +11,14 @@ config and its data can move together. The README documents every key.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ParameterError
+from .hvg import FLAVORS
 from .store import is_url
 
 def _key(default: Any, types: type | tuple[type, ...], choices: tuple = ()) -> Any:
@@ -39,7 +41,7 @@ class PseudobulkConfig:
     """``[pseudobulk]``: options of the pseudo-bulk stage."""
 
     n_top_genes: int | str = _key("default", (int, str))
-    flavor: str = _key("seurat", str, ("seurat", "cell_ranger", "seurat_v3"))
+    flavor: str = _key("seurat", str, FLAVORS)
     target_sum: float = _key(1e4, (int, float))
     input: str = _key("auto", str, ("auto", "counts", "log1p"))
     min_cells: int = _key(1, int)
@@ -104,7 +106,19 @@ class ClusterConfig:
     slurm: dict | None = _key(None, dict)
 
     def client_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`genepert_scale.cluster.dask_client`."""
+        """Keyword arguments of :func:`genepert_scale.cluster.dask_client`.
+
+        Raises
+        ------
+        ParameterError
+            For ``kind = "scheduler"`` without an address (the key or
+            ``DASK_SCHEDULER_ADDRESS``): it would silently run on local threads.
+        """
+        if self.kind == "scheduler" and not (self.address or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+            raise ParameterError(
+                '[cluster] kind = "scheduler" needs address = "tcp://host:8786" '
+                "or the DASK_SCHEDULER_ADDRESS environment variable"
+            )
         return {
             "scheduler": self.address if self.kind == "scheduler" else None,
             "workers": self.workers if self.kind in ("local", "slurm") else None,

@@ -11,7 +11,7 @@ its loess fit. Binning, normalisation and cut-offs follow scanpy exactly.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -122,6 +122,17 @@ def _top(dispersion_norm: np.ndarray, n_top_genes: int | None) -> np.ndarray:
     return np.nan_to_num(dispersion_norm, nan=-np.inf) >= cut_off
 
 
+def require_loess() -> Any:
+    """scikit-misc's ``loess``, which the ``seurat_v3`` flavor needs."""
+    try:
+        from skmisc.loess import loess
+    except ImportError as err:
+        raise ParameterError(
+            "flavor seurat_v3 needs scikit-misc: pip install 'genepert-scale[seurat-v3]'"
+        ) from err
+    return loess
+
+
 def seurat_v3_clip(
     mean: np.ndarray, var: np.ndarray, n_obs: int, *, span: float = 0.3
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -142,12 +153,7 @@ def seurat_v3_clip(
     reg_std, clip
         Both of shape ``(n_genes,)``.
     """
-    try:
-        from skmisc.loess import loess
-    except ImportError as err:
-        raise ParameterError(
-            "flavor seurat_v3 needs scikit-misc: pip install 'genepert-scale[seurat-v3]'"
-        ) from err
+    loess = require_loess()
     varying = var > 0
     fitted = np.zeros(mean.size)
     model = loess(np.log10(mean[varying]), np.log10(var[varying]), span=span, degree=2)

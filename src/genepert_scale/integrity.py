@@ -22,6 +22,7 @@ codec can decode damaged bytes into wrong numbers; only a checksum prevents that
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,6 +33,8 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from .errors import GenePertInputError, StoreError
+
+log = logging.getLogger(__name__)
 
 #: Root attribute of stores written with every chunk present.
 COMPLETE_CHUNKS_ATTR = "genepert_scale_complete_chunks"
@@ -122,7 +125,9 @@ def _arrays(node: Any, name: str) -> Iterator[tuple[str, Any]]:
         yield name, node
 
 
-def find_bad_chunk(group: Any, source: str, elements: tuple[str, ...] = ("X",)) -> StoreError | None:
+def find_bad_chunk(
+    group: Any, source: str, elements: tuple[str, ...] = ("X",)
+) -> GenePertInputError | None:
     """Read every chunk of the arrays below ``elements``; name the first bad one.
 
     Works on zarr and h5py groups. Returns the error to raise, or ``None`` when
@@ -132,7 +137,7 @@ def find_bad_chunk(group: Any, source: str, elements: tuple[str, ...] = ("X",)) 
         arrays = [item for element in elements if element in group
                   for item in _arrays(group[element], element)]
     except GenePertInputError as err:
-        return StoreError(str(err))
+        return err
     except Exception as err:  # noqa: BLE001 - unreadable metadata is the finding
         return StoreError(
             f"{source}: the metadata below {', '.join(elements)} cannot be read "
@@ -144,7 +149,7 @@ def find_bad_chunk(group: Any, source: str, elements: tuple[str, ...] = ("X",)) 
             try:
                 np.asarray(array[start : start + step] if array.ndim else array[()])
             except GenePertInputError as err:
-                return StoreError(str(err))
+                return err
             except Exception as err:  # noqa: BLE001 - any decode failure names the chunk
                 return StoreError(
                     f"{source}: chunk {index} of array {name!r} (first index {start}) cannot "
@@ -160,7 +165,8 @@ def named_chunk_errors(
 ) -> Iterator[None]:
     """Turn a failure while reading ``elements`` into a :class:`StoreError` naming the chunk.
 
-    On any non-input exception inside the context, every chunk below
+    On a read or decode failure (OSError, ValueError, RuntimeError, TypeError)
+    inside the context, every chunk below
     ``elements`` is read once (:func:`find_bad_chunk`); if one is bad, its error
     is raised from the original one, otherwise the original exception
     propagates unchanged.
@@ -169,7 +175,9 @@ def named_chunk_errors(
         yield
     except GenePertInputError:
         raise
-    except Exception as err:
+    except (OSError, ValueError, RuntimeError, TypeError) as err:  # how codecs fail
+        log.warning("%s: reading failed (%s); scanning %s for a bad chunk",
+                    source, type(err).__name__, ", ".join(elements))
         bad = find_bad_chunk(group, source, elements)
         if bad is None:
             raise

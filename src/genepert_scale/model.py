@@ -34,6 +34,7 @@ from .embedding_checks import check_dimension
 from .errors import ParameterError
 from .pseudobulk import open_pseudobulk
 from .splits import kfold
+from .validate import check_folds
 from .ridge import (
     DEFAULT_ALPHAS,
     GramStats,
@@ -212,6 +213,8 @@ def fit(
     alphas = check_alphas(alphas)
     data = training_data(pseudobulk, embeddings, missing=missing, gene_map=gene_map, seed=seed,
                          storage_options=storage_options)
+    if len(alphas) > 1:  # the grid is searched by CV: it needs folds
+        check_folds(n_folds, data.n, "the pseudo-bulk (choosing alpha from a grid)")
     folds = n_folds if len(alphas) > 1 else 1
     fold = kfold(data.n, folds, seed) if folds > 1 else np.zeros(data.n, dtype=np.int64)
     fold_stats = fold_statistics(data, fold, folds, block_size=block_size, progress=progress)

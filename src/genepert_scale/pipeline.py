@@ -304,6 +304,7 @@ def _run_pseudobulk(run: StageRun) -> None:
         target_sum=pb.target_sum, input=pb.input, min_cells=pb.min_cells,
         group_variance=pb.group_variance, storage_options=config.input.storage_options,
         block_rows=pb.block_rows, progress=run.progress,
+        memory_limit=None if config.cluster.memory_limit == "auto" else config.cluster.memory_limit,
     )
     write_pseudobulk(ds, run.output, overwrite=True, storage_options=config.output.storage_options)
 

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import dask.utils
 import numpy as np
@@ -21,14 +21,23 @@ import xarray as xr
 
 from . import __version__, kernels
 from .cluster import cluster_threads, compute, default_chains
-from .errors import LabelError, ParameterError, StoreError
-from .hvg import Flavor, highly_variable_genes, mean_var, seurat_v3_clip, seurat_v3_select
+from .errors import GenePertInputError, LabelError, ParameterError, StoreError
+from .hvg import (
+    FLAVORS,
+    Flavor,
+    highly_variable_genes,
+    mean_var,
+    require_loess,
+    seurat_v3_clip,
+    seurat_v3_select,
+)
 from .integrity import named_chunk_errors
 from .labels import assign_groups
-from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
+from .reduce import MAX_PENDING, SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
 from .store import atomic_output, compressors, quiet_zarr_warnings, zarr_store
 from .validate import (
+    check_choice,
     NTopGenes,
     check_declared_input,
     check_encoding,
@@ -176,9 +185,18 @@ def pseudobulk(
         HVG table over all screen genes (dim ``screen_gene``: ``highly_variable``
         and scanpy's columns prefixed ``hvg_``).
     """
+    check_choice("--flavor", flavor, FLAVORS)
+    check_choice("--input", input, get_args(InputKindOption))
+    if flavor == "seurat_v3":
+        require_loess()  # before the pass, not after it
     threads = cluster_threads()
     if isinstance(memory_limit, str):
-        memory_limit = dask.utils.parse_bytes(memory_limit)
+        try:
+            memory_limit = dask.utils.parse_bytes(memory_limit)
+        except ValueError as err:
+            raise ParameterError(
+                f"--memory-limit {memory_limit!r} is not a size; use e.g. 2GiB or 500MB"
+            ) from err
     if isinstance(screen, str):
         screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
                              memory_limit=memory_limit, threads=threads)
@@ -204,10 +222,12 @@ def pseudobulk(
             f"{screen.source}: flavor seurat_v3 needs raw counts but the input is {kind}; "
             "use --flavor seurat or cell_ranger"
         )
+    chains = chains or default_chains()
     graph = pass_stats(
         screen, codes, len(groups), kind=kind, target_sum=target_sum,
         with_group_sumsq=group_variance, with_raw_moments=flavor == "seurat_v3",
-        split_every=split_every, chains=chains or default_chains(),
+        split_every=split_every, chains=chains,
+        max_pending=max(MAX_PENDING, -(-threads // chains)),  # every thread gets a block
     )
     stats = _timed_pass(graph, screen, "streamed pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
@@ -413,6 +433,8 @@ def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) ->
     """Open a pseudo-bulk store and check its encoding type and version."""
     try:
         ds = xr.open_zarr(zarr_store(path, storage_options))
+    except GenePertInputError:
+        raise
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise StoreError(
             f"{path} is not a pseudo-bulk store ({err}); create one with "

@@ -130,6 +130,9 @@ class BlockRef:
     def __init__(self, block):
         self.block = block
 
+    def __dask_tokenize__(self) -> str:
+        return self.block.name  # not a pickle of the whole X graph
+
     def read(self):
         return self.block.compute(scheduler="sync")
 

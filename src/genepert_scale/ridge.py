@@ -54,7 +54,7 @@ from dask.delayed import Delayed
 
 from . import __version__
 from . import validate
-from .errors import ParameterError, StoreError
+from .errors import GenePertInputError, ParameterError, StoreError
 from .reduce import SPLIT_EVERY, tree_reduce
 from .store import atomic_output, quiet_zarr_warnings, zarr_store
 
@@ -401,6 +401,8 @@ def load_model(path: str, storage_options: dict[str, Any] | None = None) -> Ridg
     try:
         with quiet_zarr_warnings():
             ds = xr.open_zarr(zarr_store(path, storage_options)).load()
+    except GenePertInputError:
+        raise
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise StoreError(f"{path} is not a model store ({err}); create one with 'genepert-scale fit'") from err
     kind, version = ds.attrs.get("encoding_type"), ds.attrs.get("encoding_version")

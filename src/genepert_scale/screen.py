@@ -20,7 +20,7 @@ import zarr
 from anndata.experimental import read_elem_lazy
 from anndata.io import read_elem
 
-from .errors import LabelError, StoreError
+from .errors import GenePertInputError, LabelError, StoreError
 from .integrity import named_chunk_errors, strict_group
 from .store import exists, is_url, zarr_store
 from .validate import check_case_collisions, check_unique_names, check_x_dtype
@@ -101,6 +101,7 @@ def open_group(path: str, storage_options: dict[str, Any] | None = None):
     if not exists(path, storage_options):
         raise StoreError(f"screen {path} does not exist; check the path or URL")
     if path.endswith(".h5ad"):
+        path = path.removeprefix("file://")
         if is_url(path):
             raise StoreError(
                 f"{path}: remote .h5ad cannot be streamed; run "
@@ -112,6 +113,8 @@ def open_group(path: str, storage_options: dict[str, Any] | None = None):
             raise StoreError(f"{path} is not a readable HDF5 (.h5ad) file: {err}") from err
     try:
         return strict_group(zarr_store(path, storage_options), path)
+    except GenePertInputError:
+        raise
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
         raise StoreError(
             f"{path} is not a zarr group ({err}); give an AnnData zarr store or .h5ad"

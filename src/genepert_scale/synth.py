@@ -25,7 +25,8 @@ import scipy.sparse as sp
 import zarr
 
 from .integrity import complete_chunks, mark_complete
-from .store import CsrAppender, atomic_output, quiet_zarr_warnings, zarr_store
+from .errors import ParameterError
+from .store import CsrAppender, atomic_output, check_output_free, quiet_zarr_warnings, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,10 @@ def make_model(
 ) -> SynthModel:
     """Draw genes, embeddings, perturbations and their effects."""
     if n_perturbations > 2 * n_genes:
-        raise ValueError(f"perturbations ({n_perturbations}) must not exceed twice the genes ({n_genes})")
+        raise ParameterError(
+            f"--perturbations {n_perturbations} is more than twice --genes {n_genes} "
+            "(perturbations are genes and pairs of them); ask for fewer or more genes"
+        )
     rng = np.random.default_rng([seed, 0])
     genes = pd.Index([f"GENE{i:05d}" for i in range(n_genes)])
     embedding = rng.normal(size=(n_genes, dim))
@@ -151,6 +155,8 @@ def synth_screen(
         index=pd.Index([f"cell{i:07d}" for i in range(cells)]),
     )
     var = pd.DataFrame(index=model.genes)
+    emb_path = embedding_path_for(out)
+    check_output_free(emb_path, overwrite=overwrite)  # before minutes of writing the screen
     with atomic_output(out, overwrite=overwrite) as tmp, complete_chunks():
         with quiet_zarr_warnings(), ad.settings.override(zarr_write_format=3):
             ad.AnnData(obs=obs, var=var).write_zarr(zarr_store(tmp, mode="w"))
@@ -167,7 +173,6 @@ def synth_screen(
                 log.info("synth: %d/%d cells", appender.n_rows, cells)
         with quiet_zarr_warnings():
             zarr.consolidate_metadata(root.store)
-    emb_path = embedding_path_for(out)
     with atomic_output(emb_path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as fh:
             pickle.dump({g: v.tolist() for g, v in zip(model.genes, model.embedding)}, fh)

@@ -137,6 +137,14 @@ def resolve_n_top_genes(n_top_genes: NTopGenes, n_genes: int, source: str) -> in
     return int(n_top_genes)
 
 
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ParameterError(
+            f"{name} {value!r} is not one of {', '.join(map(str, choices))}"
+        )
+
+
 def check_positive(name: str, value: float, *, integer: bool = False) -> None:
     """Raise unless ``value`` is a positive number (an integer if asked)."""
     ok = value > 0 and (not integer or float(value).is_integer())
