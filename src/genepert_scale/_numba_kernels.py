@@ -3,8 +3,9 @@ dask threads run them in parallel).
 
 Only the loops numpy cannot vectorise are here: per-row scaling, the per-gene
 moments and the per-group fixed-point scatter; ``log1p`` stays numpy's (SIMD). Each loop
-adds in the same order as its numpy twin in :mod:`.kernels`, which is the
-fallback when numba is missing and the oracle in the tests.
+gives the same numbers as its numpy twin in :mod:`.kernels` (the float loops add in
+the same order; the scatter adds integers, so its row order does not matter), which
+is the fallback when numba is missing and the oracle in the tests.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def _n_top_genes(text: str) -> int | str | None:
     try:
         return int(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from err
+        raise argparse.ArgumentTypeError(f"expected a number, 'all' or 'default', got {text!r}") from err
 
 
 def common_options() -> argparse.ArgumentParser:

@@ -170,7 +170,7 @@ def pearson_delta_de(pred: np.ndarray, true: np.ndarray, de_idx: np.ndarray) -> 
     numpy.ndarray
         One value per row; NaN where fewer than 2 genes or a constant vector.
         With ``k = 20`` this is GEARS' ``pearson_de_delta`` (our
-        ``pearson_delta_de20``).
+        ``pearson_delta_de20_ttest``; ``pearson_delta_de20`` uses the top true ``|delta|``).
 
     Notes
     -----

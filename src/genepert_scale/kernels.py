@@ -101,7 +101,8 @@ class PassStats:
         Per-gene sums of the raw stored values and their squares (for the
         ``seurat_v3`` flavor), or ``None`` when not asked.
     check
-        Counts of non-finite, negative and non-integer inputs.
+        Counts of non-finite, negative, non-integer (counts) and too large
+        (log1p) inputs.
     block_moments
         Per-gene moments of each folded block (rows: :data:`MOMENTS`), by
         block index, until :func:`finish` sums them in block order — so the
