@@ -52,3 +52,13 @@ def test_fit_with_a_grid_needs_folds(small_screen):
     ds = pseudobulk(path, n_top_genes=50, progress=False)
     with pytest.raises(ParameterError, match="--folds 1 does not fit"):
         fit(ds, embedding, alphas=(0.1, 1.0), n_folds=1, progress=False)
+
+
+def test_run_config_rejects_data_derived_embeddings(tmp_path):
+    from genepert_scale.config import load_config
+
+    config = tmp_path / "run.toml"
+    config.write_text('[input]\nurl = "s.zarr"\n[output]\ndir = "out"\n'
+                      '[embeddings]\npaths = ["pca:10"]\n')
+    with pytest.raises(ParameterError, match=r"pca:K\) are built per fold"):
+        load_config(str(config))

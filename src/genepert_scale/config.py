@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ParameterError
+from .data_embedding import PCA_PREFIX
 from .hvg import FLAVORS
 from .store import is_url
 
@@ -234,6 +235,13 @@ def _check(config: RunConfig) -> None:
         raise ParameterError(f"{where}: [evaluate] folds must be at least 2")
     if not all(isinstance(a, int | float) and a > 0 for a in config.evaluate.alphas):
         raise ParameterError(f"{where}: [evaluate] alphas must be positive numbers")
+    derived = [p for p in config.embeddings.paths if p.startswith(PCA_PREFIX)]
+    if derived:
+        raise ParameterError(
+            f"{where}: [embeddings] paths {derived}: data-derived embeddings ({PCA_PREFIX}K) are "
+            "built per fold by 'genepert-scale evaluate --embeddings pca:K'; a batch run needs "
+            "embedding files (its fit and predict stages need vectors for unseen genes)"
+        )
     cluster = config.cluster
     if cluster.kind in ("local", "slurm") and not cluster.workers:
         raise ParameterError(

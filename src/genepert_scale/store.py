@@ -140,7 +140,14 @@ def atomic_output(
     if fs.exists(root):
         backup = f"{tmp_root}.old"
         move(fs, root, backup)
-    move(fs, tmp_root, root)
+    try:
+        move(fs, tmp_root, root)
+    except BaseException:
+        if backup is not None:  # put the previous output back
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            move(fs, backup, root)
+        raise
     if backup is not None:
         fs.rm(backup, recursive=True)
 
