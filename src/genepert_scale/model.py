@@ -49,7 +49,7 @@ from .ridge import (
     sum_stats,
 )
 from .interop import predictions_to_anndata, write_h5ad
-from .store import atomic_output, filesystem, quiet_zarr_warnings, zarr_store
+from .store import atomic_output, filesystem, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -313,11 +313,10 @@ def write_predictions(
         adata = predictions_to_anndata(predictions["delta"], predictions["control_mean"],
                                        uns={"alpha": predictions.attrs.get("alpha")})
         return write_h5ad(adata, path, overwrite=overwrite, storage_options=storage_options)
-    with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp:
-        if suffix == "zarr":
-            with quiet_zarr_warnings():
-                predictions.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True)
-        else:
+    if suffix == "zarr":
+        write_dataset(predictions, path, overwrite=overwrite, storage_options=storage_options)
+    else:
+        with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp:
             fs, root = filesystem(tmp, storage_options)
             with fs.open(root, "w") as handle:
                 predictions["delta"].to_pandas().to_csv(handle, index_label="perturbation")

@@ -35,7 +35,7 @@ from .integrity import named_chunk_errors
 from .labels import assign_groups
 from .reduce import MAX_PENDING, SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
-from .store import atomic_output, compressors, quiet_zarr_warnings, zarr_store
+from .store import write_dataset, zarr_store
 from .validate import (
     check_choice,
     NTopGenes,
@@ -413,17 +413,7 @@ def write_pseudobulk(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write a pseudo-bulk Dataset to a zarr store, atomically."""
-    with (
-        atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp,
-        quiet_zarr_warnings(),
-    ):
-        encoding = {
-            name: {"compressors": compressors(ds[name].dtype.itemsize)}
-            for name in ds.data_vars
-            if ds[name].ndim and ds[name].dtype.kind in "fiu"
-        }
-        ds.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True,
-                   encoding=encoding)
+    write_dataset(ds, path, overwrite=overwrite, storage_options=storage_options)
     log.info("wrote pseudo-bulk %s (%d perturbations x %d genes)",
              path, ds.sizes["perturbation"], ds.sizes["gene"])
     return path

@@ -56,7 +56,7 @@ from . import __version__
 from . import validate
 from .errors import GenePertInputError, ParameterError, StoreError
 from .reduce import SPLIT_EVERY, tree_reduce
-from .store import atomic_output, quiet_zarr_warnings, zarr_store
+from .store import quiet_zarr_warnings, write_dataset, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +390,7 @@ def save_model(
             "metadata": json.dumps(model.metadata),
         },
     )
-    with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp, quiet_zarr_warnings():
-        ds.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True)
+    write_dataset(ds, path, overwrite=overwrite, storage_options=storage_options)
     log.info("wrote model %s (d=%d, %d genes, alpha %g)", path, model.dim, len(model.genes), model.alpha)
     return path
 
