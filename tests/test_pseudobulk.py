@@ -196,3 +196,20 @@ def test_default_blocks_follow_store_chunks_and_memory_limit():
     assert capped * 560 * 24 * 4 <= BLOCK_MEMORY_SHARE * 2**30 * 1.01
     # never less than one chunk
     assert block_rows_for(1000, 10_000_000, chunk_values=262_144, memory_limit=1) * 10_000 >= 262_144
+
+
+def test_convert_streams_layers_and_raw(tmp_path):
+    rng = np.random.default_rng(4)
+    counts = sp.random(500, 30, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 10)
+    adata = ad.AnnData(counts.copy(), obs={"perturbation": ["non-targeting", "A"] * 250})
+    adata.obs_names = [f"c{i}" for i in range(500)]
+    adata.layers["counts"] = counts.copy()
+    adata.layers["dense"] = counts.toarray() * 2
+    adata.raw = adata.copy()
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = convert_h5ad(str(tmp_path / "in.h5ad"), str(tmp_path / "out.zarr"), block_rows=128)
+    back = ad.read_zarr(out)
+    assert (back.layers["counts"] != counts).nnz == 0
+    np.testing.assert_array_equal(back.layers["dense"].toarray(), counts.toarray() * 2)
+    assert (back.raw.X != counts).nnz == 0 and list(back.raw.var_names) == list(adata.var_names)

@@ -30,9 +30,11 @@ def convert_h5ad(
 ) -> str:
     """Stream ``source`` (``.h5ad``) into the AnnData zarr store ``out``.
 
-    ``X`` is copied in CSR row blocks (dense ``X`` is sparsified block by
-    block) with our codec and chunking; every other element (``obs``, ``var``,
-    ``uns``, ``obsm``, …) is copied with anndata's element reader and writer.
+    The cell matrices — ``X``, every ``layers/*`` and ``raw/X`` — are copied
+    in CSR row blocks (dense ones are sparsified block by block) with our codec
+    and chunking, so none is ever loaded whole; every other element (``obs``,
+    ``var``, ``uns``, ``obsm``, …) is copied with anndata's element reader and
+    writer.
     """
     try:
         h5 = h5py.File(source, "r")
@@ -48,21 +50,42 @@ def convert_h5ad(
         root = zarr.open_group(zarr_store(tmp, storage_options, mode="w"), mode="w", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         mark_complete(root)
-        with quiet_zarr_warnings(), ad.settings.override(zarr_write_format=3):
-            for key in h5:
-                if key != "X":
-                    write_elem(root, key, read_elem(h5[key]))
-        _copy_x(h5["X"], root.create_group("X"), block_rows, source)
+        _copy_elements(h5, root, block_rows, f"{source}: ")
         with quiet_zarr_warnings():
             zarr.consolidate_metadata(root.store)
     log.info("converted %s -> %s", source, out)
     return out
 
 
+def _copy_elements(h5: h5py.Group, root: zarr.Group, block_rows: int | None, source: str) -> None:
+    """Copy an AnnData group: cell matrices streamed, the rest element by element."""
+    with quiet_zarr_warnings(), ad.settings.override(zarr_write_format=3):
+        for key in h5:
+            element = h5[key]
+            if key == "X":
+                _copy_x(element, root.create_group(key), block_rows, f"{source}X")
+            elif key == "layers" and isinstance(element, h5py.Group):
+                layers = _group_like(element, root, key)
+                for name in element:
+                    _copy_x(element[name], layers.create_group(name), block_rows,
+                            f"{source}layers/{name}")
+            elif key == "raw" and isinstance(element, h5py.Group):
+                _copy_elements(element, _group_like(element, root, key), block_rows, f"{source}raw/")
+            else:
+                write_elem(root, key, read_elem(element))
+
+
+def _group_like(h5: h5py.Group, parent: zarr.Group, key: str) -> zarr.Group:
+    """A zarr group with the encoding attributes of an h5py group."""
+    group = parent.create_group(key)
+    group.attrs.update({k: str(v) for k, v in h5.attrs.items()})
+    return group
+
+
 def _copy_x(x, group: zarr.Group, block_rows: int | None, source: str) -> None:
     encoding = x.attrs.get("encoding-type", "array")
     if encoding == "csc_matrix":
-        raise StoreError(f"{source}: X is CSC; convert it to CSR in memory first (X.tocsr())")
+        raise StoreError(f"{source} is CSC; convert it to CSR in memory first (.tocsr())")
     if isinstance(x, h5py.Group):
         matrix = sparse_dataset(x)
         n_obs, n_vars = matrix.shape
