@@ -20,7 +20,9 @@ from .cluster import dask_client, limit_heap_fragmentation
 from .embeddings import MISSING_POLICIES
 from .errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
 from .hvg import FLAVORS
+from .labels import GEARS_CONTROL, parse_label
 from .ridge import DEFAULT_ALPHAS
+from .splits import SPLIT_KINDS
 from .store import check_output_free
 
 log = logging.getLogger("genepert_scale")
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--folds", type=int, default=5,
                    help="folds over perturbations (kfold), or inner-CV folds choosing alpha")
-    p.add_argument("--split", choices=("kfold", "simulation", "custom"), default="kfold",
+    p.add_argument("--split", choices=SPLIT_KINDS, default="kfold",
                    help="kfold over perturbations, GEARS' simulation split (held-out genes, "
                         "pairs by seen genes), or custom from --split-file")
     p.add_argument("--split-file", help="custom split: CSV/TSV (perturbation, split = train/val/test "
@@ -372,7 +374,7 @@ def _demo(args: argparse.Namespace) -> int:
     result = evaluate(pb, table, n_folds=5, seed=0, progress=progress)
     report = write_report(result, str(out / "report"), overwrite=True)
     model = save_model(fit(pb, table, progress=progress), str(out / "model.zarr"), overwrite=True)
-    seen = {g for p in result.folds["perturbation"] for g in p.split("+")}
+    seen = {g for p in result.folds["perturbation"] for g in parse_label(p, GEARS_CONTROL)}
     unseen = [g for g in table.genes if g not in seen][:3]
     predictions = write_predictions(
         predict(model, table, [*unseen, f"{unseen[0]}+{unseen[1]}"]),

@@ -14,15 +14,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import EmbeddingError
+from .errors import EmbeddingError, listing
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
-
-
-def _names(genes: Iterable[object], limit: int = 10) -> str:
-    genes = [str(g) for g in genes]
-    shown = ", ".join(genes[:limit])
-    return shown + (f" ... ({len(genes)} in all)" if len(genes) > limit else "")
 
 
 def check_embedding_table(
@@ -52,7 +46,7 @@ def check_embedding_table(
     duplicated = genes[genes.duplicated()].unique()
     if len(duplicated):
         raise EmbeddingError(
-            f"embedding table {source} has duplicate genes: {_names(duplicated)}; "
+            f"embedding table {source} has duplicate genes: {listing(duplicated)}; "
             "keep one vector per gene"
         )
     if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
@@ -64,7 +58,7 @@ def check_embedding_table(
             odd = lengths[lengths != common]
             raise EmbeddingError(
                 f"embedding table {source}: rows have different lengths; most have {common}, "
-                f"but {_names(f'{g} ({n})' for g, n in odd.items())}; fix or drop those genes"
+                f"but {listing(f'{g} ({n})' for g, n in odd.items())}; fix or drop those genes"
             )
         matrix = np.asarray(vectors)
     if len(matrix) != len(genes):
@@ -79,13 +73,13 @@ def check_embedding_table(
     if nonfinite.any():
         raise EmbeddingError(
             f"embedding table {source}: NaN or infinite values in the vectors of "
-            f"{_names(genes[nonfinite])}; fix or drop those genes"
+            f"{listing(genes[nonfinite])}; fix or drop those genes"
         )
     zero = ~matrix.any(axis=1)
     if zero.any():
         raise EmbeddingError(
             f"embedding table {source}: all-zero vectors (cannot be L2-normalised) for "
-            f"{_names(genes[zero])}; drop those genes or fill them in"
+            f"{listing(genes[zero])}; drop those genes or fill them in"
         )
     return matrix
 
@@ -111,7 +105,7 @@ def check_coverage(perturbed: Sequence[str], table_genes: Sequence[str], source:
         hint = f"{which} uses Ensembl ids and the other gene symbols: map one to the other"
     raise EmbeddingError(
         f"embedding table {source} has none of the {len(perturbed)} perturbed genes "
-        f"(e.g. {_names(perturbed, 5)}; table has e.g. {_names(sorted(table), 5)}); {hint}"
+        f"(e.g. {listing(perturbed, 5)}; table has e.g. {listing(sorted(table), 5)}); {hint}"
     )
 
 

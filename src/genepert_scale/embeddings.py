@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from .embedding_checks import check_coverage, check_embedding_table
-from .errors import EmbeddingError, ParameterError
+from .errors import EmbeddingError, ParameterError, listing
 from .labels import parse_label
-from .store import filesystem, zarr_store
+from .store import delimiter, filesystem, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _read_pickle(path, fs, root, storage_options) -> tuple[Any, np.ndarray]:
 
 
 def _read_delimited(path, fs, root, storage_options) -> tuple[Any, np.ndarray]:
-    sep = "," if str(path).lower().endswith(".csv") else "\t"
+    sep = delimiter(path)
     with fs.open(root, "rb") as fh:
         frame = pd.read_csv(fh, sep=sep, header=None, index_col=0)
     first = pd.to_numeric(frame.iloc[0], errors="coerce")
@@ -326,7 +326,7 @@ def read_gene_map(path: str, storage_options: dict[str, Any] | None = None) -> d
     fs, root = filesystem(path, storage_options)
     if not fs.exists(root):
         raise EmbeddingError(f"gene map {path} does not exist")
-    sep = "," if str(path).lower().endswith(".csv") else "\t"
+    sep = delimiter(path)
     with fs.open(root, "rb") as fh:
         frame = pd.read_csv(fh, sep=sep, header=None, dtype=str, comment="#")
     if frame.shape[1] < 2:
@@ -393,7 +393,7 @@ def featurize(
         affected = [p for p, genes in genes_of.items() if set(genes) & set(missing_genes)]
         raise EmbeddingError(
             f"{len(missing_genes)} genes have no embedding vector ({_sources(table)}): "
-            f"{_listing(missing_genes)}; {len(affected)} perturbations affected. Add them to "
+            f"{listing(missing_genes, LIST_LIMIT)}; {len(affected)} perturbations affected. Add them to "
             "the embedding, map them with --gene-map, or choose --missing drop|random|zero"
         )
     vectors, filler = table.vectors, {}
@@ -402,7 +402,7 @@ def featurize(
         filler = {g: table.vectors.shape[0] + i for i, g in enumerate(missing_genes)}
         vectors = np.vstack([table.vectors, extra])
         log.warning("%d genes have no embedding vector, using %s vectors: %s",
-                    len(missing_genes), missing, _listing(missing_genes))
+                    len(missing_genes), missing, listing(missing_genes, LIST_LIMIT))
     kept, members, dropped = [], [], []
     for p, genes in genes_of.items():
         rows = [_coalesce(matcher.row(g), filler.get(g)) for g in genes]
@@ -414,14 +414,14 @@ def featurize(
     if dropped:
         log.warning(
             "dropping %d of %d perturbations whose genes have no embedding vector: %s "
-            "(genes: %s)", len(dropped), len(genes_of), _listing(dropped), _listing(missing_genes),
+            "(genes: %s)", len(dropped), len(genes_of), listing(dropped, LIST_LIMIT), listing(missing_genes, LIST_LIMIT),
         )
     if not kept:
         check_coverage([g for genes in genes_of.values() for g in genes], table.genes,
                        " + ".join(s["path"] for s in table.sources))
         raise EmbeddingError(
             f"no perturbation has embedding vectors for all its genes ({_sources(table)}); "
-            f"missing genes: {_listing(missing_genes)}. Check the symbols or pass --gene-map"
+            f"missing genes: {listing(missing_genes, LIST_LIMIT)}. Check the symbols or pass --gene-map"
         )
     return Features(kept, members, vectors, dropped, missing_genes, dict(matcher.case_matched), missing)
 
@@ -461,11 +461,6 @@ def _filler(gene: str, dim: int, policy: str, seed: int) -> np.ndarray:
         return np.zeros(dim)
     vector = np.random.default_rng([seed, zlib.crc32(gene.encode())]).normal(size=dim)
     return vector / np.linalg.norm(vector)
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:LIST_LIMIT])
-    return shown + (f" ... ({len(names)} in all)" if len(names) > LIST_LIMIT else "")
 
 
 def _sources(table: EmbeddingTable) -> str:

@@ -8,8 +8,17 @@ say what to do next.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 #: Exit code of the CLI for input errors (argparse uses 2 for usage errors).
 INPUT_ERROR_EXIT_CODE = 3
+
+
+def listing(items: Iterable[object], limit: int = 10, *, quote: bool = False) -> str:
+    """The first ``limit`` items for a message, with the total when there are more."""
+    shown = [repr(i) if quote else str(i) for i in items]
+    text = ", ".join(shown[:limit])
+    return text + (f" ... ({len(shown)} in all)" if len(shown) > limit else "")
 
 
 class GenePertInputError(ValueError):

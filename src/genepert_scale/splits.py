@@ -28,8 +28,8 @@ import pandas as pd
 
 from .errors import ParameterError
 from .validate import check_folds
-from .labels import canonical, parse_label
-from .store import filesystem
+from .labels import GEARS_CONTROL, canonical, parse_label
+from .store import delimiter, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def simulation_split(
     """
     if not 0 < test_share < 1:
         raise ParameterError(f"--test-share must be between 0 and 1, got {test_share}")
-    genes_of = [tuple(p.split("+")) for p in perturbations]
+    genes_of = [parse_label(p, GEARS_CONTROL) for p in perturbations]
     genes = np.array(sorted({g for gs in genes_of for g in gs}), dtype=object)
     rng = np.random.default_rng(seed)
     train_genes = set(rng.choice(genes, int(len(genes) * (1 - test_share)), replace=False))
@@ -188,7 +188,7 @@ def read_split_file(path: str, storage_options: dict[str, Any] | None = None) ->
                 raise ParameterError(f"split file {path}: expected an object {{split: [perturbations]}}")
             pairs = [(label, str(name)) for name, labels in doc.items() for label in labels]
         else:
-            sep = "," if str(path).lower().endswith(".csv") else "\t"
+            sep = delimiter(path)
             frame = pd.read_csv(fh, sep=sep, dtype=str)
             column = "split" if "split" in frame else "fold" if "fold" in frame else None
             if "perturbation" not in frame or column is None:
@@ -199,7 +199,7 @@ def read_split_file(path: str, storage_options: dict[str, Any] | None = None) ->
             pairs = list(zip(frame["perturbation"], frame[column].str.strip()))
     out: dict[str, str] = {}
     for label, name in pairs:
-        genes = parse_label(str(label), control="ctrl")
+        genes = parse_label(str(label), GEARS_CONTROL)
         if genes:
             out[canonical(genes)] = name
     return out
@@ -267,6 +267,6 @@ def subgroups(perturbations: Sequence[str], test: np.ndarray, train: np.ndarray)
     trained_singles = {p for p in names[train] if "+" not in p}
     out = np.full(len(names), "", dtype=object)
     for i in np.flatnonzero(test):
-        genes = set(names[i].split("+"))
+        genes = set(parse_label(names[i], GEARS_CONTROL))
         out[i] = "unseen_single" if len(genes) == 1 else f"combo_seen{len(genes & trained_singles)}"
     return out

@@ -40,6 +40,11 @@ def filesystem(path: str, storage_options: dict[str, Any] | None = None):
     return fs, root
 
 
+def delimiter(path: str) -> str:
+    """Column separator of a text table: ``,`` for ``.csv``, tab otherwise (``.tsv``, ``.txt``)."""
+    return "," if str(path).lower().endswith(".csv") else "\t"
+
+
 def exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a file or directory exists at ``path``."""
     fs, root = filesystem(path, storage_options)

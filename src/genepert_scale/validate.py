@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from .errors import LabelError, ParameterError, StoreError
+from .errors import LabelError, ParameterError, StoreError, listing
 from .kernels import LOG1P_MAX, SQUARE_BITS, SUM_BITS
 
 log = logging.getLogger(__name__)
@@ -27,19 +27,13 @@ DEFAULT_N_TOP_GENES = 5000
 NTopGenes = int | None | Literal["default"]
 
 
-def _listing(items: Iterable[object], limit: int = 10) -> str:
-    items = list(items)
-    shown = ", ".join(repr(i) for i in items[:limit])
-    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")
-
-
 def check_unique_names(names: pd.Index, element: Literal["obs", "var"], source: str) -> None:
     """Raise if ``obs`` or ``var`` names repeat."""
     duplicated = names[names.duplicated()].unique()
     if len(duplicated):
         what = "cell" if element == "obs" else "gene"
         raise LabelError(
-            f"{source}: {element} has duplicate {what} names: {_listing(duplicated)}; "
+            f"{source}: {element} has duplicate {what} names: {listing(duplicated, quote=True)}; "
             f"make them unique (anndata: adata.{element}_names_make_unique()) and write the store again"
         )
 
@@ -55,7 +49,7 @@ def check_case_collisions(var_names: pd.Index, source: str) -> None:
     if len(clashes):
         pairs = clashes.groupby(clashes.to_numpy()).apply(lambda s: "/".join(s.index))
         raise LabelError(
-            f"{source}: var has gene symbols that differ only by case: {_listing(pairs)}; "
+            f"{source}: var has gene symbols that differ only by case: {listing(pairs, quote=True)}; "
             "rename or drop one of each (mixed naming schemes?)"
         )
 
@@ -181,7 +175,7 @@ def check_alphas(alphas: float | Sequence[float]) -> np.ndarray:
     if values.size == 0 or bad.size:
         raise ParameterError(
             f"--alpha must be positive and finite (ridge needs a penalty > 0), got "
-            f"{_listing(bad.tolist()) or 'no value'}"
+            f"{listing(bad.tolist(), quote=True) or 'no value'}"
         )
     return values
 
@@ -240,7 +234,7 @@ def check_same_genes(expected: Sequence[str], found: Sequence[str], *, source: s
     missing = [g for g in expected if g not in set(found)]
     extra = [g for g in found if g not in set(expected)]
     detail = (
-        f"missing {_listing(missing)}; unexpected {_listing(extra)}"
+        f"missing {listing(missing, quote=True)}; unexpected {listing(extra, quote=True)}"
         if missing or extra
         else "same genes in another order"
     )
