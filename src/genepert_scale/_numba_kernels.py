@@ -1,11 +1,15 @@
-"""Compiled loops over CSR arrays for :mod:`.kernels` (numba, ``nogil`` so that
-dask threads run them in parallel).
+"""The compiled fold of :mod:`.kernels`: one loop over a CSR row block that
+normalizes, logs, sums the per-gene moments and adds every value into its
+group's fixed-point row, in place (numba, ``nogil`` so that dask threads run
+it in parallel).
 
-Only the loops numpy cannot vectorise are here: per-row scaling, the per-gene
-moments and the per-group fixed-point scatter; ``log1p`` stays numpy's (SIMD). Each loop
-gives the same numbers as its numpy twin in :mod:`.kernels` (the float loops add in
-the same order; the scatter adds integers, so its row order does not matter), which
-is the fallback when numba is missing and the oracle in the tests.
+Nothing block-sized is allocated: no normalized or logged copy of the data
+exists, each value is read once. Raw counts are small integers, so ``log1p``
+of a row's normalized values comes from a per-row table of the first
+:data:`TABLE_SIZE` counts (filled on demand); other values are logged one by
+one. The numpy twin in :mod:`.kernels` is the fallback when numba is missing
+and the oracle in the tests; the two agree to the last bit of ``log1p``
+(numba's and numpy's ``log1p`` differ in the last place for a few values).
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
     AVAILABLE = False
 
+#: Integer counts below this take ``log1p`` from the row's table.
+TABLE_SIZE = 64
+#: Columns of the per-gene moments: normalized sum, sum of squares, the same
+#: of the log1p values (and optionally two more: of the raw stored values).
+N_MOMENTS = 4
+#: Entries of the value-check counts: non-finite, negative, non-integer
+#: counts, too large log1p values.
+N_CHECKS = 4
+
 
 def _jit(func):
     if not AVAILABLE:
@@ -30,77 +43,114 @@ def _jit(func):
 
 
 @_jit
-def _scale_rows(data, indices, indptr, normalize, target_sum, out, moments, counts):
-    for row in range(indptr.size - 1):
-        start, stop = indptr[row], indptr[row + 1]
-        scale = 1.0
-        if normalize:
-            total = 0.0
-            for k in range(start, stop):
-                total += np.float64(data[k])
-            scale = target_sum / (total if total != 0.0 else 1.0)
-        for k in range(start, stop):
-            raw = np.float64(data[k])
-            if not math.isfinite(raw):
-                counts[0] += 1
-            elif normalize and raw != math.floor(raw):
-                counts[2] += 1
-            if raw < 0:
-                counts[1] += 1
-            value = raw * scale
-            out[k] = value
-            gene = indices[k]
-            moments[gene, 0] += value
-            moments[gene, 1] += value * value
-
-
-def scale_rows(data, indices, indptr, n_genes: int, normalize: bool, target_sum: float):
-    """Values scaled to ``target_sum`` per row (or as float64), the per-gene
-    sums of those values and of their squares (``(n_genes, 2)``), and the
-    counts of non-finite, negative and (when normalizing) non-integer values."""
-    out = np.empty(data.size, np.float64)
-    moments = np.zeros((n_genes, 2), np.float64)
-    counts = np.zeros(3, np.int64)
-    _scale_rows(data, indices, indptr, normalize, target_sum, out, moments, counts)
-    return out, moments, tuple(int(c) for c in counts)
+def _row_scale(data, start, stop, normalize, target_sum):
+    if not normalize:
+        return 1.0
+    total = 0.0
+    for k in range(start, stop):
+        total += np.float64(data[k])
+    return target_sum / (total if total != 0.0 else 1.0)
 
 
 @_jit
-def _moments(values, indices, out):
-    for k in range(indices.size):
-        gene = indices[k]
-        value = values[k]
-        out[gene, 0] += value
-        out[gene, 1] += value * value
-
-
-def moments(values, indices, n_genes: int) -> np.ndarray:
-    """Per-gene sums of ``values`` and of their squares, ``(n_genes, 2)``."""
-    out = np.zeros((n_genes, 2), np.float64)
-    _moments(values, indices, out)
-    return out
+def _check(raw, normalize, log1p_max, checks):
+    if not math.isfinite(raw):
+        checks[0] += 1
+    elif normalize and raw != math.floor(raw):
+        checks[2] += 1
+    if not normalize and raw > log1p_max:
+        checks[3] += 1
+    if raw < 0:
+        checks[1] += 1
 
 
 @_jit
-def _scatter(out, values, indices, indptr, codes, order, scale, square):
+def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p_max,
+               group_sum, sum_scale, group_sumsq, square_scale, moments, raw_moments, checks):
+    # group_sumsq and raw_moments are arrays or None: numba compiles one
+    # version per combination and prunes the branches of the absent ones
+    logs = np.empty(TABLE_SIZE)
+    fixed = np.empty(TABLE_SIZE, np.int64)
+    fixed_sq = np.zeros(TABLE_SIZE, np.int64)
     for i in range(order.size):
         row = order[i]
+        start, stop = indptr[row], indptr[row + 1]
         group = codes[row]
-        if group < 0:
-            continue
-        target = out[group]
-        for k in range(indptr[row], indptr[row + 1]):
-            value = values[k] * values[k] if square else values[k]
-            target[indices[k]] += np.int64(np.rint(value * scale))
+        scale = _row_scale(data, start, stop, normalize, target_sum)
+        filled = 0
+        for k in range(start, stop):
+            raw = np.float64(data[k])
+            gene = indices[k]
+            count = int(raw) if normalize and 0.0 <= raw < TABLE_SIZE else -1
+            if count >= 0 and count == raw:
+                while filled <= count:  # the row's table, up to this count
+                    value = math.log1p(filled * scale)
+                    logs[filled] = value
+                    fixed[filled] = np.int64(np.rint(value * sum_scale))
+                    if group_sumsq is not None:
+                        fixed_sq[filled] = np.int64(np.rint(value * value * square_scale))
+                    filled += 1
+                norm, log, add, add_sq = raw * scale, logs[count], fixed[count], fixed_sq[count]
+            else:
+                _check(raw, normalize, log1p_max, checks)
+                norm = raw * scale if normalize else math.expm1(raw)
+                log = math.log1p(norm) if normalize else raw
+                add = np.int64(np.rint(log * sum_scale))
+                add_sq = np.int64(np.rint(log * log * square_scale))
+            moment = moments[gene]
+            moment[0] += norm
+            moment[1] += norm * norm
+            moment[2] += log
+            moment[3] += log * log
+            if raw_moments is not None:
+                raw_moments[gene, 0] += raw
+                raw_moments[gene, 1] += raw * raw
+            if group >= 0:
+                group_sum[group, gene] += add
+                if group_sumsq is not None:
+                    group_sumsq[group, gene] += add_sq
 
 
-def scatter(out, values, indices, indptr, codes, bits: int, square: bool) -> None:
-    """Add CSR rows (or their squares) into ``out[codes[row]]`` in place, as
-    int64 fixed point with ``bits`` fractional bits (``kernels.to_fixed``,
-    value by value: no block-sized temporaries).
+def fold_rows(
+    data: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    codes: np.ndarray,
+    *,
+    normalize: bool,
+    target_sum: float,
+    log1p_max: float,
+    group_sum: np.ndarray,
+    sum_bits: int,
+    group_sumsq: np.ndarray | None,
+    square_bits: int,
+    raw_moments: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold one CSR row block into ``group_sum`` (and ``group_sumsq``) in place.
 
-    Rows are visited grouped by code (a stable sort), which keeps one group's
-    row of ``out`` in cache while its cells are added.
+    Each value is normalized to ``target_sum`` per row (when ``normalize``;
+    else it is taken as ``log1p`` data), logged, and added to row
+    ``codes[row]`` of the int64 fixed-point sums (``kernels.to_fixed``; rows
+    with a negative code only count in the moments). Rows are visited grouped
+    by code (a stable sort), which keeps one group's row of the sums in cache
+    while its cells are added.
+
+    Returns
+    -------
+    moments
+        Per-gene sums, ``(n_genes, 4)`` or ``(n_genes, 6)`` with ``raw_moments``:
+        normalized values and their squares, log1p values and their squares,
+        raw values and their squares.
+    checks
+        Counts of non-finite, negative, non-integer (counts) and too large
+        (log1p) values.
     """
+    n_genes = group_sum.shape[1]
+    moments = np.zeros((n_genes, N_MOMENTS))
+    raw = np.zeros((n_genes, 2)) if raw_moments else None
+    checks = np.zeros(N_CHECKS, np.int64)
     order = np.argsort(codes, kind="stable")
-    _scatter(out, values, indices, indptr, codes, order, float(2.0**bits), square)
+    _fold_rows(data, indices, indptr, codes, order, normalize, float(target_sum),
+               float(log1p_max), group_sum, float(2.0**sum_bits), group_sumsq,
+               float(2.0**square_bits), moments, raw, checks)
+    return moments if raw is None else np.hstack([moments, raw]), checks

@@ -159,17 +159,54 @@ def cluster_threads() -> int:
     return dask.config.get("num_workers", None) or os.cpu_count() or 1
 
 
-def default_chains() -> int:
-    """Running accumulators of a pass (see :func:`.reduce.pass_stats`): one per
-    worker of a distributed cluster, so every worker folds its own blocks;
-    locally one per 8 threads (a fold keeps up with about 8 transforming threads)."""
+#: Share of the memory (a worker's limit, or this machine's) that the running
+#: accumulators of a pass may take together.
+ACCUMULATOR_MEMORY_SHARE = 0.5
+
+
+def default_chains(accumulator_bytes: int, memory_limit: int | None = None) -> int:
+    """Running accumulators of a pass (see :func:`.reduce.pass_stats`): one
+    per thread that computes tasks, as memory allows.
+
+    Parameters
+    ----------
+    accumulator_bytes
+        Size of one accumulator (the ``(groups × genes)`` fixed-point sums).
+    memory_limit
+        Bytes the pass may use locally (default: this machine's memory).
+
+    Returns
+    -------
+    int
+        Locally ``min(threads, share × memory_limit // accumulator_bytes)``;
+        on a distributed cluster the same per worker (its threads and memory
+        limit), summed. At least one per worker: a fold chain keeps its
+        thread busy, and chains fold in parallel.
+    """
     client = _current_client()
-    if client is not None:
-        try:
-            return max(1, len(client.nthreads()))
-        except Exception:  # noqa: BLE001 - a scheduler without workers yet
-            return 1
-    return max(1, cluster_threads() // 8)
+    if client is None:
+        memory = memory_limit or _physical_memory()
+        return _chains_within(cluster_threads(), memory, accumulator_bytes)
+    try:
+        workers = client.scheduler_info()["workers"].values()
+    except Exception:  # noqa: BLE001 - a scheduler without workers yet
+        return 1
+    return max(1, sum(
+        _chains_within(w["nthreads"], w.get("memory_limit") or _physical_memory(), accumulator_bytes)
+        for w in workers
+    ))
+
+
+def _chains_within(threads: int, memory: int, accumulator_bytes: int) -> int:
+    fit = int(memory * ACCUMULATOR_MEMORY_SHARE // max(accumulator_bytes, 1))
+    return max(1, min(threads, fit))
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 8 * 2**30
 
 
 #: Allocations above this size get their own memory mapping (glibc ``M_MMAP_THRESHOLD``).

@@ -4,22 +4,23 @@ Nothing here knows about dask, zarr or files: every function takes arrays of
 one row block and returns arrays. The graph builders in :mod:`.reduce` call
 them; tests call them directly against scanpy and numpy oracles.
 
-The streamed pass is a *chunk → fold → combine → finalize* reduction (as in flox):
+The streamed pass is a *fold → combine → finalize* reduction (as in flox,
+with the chunk step folded in):
 
-- chunk: :func:`transform_block` normalizes and logs one CSR row block and sums
-  its per-gene moments (:class:`BlockPartial`, about the size of the block);
-- fold: :func:`fold_block` adds a partial into a running :class:`PassStats`
-  whose per-group sums are one dense ``(n_groups, n_genes)`` int64 fixed-point
-  array (:func:`to_fixed`), in place — the only object that grows with the
-  number of groups. Integer sums are exact, so the result is bit-identical
-  for every chunking, number of fold chains, combine order and scheduler;
+- fold: :func:`fold_block` normalizes and logs one CSR row block and adds it
+  into a running :class:`PassStats`, in place: per-group sums in one dense
+  ``(n_groups, n_genes)`` int64 fixed-point array (:func:`to_fixed`) — the only
+  object that grows with the number of groups — and the block's per-gene
+  moments. Integer sums are exact, so the result is bit-identical for every
+  chunking, number of fold chains, combine order and scheduler;
 - combine: :func:`combine_into` adds the running statistics of the chains;
 - finish: :func:`finish` sums the per-gene moments in block order;
 - finalize: :mod:`.pseudobulk` divides sums by counts and selects genes.
 
-The loops over the CSR arrays are compiled with numba when it is importable
-(and ``GENEPERT_SCALE_NO_NUMBA`` is unset); the numpy implementation of each
-is the fallback and the test oracle: both sum in the same order.
+The fold's loop over the CSR arrays is compiled with numba when it is
+importable (and ``GENEPERT_SCALE_NO_NUMBA`` is unset): one pass over the
+values, nothing block-sized allocated (:mod:`._numba_kernels`). The numpy
+implementation is the fallback and the test oracle.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class PassStats:
     group_sum
         Per-group sums of the ``log1p`` values, dense ``(n_groups, n_genes)``
         int64 fixed point with :data:`SUM_BITS` fractional bits (exact, see
-        :func:`to_fixed`), or ``None`` in a :class:`BlockPartial` (added by the fold).
+        :func:`to_fixed`).
     group_sumsq
         Per-group sums of squared ``log1p`` values in fixed point with
         :data:`SQUARE_BITS` fractional bits, or ``None`` when not asked.
@@ -126,20 +127,6 @@ class PassStats:
 #: The per-gene moments of :class:`PassStats`, in ``block_moments`` row order.
 MOMENTS = ("gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq",
            "gene_raw_sum", "gene_raw_sumsq")
-
-
-@dataclass
-class BlockPartial:
-    """The chunk step's output: the block's moments, and its ``log1p`` values
-    with their CSR structure and row groups, for :func:`fold_block`."""
-
-    stats: PassStats
-    block_index: int
-    with_group_sumsq: bool
-    logged: np.ndarray
-    indices: np.ndarray
-    indptr: np.ndarray
-    codes: np.ndarray
 
 
 def normalize_log1p(
@@ -223,22 +210,41 @@ def _value_check(
     return ValueCheck(nonfinite, negative, noninteger, too_large, first or None)
 
 
-def _transform_numpy(data, indices, indptr, n_genes, kind, target_sum):
+def _moments_numpy(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_genes: int,
+    kind: InputKind, target_sum: float, raw_moments: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The numpy twin of the compiled fold's per-value work: the block's
+    ``log1p`` values and its per-gene moments (rows: :data:`MOMENTS`)."""
     block = sp.csr_array((data, indices, indptr), shape=(indptr.size - 1, n_genes))
     if kind == "counts":
         normalized, logged = normalize_log1p(block, target_sum)
     else:
         logged = data.astype(np.float64, copy=False)
         normalized = np.expm1(logged)
+    raw = data.astype(np.float64, copy=False)
+    values = [normalized, normalized * normalized, logged, logged * logged]
+    if raw_moments:
+        values += [raw, raw * raw]
+    return logged, np.stack([np.bincount(indices, weights=v, minlength=n_genes) for v in values])
 
-    def per_gene(values: np.ndarray) -> np.ndarray:
-        return np.bincount(indices, weights=values, minlength=n_genes)
 
-    moments = [per_gene(v) for v in (normalized, normalized * normalized, logged, logged * logged)]
-    return logged, moments
+def _scatter_numpy(out, values, indices, indptr, codes, bits: int) -> None:
+    """Add the CSR rows' ``values`` into ``out[code]`` as fixed point (``np.add.at``)."""
+    rows = np.repeat(codes, np.diff(indptr))
+    member = rows >= 0
+    np.add.at(out, (rows[member], indices[member]), to_fixed(values[member], bits))
 
 
-def transform_block(
+def new_stats(n_groups: int, n_genes: int, with_group_sumsq: bool) -> PassStats:
+    """Empty running statistics: zero group sums, no cells."""
+    sumsq = np.zeros((n_groups, n_genes), np.int64) if with_group_sumsq else None
+    return PassStats(0, np.zeros(n_groups, np.int64), *(None,) * 4,
+                     np.zeros((n_groups, n_genes), np.int64), sumsq, None, None, ValueCheck())
+
+
+def fold_block(
+    acc: PassStats | None,
     block: sp.csr_array | sp.csr_matrix | np.ndarray,
     codes: np.ndarray,
     n_groups: int,
@@ -249,11 +255,14 @@ def transform_block(
     with_raw_moments: bool = False,
     block_index: int = 0,
     use_numba: bool | None = None,
-) -> BlockPartial:
-    """The *chunk* step: normalize + ``log1p`` one block and sum its gene moments.
+) -> PassStats:
+    """The *fold*: normalize + ``log1p`` one block and add it into ``acc``.
 
     Parameters
     ----------
+    acc
+        Running statistics, updated in place and returned; ``None`` starts new
+        ones (:func:`new_stats`). It must not be shared with any other computation.
     block
         Cells × genes, CSR (counts or ``log1p`` values, see ``kind``).
     codes
@@ -265,107 +274,40 @@ def transform_block(
     target_sum
         Total count per cell after normalization.
     with_group_sumsq
-        Also keep the squared ``log1p`` values (for per-group variances).
+        Also sum the squared ``log1p`` values per group (for group variances).
     with_raw_moments
         Also sum the raw values and their squares per gene (``seurat_v3``).
     block_index
-        Position of the block, reported by :class:`ValueCheck`.
+        Position of the block: names it in :class:`ValueCheck`, and orders the
+        block's gene moments, kept apart until :func:`finish`.
     use_numba
-        Force the compiled (``True``) or numpy (``False``) loops; default :data:`USE_NUMBA`.
+        Force the compiled (``True``) or numpy (``False``) loop; default :data:`USE_NUMBA`.
     """
     block = block if isinstance(block, sp.csr_array | sp.csr_matrix) else sp.csr_array(block)
     n_genes = block.shape[1]
     data, indices, indptr = block.data, block.indices, block.indptr
     codes = np.asarray(codes)
+    if acc is None:
+        acc = new_stats(n_groups, n_genes, with_group_sumsq)
     if USE_NUMBA if use_numba is None else use_numba:
-        scaled, scaled_moments, counts = _numba_kernels.scale_rows(
-            data, indices, indptr, n_genes, kind == "counts", float(target_sum)
+        moments, counts = _numba_kernels.fold_rows(
+            data, indices, indptr, codes, normalize=kind == "counts", target_sum=target_sum,
+            log1p_max=LOG1P_MAX, group_sum=acc.group_sum, sum_bits=SUM_BITS,
+            group_sumsq=acc.group_sumsq, square_bits=SQUARE_BITS, raw_moments=with_raw_moments,
         )
-        check = _value_check(*counts, _too_large(data, kind), block_index)
-        if kind == "counts":  # log in place: one float64 array per block
-            norm_moments = scaled_moments
-            logged = np.log1p(scaled, out=scaled)
-            log_moments = _numba_kernels.moments(logged, indices, n_genes)
-        else:
-            log_moments, logged = scaled_moments, scaled
-            norm_moments = _numba_kernels.moments(np.expm1(logged), indices, n_genes)
-        moments = [*norm_moments.T, *log_moments.T]
+        check = _value_check(*(int(c) for c in counts), block_index)
+        moments = moments.T
     else:
         check = check_values(data, kind, block_index)
-        logged, moments = _transform_numpy(data, indices, indptr, n_genes, kind, target_sum)
-    raw = data.astype(np.float64, copy=False) if with_raw_moments else None
-    stats = PassStats(
-        n_cells=block.shape[0],
-        group_n=np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.int64),
-        gene_sum=moments[0],
-        gene_sumsq=moments[1],
-        gene_log_sum=moments[2],
-        gene_log_sumsq=moments[3],
-        group_sum=None,
-        group_sumsq=None,
-        gene_raw_sum=None if raw is None else np.bincount(indices, raw, minlength=n_genes),
-        gene_raw_sumsq=None if raw is None else np.bincount(indices, raw * raw, minlength=n_genes),
-        check=check,
-    )
-    return BlockPartial(stats, block_index, with_group_sumsq, logged, indices, indptr, codes)
-
-
-def scatter_group_sums(
-    out: np.ndarray,
-    values: np.ndarray,
-    indices: np.ndarray,
-    indptr: np.ndarray,
-    codes: np.ndarray,
-    *,
-    bits: int,
-    square: bool = False,
-    use_numba: bool | None = None,
-) -> None:
-    """Add the CSR rows' ``values`` (or their squares) into ``out[code]`` in
-    place, in int64 fixed point with ``bits`` fractional bits (:func:`to_fixed`).
-
-    Rows with a negative code belong to no group and are skipped; by the
-    compiled loop or by ``np.add.at`` (the same integers either way).
-    """
-    if USE_NUMBA if use_numba is None else use_numba:
-        _numba_kernels.scatter(out, values, indices, indptr, codes, bits, square)
-        return
-    rows = np.repeat(codes, np.diff(indptr))
-    member = rows >= 0
-    add = values[member]
-    np.add.at(out, (rows[member], indices[member]), to_fixed(add * add if square else add, bits))
-
-
-def fold_block(
-    acc: PassStats | None,
-    part: BlockPartial,
-    n_groups: int,
-    *,
-    use_numba: bool | None = None,
-) -> PassStats:
-    """The *fold* step: add ``part`` into the running statistics ``acc``.
-
-    ``acc`` is updated in place and returned (``None`` starts a new one with
-    zero group sums); it must not be shared with any other computation. The
-    block's gene moments are kept apart until :func:`finish`.
-    """
-    block = part.stats
-    if acc is None:
-        n_genes = block.gene_sum.size
-        sumsq = np.zeros((n_groups, n_genes), np.int64) if part.with_group_sumsq else None
-        acc = PassStats(0, np.zeros(n_groups, np.int64), *(None,) * 4,
-                        np.zeros((n_groups, n_genes), np.int64), sumsq, None, None, ValueCheck())
-    acc.n_cells += block.n_cells
-    acc.check = acc.check.combine(block.check)
-    np.add(acc.group_n, block.group_n, out=acc.group_n)
-    acc.block_moments[part.block_index] = np.stack(
-        [getattr(block, name) for name in MOMENTS if getattr(block, name) is not None]
-    )
-    rows = (part.logged, part.indices, part.indptr, part.codes)
-    scatter_group_sums(acc.group_sum, *rows, bits=SUM_BITS, use_numba=use_numba)
-    if acc.group_sumsq is not None:
-        scatter_group_sums(acc.group_sumsq, *rows, bits=SQUARE_BITS, square=True,
-                           use_numba=use_numba)
+        logged, moments = _moments_numpy(data, indices, indptr, n_genes, kind, target_sum,
+                                         with_raw_moments)
+        _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS)
+        if acc.group_sumsq is not None:
+            _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes, SQUARE_BITS)
+    acc.n_cells += block.shape[0]
+    acc.check = acc.check.combine(check)
+    np.add(acc.group_n, np.bincount(codes[codes >= 0], minlength=n_groups), out=acc.group_n)
+    acc.block_moments[block_index] = np.ascontiguousarray(moments)
     return acc
 
 
@@ -386,22 +328,11 @@ def block_stats(
     block: sp.csr_array | sp.csr_matrix,
     codes: np.ndarray,
     n_groups: int,
-    *,
-    kind: InputKind = "counts",
-    target_sum: float = 1e4,
-    with_group_sumsq: bool = False,
-    with_raw_moments: bool = False,
-    block_index: int = 0,
-    use_numba: bool | None = None,
+    **options,
 ) -> PassStats:
-    """Statistics of one row block (chunk + fold into fresh statistics).
-
-    See :func:`transform_block` for the parameters.
-    """
-    part = transform_block(block, codes, n_groups, kind=kind, target_sum=target_sum,
-                           with_group_sumsq=with_group_sumsq, with_raw_moments=with_raw_moments,
-                           block_index=block_index, use_numba=use_numba)
-    return finish(fold_block(None, part, n_groups, use_numba=use_numba))
+    """Statistics of one row block: :func:`fold_block` into fresh statistics,
+    finished. ``options`` are :func:`fold_block`'s keywords."""
+    return finish(fold_block(None, block, codes, n_groups, **options))
 
 
 def combine_into(parts: list[PassStats]) -> PassStats:

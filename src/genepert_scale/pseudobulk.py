@@ -33,7 +33,7 @@ from .hvg import (
 )
 from .integrity import named_chunk_errors
 from .labels import assign_groups
-from .reduce import MAX_PENDING, SPLIT_EVERY, clipped_moments, pass_stats
+from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
 from .store import write_dataset, zarr_store
 from .validate import (
@@ -173,7 +173,7 @@ def pseudobulk(
         Inputs per combine task.
     chains
         Running ``(groups × genes)`` accumulators (see :func:`.reduce.pass_stats`);
-        default :func:`.cluster.default_chains` (one per worker of a cluster).
+        default :func:`.cluster.default_chains` (one per thread, as memory allows).
     progress
         Show a progress bar.
 
@@ -222,12 +222,11 @@ def pseudobulk(
             f"{screen.source}: flavor seurat_v3 needs raw counts but the input is {kind}; "
             "use --flavor seurat or cell_ranger"
         )
-    chains = chains or default_chains()
+    sums_bytes = len(groups) * screen.n_vars * 8 * (2 if group_variance else 1)
     graph = pass_stats(
         screen, codes, len(groups), kind=kind, target_sum=target_sum,
         with_group_sumsq=group_variance, with_raw_moments=flavor == "seurat_v3",
-        split_every=split_every, chains=chains,
-        max_pending=max(MAX_PENDING, -(-threads // chains)),  # every thread gets a block
+        split_every=split_every, chains=chains or default_chains(sums_bytes, memory_limit),
     )
     stats = _timed_pass(graph, screen, "streamed pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
