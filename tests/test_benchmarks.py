@@ -37,8 +37,9 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
     assert main["ours"]["ours_over_floor"] > 0 and main["scanpy_memory"]["peer_over_ours"] > 0
     # the peers computed the same groups and genes as each other
     assert main["scanpy_memory"]["runs"] == 1
-    ridge = report["summary"]["ridge_P120_d16_q30"]
-    assert ridge["ridge-eigen"]["cholesky_over_eigen"] > 0
+    for workload in ("every", "select"):
+        ridge = report["summary"][f"ridge_P120_d16_q30_{workload}"]
+        assert ridge["ridge-eigen"]["cholesky_over_eigen"] > 0
     table = (tmp_path / "results" / "smoke.md").read_text()
     assert "| screen | tool |" in table and "ours / floor" in table and "cholesky / eigen" in table
 
@@ -52,5 +53,8 @@ def test_ridge_stand_ins_agree():
     import numpy as np
 
     G, X = tasks.ridge_problem(80, 10, 7)
-    for a, b in zip(tasks.ridge_eigen(G, X), tasks.ridge_cholesky(G, X)):
-        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    for workload in tasks.WORKLOADS:
+        eigen, cholesky = tasks.ridge_eigen(G, X, workload), tasks.ridge_cholesky(G, X, workload)
+        assert len(eigen) == len(cholesky) == (len(tasks.ALPHAS) if workload == "every" else 1)
+        for a, b in zip(eigen, cholesky):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)

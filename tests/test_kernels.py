@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from genepert_scale import kernels
 
 
-def random_counts(rng, n=60, g=25, density=0.2, empty_rows=(3, 17)):
+def random_counts(rng, n=60, g=25, density=0.2, empty_rows=(3, 17), high=50):
     x = sp.random(n, g, density=density, format="csr", random_state=rng,
-                  data_rvs=lambda k: rng.integers(1, 50, k)).astype(np.float32)
+                  data_rvs=lambda k: rng.integers(1, high, k)).astype(np.float32)
     x = x.tolil()
     for r in empty_rows:
         x[r, :] = 0
@@ -104,7 +104,9 @@ def test_value_check_counts_and_names_block(values, kind, field):
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 60), kind=st.sampled_from(["counts", "log1p"]))
 def test_compiled_and_numpy_loops_agree(seed, n, kind):
     rng = np.random.default_rng(seed)
-    x = random_counts(rng, n=n, g=15, density=0.3, empty_rows=(0,) if n > 1 else ())
+    # counts below and above the compiled loop's log1p table (TABLE_SIZE)
+    high = 3 * kernels._numba_kernels.TABLE_SIZE if seed % 2 else 50
+    x = random_counts(rng, n=n, g=15, density=0.3, empty_rows=(0,) if n > 1 else (), high=high)
     if kind == "log1p":
         x = sp.csr_array((np.log1p(x.data.astype(np.float64)), x.indices, x.indptr), shape=x.shape)
     if seed % 3 == 0 and x.nnz:  # bad values are counted alike

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -415,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``genepert-scale`` command."""
     args = build_parser().parse_args(argv)
     limit_heap_fragmentation()
+    # the ~10^6 objects of the imported libraries are long-lived: keep every
+    # garbage collection (during the run and at exit, ~0.5 s each) from walking them
+    gc.freeze()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

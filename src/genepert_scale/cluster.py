@@ -211,6 +211,9 @@ def _physical_memory() -> int:
 
 #: Allocations above this size get their own memory mapping (glibc ``M_MMAP_THRESHOLD``).
 MMAP_THRESHOLD = 8 * 2**20
+#: Free memory kept at the top of a heap (glibc ``M_TRIM_THRESHOLD``), so that
+#: the decoder's chunk-sized buffers reuse pages instead of faulting in new ones.
+TRIM_THRESHOLD = 64 * 2**20
 
 
 def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD) -> bool:
@@ -220,6 +223,10 @@ def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD) -> bool:
     the pass's blocks (tens of MiB, allocated and freed by several threads)
     end up in per-thread heaps that fragment and are not returned: measured
     on 1M cells, peak RSS 979 MiB with the default, 825 MiB with 8 MiB.
+    Setting it also fixes the trim threshold at glibc's 128 KiB, which hands
+    the zarr decoder's freed chunk buffers back to the kernel after every
+    chunk; :data:`TRIM_THRESHOLD` keeps them (1M cells: page faults 370k →
+    195k, 0.4 s less system time, peak RSS +50 MiB).
     Does nothing (returns ``False``) on other C libraries or platforms.
     """
     if not sys.platform.startswith("linux"):
@@ -228,7 +235,8 @@ def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD) -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+        m_mmap_threshold, m_trim_threshold = -3, -1
+        kept = libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)) and kept)
     except (OSError, AttributeError):
         return False

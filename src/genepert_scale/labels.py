@@ -82,7 +82,8 @@ def assign_groups(
         perturbation names, sorted.
     """
     cat = pd.Categorical(labels)
-    counts = pd.Series(cat).astype(str).where(pd.notna(cat)).value_counts()
+    counts = pd.Series(cat).value_counts()  # per category: no string per cell
+    counts.index = counts.index.astype(str)
     if counts.get(control, 0) == 0:
         frequent = counts.head(10)
         listing = ", ".join(f"{k!r} ({v})" for k, v in frequent.items())

@@ -123,7 +123,8 @@ def _index_key(df_group) -> str:
 
 
 def _read_index(df_group) -> pd.Index:
-    return pd.Index([str(name) for name in read_elem(df_group[_index_key(df_group)])])
+    names = np.asarray(read_elem(df_group[_index_key(df_group)]))
+    return pd.Index(names if names.dtype.kind in "OTU" else names.astype(str), dtype=object)
 
 
 def open_group(path: str, storage_options: dict[str, Any] | None = None):
