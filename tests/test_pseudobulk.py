@@ -216,3 +216,16 @@ def test_convert_streams_layers_and_raw(tmp_path):
     assert (back.layers["counts"] != counts).nnz == 0
     np.testing.assert_array_equal(back.layers["dense"].toarray(), counts.toarray() * 2)
     assert (back.raw.X != counts).nnz == 0 and list(back.raw.var_names) == list(adata.var_names)
+
+
+def test_default_chains_one_per_thread_as_memory_allows():
+    import dask
+
+    from genepert_scale.cluster import ACCUMULATOR_MEMORY_SHARE, default_chains
+
+    limit = 2**30
+    fits = int(limit * ACCUMULATOR_MEMORY_SHARE)
+    with dask.config.set(num_workers=4):
+        assert default_chains(fits // 8, limit) == 4  # memory for 8: one per thread
+        assert default_chains(fits // 3, limit) == 3  # memory for 3 of the 4 threads
+        assert default_chains(2 * fits, limit) == 1  # never fewer than one
