@@ -153,7 +153,10 @@ def ridge_cholesky(G: np.ndarray, X: np.ndarray, workload: str, alphas=ALPHAS) -
     alpha; ``select`` predicts the held-out rows with each and keeps the best."""
     from scipy.linalg import cho_factor, cho_solve
 
-    (G_fit, X_fit), (G_out, X_out) = _split(G, X) if workload == "select" else ((G, X), (G, X))
+    if workload == "select":
+        (G_fit, X_fit), (G_out, X_out) = _split(G, X)
+    else:
+        G_fit, X_fit = G, X
     g_mean, x_mean = G_fit.mean(axis=0), X_fit.mean(axis=0)
     Gc, Xc = G_fit - g_mean, X_fit - x_mean
     gram, cross = Gc.T @ Gc, Gc.T @ Xc

@@ -174,6 +174,10 @@ def test_dense_x_is_read_in_row_blocks(tmp_path):
     a = pseudobulk(str(tmp_path / "dense.h5ad"), n_top_genes=None, block_rows=64, progress=False)
     b = pseudobulk(str(tmp_path / "sparse.h5ad"), n_top_genes=None, block_rows=64, progress=False)
     np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-12)
+    # default block sizing counts a dense X's entries (it once tested `"indptr" in X`)
+    for name in ("dense.h5ad", "sparse.h5ad"):
+        whole = open_screen(str(tmp_path / name))
+        assert whole.X.chunks[0] == (300,) and (whole.csr is None)
 
 
 @pytest.mark.parametrize("chains", [2, 3])
@@ -187,7 +191,7 @@ def test_result_does_not_depend_on_the_number_of_fold_chains(small_screen, chain
 
 def test_default_blocks_follow_store_chunks_and_memory_limit():
     from genepert_scale.screen import (
-        BLOCK_MEMORY_SHARE, BLOCKS_IN_FLIGHT, BYTES_PER_VALUE, block_rows_for,
+        BLOCK_MEMORY_SHARE, BYTES_PER_VALUE, block_rows_for,
     )
 
     # 1M cells x 560 values: the 8M-value target, rounded to whole 262,144-value chunks
@@ -195,7 +199,7 @@ def test_default_blocks_follow_store_chunks_and_memory_limit():
     assert rows == int(31 * 262_144 / 560)
     # a 200 MiB limit on 2 threads caps blocks so that those in flight fit in its share
     capped = block_rows_for(1_000_000, 560_000_000, memory_limit=2**20 * 200, threads=2)
-    in_flight = capped * 560 * BYTES_PER_VALUE * BLOCKS_IN_FLIGHT * 2
+    in_flight = capped * 560 * BYTES_PER_VALUE * 2
     assert 0.9 * BLOCK_MEMORY_SHARE * 2**20 * 200 <= in_flight <= BLOCK_MEMORY_SHARE * 2**20 * 200 * 1.01
     # never less than one chunk
     assert block_rows_for(1000, 10_000_000, chunk_values=262_144, memory_limit=1) * 10_000 >= 262_144

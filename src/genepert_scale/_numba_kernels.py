@@ -8,8 +8,8 @@ exists, each value is read once. Raw counts are small integers, so ``log1p``
 of a row's normalized values comes from a per-row table of the first
 :data:`TABLE_SIZE` counts (filled on demand); other values are logged one by
 one. The numpy twin in :mod:`.kernels` is the fallback when numba is missing
-and the oracle in the tests; the two agree to the last bit of ``log1p``
-(numba's and numpy's ``log1p`` differ in the last place for a few values).
+and the oracle in the tests; the two agree up to the last place of
+``log1p`` (numba's and numpy's differ there for a few values).
 """
 
 from __future__ import annotations

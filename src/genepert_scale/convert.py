@@ -14,7 +14,7 @@ from anndata.io import read_elem, sparse_dataset, write_elem
 
 from .errors import StoreError
 from .integrity import complete_chunks, mark_complete
-from .screen import TARGET_BLOCK_NNZ, block_rows_for
+from .screen import block_rows_for, stored_values
 from .store import CsrAppender, atomic_output, quiet_zarr_warnings, zarr_store
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,11 @@ def _copy_x(x, group: zarr.Group, block_rows: int | None, source: str) -> None:
     encoding = x.attrs.get("encoding-type", "array")
     if encoding == "csc_matrix":
         raise StoreError(f"{source} is CSC; convert it to CSR in memory first (.tocsr())")
-    if isinstance(x, h5py.Group):
-        matrix = sparse_dataset(x)
-        n_obs, n_vars = matrix.shape
-        nnz = int(x["indptr"][-1])
-    else:
-        matrix = x
-        n_obs, n_vars = x.shape
-        nnz = n_obs * n_vars
+    matrix = sparse_dataset(x) if isinstance(x, h5py.Group) else x
+    n_obs, n_vars = matrix.shape
     dtype = "float32" if np.dtype(x["data"].dtype if isinstance(x, h5py.Group) else x.dtype).itemsize <= 4 else "float64"
     appender = CsrAppender(group, n_vars, dtype)
-    rows = block_rows or block_rows_for(n_obs, nnz, TARGET_BLOCK_NNZ)
+    rows = block_rows or block_rows_for(n_obs, stored_values(x, encoding))
     for start in range(0, n_obs, rows):
         appender.append(sp.csr_array(matrix[start : start + rows]))
         log.info("convert: %d/%d cells", appender.n_rows, n_obs)

@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import xarray as xr
 
-from .errors import ParameterError
+from .errors import ParameterError, listing
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def welch_t(ds: xr.Dataset) -> xr.DataArray:
     n_control = int(ds["n_control_cells"])
     if n_control < 2:
         raise ParameterError(
-            f"the control has {n_control} cell(s); a t-test needs at least 2"
+            f"the control has {n_control} cell(s); a t-test needs at least 2: "
+            "pseudo-bulk with a --control label that has more cells"
         )
     n = ds["n_cells"].astype(np.float64)
     diff = ds["mean"] - ds["control_mean"]
@@ -149,8 +150,8 @@ def _log_undefined(ds: xr.Dataset) -> None:
     if few.any():
         names = ds["perturbation"].values[few]
         log.warning(
-            "%d perturbations have fewer than 2 cells and no DE genes: %s%s",
-            len(names), ", ".join(map(str, names[:20])), " ..." if len(names) > 20 else "",
+            "%d perturbations have fewer than 2 cells and no DE genes: %s",
+            len(names), listing(names, 20),
         )
 
 

@@ -11,7 +11,7 @@ its loess fit. Binning, normalisation and cut-offs follow scanpy exactly.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,7 @@ import pandas as pd
 from .errors import ParameterError
 
 Flavor = Literal["seurat", "cell_ranger", "seurat_v3"]
-FLAVORS: tuple[str, ...] = ("seurat", "cell_ranger", "seurat_v3")
+FLAVORS: tuple[str, ...] = get_args(Flavor)
 
 
 def mean_var(total: np.ndarray, total_sq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -236,6 +236,11 @@ def _scatter_numpy(out, values, indices, indptr, codes, bits: int) -> None:
     np.add.at(out, (rows[member], indices[member]), to_fixed(values[member], bits))
 
 
+def accumulator_bytes(n_groups: int, n_genes: int, with_group_sumsq: bool) -> int:
+    """Size of the running group sums of :func:`new_stats` (what each fold chain holds)."""
+    return n_groups * n_genes * np.dtype(np.int64).itemsize * (2 if with_group_sumsq else 1)
+
+
 def new_stats(n_groups: int, n_genes: int, with_group_sumsq: bool) -> PassStats:
     """Empty running statistics: zero group sums, no cells."""
     sumsq = np.zeros((n_groups, n_genes), np.int64) if with_group_sumsq else None

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from .errors import LabelError
+from .errors import LabelError, listing
 
 #: The control's name in a GEARS ``condition`` column.
 GEARS_CONTROL = "ctrl"
@@ -85,11 +85,10 @@ def assign_groups(
     counts = pd.Series(cat).value_counts()  # per category: no string per cell
     counts.index = counts.index.astype(str)
     if counts.get(control, 0) == 0:
-        frequent = counts.head(10)
-        listing = ", ".join(f"{k!r} ({v})" for k, v in frequent.items())
+        frequent = listing(f"{k!r} ({v})" for k, v in counts.items())
         raise LabelError(
             f"control label {control!r} matches no cell in obs[{column!r}]; "
-            f"most frequent labels: {listing}. Pass the right one with --control"
+            f"most frequent labels: {frequent}. Pass the right one with --control"
         )
     names = [_canonical_or_control(label, control, column, counts) for label in map(str, cat.categories)]
     groups = [control, *sorted(set(names) - {control})]

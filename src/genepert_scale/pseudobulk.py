@@ -21,7 +21,7 @@ import xarray as xr
 
 from . import __version__, kernels
 from .cluster import cluster_threads, compute, default_chains
-from .errors import GenePertInputError, LabelError, ParameterError, StoreError
+from .errors import GenePertInputError, LabelError, ParameterError, StoreError, listing
 from .hvg import (
     FLAVORS,
     Flavor,
@@ -197,16 +197,21 @@ def pseudobulk(
             raise ParameterError(
                 f"--memory-limit {memory_limit!r} is not a size; use e.g. 2GiB or 500MB"
             ) from err
+    check_positive("--min-cells", min_cells, integer=True)
+    check_positive("--target-sum", target_sum)
     if isinstance(screen, str):
         screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
                              memory_limit=memory_limit, threads=threads)
-    check_positive("--min-cells", min_cells, integer=True)
-    check_positive("--target-sum", target_sum)
     params = PseudobulkParams(
         perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
         flavor, target_sum, input, min_cells, group_variance,
     )
     kind = resolve_input_kind(screen, input)
+    if flavor == "seurat_v3" and kind != "counts":
+        raise ParameterError(
+            f"{screen.source}: flavor seurat_v3 needs raw counts but the input is {kind}; "
+            "use --flavor seurat or cell_ranger"
+        )
     check_exact_sum_range(
         screen.n_obs, np.log1p(target_sum) if kind == "counts" else kernels.LOG1P_MAX, screen.source
     )
@@ -217,12 +222,7 @@ def pseudobulk(
         screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
         screen.X.numblocks[0], screen.X.chunks[0][0],
     )
-    if flavor == "seurat_v3" and kind != "counts":
-        raise ParameterError(
-            f"{screen.source}: flavor seurat_v3 needs raw counts but the input is {kind}; "
-            "use --flavor seurat or cell_ranger"
-        )
-    sums_bytes = len(groups) * screen.n_vars * 8 * (2 if group_variance else 1)
+    sums_bytes = kernels.accumulator_bytes(len(groups), screen.n_vars, group_variance)
     graph = pass_stats(
         screen, codes, len(groups), kind=kind, target_sum=target_sum,
         with_group_sumsq=group_variance, with_raw_moments=flavor == "seurat_v3",
@@ -334,7 +334,8 @@ def finalize(
         The input kind that was used.
     """
     if stats.group_n[0] == 0:
-        raise LabelError(f"no control cells ({params.control!r}) in the screen")
+        raise LabelError(f"no control cells ({params.control!r}) in the screen; "
+                         "pass the control label with --control")
     var_names = hvg.index
     keep = hvg["highly_variable"].to_numpy()
     n = stats.group_n
@@ -346,9 +347,8 @@ def finalize(
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
     if small:
         log.warning(
-            "dropping %d perturbations with fewer than %d cells: %s%s",
-            len(small), params.min_cells, ", ".join(small[:20]),
-            " ..." if len(small) > 20 else "",
+            "dropping %d perturbations with fewer than %d cells: %s",
+            len(small), params.min_cells, listing(small, 20),
         )
     rows = np.flatnonzero(n >= params.min_cells)
     rows = rows[rows > 0]

@@ -92,10 +92,7 @@ def pass_stats(
     genes) would be hundreds of MB each. Group sums are exact integers, so
     they do not depend on the chunking, ``chains`` or the scheduler.
     """
-    bounds = np.cumsum((0, *screen.X.chunks[0]))
-    rows = screen.csr_rows()
-    blocks = [BlockRef(screen.X.blocks[i], rows, (int(bounds[i]), int(bounds[i + 1])))
-              for i in range(screen.X.numblocks[0])]
+    bounds, blocks = block_refs(screen)
     fold = delayed(_read_and_fold, pure=True, name="pass-fold")
     accs: list[Any] = [None] * max(1, min(chains, len(blocks)))
     for i, block in enumerate(blocks):
@@ -108,26 +105,36 @@ def pass_stats(
 
 
 class BlockRef:
-    """A lazy block of ``X`` that dask does not see as a dependency: the fold
-    given it reads it, so a block is read only when it can be folded (never
+    """A lazy block of ``X`` that dask does not see as a dependency: the task
+    given it reads it, so a block is read only when it can be used (never
     ahead, held in memory while its chain is busy).
 
-    A CSR zarr store is read directly (``rows``: :meth:`.Screen.csr_rows`),
-    anything else through its dask ``block``.
+    A CSR zarr store is read directly (:attr:`.Screen.csr`), anything else
+    through the dask ``block``; either way only the block's name is tokenized
+    or kept beside the direct reader, not the whole ``X`` graph.
     """
 
     def __init__(self, block, rows: CsrRows | None, span: tuple[int, int]):
-        self.block = block
+        self.name = block.name
+        self.block = block if rows is None else None
         self.rows = rows
         self.span = span
 
     def __dask_tokenize__(self) -> str:
-        return self.block.name  # not a pickle of the whole X graph
+        return self.name
 
     def read(self):
         if self.rows is not None:
             return self.rows.read(*self.span)
         return self.block.compute(scheduler="sync")
+
+
+def block_refs(screen: Screen) -> tuple[np.ndarray, list[BlockRef]]:
+    """The row bounds of ``screen.X``'s blocks and a :class:`BlockRef` to each."""
+    bounds = np.cumsum((0, *screen.X.chunks[0]))
+    refs = [BlockRef(screen.X.blocks[i], screen.csr, (int(bounds[i]), int(bounds[i + 1])))
+            for i in range(screen.X.numblocks[0])]
+    return bounds, refs
 
 
 def _read_and_fold(acc, block: BlockRef, codes, n_groups, **kwargs) -> kernels.PassStats:
@@ -137,6 +144,12 @@ def _read_and_fold(acc, block: BlockRef, codes, n_groups, **kwargs) -> kernels.P
 
 def clipped_moments(screen: Screen, clip: np.ndarray, *, split_every: int = SPLIT_EVERY) -> Delayed:
     """The lazy second pass of ``seurat_v3``: per-gene sums of clipped counts."""
-    chunk = delayed(kernels.clipped_moments, pure=True, name="clip-chunk")
-    parts = [chunk(block, clip) for block in screen.X.to_delayed().ravel()]
+    chunk = delayed(_read_and_clip, pure=True, name="clip-chunk")
+    clip = delayed(clip, pure=True)  # one copy in the graph, not one per task
+    parts = [chunk(block, clip) for block in block_refs(screen)[1]]
     return tree_reduce(parts, kernels.add_pairs, split_every=split_every, name="clip-combine")
+
+
+def _read_and_clip(block: BlockRef, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Read a block and sum its clipped counts (:func:`kernels.clipped_moments`)."""
+    return kernels.clipped_moments(block.read(), clip)

@@ -30,11 +30,10 @@ from .validate import check_case_collisions, check_unique_names, check_x_dtype
 #: blocks keep a group's row of the running sums in cache while its cells are
 #: added (measured: 2M values per block pass 1.5x slower than 8M).
 TARGET_BLOCK_NNZ = 8_000_000
-#: Bytes held per stored value of a block in flight: the read block (value +
-#: index, up to 8 bytes each) and zarr's decoded chunks while it is assembled.
+#: Bytes held per stored value of the block each thread is reading or
+#: folding: the block (value + index, up to 8 bytes each) and zarr's decoded
+#: chunks while it is assembled.
 BYTES_PER_VALUE = 20
-#: Blocks in flight per thread (the one its fold chain is reading or folding).
-BLOCKS_IN_FLIGHT = 1
 #: Share of the memory limit that blocks in flight may use (the rest: the
 #: running group sums, the interpreter, the outputs).
 BLOCK_MEMORY_SHARE = 0.4
@@ -55,6 +54,9 @@ class Screen:
         Gene names, in column order.
     obs_names
         Cell names.
+    csr
+        A direct reader of ``X``'s rows for a CSR zarr store, ``None``
+        otherwise (then read the blocks of ``X``).
     """
 
     source: str
@@ -62,6 +64,7 @@ class Screen:
     X: da.Array
     var_names: pd.Index
     obs_names: pd.Index
+    csr: CsrRows | None = None
 
     @property
     def n_obs(self) -> int:
@@ -73,22 +76,17 @@ class Screen:
 
     @property
     def obs_columns(self) -> list[str]:
-        return [k for k in self.group["obs"].keys() if k != _index_key(self.group["obs"])]
-
-    def csr_rows(self) -> CsrRows | None:
-        """A direct reader of ``X``'s rows, for a CSR zarr store (else ``None``:
-        read the blocks of :attr:`X`)."""
-        x_group = self.group["X"]
-        if isinstance(x_group, zarr.Group) and x_group.attrs.get("encoding-type") == "csr_matrix":
-            return CsrRows(x_group, self.n_vars)
-        return None
+        obs = self.group["obs"]
+        index = _index_key(obs)
+        return [k for k in obs.keys() if k != index]
 
     def obs_column(self, key: str) -> pd.Series:
         """Read one ``obs`` column (e.g. the perturbation labels)."""
-        if key not in self.obs_columns:
+        columns = self.obs_columns
+        if key not in columns:
             raise LabelError(
                 f"{self.source}: obs has no column {key!r}; columns there are: "
-                f"{', '.join(self.obs_columns) or '(none)'}. "
+                f"{', '.join(columns) or '(none)'}. "
                 "Pass the right one with --perturbation-key"
             )
         with named_chunk_errors(self.group, self.source, (f"obs/{key}",)):
@@ -98,23 +96,30 @@ class Screen:
 
 @dataclass(frozen=True)
 class CsrRows:
-    """Row slices of a CSR matrix stored in a zarr group (``data``,
-    ``indices``, ``indptr``), read with one slice of each array — the same
-    reads as anndata's lazy blocks, without the per-block wrapping."""
+    """Row slices of a CSR matrix stored in a zarr group (its ``data``,
+    ``indices`` and ``indptr`` arrays, opened once), read with one slice of
+    each array — the same reads as anndata's lazy blocks, without the
+    per-block wrapping."""
 
-    group: Any
+    data: Any
+    indices: Any
+    indptr: Any
     n_vars: int
+
+    @classmethod
+    def of(cls, x_group, n_vars: int) -> CsrRows:
+        return cls(x_group["data"], x_group["indices"], x_group["indptr"], n_vars)
 
     def read(self, start: int, stop: int) -> sp.csr_array:
         """Rows ``start:stop`` as a CSR array (``indptr`` from zero)."""
-        indptr = np.asarray(self.group["indptr"][start : stop + 1])
+        indptr = np.asarray(self.indptr[start : stop + 1])
         first, last = int(indptr[0]), int(indptr[-1])
-        indices = self.group["indices"][first:last]
+        indices = self.indices[first:last]
         # a block's offsets fit int32 when its values do: scipy would otherwise
         # widen the whole (int32) indices array to int64, a block-sized copy
         small = indices.dtype == np.int32 and last - first < 2**31
         offsets = (indptr - first).astype(np.int32 if small else np.int64)
-        return sp.csr_array((self.group["data"][first:last], indices, offsets),
+        return sp.csr_array((self.data[first:last], indices, offsets),
                             shape=(stop - start, self.n_vars))
 
 
@@ -174,13 +179,13 @@ def block_rows_for(
         Values per stored chunk of ``X/data``: the target is rounded to a whole
         number of chunks (at least one), so a block decodes few partial chunks.
     memory_limit
-        Bytes the pass may use; caps the block so that ``threads`` ×
-        :data:`BLOCKS_IN_FLIGHT` blocks take at most :data:`BLOCK_MEMORY_SHARE` of it.
+        Bytes the pass may use; caps the block so that ``threads`` blocks
+        take at most :data:`BLOCK_MEMORY_SHARE` of it.
     threads
         Threads (or worker threads) computing blocks at once.
     """
     if memory_limit:
-        in_flight = BYTES_PER_VALUE * BLOCKS_IN_FLIGHT * max(threads, 1)
+        in_flight = BYTES_PER_VALUE * max(threads, 1)
         target_nnz = min(target_nnz, int(memory_limit * BLOCK_MEMORY_SHARE / in_flight))
     if chunk_values:
         target_nnz = max(chunk_values, round(target_nnz / chunk_values) * chunk_values)
@@ -188,16 +193,17 @@ def block_rows_for(
     return int(min(max(target_nnz / per_row, 256), max(n_obs, 1)))
 
 
-def _chunk_values(x_group) -> int | None:
+def _chunk_values(x_group, encoding: str) -> int | None:
     """Values per stored chunk of ``X/data`` (``None`` for dense or h5py without chunks)."""
-    if x_group.attrs.get("encoding-type") != "csr_matrix":
+    if encoding != "csr_matrix":
         return None
     chunks = getattr(x_group["data"], "chunks", None)
     return int(chunks[0]) if chunks else None
 
 
-def _stored_values(x_group) -> int:
-    if "indptr" in x_group:
+def stored_values(x_group, encoding: str) -> int:
+    """Stored values of ``X``: its non-zeros (CSR) or all its entries (dense)."""
+    if encoding == "csr_matrix":
         indptr = x_group["indptr"]
         return int(indptr[indptr.shape[0] - 1])
     return int(np.prod(x_group.shape))
@@ -290,8 +296,10 @@ def screen_from_group(
             f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
         )
     rows = block_rows or block_rows_for(
-        shape[0], _stored_values(x_group), chunk_values=_chunk_values(x_group),
+        shape[0], stored_values(x_group, encoding), chunk_values=_chunk_values(x_group, encoding),
         memory_limit=memory_limit, threads=threads or os.cpu_count() or 1,
     )
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
-    return Screen(str(path), group, X, var_names, obs_names)
+    direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)
+    csr = CsrRows.of(x_group, shape[1]) if direct else None
+    return Screen(str(path), group, X, var_names, obs_names, csr)

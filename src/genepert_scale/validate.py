@@ -149,12 +149,11 @@ def check_positive(name: str, value: float, *, integer: bool = False) -> None:
 
 def check_min_cells(group_sizes: Mapping[str, int], min_cells: int, source: str) -> None:
     """Raise if no perturbation has at least ``min_cells`` cells."""
-    check_positive("--min-cells", min_cells, integer=True)
     if group_sizes and max(group_sizes.values()) < min_cells:
-        largest = sorted(group_sizes.items(), key=lambda kv: -kv[1])[:5]
+        largest = sorted(group_sizes.items(), key=lambda kv: -kv[1])
         raise ParameterError(
             f"{source}: no perturbation has at least --min-cells {min_cells} cells "
-            f"(largest: {', '.join(f'{k} ({v})' for k, v in largest)}); lower --min-cells"
+            f"(largest: {listing((f'{k} ({v})' for k, v in largest), 5)}); lower --min-cells"
         )
 
 
