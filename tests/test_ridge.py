@@ -65,7 +65,7 @@ def blocked_stats(G, X, block, n_groups=1, group_of_row=None):
 def test_matches_sklearn(n, d, block):
     G, X = problem(n, d, q=9, seed=n + d)
     stats = gram_stats(G, X) if block is None else blocked_stats(G, X, block)[0]
-    paths = [primal_path(stats), dual_path(G, X), ridge_path(stats, (G, X))]
+    paths = [primal_path(stats), dual_path(G, X), ridge_path(stats, Rows(G, X, np.zeros(len(G))))]
     assert paths[2].solver == ("dual" if n < d else "primal")
     for alpha in ALPHAS:
         theta_ref, b_ref = sklearn_fit(G, X, alpha)

@@ -47,6 +47,7 @@ from .ridge import (
     load_model,
     ridge_path,
     sum_stats,
+    wants_dual,
 )
 from .interop import predictions_to_anndata, write_h5ad
 from .store import atomic_output, filesystem, write_dataset
@@ -167,7 +168,7 @@ def fold_statistics(
 def dual_rows(data: TrainingData, fold: np.ndarray, solver: Solver) -> Rows | None:
     """Feature and delta rows for the dual solver, loaded only when it may be
     used: fewer perturbations than dimensions, so the rows are smaller than ``GᵀG``."""
-    if solver == "primal" or (solver == "auto" and data.n >= data.features.dim):
+    if not wants_dual(data.n, data.features.dim, solver):
         return None
     return Rows(data.features.rows(), np.asarray(data.delta.compute(), dtype=np.float64), fold)
 
@@ -221,7 +222,7 @@ def fit(
     rows = dual_rows(data, fold, solver)
     cv = cv_error(fold_stats, alphas, rows=rows, solver=solver) if folds > 1 else np.full(1, np.nan)
     alpha = alphas[int(np.nanargmin(cv))] if folds > 1 else alphas[0]
-    path = ridge_path(sum_stats(list(fold_stats)), (rows.G, rows.X) if rows else None, solver)
+    path = ridge_path(sum_stats(list(fold_stats)), rows, solver)
     coef, intercept = path.coef(alpha)
     log.info("fit: %d perturbations, d=%d, %d genes, alpha %g (%s solver)",
              data.n, data.features.dim, len(data.genes), alpha, path.solver)

@@ -209,18 +209,29 @@ def dual_path(G: np.ndarray, X: np.ndarray) -> RidgePath:
     return RidgePath(centred.T @ vectors, eigenvalues, vectors.T @ (X - x_mean), g_mean, x_mean, "dual")
 
 
+def wants_dual(n: int, dim: int, solver: Solver) -> bool:
+    """Whether ``solver`` asks for the dual path on ``n`` rows of ``dim``
+    features (``auto``: fewer rows than dimensions)."""
+    return solver == "dual" or (solver == "auto" and n < dim)
+
+
 def ridge_path(
     stats: GramStats,
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: Rows | None = None,
     solver: Solver = "auto",
+    *,
+    held_out: Sequence[int] = (),
 ) -> RidgePath:
-    """The path of a training set: dual when its rows are given and there are
-    fewer rows than dimensions (``auto``), else primal from ``stats``."""
-    dim = stats.gtg.shape[0]
-    if solver == "dual" or (solver == "auto" and rows is not None and stats.n < dim):
+    """The path of a training set (``stats``; ``rows`` without the folds in
+    ``held_out``): dual when :func:`wants_dual` and the rows are given, else
+    primal from ``stats``. The training rows are copied only for the dual."""
+    if wants_dual(stats.n, stats.gtg.shape[0], solver) and (rows is not None or solver == "dual"):
         if rows is None:
-            raise ParameterError("the dual ridge solver needs the training rows")
-        return dual_path(*rows)
+            raise ParameterError(
+                "the dual ridge solver needs the training rows; pass rows=Rows(G, X, fold) "
+                "or use solver 'auto' or 'primal'"
+            )
+        return dual_path(*rows.without(held_out))
     return primal_path(stats)
 
 
@@ -252,6 +263,8 @@ class Rows:
     fold: np.ndarray
 
     def without(self, folds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        if not folds:
+            return self.G, self.X
         keep = ~np.isin(self.fold, list(folds))
         return self.G[keep], self.X[keep]
 
@@ -271,11 +284,17 @@ def cv_error(
     exclude: Sequence[int] = (),
     rows: Rows | None = None,
     solver: Solver = "auto",
+    scores: dict[tuple[frozenset[int], int], np.ndarray] | None = None,
 ) -> np.ndarray:
     """K-fold validation MSE per alpha over the folds not in ``exclude``.
 
     Each remaining fold is held out in turn from a model trained on the other
     remaining folds; errors are pooled over all their rows and targets.
+
+    ``scores`` carries squared errors between calls, keyed by (held-out
+    folds, scored fold): the model trained without folds ``{k, j}`` scores
+    both ``j`` (for ``exclude=(k,)``) and ``k`` (for ``exclude=(j,)``), so
+    nested CV decomposes each pair of folds once, not twice.
     """
     folds = [k for k in range(len(fold_stats)) if k not in set(exclude)]
     if len(folds) < 2:
@@ -284,12 +303,18 @@ def cv_error(
             f"{len(folds)} left; use more folds or give one --alpha"
         )
     total = sum_stats(list(fold_stats))
+    shared = scores is not None
+    scores = scores if shared else {}
     sse = np.zeros(len(alphas))
     for j in folds:
         held_out = (*exclude, j)
-        train = training_stats(total, fold_stats, held_out)
-        path = ridge_path(train, rows.without(held_out) if rows else None, solver)
-        sse += path.squared_errors(fold_stats[j], alphas)
+        key = frozenset(held_out)
+        if (key, j) not in scores:
+            train = training_stats(total, fold_stats, held_out)
+            path = ridge_path(train, rows, solver, held_out=held_out)
+            for scored in held_out if shared else (j,):
+                scores[key, scored] = path.squared_errors(fold_stats[scored], alphas)
+        sse += scores.pop((key, j))
     n = sum(fold_stats[j].n for j in folds)
     return sse / (n * fold_stats[0].gtx.shape[1])
 
@@ -327,15 +352,16 @@ def cross_validate(
     """
     alphas = check_alphas(alphas)
     total = sum_stats(list(fold_stats))
+    scores: dict[tuple[frozenset[int], int], np.ndarray] = {}  # shared by the inner CVs
     fits = []
     for k in range(len(fold_stats)) if folds is None else folds:
         held_out = fold_stats[k]
         inner = (
-            cv_error(fold_stats, alphas, exclude=(k,), rows=rows, solver=solver)
+            cv_error(fold_stats, alphas, exclude=(k,), rows=rows, solver=solver, scores=scores)
             if len(alphas) > 1 else np.full(1, np.nan)
         )
         train = training_stats(total, fold_stats, (k,))
-        path = ridge_path(train, rows.without((k,)) if rows else None, solver)
+        path = ridge_path(train, rows, solver, held_out=(k,))
         q = held_out.gtx.shape[1]
         table = pd.DataFrame({
             "alpha": alphas,
