@@ -268,7 +268,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.pseudobulk, args.embeddings, split=args.split, split_file=args.split_file,
                       test_share=args.test_share, **model_options(args))
     print(summary_table(result.summary))
-    print(f"report: {write_report(result, args.out, overwrite=args.overwrite)}")
+    written = write_report(result, args.out, overwrite=args.overwrite,
+                           storage_options=_storage_options(args.storage_options))
+    print(f"report: {written}")
     return 0
 
 

@@ -327,6 +327,7 @@ def _model_inputs(run: StageRun) -> tuple[Any, Any, dict[str, Any]]:
         "alphas": config.evaluate.alphas, "n_folds": config.evaluate.folds,
         "seed": config.evaluate.seed, "missing": config.embeddings.missing,
         "gene_map": config.embeddings.gene_map, "progress": run.progress,
+        "storage_options": config.embeddings.storage_options,  # for a gene_map URL
     }
     return pseudobulk, table, options
 
