@@ -21,6 +21,7 @@ from .errors import ParameterError
 from .data_embedding import PCA_PREFIX
 from .hvg import FLAVORS
 from .store import is_url
+from .validate import check_alphas
 
 def _key(default: Any, types: type | tuple[type, ...], choices: tuple = ()) -> Any:
     """A config key: its default, the TOML value types it takes, its choices."""
@@ -233,8 +234,10 @@ def _check(config: RunConfig) -> None:
         )
     if config.evaluate.folds < 2:
         raise ParameterError(f"{where}: [evaluate] folds must be at least 2")
-    if not all(isinstance(a, int | float) and a > 0 for a in config.evaluate.alphas):
-        raise ParameterError(f"{where}: [evaluate] alphas must be positive numbers")
+    alphas = config.evaluate.alphas
+    if not all(isinstance(a, int | float) for a in alphas):
+        raise ParameterError(f"{where}: [evaluate] alphas must be numbers, e.g. [0.1, 1, 10]")
+    check_alphas(alphas, name=f"{where}: [evaluate] alphas")
     derived = [p for p in config.embeddings.paths if p.startswith(PCA_PREFIX)]
     if derived:
         raise ParameterError(

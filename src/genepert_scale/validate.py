@@ -167,13 +167,14 @@ def check_folds(folds: int, n_perturbations: int, source: str) -> None:
         )
 
 
-def check_alphas(alphas: float | Sequence[float]) -> np.ndarray:
-    """The ridge penalties as a float array; raise unless all are positive and finite."""
+def check_alphas(alphas: float | Sequence[float], name: str = "--alpha") -> np.ndarray:
+    """The ridge penalties as a float array; raise unless all are positive and
+    finite (``name`` says where they were given)."""
     values = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
     bad = values[~(np.isfinite(values) & (values > 0))]
     if values.size == 0 or bad.size:
         raise ParameterError(
-            f"--alpha must be positive and finite (ridge needs a penalty > 0), got "
+            f"{name} must be positive and finite (ridge needs a penalty > 0), got "
             f"{listing(bad.tolist(), quote=True) or 'no value'}"
         )
     return values
