@@ -53,34 +53,35 @@ KNN_K = (1, 5, 10)
 NOVELTY_BINS = 4
 
 
-def knn_prediction(G_train: np.ndarray, X_train: np.ndarray, G_test: np.ndarray, k: int) -> np.ndarray:
+def knn_prediction(similarity: np.ndarray, X_train: np.ndarray, k: int) -> np.ndarray:
     """Mean delta of the ``k`` training perturbations most cosine-similar to
-    each test perturbation (rows of ``G`` have unit norm)."""
-    k = min(k, G_train.shape[0])
-    similarity = G_test @ G_train.T
+    each test perturbation (``similarity = G_test @ G_train.T``, rows of unit norm)."""
+    k = min(k, similarity.shape[1])
     nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
     return X_train[nearest].mean(axis=1)
 
 
 def baseline_predictions(
-    G_train: np.ndarray, X_train: np.ndarray, G_test: np.ndarray, knn_k: Sequence[int] = KNN_K
+    similarity: np.ndarray, X_train: np.ndarray, knn_k: Sequence[int] = KNN_K
 ) -> dict[str, np.ndarray]:
-    """Predictions of every baseline for the test rows."""
-    n = G_test.shape[0]
+    """Predictions of every baseline for the test rows (``similarity``: test ×
+    train cosine similarities, ``G_test @ G_train.T``)."""
+    n = similarity.shape[0]
     out = {
         "mean_baseline": np.tile(X_train.mean(axis=0), (n, 1)),
         "median_baseline": np.tile(np.median(X_train, axis=0), (n, 1)),
         "control_baseline": np.zeros((n, X_train.shape[1])),
     }
     for k in knn_k:
-        out[f"knn_{k}"] = knn_prediction(G_train, X_train, G_test, k)
+        out[f"knn_{k}"] = knn_prediction(similarity, X_train, k)
     return out
 
 
-def nearest_distance(G_test: np.ndarray, G_train: np.ndarray) -> np.ndarray:
+def nearest_distance(similarity: np.ndarray) -> np.ndarray:
     """Novelty: cosine distance ``1 − max_j cos(g_i, g_j)`` of every test row to
-    its nearest training row (rows of unit norm; a zero row is at distance 1)."""
-    return 1.0 - (G_test @ G_train.T).max(axis=1)
+    its nearest training row (``similarity = G_test @ G_train.T``, rows of unit
+    norm; a zero row is at distance 1)."""
+    return 1.0 - similarity.max(axis=1)
 
 
 @dataclass(frozen=True)
@@ -224,11 +225,12 @@ def evaluate(
         rows = Rows(G[used], X[used], the_split.group[used])
         for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds):
             test, train = the_split.test_mask(fit.fold), the_split.train_mask(fit.fold)
+            similarity = G[test] @ G[train].T  # shared by the kNN baselines and novelty
             preds = {RIDGE: G[test] @ fit.coef + fit.intercept,
-                     **baseline_predictions(G[train], X[train], G[test], knn_k)}
+                     **baseline_predictions(similarity, X[train], knn_k)}
             prediction[:, test] = [preds[model] for model in models]
             centroid[test] = X[train].mean(axis=0)
-            novelty[test] = nearest_distance(G[test], G[train])
+            novelty[test] = nearest_distance(similarity)
             subgroup[test] = subgroups(names, test, train)[test]
             fits.append(fit)
     fold = the_split.fold
