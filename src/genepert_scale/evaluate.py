@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -210,6 +211,7 @@ def evaluate(
                          storage_options=storage_options)
     names = np.asarray(data.features.perturbations, dtype=object)
     X = np.asarray(data.delta.compute(), dtype=np.float64)
+    data = dataclasses.replace(data, delta=da.from_array(X, chunks=(block_size, -1)))  # read once
     the_split = make_split(split, names, n_folds=n_folds, seed=seed, split_file=split_file,
                            test_share=test_share, storage_options=storage_options)
     models = [RIDGE, "mean_baseline", "median_baseline", "control_baseline", *(f"knn_{k}" for k in knn_k)]
