@@ -43,9 +43,9 @@ from .ridge import (
     Solver,
     accumulate,
     check_alphas,
-    cv_error,
     load_model,
     ridge_path,
+    select_alpha,
     sum_stats,
     wants_dual,
 )
@@ -220,8 +220,7 @@ def fit(
     fold = kfold(data.n, folds, seed) if folds > 1 else np.zeros(data.n, dtype=np.int64)
     fold_stats = fold_statistics(data, fold, folds, block_size=block_size, progress=progress)
     rows = dual_rows(data, fold, solver)
-    cv = cv_error(fold_stats, alphas, rows=rows, solver=solver) if folds > 1 else np.full(1, np.nan)
-    alpha = alphas[int(np.nanargmin(cv))] if folds > 1 else alphas[0]
+    alpha, cv = select_alpha(fold_stats, alphas, rows=rows, solver=solver)
     path = ridge_path(sum_stats(list(fold_stats)), rows, solver)
     coef, intercept = path.coef(alpha)
     log.info("fit: %d perturbations, d=%d, %d genes, alpha %g (%s solver)",

@@ -319,6 +319,23 @@ def cv_error(
     return sse / (n * fold_stats[0].gtx.shape[1])
 
 
+def select_alpha(
+    fold_stats: Sequence[GramStats],
+    alphas: Sequence[float],
+    *,
+    exclude: Sequence[int] = (),
+    rows: Rows | None = None,
+    solver: Solver = "auto",
+    scores: dict[tuple[frozenset[int], int], np.ndarray] | None = None,
+) -> tuple[float, np.ndarray]:
+    """The alpha of the grid with the smallest :func:`cv_error` (same
+    arguments), and the errors; a single alpha is taken as is (errors NaN)."""
+    if len(alphas) == 1:
+        return alphas[0], np.full(1, np.nan)
+    cv = cv_error(fold_stats, alphas, exclude=exclude, rows=rows, solver=solver, scores=scores)
+    return alphas[int(np.nanargmin(cv))], cv
+
+
 @dataclass(frozen=True)
 class FoldFit:
     """The model of one outer fold and its alpha path.
@@ -356,10 +373,8 @@ def cross_validate(
     fits = []
     for k in range(len(fold_stats)) if folds is None else folds:
         held_out = fold_stats[k]
-        inner = (
-            cv_error(fold_stats, alphas, exclude=(k,), rows=rows, solver=solver, scores=scores)
-            if len(alphas) > 1 else np.full(1, np.nan)
-        )
+        best, inner = select_alpha(fold_stats, alphas, exclude=(k,), rows=rows, solver=solver,
+                                   scores=scores)
         train = training_stats(total, fold_stats, (k,))
         path = ridge_path(train, rows, solver, held_out=(k,))
         q = held_out.gtx.shape[1]
@@ -369,7 +384,6 @@ def cross_validate(
             "val_mse": path.squared_errors(held_out, alphas) / (held_out.n * q),
             "inner_cv_mse": inner,
         })
-        best = alphas[int(np.nanargmin(inner))] if len(alphas) > 1 else alphas[0]
         fits.append(FoldFit(k, best, *path.coef(best), path.solver, table))
         log.info("fold %d: alpha %g (%s solver, %d training rows)", k, best, path.solver, train.n)
     return fits
