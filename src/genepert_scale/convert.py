@@ -5,17 +5,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anndata as ad
 import h5py
 import numpy as np
 import scipy.sparse as sp
 import zarr
-from anndata.io import read_elem, sparse_dataset, write_elem
+from anndata.io import read_elem, sparse_dataset
 
 from .errors import StoreError
 from .integrity import complete_chunks, mark_complete
 from .screen import block_rows_for, stored_values
-from .store import CsrAppender, atomic_output, quiet_zarr_warnings, zarr_store
+from .store import (
+    ANNDATA_ATTRS,
+    CsrAppender,
+    atomic_output,
+    quiet_zarr_warnings,
+    write_element,
+    zarr_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ def convert_h5ad(
         if "X" not in h5:
             raise StoreError(f"{source} has no X; nothing to convert")
         root = zarr.open_group(zarr_store(tmp, storage_options, mode="w"), mode="w", zarr_format=3)
-        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        root.attrs.update(ANNDATA_ATTRS)
         mark_complete(root)
         _copy_elements(h5, root, block_rows, f"{source}: ")
         with quiet_zarr_warnings():
@@ -59,7 +65,7 @@ def convert_h5ad(
 
 def _copy_elements(h5: h5py.Group, root: zarr.Group, block_rows: int | None, source: str) -> None:
     """Copy an AnnData group: cell matrices streamed, the rest element by element."""
-    with quiet_zarr_warnings(), ad.settings.override(zarr_write_format=3):
+    with quiet_zarr_warnings():
         for key in h5:
             element = h5[key]
             if key == "X":
@@ -72,7 +78,7 @@ def _copy_elements(h5: h5py.Group, root: zarr.Group, block_rows: int | None, sou
             elif key == "raw" and isinstance(element, h5py.Group):
                 _copy_elements(element, _group_like(element, root, key), block_rows, f"{source}raw/")
             else:
-                write_elem(root, key, read_elem(element))
+                write_element(root, key, read_elem(element))
 
 
 def _group_like(h5: h5py.Group, parent: zarr.Group, key: str) -> zarr.Group:

@@ -370,12 +370,14 @@ def finalize(
     if stats.group_sumsq is not None:
         selected_sums = stats.group_sumsq[:, keep]
         stats.group_sumsq = None
-        sq_sum = kernels.from_fixed(selected_sums, kernels.SQUARE_BITS)
+        variance = kernels.from_fixed(selected_sums, kernels.SQUARE_BITS)
         del selected_sums
-        sq_mean = sq_sum / np.maximum(n, 1)[:, None]
-        ddof = (n / np.maximum(n - 1, 1))[:, None]
-        variance = np.maximum(sq_mean - means**2, 0) * ddof
-        data_vars["var"] = (("perturbation", "gene"), variance[rows])
+        # in place, as for the means: E[x²] − mean², clipped at 0, times n/(n−1)
+        variance /= np.maximum(n, 1)[:, None]
+        variance -= np.square(means)
+        np.maximum(variance, 0, out=variance)
+        variance *= (n / np.maximum(n - 1, 1))[:, None]
+        data_vars["var"] = (("perturbation", "gene"), _take_rows(variance, rows))
         data_vars["control_var"] = ("gene", variance[0])
     attrs = {
         "encoding_type": ENCODING_TYPE,

@@ -17,7 +17,9 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import anndata as ad
 import fsspec
+from anndata.io import write_elem
 from fsspec.implementations.local import LocalFileSystem
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
@@ -91,6 +93,18 @@ def compressors(dtype_size: int = 4) -> tuple:
         BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle, typesize=dtype_size),
         Crc32cCodec(),
     )
+
+
+#: Root attributes of an AnnData zarr store.
+ANNDATA_ATTRS = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
+
+
+def write_element(group: zarr.Group, key: str, element: Any) -> None:
+    """Write an AnnData element (``obs``, ``var``, ``uns``, ...) into ``group``
+    with our codecs (:func:`compressors`): zarr's default zstd has no checksum,
+    so a flipped byte in, say, the perturbation codes would silently relabel cells."""
+    with ad.settings.override(zarr_write_format=3), quiet_zarr_warnings():
+        write_elem(group, key, element, dataset_kwargs={"compressors": compressors(1)})
 
 
 def check_output_free(

@@ -16,9 +16,8 @@ import logging
 import pickle
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import anndata as ad
+import fsspec
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -26,7 +25,15 @@ import zarr
 
 from .integrity import complete_chunks, mark_complete
 from .errors import ParameterError
-from .store import CsrAppender, atomic_output, check_output_free, quiet_zarr_warnings, zarr_store
+from .store import (
+    ANNDATA_ATTRS,
+    CsrAppender,
+    atomic_output,
+    check_output_free,
+    quiet_zarr_warnings,
+    write_element,
+    zarr_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +56,11 @@ class SynthModel:
 
 
 def embedding_path_for(out: str) -> str:
-    """Where the embedding table of the screen at ``out`` is written."""
-    path = Path(out)
-    return str(path.with_name(path.stem + "_embedding.pkl"))
+    """Where the embedding table of the screen at ``out`` (a path or URL) is
+    written: beside it, ``<name>_embedding.pkl``."""
+    base = out.rstrip("/")
+    stem = base[: -len(".zarr")] if base.endswith(".zarr") else base
+    return stem + "_embedding.pkl"
 
 
 def make_model(
@@ -158,10 +167,11 @@ def synth_screen(
     emb_path = embedding_path_for(out)
     check_output_free(emb_path, overwrite=overwrite)  # before minutes of writing the screen
     with atomic_output(out, overwrite=overwrite) as tmp, complete_chunks():
-        with quiet_zarr_warnings(), ad.settings.override(zarr_write_format=3):
-            ad.AnnData(obs=obs, var=var).write_zarr(zarr_store(tmp, mode="w"))
-        root = zarr.open_group(zarr_store(tmp, mode="a"), mode="a")
+        root = zarr.open_group(zarr_store(tmp, mode="w"), mode="w", zarr_format=3)
+        root.attrs.update(ANNDATA_ATTRS)
         mark_complete(root)
+        write_element(root, "obs", obs)
+        write_element(root, "var", var)
         appender = CsrAppender(root.create_group("X"), genes)
         pending = []
         for tile in range(-(-cells // TILE_ROWS)):
@@ -174,7 +184,7 @@ def synth_screen(
         with quiet_zarr_warnings():
             zarr.consolidate_metadata(root.store)
     with atomic_output(emb_path, overwrite=overwrite) as tmp:
-        with open(tmp, "wb") as fh:
+        with fsspec.open(tmp, "wb") as fh:
             pickle.dump({g: v.tolist() for g, v in zip(model.genes, model.embedding)}, fh)
     log.info("synth: %d cells x %d genes in %.1f s", cells, genes, time.perf_counter() - start)
     return out, emb_path
