@@ -31,17 +31,27 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
     assert {"date", "command", "machine", "versions", "summary", "runs"} <= set(report)
     assert {"cpu", "cores", "ram_gib"} <= set(report["machine"])
     main = report["summary"]["screen_1500_200g_12p"]
-    assert set(main) == {"floor", "ours", "scanpy_dask", "scanpy_memory"}
+    assert set(main) == {"floor", "group_sum_floor", "ours", "scanpy_dask", "scanpy_memory"}
     for row in main.values():
         assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_mib"] > 0
     assert main["ours"]["ours_over_floor"] > 0 and main["scanpy_memory"]["peer_over_ours"] > 0
+    assert main["ours"]["ours_over_group_sum_floor"] > 0 and main["group_sum_floor"]["over_floor"] > 0
+    # the group-sum floor did its work: every stored count, added once
+    import numpy as np
+    import zarr
+
+    stored = zarr.open_group(str(tmp_path / "cache" / "screen_1500_200g_12p.zarr"), mode="r")
+    total = int(np.asarray(stored["X"]["data"][:]).astype(np.int64).sum())
+    (floor_run,) = [r for r in report["runs"] if r["tool"] == "group_sum_floor"]
+    assert floor_run["summary"]["checksum"] == total > 0
     # the peers computed the same groups and genes as each other
     assert main["scanpy_memory"]["runs"] == 1
     for workload in ("every", "select"):
         ridge = report["summary"][f"ridge_P120_d16_q30_{workload}"]
         assert ridge["ridge-eigen"]["cholesky_over_eigen"] > 0
     table = (tmp_path / "results" / "smoke.md").read_text()
-    assert "| screen | tool |" in table and "ours / floor" in table and "cholesky / eigen" in table
+    assert "| screen | tool |" in table and "ours / group-sum floor" in table
+    assert "cholesky / eigen" in table
 
 
 def test_ridge_stand_ins_agree():

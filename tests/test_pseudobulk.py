@@ -15,7 +15,7 @@ from conftest import scanpy_pseudobulk
 from genepert_scale.convert import convert_h5ad
 from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.reduce import pass_stats
-from genepert_scale.screen import open_screen, screen_from_group
+from genepert_scale.screen import BlockBuffers, BufferPool, open_screen, screen_from_group
 
 RTOL = 1e-5
 
@@ -178,6 +178,32 @@ def test_dense_x_is_read_in_row_blocks(tmp_path):
     for name in ("dense.h5ad", "sparse.h5ad"):
         whole = open_screen(str(tmp_path / name))
         assert whole.X.chunks[0] == (300,) and (whole.csr is None)
+
+
+def test_blocks_are_read_into_reused_buffers(small_screen):
+    rows = open_screen(small_screen[0]).csr
+    buffers = BlockBuffers()
+    first = rows.read(0, 400, buffers)
+    kept = first.data.copy(), first.indices.copy()
+    second = rows.read(400, 700, buffers)  # fewer values: the same memory
+    assert np.shares_memory(first.data, second.data) and np.shares_memory(first.indices, second.indices)
+    for start, stop in ((400, 700), (0, 400)):
+        block, plain = rows.read(start, stop, buffers), rows.read(start, stop)
+        assert plain.data.size > 0 and (block != plain).nnz == 0
+        np.testing.assert_array_equal(block.indptr, plain.indptr)
+    np.testing.assert_array_equal(block.data, kept[0])
+    np.testing.assert_array_equal(block.indices, kept[1])
+
+
+def test_buffer_pool_leases_one_set_per_task_and_frees_idle_ones():
+    pool = BufferPool()
+    with pool.lease() as a, pool.lease() as b:
+        assert a is not b
+    with pool.lease() as again:
+        assert again in (a, b)  # reused, not new
+    pool.clear()
+    with pool.lease() as fresh:
+        assert fresh is not a and fresh is not b
 
 
 @pytest.mark.parametrize("chains", [2, 3])

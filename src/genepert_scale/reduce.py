@@ -16,7 +16,7 @@ from dask import delayed
 from dask.delayed import Delayed
 
 from . import kernels
-from .screen import CsrRows, Screen
+from .screen import BLOCK_BUFFERS, BlockBuffers, CsrRows, Screen
 
 #: Inputs per combine task of the tree reduction.
 SPLIT_EVERY = 8
@@ -101,6 +101,7 @@ def pass_stats(
                        target_sum=target_sum, with_group_sumsq=with_group_sumsq,
                        with_raw_moments=with_raw_moments, block_index=i)
     total = tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
+    total = delayed(_free_buffers, pure=True, name="pass-free-buffers")(total)
     return delayed(kernels.finish, pure=True, name="pass-finish")(total)
 
 
@@ -123,9 +124,10 @@ class BlockRef:
     def __dask_tokenize__(self) -> str:
         return self.name
 
-    def read(self):
+    def read(self, buffers: BlockBuffers | None = None):
+        """The block; a CSR store's is read into ``buffers`` when given."""
         if self.rows is not None:
-            return self.rows.read(*self.span)
+            return self.rows.read(*self.span, buffers)
         return self.block.compute(scheduler="sync")
 
 
@@ -138,8 +140,16 @@ def block_refs(screen: Screen) -> tuple[np.ndarray, list[BlockRef]]:
 
 
 def _read_and_fold(acc, block: BlockRef, codes, n_groups, **kwargs) -> kernels.PassStats:
-    """Read a block and :func:`kernels.fold_block` it into ``acc``."""
-    return kernels.fold_block(acc, block.read(), codes, n_groups, **kwargs)
+    """Read a block (into pooled buffers) and :func:`kernels.fold_block` it into ``acc``."""
+    with BLOCK_BUFFERS.lease() as buffers:
+        return kernels.fold_block(acc, block.read(buffers), codes, n_groups, **kwargs)
+
+
+def _free_buffers(result: Any) -> Any:
+    """``result``, after freeing this process's idle block buffers (the last
+    task of a pass; a worker of a cluster frees its own in its next pass)."""
+    BLOCK_BUFFERS.clear()
+    return result
 
 
 def clipped_moments(screen: Screen, clip: np.ndarray, *, split_every: int = SPLIT_EVERY) -> Delayed:
@@ -147,9 +157,12 @@ def clipped_moments(screen: Screen, clip: np.ndarray, *, split_every: int = SPLI
     chunk = delayed(_read_and_clip, pure=True, name="clip-chunk")
     clip = delayed(clip, pure=True)  # one copy in the graph, not one per task
     parts = [chunk(block, clip) for block in block_refs(screen)[1]]
-    return tree_reduce(parts, kernels.add_pairs, split_every=split_every, name="clip-combine")
+    total = tree_reduce(parts, kernels.add_pairs, split_every=split_every, name="clip-combine")
+    return delayed(_free_buffers, pure=True, name="clip-free-buffers")(total)
 
 
 def _read_and_clip(block: BlockRef, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Read a block and sum its clipped counts (:func:`kernels.clipped_moments`)."""
-    return kernels.clipped_moments(block.read(), clip)
+    """Read a block (into pooled buffers) and sum its clipped counts
+    (:func:`kernels.clipped_moments`)."""
+    with BLOCK_BUFFERS.lease() as buffers:
+        return kernels.clipped_moments(block.read(buffers), clip)
