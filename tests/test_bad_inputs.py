@@ -28,6 +28,7 @@ from genepert_scale.errors import (
     StoreError,
 )
 from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.ridge import RidgeModel, load_model, save_model
 from genepert_scale.synth import synth_screen
 
 Case = Callable[[Path], Callable[[], object]]
@@ -111,10 +112,26 @@ def flip_bytes(path: Path) -> None:
     chunk.write_bytes(bytes(data))
 
 
-def pb_store(tmp: Path, **attrs) -> str:
+def pb_store(tmp: Path, nan_delta: bool = False, **attrs) -> str:
     ds = pseudobulk(write_screen(tmp / "s.zarr"), n_top_genes=None, progress=False)
     ds.attrs.update(attrs)
+    if nan_delta:  # a chunk equal to the fill value: written all the same
+        ds["delta"][:] = np.nan
     return write_pseudobulk(ds, str(tmp / "pb.zarr"))
+
+
+def model_store(tmp: Path) -> str:
+    rng = np.random.default_rng(0)
+    model = RidgeModel(rng.normal(size=(4, 3)), rng.normal(size=3), 1.0, pd.Index(["a", "b", "c"]),
+                       rng.normal(size=3), pd.Index(["P1", "P2"]), {})
+    return save_model(model, str(tmp / "m.zarr"))
+
+
+def without_chunk(path: str, array: str) -> str:
+    """Delete the first chunk of ``array`` in a store we wrote (a lost object)."""
+    chunks = sorted(p for p in (Path(path) / array / "c").rglob("*") if p.is_file())
+    chunks[0].unlink()
+    return path
 
 
 TABLE: list[tuple[str, Case, type[Exception], str]] = [
@@ -203,6 +220,15 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
      lambda tmp: lambda: validate.check_same_genes(["A", "B"], ["A", "C"], source="m.zarr",
                                                    what="the model"),
      StoreError, "missing 'B'; unexpected 'C'"),
+    ("missing chunk (pseudo-bulk output)",
+     lambda tmp: lambda: open_pseudobulk(without_chunk(pb_store(tmp), "mean"))["mean"].values,
+     StoreError, "of array 'mean' is missing"),
+    ("missing chunk (all-NaN delta of a pseudo-bulk output)",
+     lambda tmp: lambda: open_pseudobulk(without_chunk(pb_store(tmp, nan_delta=True), "delta"))
+     ["delta"].values,
+     StoreError, "of array 'delta' is missing"),
+    ("missing chunk (model)", lambda tmp: lambda: load_model(without_chunk(model_store(tmp), "coef")),
+     StoreError, "of array 'coef' is missing"),
     ("output exists",
      lambda tmp: lambda: write_pseudobulk(open_pseudobulk(pb_store(tmp)).load(), str(tmp / "pb.zarr")),
      StoreError, "already exists; pass --overwrite"),

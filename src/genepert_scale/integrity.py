@@ -9,7 +9,8 @@ instead, for the arrays where an absent chunk cannot be legitimate:
   ``indices`` or ``indptr``, or of a count matrix, does not occur in real data;
   a dense ``X`` written by another tool with ``write_empty_chunks=False`` and a
   chunk of cells that are all zero would be reported, and must be rewritten);
-- every array of stores we wrote, which are written with all chunks present
+- every array of stores we wrote (AnnData screens, pseudo-bulk, models,
+  predictions), which are written with all chunks present
   (:func:`complete_chunks`) and marked so (:data:`COMPLETE_CHUNKS_ATTR`).
 
 A chunk that is present but cannot be decoded (checksum mismatch from the
@@ -93,16 +94,20 @@ class StrictStore(WrapperStore[Store]):
         return [self._check(key, value) for (key, _), value in zip(key_ranges, values)]
 
 
-def strict_group(store: Store, source: str) -> zarr.Group:
-    """Open the root group of ``store`` behind a :class:`StrictStore`.
+def strict_store(store: Store, source: str) -> StrictStore:
+    """``store`` behind a :class:`StrictStore`.
 
-    Arrays under ``X`` are always strict; a store marked with
-    :data:`COMPLETE_CHUNKS_ATTR` is strict everywhere.
+    Arrays under ``X`` are always strict; in a store marked with
+    :data:`COMPLETE_CHUNKS_ATTR` (every store we write) all arrays are.
     """
     root = zarr.open_group(StrictStore(store, ("X/",), source), mode="r")
-    if root.attrs.get(COMPLETE_CHUNKS_ATTR):
-        root = zarr.open_group(StrictStore(store, ("",), source), mode="r")
-    return root
+    complete = bool(root.attrs.get(COMPLETE_CHUNKS_ATTR))
+    return StrictStore(store, ("",) if complete else ("X/",), source)
+
+
+def strict_group(store: Store, source: str) -> zarr.Group:
+    """Open the root group of ``store`` behind :func:`strict_store`."""
+    return zarr.open_group(strict_store(store, source), mode="r")
 
 
 @contextlib.contextmanager

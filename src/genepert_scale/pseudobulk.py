@@ -35,7 +35,7 @@ from .integrity import named_chunk_errors
 from .labels import assign_groups
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
-from .store import write_dataset, zarr_store
+from .store import open_dataset, write_dataset
 from .validate import (
     check_choice,
     NTopGenes,
@@ -423,7 +423,7 @@ def write_pseudobulk(
 def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """Open a pseudo-bulk store and check its encoding type and version."""
     try:
-        ds = xr.open_zarr(zarr_store(path, storage_options))
+        ds = open_dataset(path, storage_options)
     except GenePertInputError:
         raise
     except (FileNotFoundError, KeyError, ValueError) as err:

@@ -57,7 +57,7 @@ from . import __version__
 from . import validate
 from .errors import GenePertInputError, ParameterError, StoreError
 from .reduce import SPLIT_EVERY, tree_reduce
-from .store import quiet_zarr_warnings, write_dataset, zarr_store
+from .store import open_dataset, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +465,7 @@ def save_model(
 def load_model(path: str, storage_options: dict[str, Any] | None = None) -> RidgeModel:
     """Read a model written by :func:`save_model`, checking its encoding."""
     try:
-        with quiet_zarr_warnings():
-            ds = xr.open_zarr(zarr_store(path, storage_options)).load()
+        ds = open_dataset(path, storage_options).load()
     except GenePertInputError:
         raise
     except (FileNotFoundError, KeyError, ValueError) as err:

@@ -19,12 +19,14 @@ from typing import Any
 
 import anndata as ad
 import fsspec
+import xarray as xr
 from anndata.io import write_elem
 from fsspec.implementations.local import LocalFileSystem
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from .errors import StoreError
+from .integrity import COMPLETE_CHUNKS_ATTR, strict_store
 from .retry import RetryingStore
 
 #: Elements per chunk of the 1-D CSR arrays (``data``, ``indices``); 1 MiB of float32.
@@ -119,7 +121,7 @@ def check_output_free(
 
 
 def write_dataset(
-    ds: Any,
+    ds: xr.Dataset,
     path: str,
     *,
     overwrite: bool = False,
@@ -127,7 +129,10 @@ def write_dataset(
 ) -> str:
     """Write an :class:`xarray.Dataset` as a consolidated zarr store, atomically.
 
-    Numeric arrays get our codecs (Blosc-LZ4 + CRC32C); ``xarray.open_zarr``
+    Numeric arrays get our codecs (Blosc-LZ4 + CRC32C); every chunk is
+    written, even an all-NaN one, and the store is marked complete
+    (:data:`.integrity.COMPLETE_CHUNKS_ATTR`), so a chunk lost later is an
+    error when read (:func:`open_dataset`), never NaN. ``xarray.open_zarr``
     reads the result.
     """
     encoding = {
@@ -139,9 +144,21 @@ def write_dataset(
         atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp,
         quiet_zarr_warnings(),
     ):
-        ds.to_zarr(zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True,
-                   encoding=encoding)
+        ds.assign_attrs({COMPLETE_CHUNKS_ATTR: True}).to_zarr(
+            zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True,
+            encoding=encoding, write_empty_chunks=True,
+        )
     return path
+
+
+def open_dataset(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """Open a store written by :func:`write_dataset` lazily with xarray; a
+    missing chunk raises :class:`.StoreError` naming it when read."""
+    store = strict_store(zarr_store(path, storage_options), path)
+    with quiet_zarr_warnings():
+        ds = xr.open_zarr(store)
+    ds.attrs.pop(COMPLETE_CHUNKS_ATTR, None)
+    return ds
 
 
 @contextlib.contextmanager
