@@ -69,16 +69,22 @@ def screen_then(edit: Callable[[Path], None], **kwargs) -> Case:
     return build
 
 
+def our_screen(tmp: Path) -> str:
+    """A screen written by our writer (CRC32C chunks, CSR chunks of 512 values)."""
+    store_module.CSR_CHUNK, saved = 512, store_module.CSR_CHUNK
+    try:
+        path, _ = synth_screen(str(tmp / "ours.zarr"), cells=200, genes=30, perturbations=5,
+                               seed=1, chunk_rows=100)
+    finally:
+        store_module.CSR_CHUNK = saved
+    return path
+
+
 def ours_then(edit: Callable[[Path], None]) -> Case:
-    """A screen written by our writer (CRC32C chunks, small CSR chunks), then edited."""
+    """A screen written by our writer, then edited."""
 
     def build(tmp: Path):
-        store_module.CSR_CHUNK, saved = 512, store_module.CSR_CHUNK
-        try:
-            path, _ = synth_screen(str(tmp / "ours.zarr"), cells=200, genes=30, perturbations=5,
-                                   seed=1, chunk_rows=100)
-        finally:
-            store_module.CSR_CHUNK = saved
+        path = our_screen(tmp)
         edit(Path(path))
         return run(path)
 
@@ -105,8 +111,8 @@ def drop_indices(path: Path) -> None:
     shutil.rmtree(path / "X" / "indices")
 
 
-def flip_bytes(path: Path) -> None:
-    chunk = path / "X" / "data" / "c" / "1"
+def flip_bytes(path: Path, chunk_index: int = 1) -> None:
+    chunk = path / "X" / "data" / "c" / str(chunk_index)
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -266,6 +272,22 @@ def test_bad_input_raises_a_clear_error(tmp_path, build, error, fragment):
         action()
     assert type(info.value) is error
     assert fragment in str(info.value), str(info.value)
+
+
+def test_a_bad_chunk_is_found_within_the_failing_block(tmp_path):
+    """Reading a block names its own bad chunk without scanning the rest of X
+    (chunk 1 is damaged too, and a scan of all of X would name it first)."""
+    from genepert_scale.screen import open_screen
+
+    path = our_screen(tmp_path)
+    for index in (1, 5):
+        flip_bytes(Path(path), index)
+    rows = open_screen(path).csr
+    indptr = np.asarray(zarr.open_group(path, mode="r")["X"]["indptr"][:])
+    start = int(np.searchsorted(indptr, 5 * 512, side="right"))  # first row ending in chunk 5
+    with pytest.raises(StoreError, match=r"chunk 5 of array 'X/data' \(first index 2560\)"):
+        rows.read(start, start + 1)
+    rows.read(0, int(np.searchsorted(indptr, 512, side="right")) - 1)  # chunk 0 alone is fine
 
 
 def test_default_n_top_genes_keeps_all_genes_of_a_small_screen(tmp_path, caplog):

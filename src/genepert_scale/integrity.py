@@ -148,20 +148,33 @@ def find_bad_chunk(
             f"{source}: the metadata below {', '.join(elements)} cannot be read "
             f"({type(err).__name__}: {err}); the store is corrupt. Copy or write it again"
         )
-    for name, array in arrays:
+    return first_bad_chunk(((name, array, 0, None) for name, array in arrays), source)
+
+
+def first_bad_chunk(
+    spans: Iterable[tuple[str, Any, int, int | None]], source: str
+) -> GenePertInputError | None:
+    """Read the chunks covering each ``(name, array, start, stop)`` span
+    (``stop=None``: to the end) once; name the first that fails, or ``None``."""
+    for name, array, first, last in spans:
         step = (getattr(array, "chunks", None) or (65_536,))[0] if array.ndim else 1
-        for index, start in enumerate(range(0, max(array.shape[:1] or (1,)), step)):
+        end = max(array.shape[:1] or (1,)) if last is None else last
+        for start in range(first - first % step, end, step):
             try:
                 np.asarray(array[start : start + step] if array.ndim else array[()])
             except GenePertInputError as err:
                 return err
             except Exception as err:  # noqa: BLE001 - any decode failure names the chunk
                 return StoreError(
-                    f"{source}: chunk {index} of array {name!r} (first index {start}) cannot "
-                    f"be decoded ({type(err).__name__}: {err}); the store is corrupt. "
+                    f"{source}: chunk {start // step} of array {name!r} (first index {start}) "
+                    f"cannot be decoded ({type(err).__name__}: {err}); the store is corrupt. "
                     "Copy or write it again"
                 )
     return None
+
+
+#: How reading a damaged chunk fails inside zarr, h5py and the codecs.
+DECODE_ERRORS = (OSError, ValueError, RuntimeError, TypeError)
 
 
 @contextlib.contextmanager
@@ -170,8 +183,8 @@ def named_chunk_errors(
 ) -> Iterator[None]:
     """Turn a failure while reading ``elements`` into a :class:`StoreError` naming the chunk.
 
-    On a read or decode failure (OSError, ValueError, RuntimeError, TypeError)
-    inside the context, every chunk below
+    On a read or decode failure (:data:`DECODE_ERRORS`) inside the context
+    that is not already named, every chunk below
     ``elements`` is read once (:func:`find_bad_chunk`); if one is bad, its error
     is raised from the original one, otherwise the original exception
     propagates unchanged.
@@ -180,7 +193,7 @@ def named_chunk_errors(
         yield
     except GenePertInputError:
         raise
-    except (OSError, ValueError, RuntimeError, TypeError) as err:  # how codecs fail
+    except DECODE_ERRORS as err:
         log.warning("%s: reading failed (%s); scanning %s for a bad chunk",
                     source, type(err).__name__, ", ".join(elements))
         bad = find_bad_chunk(group, source, elements)

@@ -26,7 +26,7 @@ from anndata.io import read_elem
 from zarr.core.buffer.cpu import NDBuffer
 
 from .errors import GenePertInputError, LabelError, StoreError
-from .integrity import named_chunk_errors, strict_group
+from .integrity import DECODE_ERRORS, first_bad_chunk, named_chunk_errors, strict_group
 from .store import exists, is_url, zarr_store
 from .validate import check_case_collisions, check_unique_names, check_x_dtype
 
@@ -162,17 +162,31 @@ class CsrRows:
     indices: Any
     indptr: Any
     n_vars: int
+    source: str = ""
 
     @classmethod
-    def of(cls, x_group, n_vars: int) -> CsrRows:
-        return cls(x_group["data"], x_group["indices"], x_group["indptr"], n_vars)
+    def of(cls, x_group, n_vars: int, source: str = "") -> CsrRows:
+        return cls(x_group["data"], x_group["indices"], x_group["indptr"], n_vars, source)
 
     def read(self, start: int, stop: int, buffers: BlockBuffers | None = None) -> sp.csr_array:
         """Rows ``start:stop`` as a CSR array (``indptr`` from zero).
 
         With ``buffers`` the block's values and indices are read into them:
-        the result is valid until the next read into the same buffers.
+        the result is valid until the next read into the same buffers. A chunk
+        that cannot be decoded raises :class:`.StoreError` naming it (only
+        this block's chunks are read again to find it).
         """
+        try:
+            return self._read(start, stop, buffers)
+        except GenePertInputError:
+            raise
+        except DECODE_ERRORS as err:
+            bad = self._bad_chunk(start, stop)
+            if bad is None:
+                raise
+            raise bad from err
+
+    def _read(self, start: int, stop: int, buffers: BlockBuffers | None) -> sp.csr_array:
         indptr = np.asarray(self.indptr[start : stop + 1])
         first, last = int(indptr[0]), int(indptr[-1])
         indices = _read_slice(self.indices, first, last, buffers)
@@ -182,6 +196,15 @@ class CsrRows:
         offsets = (indptr - first).astype(np.int32 if small else np.int64)
         data = _read_slice(self.data, first, last, buffers)
         return sp.csr_array((data, indices, offsets), shape=(stop - start, self.n_vars))
+
+    def _bad_chunk(self, start: int, stop: int) -> GenePertInputError | None:
+        """The error naming the first bad chunk under rows ``start:stop``, if any."""
+        bad = first_bad_chunk([(self.indptr.path, self.indptr, start, stop + 1)], self.source)
+        if bad is not None:
+            return bad
+        first, last = int(self.indptr[start]), int(self.indptr[stop])
+        return first_bad_chunk([(a.path, a, first, last) for a in (self.indices, self.data)],
+                               self.source)
 
 
 def _read_slice(array, first: int, last: int, buffers: BlockBuffers | None) -> np.ndarray:
@@ -371,5 +394,5 @@ def screen_from_group(
     )
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
     direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)
-    csr = CsrRows.of(x_group, shape[1]) if direct else None
+    csr = CsrRows.of(x_group, shape[1], path) if direct else None
     return Screen(str(path), group, X, var_names, obs_names, csr)
