@@ -1,7 +1,7 @@
 """The programs the benchmark times, each run as its own process by ``run.py``.
 
     python benchmarks/tasks.py floor SCREEN
-    python benchmarks/tasks.py group-sum-floor SCREEN --block-values 8000000
+    python benchmarks/tasks.py group-sum-floor SCREEN --block-rows R
     python benchmarks/tasks.py scanpy-memory SCREEN --n-top-genes 5000
     python benchmarks/tasks.py scanpy-dask SCREEN --n-top-genes 5000 --block-rows R
     python benchmarks/tasks.py ridge-eigen --p 10000 --d 3072 --q 5000 --workload every
@@ -50,17 +50,20 @@ def read_floor(screen: str) -> dict:
     return {"values": int(n_values), "chunks": int(n_chunks)}
 
 
-def group_sum_floor(screen: str, block_values: int, threads: int) -> dict:
-    """The read floor plus the least compute of any one-pass group mean.
+def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
+    """The read floor plus the least compute of a one-pass group mean into dense tables.
 
     Every stored value is added once, as it is, to its group's row of a dense
     ``(groups × genes)`` int64 table: no normalization, ``log1p``, gene moments,
-    checks or output. Blocks of about ``block_values`` values are read (into
-    reused buffers) and folded by ``threads`` threads, each into its own table,
-    rows in group order; the tables are summed at the end. This is
+    checks or output. Blocks of ``block_rows`` rows (ours' size, passed by
+    ``run.py``) are read into reused buffers (a few lines here rather than
+    ``screen.BlockBuffers``: importing genepert_scale would add its imports to
+    the timed process) and folded by ``threads`` threads, each into its own
+    table, rows in group order; the tables are summed at the end. This is
     ``genepert-scale pseudobulk``'s pass stripped to what cannot be removed,
     imported with numpy, zarr and numba only. Its time over the read floor
-    bounds how close to the floor any such pass can get on this machine.
+    bounds how close to the floor a pass that sums groups into dense tables
+    can get on this machine.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -85,11 +88,10 @@ def group_sum_floor(screen: str, block_values: int, threads: int) -> dict:
     codes = np.asarray(root["obs"][KEY]["codes"][:]).astype(np.int64)
     n_groups = int(codes.max()) + 1
     indptr = np.asarray(x["indptr"][:])
-    rows = max(1, int(block_values * codes.size / max(int(indptr[-1]), 1)))
     local = threading.local()
 
     def fold(start: int) -> np.ndarray | None:
-        stop = min(start + rows, codes.size)
+        stop = min(start + block_rows, codes.size)
         first, last = int(indptr[start]), int(indptr[stop])
         fresh = not hasattr(local, "table")
         if fresh:
@@ -108,11 +110,11 @@ def group_sum_floor(screen: str, block_values: int, threads: int) -> dict:
         return local.table if fresh else None
 
     with ThreadPoolExecutor(threads) as pool:
-        tables = [t for t in pool.map(fold, range(0, codes.size, rows)) if t is not None]
+        tables = [t for t in pool.map(fold, range(0, codes.size, block_rows)) if t is not None]
     total = tables[0]
     for table in tables[1:]:
         total += table
-    return {"groups": n_groups, "blocks": -(-codes.size // rows), "threads": len(tables),
+    return {"groups": n_groups, "blocks": -(-codes.size // block_rows), "threads": len(tables),
             "checksum": int(total.sum())}
 
 
@@ -242,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "ridge-eigen", "ridge-cholesky"))
     parser.add_argument("screen", nargs="?")
     parser.add_argument("--n-top-genes", type=int, default=5000)
-    parser.add_argument("--block-rows", type=int, default=50_000)
-    parser.add_argument("--block-values", type=int, default=8_000_000,
-                        help="values per block of group-sum-floor (ours: screen.TARGET_BLOCK_NNZ)")
+    parser.add_argument("--block-rows", type=int, default=50_000,
+                        help="rows per block of scanpy-dask and group-sum-floor")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--p", type=int, default=10_000)
     parser.add_argument("--d", type=int, default=3072)
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "floor":
         summary = read_floor(args.screen)
     elif args.task == "group-sum-floor":
-        summary = group_sum_floor(args.screen, args.block_values, args.threads)
+        summary = group_sum_floor(args.screen, args.block_rows, args.threads)
     elif args.task == "scanpy-memory":
         summary = scanpy_memory(args.screen, args.n_top_genes)
     elif args.task == "scanpy-dask":

@@ -15,7 +15,7 @@ from conftest import scanpy_pseudobulk
 from genepert_scale.convert import convert_h5ad
 from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.reduce import pass_stats
-from genepert_scale.screen import BlockBuffers, BufferPool, open_screen, screen_from_group
+from genepert_scale.screen import BLOCK_BUFFERS, BlockBuffers, BufferPool, open_screen, screen_from_group
 
 RTOL = 1e-5
 
@@ -193,6 +193,11 @@ def test_blocks_are_read_into_reused_buffers(small_screen):
         np.testing.assert_array_equal(block.indptr, plain.indptr)
     np.testing.assert_array_equal(block.data, kept[0])
     np.testing.assert_array_equal(block.indices, kept[1])
+    grown, plain = rows.read(0, 1000, buffers), rows.read(0, 1000)  # more values: new memory
+    assert not np.shares_memory(grown.data, block.data) and (grown != plain).nnz == 0
+    # a pass leases buffers and frees them at its end
+    pseudobulk(small_screen[0], n_top_genes=100, block_rows=300, progress=False)
+    assert len(BLOCK_BUFFERS) == 0
 
 
 def test_buffer_pool_leases_one_set_per_task_and_frees_idle_ones():
@@ -204,6 +209,9 @@ def test_buffer_pool_leases_one_set_per_task_and_frees_idle_ones():
     pool.clear()
     with pool.lease() as fresh:
         assert fresh is not a and fresh is not b
+    with pytest.raises(OSError), pool.lease() as failed:  # a read failed: zarr may still write
+        raise OSError("chunk 3 cannot be decoded")
+    assert failed is fresh and len(pool) == 0  # dropped, not leased again
 
 
 @pytest.mark.parametrize("chains", [2, 3])

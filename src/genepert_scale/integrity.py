@@ -9,9 +9,10 @@ instead, for the arrays where an absent chunk cannot be legitimate:
   ``indices`` or ``indptr``, or of a count matrix, does not occur in real data;
   a dense ``X`` written by another tool with ``write_empty_chunks=False`` and a
   chunk of cells that are all zero would be reported, and must be rewritten);
-- every array of stores we wrote (AnnData screens, pseudo-bulk, models,
-  predictions), which are written with all chunks present
-  (:func:`complete_chunks`) and marked so (:data:`COMPLETE_CHUNKS_ATTR`).
+- every array of stores we wrote, which are written with all chunks present
+  and marked so (:data:`COMPLETE_CHUNKS_ATTR`): AnnData screens under
+  :func:`complete_chunks` and :func:`mark_complete`, xarray outputs (pseudo-bulk,
+  models, predictions) by :func:`.store.write_dataset`.
 
 A chunk that is present but cannot be decoded (checksum mismatch from the
 CRC32C codec of stores we write, a decompression error elsewhere) fails inside

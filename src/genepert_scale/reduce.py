@@ -146,8 +146,9 @@ def _read_and_fold(acc, block: BlockRef, codes, n_groups, **kwargs) -> kernels.P
 
 
 def _free_buffers(result: Any) -> Any:
-    """``result``, after freeing this process's idle block buffers (the last
-    task of a pass; a worker of a cluster frees its own in its next pass)."""
+    """``result``, after freeing the idle block buffers of the process this
+    last task of a pass runs in. On a cluster the other workers keep theirs
+    (one set per thread, reused by their next pass)."""
     BLOCK_BUFFERS.clear()
     return result
 

@@ -130,16 +130,22 @@ class BufferPool:
         self._idle: list[BlockBuffers] = []
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """The number of idle sets."""
+        return len(self._idle)
+
     @contextmanager
     def lease(self) -> Iterator[BlockBuffers]:
-        """A set of buffers for the duration of the ``with`` block."""
+        """A set of buffers for the duration of the ``with`` block.
+
+        The set returns to the pool only when the block ends normally: after
+        a failed read, zarr may still be writing other chunks into it.
+        """
         with self._lock:
             buffers = self._idle.pop() if self._idle else BlockBuffers()
-        try:
-            yield buffers
-        finally:
-            with self._lock:
-                self._idle.append(buffers)
+        yield buffers
+        with self._lock:
+            self._idle.append(buffers)
 
     def clear(self) -> None:
         """Free the idle buffers (at the end of a pass)."""
