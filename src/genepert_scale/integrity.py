@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -101,14 +101,17 @@ def strict_store(store: Store, source: str) -> StrictStore:
     Arrays under ``X`` are always strict; in a store marked with
     :data:`COMPLETE_CHUNKS_ATTR` (every store we write) all arrays are.
     """
-    root = zarr.open_group(StrictStore(store, ("X/",), source), mode="r")
-    complete = bool(root.attrs.get(COMPLETE_CHUNKS_ATTR))
+    complete = zarr.open_group(store, mode="r").attrs.get(COMPLETE_CHUNKS_ATTR)
     return StrictStore(store, ("",) if complete else ("X/",), source)
 
 
 def strict_group(store: Store, source: str) -> zarr.Group:
-    """Open the root group of ``store`` behind :func:`strict_store`."""
-    return zarr.open_group(strict_store(store, source), mode="r")
+    """Open the root group of ``store`` behind :func:`strict_store` (its
+    metadata is read a second time only for a store marked complete)."""
+    root = zarr.open_group(StrictStore(store, ("X/",), source), mode="r")
+    if root.attrs.get(COMPLETE_CHUNKS_ATTR):
+        root = zarr.open_group(StrictStore(store, ("",), source), mode="r")
+    return root
 
 
 @contextlib.contextmanager
@@ -185,19 +188,30 @@ def named_chunk_errors(
     """Turn a failure while reading ``elements`` into a :class:`StoreError` naming the chunk.
 
     On a read or decode failure (:data:`DECODE_ERRORS`) inside the context
-    that is not already named, every chunk below
-    ``elements`` is read once (:func:`find_bad_chunk`); if one is bad, its error
-    is raised from the original one, otherwise the original exception
-    propagates unchanged.
+    that is not already named, every chunk below ``elements`` is read once
+    (:func:`find_bad_chunk`); see :func:`naming_bad_chunks`.
     """
+    with naming_bad_chunks(lambda: find_bad_chunk(group, source, elements), source,
+                           ", ".join(elements)):
+        yield
+
+
+@contextlib.contextmanager
+def naming_bad_chunks(
+    find: Callable[[], GenePertInputError | None], source: str, what: str
+) -> Iterator[None]:
+    """On a read or decode failure (:data:`DECODE_ERRORS`) inside the context,
+    call ``find`` (which reads the chunks of ``what`` once); if it names a bad
+    chunk, raise that error from the original one, otherwise let the original
+    exception propagate unchanged. Errors already named pass through."""
     try:
         yield
     except GenePertInputError:
         raise
     except DECODE_ERRORS as err:
         log.warning("%s: reading failed (%s); scanning %s for a bad chunk",
-                    source, type(err).__name__, ", ".join(elements))
-        bad = find_bad_chunk(group, source, elements)
+                    source, type(err).__name__, what)
+        bad = find()
         if bad is None:
             raise
         raise bad from err

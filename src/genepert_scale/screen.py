@@ -26,7 +26,7 @@ from anndata.io import read_elem
 from zarr.core.buffer.cpu import NDBuffer
 
 from .errors import GenePertInputError, LabelError, StoreError
-from .integrity import DECODE_ERRORS, first_bad_chunk, named_chunk_errors, strict_group
+from .integrity import first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group
 from .store import exists, is_url, zarr_store
 from .validate import check_case_collisions, check_unique_names, check_x_dtype
 
@@ -182,15 +182,9 @@ class CsrRows:
         that cannot be decoded raises :class:`.StoreError` naming it (only
         this block's chunks are read again to find it).
         """
-        try:
+        with naming_bad_chunks(lambda: self._bad_chunk(start, stop), self.source,
+                               f"the chunks of X rows {start}-{stop}"):
             return self._read(start, stop, buffers)
-        except GenePertInputError:
-            raise
-        except DECODE_ERRORS as err:
-            bad = self._bad_chunk(start, stop)
-            if bad is None:
-                raise
-            raise bad from err
 
     def _read(self, start: int, stop: int, buffers: BlockBuffers | None) -> sp.csr_array:
         indptr = np.asarray(self.indptr[start : stop + 1])
