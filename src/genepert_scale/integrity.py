@@ -72,12 +72,7 @@ class StrictStore(WrapperStore[Store]):
 
     def _check(self, key: str, value: Buffer | None) -> Buffer | None:
         if value is None and is_chunk_key(key) and key.startswith(self.strict_prefixes):
-            array, _, chunk = key.rpartition("/c/") if "/c/" in key else key.rpartition("/")
-            raise StoreError(
-                f"{self.source}: chunk {chunk!r} of array {array!r} is missing (key {key!r}); "
-                "the store is incomplete (interrupted upload or copy?). Copy or write it again; "
-                "zeros are never read in its place"
-            )
+            raise missing_chunk_error(self.source, key)
         return value
 
     async def get(
@@ -169,12 +164,31 @@ def first_bad_chunk(
             except GenePertInputError as err:
                 return err
             except Exception as err:  # noqa: BLE001 - any decode failure names the chunk
-                return StoreError(
-                    f"{source}: chunk {start // step} of array {name!r} (first index {start}) "
-                    f"cannot be decoded ({type(err).__name__}: {err}); the store is corrupt. "
-                    "Copy or write it again"
-                )
+                return undecodable_chunk_error(source, name, start // step, start, err)
     return None
+
+
+def missing_chunk_error(source: str, key: str) -> StoreError:
+    """The error for chunk ``key`` of a strict array, absent from the store at ``source``."""
+    rooted = f"/{key}"  # a root array's chunk keys have no array path
+    array, _, chunk = rooted.rpartition("/c/") if "/c/" in rooted else rooted.rpartition("/")
+    array = array.removeprefix("/")
+    return StoreError(
+        f"{source}: chunk {chunk!r} of array {array!r} is missing (key {key!r}); "
+        "the store is incomplete (interrupted upload or copy?). Copy or write it again; "
+        "zeros are never read in its place"
+    )
+
+
+def undecodable_chunk_error(source: str, name: str, index: int, first: int,
+                            err: Exception) -> StoreError:
+    """The error for chunk ``index`` (from element ``first`` on) of array
+    ``name``, present but failing to decode with ``err``."""
+    return StoreError(
+        f"{source}: chunk {index} of array {name!r} (first index {first}) "
+        f"cannot be decoded ({type(err).__name__}: {err}); the store is corrupt. "
+        "Copy or write it again"
+    )
 
 
 #: How reading a damaged chunk fails inside zarr, h5py and the codecs.

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -25,6 +25,7 @@ from anndata.experimental import read_elem_lazy
 from anndata.io import read_elem
 from zarr.core.buffer.cpu import NDBuffer
 
+from .chunks import ChunkedVector
 from .errors import GenePertInputError, LabelError, StoreError
 from .integrity import first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group
 from .store import exists, is_url, zarr_store
@@ -162,40 +163,57 @@ class CsrRows:
     """Row slices of a CSR matrix stored in a zarr group (its ``data``,
     ``indices`` and ``indptr`` arrays, opened once), read with one slice of
     each array — the same reads as anndata's lazy blocks, without the
-    per-block wrapping."""
+    per-block wrapping. ``data`` and ``indices`` are decoded by
+    :class:`.ChunkedVector` where their layout allows (``chunked``, by
+    array path), by zarr otherwise."""
 
     data: Any
     indices: Any
     indptr: Any
     n_vars: int
     source: str = ""
+    chunked: dict[str, ChunkedVector] = field(default_factory=dict)
 
     @classmethod
     def of(cls, x_group, n_vars: int, source: str = "") -> CsrRows:
-        return cls(x_group["data"], x_group["indices"], x_group["indptr"], n_vars, source)
+        data, indices = x_group["data"], x_group["indices"]
+        vectors = {array.path: ChunkedVector.of(array, source) for array in (data, indices)}
+        return cls(data, indices, x_group["indptr"], n_vars, source,
+                   {path: vector for path, vector in vectors.items() if vector is not None})
 
     def read(self, start: int, stop: int, buffers: BlockBuffers | None = None) -> sp.csr_array:
         """Rows ``start:stop`` as a CSR array (``indptr`` from zero).
 
-        With ``buffers`` the block's values and indices are read into them:
-        the result is valid until the next read into the same buffers. A chunk
-        that cannot be decoded raises :class:`.StoreError` naming it (only
-        this block's chunks are read again to find it).
+        The block's values and indices are read into ``buffers`` (new ones
+        when not given): the result is valid until the next read into the
+        same buffers. A chunk that cannot be decoded raises
+        :class:`.StoreError` naming it.
         """
         with naming_bad_chunks(lambda: self._bad_chunk(start, stop), self.source,
                                f"the chunks of X rows {start}-{stop}"):
-            return self._read(start, stop, buffers)
+            return self._read(start, stop, buffers or BlockBuffers())
 
-    def _read(self, start: int, stop: int, buffers: BlockBuffers | None) -> sp.csr_array:
+    def _read(self, start: int, stop: int, buffers: BlockBuffers) -> sp.csr_array:
         indptr = np.asarray(self.indptr[start : stop + 1])
         first, last = int(indptr[0]), int(indptr[-1])
-        indices = _read_slice(self.indices, first, last, buffers)
+        indices = self._read_slice(self.indices, first, last, buffers)
         # a block's offsets fit int32 when its values do: scipy would otherwise
         # widen the whole (int32) indices array to int64, a block-sized copy
         small = indices.dtype == np.int32 and last - first < 2**31
         offsets = (indptr - first).astype(np.int32 if small else np.int64)
-        data = _read_slice(self.data, first, last, buffers)
+        data = self._read_slice(self.data, first, last, buffers)
         return sp.csr_array((data, indices, offsets), shape=(stop - start, self.n_vars))
+
+    def _read_slice(self, array, first: int, last: int, buffers: BlockBuffers) -> np.ndarray:
+        """``array[first:last]``, read into ``buffers``."""
+        out = buffers.get(array.path, last - first, array.dtype)
+        vector = self.chunked.get(array.path)
+        if vector is None:
+            array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
+        else:
+            scratch = buffers.get(f"{array.path} chunk", vector.chunk_size, array.dtype)
+            vector.read(first, last, out, scratch)
+        return out
 
     def _bad_chunk(self, start: int, stop: int) -> GenePertInputError | None:
         """The error naming the first bad chunk under rows ``start:stop``, if any."""
@@ -205,15 +223,6 @@ class CsrRows:
         first, last = int(self.indptr[start]), int(self.indptr[stop])
         return first_bad_chunk([(a.path, a, first, last) for a in (self.indices, self.data)],
                                self.source)
-
-
-def _read_slice(array, first: int, last: int, buffers: BlockBuffers | None) -> np.ndarray:
-    """``array[first:last]``, into ``buffers`` when given."""
-    if buffers is None:
-        return array[first:last]
-    out = buffers.get(array.path, last - first, array.dtype)
-    array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
-    return out
 
 
 def _index_key(df_group) -> str:
