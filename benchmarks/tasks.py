@@ -1,6 +1,7 @@
 """The programs the benchmark times, each run as its own process by ``run.py``.
 
     python benchmarks/tasks.py floor SCREEN
+    python benchmarks/tasks.py zarr-floor SCREEN
     python benchmarks/tasks.py group-sum-floor SCREEN --block-rows R
     python benchmarks/tasks.py scanpy-memory SCREEN --n-top-genes 5000
     python benchmarks/tasks.py scanpy-dask SCREEN --n-top-genes 5000 --block-rows R
@@ -25,12 +26,57 @@ import numpy as np
 
 CONTROL = "non-targeting"
 KEY = "perturbation"
-#: zarr chunks decoded per read in the read floor (decoded in zarr's thread pool).
+#: Chunks decoded per task of the read floors.
 FLOOR_CHUNKS_PER_READ = 16
 
 
-def read_floor(screen: str) -> dict:
-    """Decompress every chunk of ``X/data``, ``X/indices`` and ``X/indptr`` once.
+def read_floor(screen: str, threads: int) -> dict:
+    """Decode every chunk of ``X/data`` and ``X/indices`` once, the fastest way we have.
+
+    The reader is ``genepert_scale.chunks.ChunkedVector`` (chunk files read and
+    decoded by numcodecs straight into a buffer, the reader of ``ours``);
+    ``threads`` threads each decode chunk-aligned slabs of
+    :data:`FLOOR_CHUNKS_PER_READ` chunks into their own buffer, so each chunk
+    is decoded exactly once and nothing is done with the values.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+
+    from genepert_scale.chunks import ChunkedVector
+
+    x = zarr.open_group(screen, mode="r")["X"]
+    slabs = []
+    for name in ("indices", "data"):
+        vector = ChunkedVector.of(x[name], screen)
+        step = vector.chunk_size * FLOOR_CHUNKS_PER_READ
+        slabs += [(vector, start, min(start + step, x[name].shape[0]))
+                  for start in range(0, x[name].shape[0], step)]
+
+    local = threading.local()  # each thread's buffers, reused as in ours
+
+    def decode(slab) -> int:
+        vector, start, stop = slab
+        buffers = local.__dict__.setdefault("buffers", {})
+        if vector.array.path not in buffers:
+            buffers[vector.array.path] = (
+                np.empty(vector.chunk_size * FLOOR_CHUNKS_PER_READ, vector.array.dtype),
+                np.empty(vector.chunk_size, vector.array.dtype),
+            )
+        out, scratch = buffers[vector.array.path]
+        vector.read(start, stop, out[: stop - start], scratch)
+        return stop - start
+
+    with ThreadPoolExecutor(threads) as pool:
+        n_values = sum(pool.map(decode, slabs))
+    n_values += np.asarray(x["indptr"][:]).size
+    return {"values": int(n_values), "threads": threads}
+
+
+def zarr_read_floor(screen: str) -> dict:
+    """Decompress every chunk of ``X/data``, ``X/indices`` and ``X/indptr`` once
+    through zarr-python's own reads.
 
     Reads chunk-aligned slabs of :data:`FLOOR_CHUNKS_PER_READ` chunks, so each
     chunk is decoded exactly once and zarr decodes a slab's chunks in parallel;
@@ -56,12 +102,13 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     Every stored value is added once, as it is, to its group's row of a dense
     ``(groups × genes)`` int64 table: no normalization, ``log1p``, gene moments,
     checks or output. Blocks of ``block_rows`` rows (ours' size, passed by
-    ``run.py``) are read into reused buffers (a few lines here rather than
-    ``screen.BlockBuffers``: importing genepert_scale would add its imports to
-    the timed process) and folded by ``threads`` threads, each into its own
-    table, rows in group order; the tables are summed at the end. This is
-    ``genepert-scale pseudobulk``'s pass stripped to what cannot be removed,
-    imported with numpy, zarr and numba only. Its time over the read floor
+    ``run.py``) are read with the floor's reader into reused buffers (a few
+    lines here rather than ``screen.BlockBuffers``: importing all of
+    genepert_scale would add its imports to the timed process) and folded by
+    ``threads`` threads, each into its own table, rows in group order; the
+    tables are summed at the end. This is ``genepert-scale pseudobulk``'s pass
+    stripped to what cannot be removed, imported with numpy, zarr, numba and
+    ``genepert_scale.chunks`` only. Its time over the read floor
     bounds how close to the floor a pass that sums groups into dense tables
     can get on this machine.
     """
@@ -70,7 +117,8 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
 
     import numba
     import zarr
-    from zarr.core.buffer.cpu import NDBuffer
+
+    from genepert_scale.chunks import ChunkedVector
 
     @numba.njit(nogil=True, cache=True)
     def add_rows(data, indices, indptr, codes, table):  # pragma: no cover - compiled
@@ -88,6 +136,7 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     codes = np.asarray(root["obs"][KEY]["codes"][:]).astype(np.int64)
     n_groups = int(codes.max()) + 1
     indptr = np.asarray(x["indptr"][:])
+    vectors = {name: ChunkedVector.of(x[name], screen) for name in ("data", "indices")}
     local = threading.local()
 
     def fold(start: int) -> np.ndarray | None:
@@ -98,13 +147,13 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
             local.table = np.zeros((n_groups, n_genes), np.int64)
             local.buffers = {}
         block = []
-        for name in ("data", "indices"):
-            array = x[name]
+        for name, vector in vectors.items():
             buffer = local.buffers.get(name)
             if buffer is None or buffer.size < last - first:
-                buffer = local.buffers[name] = np.empty(last - first, array.dtype)
+                buffer = local.buffers[name] = np.empty(last - first, vector.array.dtype)
+                local.buffers[name, "chunk"] = np.empty(vector.chunk_size, vector.array.dtype)
             out = buffer[: last - first]
-            array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
+            vector.read(first, last, out, local.buffers[name, "chunk"])
             block.append(out)
         add_rows(*block, indptr[start : stop + 1], codes[start:stop], local.table)
         return local.table if fresh else None
@@ -240,8 +289,8 @@ def ridge_cholesky(G: np.ndarray, X: np.ndarray, workload: str, alphas=ALPHAS) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=("floor", "group-sum-floor", "scanpy-memory", "scanpy-dask",
-                                         "ridge-eigen", "ridge-cholesky"))
+    parser.add_argument("task", choices=("floor", "zarr-floor", "group-sum-floor", "scanpy-memory",
+                                         "scanpy-dask", "ridge-eigen", "ridge-cholesky"))
     parser.add_argument("screen", nargs="?")
     parser.add_argument("--n-top-genes", type=int, default=5000)
     parser.add_argument("--block-rows", type=int, default=50_000,
@@ -254,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.task == "floor":
-        summary = read_floor(args.screen)
+        summary = read_floor(args.screen, args.threads)
+    elif args.task == "zarr-floor":
+        summary = zarr_read_floor(args.screen)
     elif args.task == "group-sum-floor":
         summary = group_sum_floor(args.screen, args.block_rows, args.threads)
     elif args.task == "scanpy-memory":

@@ -87,6 +87,22 @@ def test_log1p_input_is_not_normalized_again():
     np.testing.assert_allclose(stats.gene_sum, np.expm1([0.5, 2.0, 1.5]))
 
 
+@pytest.mark.parametrize("use_numba", [True, False] if kernels.USE_NUMBA else [False])
+@pytest.mark.parametrize("moments", [("normalized",), ("log1p",), ("raw",), ("raw", "normalized")])
+def test_a_fold_sums_only_the_moments_asked_for(moments, use_numba):
+    x = sp.csr_array(np.array([[1.0, 0.0, 3.0], [0.0, 2.0, 2.0]]))
+    stats = kernels.block_stats(x, np.array([0, 1], dtype=np.int32), 2, moments=moments,
+                                use_numba=use_numba)
+    for moment, (total, squares) in kernels.MOMENTS.items():
+        if moment not in moments:
+            assert getattr(stats, total) is None and getattr(stats, squares) is None
+    if "raw" in moments:
+        np.testing.assert_array_equal(stats.gene_raw_sum, [1.0, 2.0, 5.0])
+        np.testing.assert_array_equal(stats.gene_raw_sumsq, [1.0, 4.0, 13.0])
+    if "normalized" in moments:
+        np.testing.assert_allclose(stats.gene_sum, [2500.0, 5000.0, 12500.0])
+
+
 @pytest.mark.parametrize(
     ("values", "kind", "field"),
     [([1.0, np.nan], "counts", "nonfinite"), ([1.0, -2.0], "log1p", "negative"),
@@ -114,11 +130,11 @@ def test_compiled_and_numpy_loops_agree(seed, n, kind):
     codes = rng.integers(-1, 4, n).astype(np.int32)
     fast, slow = (
         kernels.block_stats(x, codes, 4, kind=kind, with_group_sumsq=True, block_index=2,
-                            use_numba=flag)
+                            moments=tuple(kernels.MOMENTS), use_numba=flag)
         for flag in (True, False)
     )
     assert fast.check == slow.check
-    for name in ("group_n", "gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq"):
+    for name in ("group_n", *(name for pair in kernels.MOMENTS.values() for name in pair)):
         np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-13,
                                    atol=0, equal_nan=True, err_msg=name)
     # numba's and numpy's log1p may differ in the last place: a value's fixed-point
@@ -149,5 +165,5 @@ def test_fold_accumulates_in_place_and_combine_into_adds_chains():
     # chains interleaved the other way: moments summed in block order, so bit-identical
     odd_even = [fold(fold(None, i), i + 2) for i in (0, 1)]
     swapped = kernels.finish(kernels.combine_into(odd_even[::-1]))
-    for name in (*kernels.MOMENTS[:4], "group_sum", "group_n"):
+    for name in (*kernels.MOMENTS["normalized"], *kernels.MOMENTS["log1p"], "group_sum", "group_n"):
         np.testing.assert_array_equal(getattr(swapped, name), getattr(total, name))

@@ -28,9 +28,9 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 
 #: Integer counts below this take ``log1p`` from the row's table.
 TABLE_SIZE = 64
-#: Columns of the per-gene moments: normalized sum, sum of squares, the same
-#: of the log1p values (and optionally two more: of the raw stored values).
-N_MOMENTS = 4
+#: The per-gene moment pairs (sum, sum of squares) the fold can add: of the
+#: normalized values, of their log1p, of the raw stored values.
+MOMENT_KINDS = ("normalized", "log1p", "raw")
 #: Entries of the value-check counts: non-finite, negative, non-integer
 #: counts, too large log1p values.
 N_CHECKS = 4
@@ -66,8 +66,9 @@ def _check(raw, normalize, log1p_max, checks):
 
 @_jit
 def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p_max,
-               group_sum, sum_scale, group_sumsq, square_scale, moments, raw_moments, checks):
-    # group_sumsq and raw_moments are arrays or None: numba compiles one
+               group_sum, sum_scale, group_sumsq, square_scale, norm_moments, log_moments,
+               raw_moments, checks):
+    # group_sumsq and the moments are arrays or None: numba compiles one
     # version per combination and prunes the branches of the absent ones
     logs = np.empty(TABLE_SIZE)
     fixed = np.empty(TABLE_SIZE, np.int64)
@@ -97,11 +98,12 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                 log = math.log1p(norm) if normalize else raw
                 add = np.int64(np.rint(log * sum_scale))
                 add_sq = np.int64(np.rint(log * log * square_scale))
-            moment = moments[gene]
-            moment[0] += norm
-            moment[1] += norm * norm
-            moment[2] += log
-            moment[3] += log * log
+            if norm_moments is not None:
+                norm_moments[gene, 0] += norm
+                norm_moments[gene, 1] += norm * norm
+            if log_moments is not None:
+                log_moments[gene, 0] += log
+                log_moments[gene, 1] += log * log
             if raw_moments is not None:
                 raw_moments[gene, 0] += raw
                 raw_moments[gene, 1] += raw * raw
@@ -124,8 +126,8 @@ def fold_rows(
     sum_bits: int,
     group_sumsq: np.ndarray | None,
     square_bits: int,
-    raw_moments: bool,
-) -> tuple[np.ndarray, np.ndarray]:
+    moments: tuple[str, ...],
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Fold one CSR row block into ``group_sum`` (and ``group_sumsq``) in place.
 
     Each value is normalized to ``target_sum`` per row (when ``normalize``;
@@ -138,19 +140,17 @@ def fold_rows(
     Returns
     -------
     moments
-        Per-gene sums, ``(n_genes, 4)`` or ``(n_genes, 6)`` with ``raw_moments``:
-        normalized values and their squares, log1p values and their squares,
-        raw values and their squares.
+        For each of ``moments`` (of :data:`MOMENT_KINDS`), the per-gene sums
+        and sums of squares, ``(n_genes, 2)``; only these are computed.
     checks
         Counts of non-finite, negative, non-integer (counts) and too large
         (log1p) values.
     """
     n_genes = group_sum.shape[1]
-    moments = np.zeros((n_genes, N_MOMENTS))
-    raw = np.zeros((n_genes, 2)) if raw_moments else None
+    sums = {kind: np.zeros((n_genes, 2)) for kind in moments}
     checks = np.zeros(N_CHECKS, np.int64)
     order = np.argsort(codes, kind="stable")
     _fold_rows(data, indices, indptr, codes, order, normalize, float(target_sum),
                float(log1p_max), group_sum, float(2.0**sum_bits), group_sumsq,
-               float(2.0**square_bits), moments, raw, checks)
-    return moments if raw is None else np.hstack([moments, raw]), checks
+               float(2.0**square_bits), *(sums.get(kind) for kind in MOMENT_KINDS), checks)
+    return sums, checks

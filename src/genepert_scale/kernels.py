@@ -88,7 +88,8 @@ class PassStats:
         Cells per group, shape ``(n_groups,)``.
     gene_sum, gene_sumsq
         Per-gene sum and sum of squares of the *normalized* values
-        (``expm1`` of the log data), used by the ``seurat`` HVG flavor.
+        (``expm1`` of the log data), used by the ``seurat`` HVG flavor, or
+        ``None`` when not asked (see :data:`MOMENTS`).
     gene_log_sum, gene_log_sumsq
         The same for the ``log1p`` values, used by ``cell_ranger``.
     group_sum
@@ -105,28 +106,35 @@ class PassStats:
         Counts of non-finite, negative, non-integer (counts) and too large
         (log1p) inputs.
     block_moments
-        Per-gene moments of each folded block (rows: :data:`MOMENTS`), by
-        block index, until :func:`finish` sums them in block order — so the
-        float sums do not depend on how blocks were spread over chains.
+        Per-gene moments of each folded block (by field name), by block
+        index, until :func:`finish` sums them in block order — so the float
+        sums do not depend on how blocks were spread over chains.
     """
 
     n_cells: int
     group_n: np.ndarray
-    gene_sum: np.ndarray
-    gene_sumsq: np.ndarray
-    gene_log_sum: np.ndarray
-    gene_log_sumsq: np.ndarray
+    gene_sum: np.ndarray | None
+    gene_sumsq: np.ndarray | None
+    gene_log_sum: np.ndarray | None
+    gene_log_sumsq: np.ndarray | None
     group_sum: np.ndarray | None
     group_sumsq: np.ndarray | None
     gene_raw_sum: np.ndarray | None
     gene_raw_sumsq: np.ndarray | None
     check: ValueCheck
-    block_moments: dict[int, np.ndarray] = field(default_factory=dict)
+    block_moments: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-#: The per-gene moments of :class:`PassStats`, in ``block_moments`` row order.
-MOMENTS = ("gene_sum", "gene_sumsq", "gene_log_sum", "gene_log_sumsq",
-           "gene_raw_sum", "gene_raw_sumsq")
+#: The per-gene moment pairs a fold can sum (each costs a little per stored
+#: value, so a pass sums only those its HVG flavor needs) and the
+#: :class:`PassStats` fields they fill.
+MOMENTS = {
+    "normalized": ("gene_sum", "gene_sumsq"),
+    "log1p": ("gene_log_sum", "gene_log_sumsq"),
+    "raw": ("gene_raw_sum", "gene_raw_sumsq"),
+}
+#: The moments of a pass unless told otherwise.
+DEFAULT_MOMENTS = ("normalized", "log1p")
 
 
 def normalize_log1p(
@@ -212,21 +220,24 @@ def _value_check(
 
 def _moments_numpy(
     data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_genes: int,
-    kind: InputKind, target_sum: float, raw_moments: bool,
-) -> tuple[np.ndarray, np.ndarray]:
+    kind: InputKind, target_sum: float, moments: tuple[str, ...],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The numpy twin of the compiled fold's per-value work: the block's
-    ``log1p`` values and its per-gene moments (rows: :data:`MOMENTS`)."""
+    ``log1p`` values and the per-gene ``moments`` (by field name, see :data:`MOMENTS`)."""
     block = sp.csr_array((data, indices, indptr), shape=(indptr.size - 1, n_genes))
     if kind == "counts":
         normalized, logged = normalize_log1p(block, target_sum)
     else:
         logged = data.astype(np.float64, copy=False)
         normalized = np.expm1(logged)
-    raw = data.astype(np.float64, copy=False)
-    values = [normalized, normalized * normalized, logged, logged * logged]
-    if raw_moments:
-        values += [raw, raw * raw]
-    return logged, np.stack([np.bincount(indices, weights=v, minlength=n_genes) for v in values])
+    values = {"normalized": normalized, "log1p": logged,
+              "raw": data.astype(np.float64, copy=False)}
+    sums = {}
+    for moment in moments:
+        total, squares = MOMENTS[moment]
+        sums[total] = np.bincount(indices, weights=values[moment], minlength=n_genes)
+        sums[squares] = np.bincount(indices, weights=values[moment] ** 2, minlength=n_genes)
+    return logged, sums
 
 
 def _scatter_numpy(out, values, indices, indptr, codes, bits: int) -> None:
@@ -257,7 +268,7 @@ def fold_block(
     kind: InputKind = "counts",
     target_sum: float = 1e4,
     with_group_sumsq: bool = False,
-    with_raw_moments: bool = False,
+    moments: tuple[str, ...] = DEFAULT_MOMENTS,
     block_index: int = 0,
     use_numba: bool | None = None,
 ) -> PassStats:
@@ -280,8 +291,8 @@ def fold_block(
         Total count per cell after normalization.
     with_group_sumsq
         Also sum the squared ``log1p`` values per group (for group variances).
-    with_raw_moments
-        Also sum the raw values and their squares per gene (``seurat_v3``).
+    moments
+        The per-gene moments to sum (keys of :data:`MOMENTS`).
     block_index
         Position of the block: names it in :class:`ValueCheck`, and orders the
         block's gene moments, kept apart until :func:`finish`.
@@ -295,24 +306,24 @@ def fold_block(
     if acc is None:
         acc = new_stats(n_groups, n_genes, with_group_sumsq)
     if USE_NUMBA if use_numba is None else use_numba:
-        moments, counts = _numba_kernels.fold_rows(
+        pairs, counts = _numba_kernels.fold_rows(
             data, indices, indptr, codes, normalize=kind == "counts", target_sum=target_sum,
             log1p_max=LOG1P_MAX, group_sum=acc.group_sum, sum_bits=SUM_BITS,
-            group_sumsq=acc.group_sumsq, square_bits=SQUARE_BITS, raw_moments=with_raw_moments,
+            group_sumsq=acc.group_sumsq, square_bits=SQUARE_BITS, moments=moments,
         )
         check = _value_check(*(int(c) for c in counts), block_index)
-        moments = moments.T
+        sums = {name: np.ascontiguousarray(pair[:, i])
+                for moment, pair in pairs.items() for i, name in enumerate(MOMENTS[moment])}
     else:
         check = check_values(data, kind, block_index)
-        logged, moments = _moments_numpy(data, indices, indptr, n_genes, kind, target_sum,
-                                         with_raw_moments)
+        logged, sums = _moments_numpy(data, indices, indptr, n_genes, kind, target_sum, moments)
         _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS)
         if acc.group_sumsq is not None:
             _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes, SQUARE_BITS)
     acc.n_cells += block.shape[0]
     acc.check = acc.check.combine(check)
     np.add(acc.group_n, np.bincount(codes[codes >= 0], minlength=n_groups), out=acc.group_n)
-    acc.block_moments[block_index] = np.ascontiguousarray(moments)
+    acc.block_moments[block_index] = sums
     return acc
 
 
@@ -320,12 +331,12 @@ def finish(stats: PassStats) -> PassStats:
     """The gene moments of ``stats``: its blocks' moments summed in block
     order (the same order for any number of chains or workers)."""
     order = sorted(stats.block_moments)
-    total = np.zeros_like(stats.block_moments[order[0]])
-    for index in order:
-        total += stats.block_moments[index]
+    for name in stats.block_moments[order[0]]:
+        total = np.zeros_like(stats.block_moments[order[0]][name])
+        for index in order:
+            total += stats.block_moments[index][name]
+        setattr(stats, name, total)
     stats.block_moments = {}
-    for name, row in zip(MOMENTS, total):
-        setattr(stats, name, row)
     return stats
 
 

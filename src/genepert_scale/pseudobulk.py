@@ -49,6 +49,9 @@ from .validate import (
 
 log = logging.getLogger(__name__)
 
+#: The per-gene moments of the pass (:data:`.kernels.MOMENTS`) each HVG flavor needs.
+HVG_MOMENTS = {"seurat": ("normalized",), "cell_ranger": ("log1p",), "seurat_v3": ("raw",)}
+
 ENCODING_TYPE = "genepert_scale.pseudobulk"
 ENCODING_VERSION = "0.1.0"
 
@@ -225,7 +228,7 @@ def pseudobulk(
     sums_bytes = kernels.accumulator_bytes(len(groups), screen.n_vars, group_variance)
     graph = pass_stats(
         screen, codes, len(groups), kind=kind, target_sum=target_sum,
-        with_group_sumsq=group_variance, with_raw_moments=flavor == "seurat_v3",
+        with_group_sumsq=group_variance, moments=HVG_MOMENTS[flavor],
         split_every=split_every, chains=chains or default_chains(sums_bytes, memory_limit),
     )
     stats = _timed_pass(graph, screen, "streamed pass", progress)
@@ -265,13 +268,10 @@ def select_genes(
     """
     n_top = params.n_top_genes
     if params.flavor != "seurat_v3":
-        moments = (
-            (stats.gene_sum, stats.gene_sumsq)
-            if params.flavor == "seurat"
-            else (stats.gene_log_sum, stats.gene_log_sumsq)
-        )
+        (moment,) = HVG_MOMENTS[params.flavor]
+        sums = (getattr(stats, name) for name in kernels.MOMENTS[moment])
         return highly_variable_genes(
-            *mean_var(*moments, stats.n_cells), flavor=params.flavor, n_top_genes=n_top,
+            *mean_var(*sums, stats.n_cells), flavor=params.flavor, n_top_genes=n_top,
             gene_names=screen.var_names,
         )
     mean, var = mean_var(stats.gene_raw_sum, stats.gene_raw_sumsq, stats.n_cells)

@@ -59,7 +59,7 @@ def pass_stats(
     chains: int = 1,
     target_sum: float = 1e4,
     with_group_sumsq: bool = False,
-    with_raw_moments: bool = False,
+    moments: tuple[str, ...] = kernels.DEFAULT_MOMENTS,
     split_every: int = SPLIT_EVERY,
 ) -> Delayed:
     """The lazy one-pass statistics of a screen (a :class:`kernels.PassStats`).
@@ -72,7 +72,7 @@ def pass_stats(
         Group code of every cell (``-1``: no group).
     n_groups
         Number of groups.
-    kind, target_sum, with_group_sumsq, with_raw_moments
+    kind, target_sum, with_group_sumsq, moments
         Passed to :func:`kernels.fold_block`.
     chains
         Running accumulators the blocks are folded into (block ``i`` goes to
@@ -99,7 +99,7 @@ def pass_stats(
         c = i % len(accs)
         accs[c] = fold(accs[c], block, codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
                        target_sum=target_sum, with_group_sumsq=with_group_sumsq,
-                       with_raw_moments=with_raw_moments, block_index=i)
+                       moments=moments, block_index=i)
     total = tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
     total = delayed(_free_buffers, pure=True, name="pass-free-buffers")(total)
     return delayed(kernels.finish, pure=True, name="pass-finish")(total)
