@@ -118,6 +118,13 @@ def flip_bytes(path: Path, chunk_index: int = 1) -> None:
     chunk.write_bytes(bytes(data))
 
 
+def misspell_root_metadata(path: Path) -> None:
+    """A damaged ``zarr.json`` that is still JSON: a key renamed (found by the fuzz test)."""
+    metadata = json.loads((path / "zarr.json").read_text())
+    metadata["bttributes"] = metadata.pop("attributes")
+    (path / "zarr.json").write_text(json.dumps(metadata))
+
+
 def pb_store(tmp: Path, nan_delta: bool = False, **attrs) -> str:
     ds = pseudobulk(write_screen(tmp / "s.zarr"), n_top_genes=None, progress=False)
     ds.attrs.update(attrs)
@@ -188,6 +195,8 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
     ("path missing", lambda tmp: run(str(tmp / "nowhere.zarr")), StoreError, "does not exist"),
     ("not a zarr store", lambda tmp: (tmp / "x.zarr").write_text("hello") and run(str(tmp / "x.zarr")),
      StoreError, "is not a zarr group"),
+    ("root metadata damaged", ours_then(misspell_root_metadata), StoreError,
+     "is not a zarr group (GroupMetadata.__init__() got an unexpected keyword argument"),
     ("not anndata",
      lambda tmp: zarr.open_group(tmp / "g.zarr", mode="w").create_array("a", shape=(2,), dtype="f4")
      and run(str(tmp / "g.zarr")), StoreError, "has no 'X' element; is it an AnnData store"),

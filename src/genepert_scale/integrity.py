@@ -193,6 +193,9 @@ def undecodable_chunk_error(source: str, name: str, index: int, first: int,
 
 #: How reading a damaged chunk fails inside zarr, h5py and the codecs.
 DECODE_ERRORS = (OSError, ValueError, RuntimeError, TypeError)
+#: How opening a missing, foreign or damaged zarr group fails inside zarr (a
+#: damaged ``zarr.json`` may still be JSON, with a misspelt key: a TypeError).
+METADATA_ERRORS = (FileNotFoundError, KeyError, ValueError, TypeError)
 
 
 @contextlib.contextmanager

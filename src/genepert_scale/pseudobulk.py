@@ -31,7 +31,7 @@ from .hvg import (
     seurat_v3_clip,
     seurat_v3_select,
 )
-from .integrity import named_chunk_errors
+from .integrity import METADATA_ERRORS, named_chunk_errors
 from .labels import assign_groups
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
 from .screen import Screen, open_screen
@@ -426,7 +426,7 @@ def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) ->
         ds = open_dataset(path, storage_options)
     except GenePertInputError:
         raise
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except METADATA_ERRORS as err:
         raise StoreError(
             f"{path} is not a pseudo-bulk store ({err}); create one with "
             "'genepert-scale pseudobulk'"

@@ -56,6 +56,7 @@ from dask.delayed import Delayed
 from . import __version__
 from . import validate
 from .errors import GenePertInputError, ParameterError, StoreError
+from .integrity import METADATA_ERRORS
 from .reduce import SPLIT_EVERY, tree_reduce
 from .store import open_dataset, write_dataset
 
@@ -468,7 +469,7 @@ def load_model(path: str, storage_options: dict[str, Any] | None = None) -> Ridg
         ds = open_dataset(path, storage_options).load()
     except GenePertInputError:
         raise
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except METADATA_ERRORS as err:
         raise StoreError(f"{path} is not a model store ({err}); create one with 'genepert-scale fit'") from err
     kind, version = ds.attrs.get("encoding_type"), ds.attrs.get("encoding_version")
     if kind != ENCODING_TYPE:

@@ -27,7 +27,9 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from .chunks import ChunkedVector
 from .errors import GenePertInputError, LabelError, StoreError
-from .integrity import first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group
+from .integrity import (
+    METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
+)
 from .store import exists, is_url, zarr_store
 from .validate import check_case_collisions, check_unique_names, check_x_dtype
 
@@ -254,7 +256,7 @@ def open_group(path: str, storage_options: dict[str, Any] | None = None):
         return strict_group(zarr_store(path, storage_options), path)
     except GenePertInputError:
         raise
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+    except METADATA_ERRORS as err:
         raise StoreError(
             f"{path} is not a zarr group ({err}); give an AnnData zarr store or .h5ad"
         ) from err
