@@ -31,7 +31,8 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
     assert {"date", "command", "machine", "versions", "summary", "runs"} <= set(report)
     assert {"cpu", "cores", "ram_gib"} <= set(report["machine"])
     main = report["summary"]["screen_1500_200g_12p"]
-    assert set(main) == {"floor", "group_sum_floor", "ours", "scanpy_dask", "scanpy_memory"}
+    assert set(main) == {"floor", "zarr_floor", "group_sum_floor", "ours", "scanpy_dask",
+                         "scanpy_memory"}
     for row in main.values():
         assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_mib"] > 0
     assert main["ours"]["ours_over_floor"] > 0 and main["scanpy_memory"]["peer_over_ours"] > 0
@@ -44,6 +45,11 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
     total = int(np.asarray(stored["X"]["data"][:]).astype(np.int64).sum())
     (floor_run,) = [r for r in report["runs"] if r["tool"] == "group_sum_floor"]
     assert floor_run["summary"]["checksum"] == total > 0
+    # both read floors decoded every stored value (data, indices and indptr)
+    values = sum(stored["X"][name].shape[0] for name in ("data", "indices", "indptr"))
+    for tool in ("floor", "zarr_floor"):
+        (run,) = [r for r in report["runs"] if r["tool"] == tool]
+        assert run["summary"]["values"] == values, tool
     # the peers computed the same groups and genes as each other
     assert main["scanpy_memory"]["runs"] == 1
     for workload in ("every", "select"):
