@@ -83,3 +83,19 @@ def test_worker_killed_mid_pass_same_result(tmp_path, screen, local_pb):
         assert victim.wait(timeout=30) == 1, "worker-0 should have died in the pass"
         assert survivors == {"worker-1"}
     assert_same_pseudobulk(ds, local_pb)
+
+
+def test_local_threads_never_import_distributed(small_screen):
+    """Without a cluster, computing does not import distributed (0.1 s a run)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from genepert_scale.cluster import dask_client\n"
+        "from genepert_scale.pseudobulk import pseudobulk\n"
+        "with dask_client():\n"
+        f"    pseudobulk({small_screen[0]!r}, n_top_genes=50, progress=False)\n"
+        "assert 'distributed' not in sys.modules, 'distributed was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

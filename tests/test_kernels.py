@@ -167,3 +167,10 @@ def test_fold_accumulates_in_place_and_combine_into_adds_chains():
     swapped = kernels.finish(kernels.combine_into(odd_even[::-1]))
     for name in (*kernels.MOMENTS["normalized"], *kernels.MOMENTS["log1p"], "group_sum", "group_n"):
         np.testing.assert_array_equal(getattr(swapped, name), getattr(total, name))
+
+
+@pytest.mark.skipif(not kernels.USE_NUMBA, reason="numba not in use")
+def test_warm_up_loads_the_compiled_fold_for_float32_counts():
+    kernels.warm_up(("normalized",), with_group_sumsq=False)
+    assert any(str(sig[0]).startswith("array(float32") for sig in
+               kernels._numba_kernels._fold_rows.signatures)

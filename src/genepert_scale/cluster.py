@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import dask
+import dask.threaded
 
 from .errors import ParameterError
 
@@ -54,7 +55,7 @@ def dask_client(
     if scheduler is None and workers is None and slurm is None:
         scheduler = os.environ.get("DASK_SCHEDULER_ADDRESS")
     if not scheduler and not workers and slurm is None:
-        with dask.config.set(scheduler="threads"):
+        with dask.config.set(scheduler=dask.threaded.get):  # see compute
             yield None
         return
     from distributed import Client
@@ -126,15 +127,20 @@ def compute(obj: Any, *, label: str, progress: bool = True) -> Any:
 
             show_progress(future)
         result = future.result()
-    elif progress:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar(minimum=1.0, dt=0.5):
-            (result,) = dask.compute(obj)
     else:
-        (result,) = dask.compute(obj)
+        # name the local scheduler: asked to choose, dask imports distributed
+        # to look for a client (0.1 s) although none was ever started
+        scheduler = dask.config.get("scheduler", None) or dask.threaded.get
+        with _progress_bar() if progress else contextlib.nullcontext():
+            (result,) = dask.compute(obj, scheduler=scheduler)
     log.info("%s: %.1f s", label, time.perf_counter() - start)
     return result
+
+
+def _progress_bar() -> Any:
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(minimum=1.0, dt=0.5)
 
 
 def _current_client() -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
@@ -202,6 +203,8 @@ def pseudobulk(
             ) from err
     check_positive("--min-cells", min_cells, integer=True)
     check_positive("--target-sum", target_sum)
+    threading.Thread(target=kernels.warm_up, name="warm-up fold", daemon=True,
+                     args=(HVG_MOMENTS[flavor], group_variance)).start()
     if isinstance(screen, str):
         screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
                              memory_limit=memory_limit, threads=threads)
