@@ -228,9 +228,9 @@ def test_default_blocks_follow_store_chunks_and_memory_limit():
         BLOCK_MEMORY_SHARE, BYTES_PER_VALUE, block_rows_for,
     )
 
-    # 1M cells x 560 values: the 8M-value target, rounded to whole 262,144-value chunks
+    # 1M cells x 560 values: the 12M-value target, rounded to whole 262,144-value chunks
     rows = block_rows_for(1_000_000, 560_000_000, chunk_values=262_144)
-    assert rows == int(31 * 262_144 / 560)
+    assert rows == int(46 * 262_144 / 560)
     # a 200 MiB limit on 2 threads caps blocks so that those in flight fit in its share
     capped = block_rows_for(1_000_000, 560_000_000, memory_limit=2**20 * 200, threads=2)
     in_flight = capped * 560 * BYTES_PER_VALUE * 2

@@ -100,8 +100,9 @@ def pass_stats(
         accs[c] = fold(accs[c], block, codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
                        target_sum=target_sum, with_group_sumsq=with_group_sumsq,
                        moments=moments, block_index=i)
+    # each chain's end frees the idle block buffers before the chains are combined
+    accs = [delayed(_free_buffers, pure=True, name="pass-free-buffers")(acc) for acc in accs]
     total = tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
-    total = delayed(_free_buffers, pure=True, name="pass-free-buffers")(total)
     return delayed(kernels.finish, pure=True, name="pass-finish")(total)
 
 
@@ -147,8 +148,9 @@ def _read_and_fold(acc, block: BlockRef, codes, n_groups, **kwargs) -> kernels.P
 
 def _free_buffers(result: Any) -> Any:
     """``result``, after freeing the idle block buffers of the process this
-    last task of a pass runs in. On a cluster the other workers keep theirs
-    (one set per thread, reused by their next pass)."""
+    task runs in (at the end of a fold chain, or of a pass: a buffer still
+    leased by a running fold stays with it). Workers that ran no such task
+    keep theirs (one set per thread, reused by their next pass)."""
     BLOCK_BUFFERS.clear()
     return result
 
