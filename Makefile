@@ -7,7 +7,7 @@ TEXT_STAMP := $(VENV)/.installed-text
 # torch for the text extra: the CPU build (a local wheel where pip's find-links has one).
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test bench bench-quick clean
+.PHONY: install demo test bench bench-quick profile clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
+
+# Where the time of one 1M-cell pseudobulk run goes (py-spy, from PyPI).
+profile: $(STAMP)
+	$(BIN)/pip install --quiet "py-spy>=0.3"
+	$(BIN)/python benchmarks/profile_pass.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -74,3 +74,20 @@ def test_ridge_stand_ins_agree():
         assert len(eigen) == len(cholesky) == (len(tasks.ALPHAS) if workload == "every" else 1)
         for a, b in zip(eigen, cholesky):
             np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_profile_summary_sums_seconds_per_thread_and_frame():
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import profile_pass
+    finally:
+        sys.path.pop(0)
+    speedscope = {
+        "shared": {"frames": [{"name": "main", "file": "/x/cli.py", "line": 3},
+                              {"name": "fold_rows", "file": "/x/_numba_kernels.py", "line": 153}]},
+        "profiles": [{"name": 'Thread 1 "worker"', "unit": "seconds",
+                      "samples": [[0, 1], [0, 1], [0], []], "weights": [0.01, 0.01, 0.01, 0.01]}],
+    }
+    lines = profile_pass.summary(speedscope, top=2).splitlines()
+    assert lines == ['Thread 1 "worker": 0.04 s', "      0.02 s  fold_rows (_numba_kernels.py:153)",
+                     "      0.01 s  main (cli.py:3)"]
