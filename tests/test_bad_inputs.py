@@ -111,6 +111,13 @@ def drop_indices(path: Path) -> None:
     shutil.rmtree(path / "X" / "indices")
 
 
+def truncate_data(path: Path) -> None:
+    """``X/data`` resized to fewer values than ``X/indptr`` points into."""
+    data = zarr.open_array(path / "X" / "data", mode="r+")
+    data.resize((data.shape[0] - 5,))
+    zarr.consolidate_metadata(path)
+
+
 def flip_bytes(path: Path, chunk_index: int = 1) -> None:
     chunk = path / "X" / "data" / "c" / str(chunk_index)
     data = bytearray(chunk.read_bytes())
@@ -202,6 +209,8 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
      and run(str(tmp / "g.zarr")), StoreError, "has no 'X' element; is it an AnnData store"),
     ("csr parts missing", screen_then(drop_indices),
      StoreError, "X is a CSR matrix without indices"),
+    ("data shorter than indptr", screen_then(truncate_data), StoreError,
+     "but X/data holds"),
     ("missing chunk (foreign store)", screen_then(lambda p: (p / "X" / "data" / "c" / "0").unlink()),
      StoreError, "chunk '0' of array 'X/data' is missing"),
     ("missing chunk (our store, obs)",

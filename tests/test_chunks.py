@@ -105,3 +105,33 @@ def test_a_chunk_of_the_wrong_size_is_an_error_not_a_short_read(tmp_path):
     vector = ChunkedVector.of(array, str(path))
     with pytest.raises(StoreError, match=r"chunk 1 .*decodes to 256 bytes, a chunk has 512"):
         vector.read(0, N, np.empty(N, "float32"), np.empty(CHUNK, "float32"))
+
+
+def test_a_range_beyond_the_array_is_an_error_not_padding(tmp_path):
+    path = tmp_path / "a.zarr"
+    array = write(path, np.arange(N, dtype="float32"), compressors=[BloscCodec(cname="lz4")])
+    vector = ChunkedVector.of(array, str(path))
+    out, scratch = np.empty(20, "float32"), np.empty(CHUNK, "float32")
+    with pytest.raises(StoreError, match=r"values 990-1010 of array '' were asked for, it holds 1000"):
+        vector.read(990, 1010, out, scratch)  # inside the stored (padded) last chunk
+
+
+def test_a_local_read_that_fails_is_tried_again_through_the_store(tmp_path, monkeypatch):
+    import builtins
+
+    path = tmp_path / "a.zarr"
+    array = write(path, np.arange(N, dtype="int32"), compressors=[BloscCodec(cname="lz4")])
+    vector = ChunkedVector.of(array, str(path))
+    assert vector.local_root is not None
+    real_open, failed = builtins.open, []
+
+    def flaky_open(file, *args, **kwargs):
+        if str(file).endswith("/c/3") and not failed:
+            failed.append(file)
+            raise OSError(5, "Input/output error")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", flaky_open)
+    out = np.empty(N, "int32")
+    vector.read(0, N, out, np.empty(CHUNK, "int32"))
+    assert failed and np.array_equal(out, np.arange(N))

@@ -14,6 +14,8 @@ stores, memory) through the zarr store, concurrently, with its retries and
 missing-chunk errors — and
 decodes them with numcodecs, a Blosc chunk directly into the caller's array.
 Any other layout is left to zarr (:meth:`ChunkedVector.of` returns ``None``).
+A missing chunk is always an error here, as for every array of ``X``
+(:mod:`.integrity`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from typing import Any
 
 import numcodecs
 import numpy as np
+import zarr
 from numcodecs.abc import Codec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from .errors import StoreError
 from .integrity import DECODE_ERRORS, StrictStore, missing_chunk_error, undecodable_chunk_error
 from .retry import RetryingStore
 
@@ -114,10 +118,17 @@ class ChunkedVector:
 
         Chunks inside the range decode straight into ``out``; the (at most
         two) that it cuts decode into ``scratch``, one chunk long, and are
-        copied from there.
+        copied from there. A range beyond the array's end is an error (the
+        stored last chunk is padded to full size: it would decode).
         """
+        if not 0 <= first <= last <= self.array.shape[0]:
+            raise StoreError(
+                f"{self.source}: values {first}-{last} of array {self.array.path!r} were asked "
+                f"for, it holds {self.array.shape[0]}; the store is inconsistent (X's indptr "
+                "and its data or indices disagree). Write it again"
+            )
         size = self.chunk_size
-        indices = range(first // size, -(-last // size)) if last > first else range(0)
+        indices = range(first // size, -(-last // size))
         for index, raw in zip(indices, self._fetch(indices)):
             start, stop = index * size, (index + 1) * size
             lo, hi = max(start, first), min(stop, last)
@@ -130,11 +141,12 @@ class ChunkedVector:
         chunk = self.array.metadata.encode_chunk_key((index,))
         return f"{self.array.path}/{chunk}" if self.array.path else chunk
 
-    def _fetch(self, indices: Sequence[int]) -> Iterator[bytes]:
+    def _fetch(self, indices: Sequence[int]) -> Iterator[Any]:
         """The stored bytes of chunks ``indices``: a local store's read one by
-        one as they are decoded, a remote store's fetched all at once."""
+        one as they are decoded (a read that fails is tried again through the
+        store, with its retries), any other store's fetched concurrently."""
         if self.local_root is None:
-            yield from sync(self._fetch_remote([self._key(i) for i in indices]))
+            yield from sync(self._fetch_through_store([self._key(i) for i in indices]))
             return
         for index in indices:
             key = self._key(index)
@@ -143,16 +155,25 @@ class ChunkedVector:
                     yield file.read()
             except FileNotFoundError:
                 raise missing_chunk_error(self.source, key) from None
+            except OSError:
+                yield from sync(self._fetch_through_store([key]))
 
-    async def _fetch_remote(self, keys: list[str]) -> list[bytes]:
+    async def _fetch_through_store(self, keys: list[str]) -> list[Any]:
+        """The chunks ``keys`` from the zarr store, at most zarr's
+        ``async.concurrency`` requests at a time."""
         store, prototype = self.array.store, default_buffer_prototype()
-        values = await asyncio.gather(*(store.get(key, prototype) for key in keys))
-        for key, value in zip(keys, values):
-            if value is None:  # a store without strictness
-                raise missing_chunk_error(self.source, key)
-        return [value.to_bytes() for value in values]
+        limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
 
-    def _decode(self, index: int, raw: bytes, dest: np.ndarray) -> None:
+        async def get(key: str) -> Any:
+            async with limit:
+                value = await store.get(key, prototype)
+            if value is None:  # a store that reads missing chunks as absent
+                raise missing_chunk_error(self.source, key)
+            return value.as_numpy_array()
+
+        return await asyncio.gather(*(get(key) for key in keys))
+
+    def _decode(self, index: int, raw: Any, dest: np.ndarray) -> None:
         """Decode chunk ``index`` from ``raw`` into ``dest`` (one chunk long)."""
         try:
             *checks, compressor = self.codecs or (None,)

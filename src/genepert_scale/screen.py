@@ -318,6 +318,18 @@ def stored_values(x_group, encoding: str) -> int:
     return int(np.prod(x_group.shape))
 
 
+def _check_csr_lengths(x_group, nnz: int, path: str) -> None:
+    """Raise if ``X``'s ``data`` or ``indices`` hold fewer values than its
+    ``indptr`` points into (a truncated or inconsistent store)."""
+    for name in ("data", "indices"):
+        held = x_group[name].shape[0]
+        if held < nnz:
+            raise StoreError(
+                f"{path}: X/indptr ends at {nnz} stored values but X/{name} holds {held}; "
+                "the store is incomplete or inconsistent. Write it again"
+            )
+
+
 def open_screen(
     path: str,
     *,
@@ -404,8 +416,11 @@ def screen_from_group(
             f"{path}: X has shape {shape} but obs has {len(obs_names)} cells and "
             f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
         )
+    nnz = stored_values(x_group, encoding)
+    if encoding == "csr_matrix":
+        _check_csr_lengths(x_group, nnz, path)
     rows = block_rows or block_rows_for(
-        shape[0], stored_values(x_group, encoding), chunk_values=_chunk_values(x_group, encoding),
+        shape[0], nnz, chunk_values=_chunk_values(x_group, encoding),
         memory_limit=memory_limit, threads=threads or os.cpu_count() or 1,
     )
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
