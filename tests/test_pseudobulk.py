@@ -267,3 +267,13 @@ def test_default_chains_one_per_thread_as_memory_allows():
         assert default_chains(fits // 8, limit) == 4  # memory for 8: one per thread
         assert default_chains(fits // 3, limit) == 3  # memory for 3 of the 4 threads
         assert default_chains(2 * fits, limit) == 1  # never fewer than one
+
+
+def test_genes_are_selected_only_from_the_moments_the_flavor_needs(small_screen):
+    from genepert_scale.pseudobulk import PseudobulkParams, select_genes
+
+    screen = open_screen(small_screen[0], block_rows=1000)
+    codes = np.zeros(screen.n_obs, dtype=np.int32)
+    stats = pass_stats(screen, codes, 1, kind="counts", moments=("raw",)).compute(scheduler="sync")
+    with pytest.raises(ValueError, match="flavor seurat selects genes from the 'normalized' moments"):
+        select_genes(stats, screen, PseudobulkParams(n_top_genes=50, flavor="seurat"), progress=False)

@@ -270,14 +270,15 @@ def select_genes(
     runs a second pass for the clipped variance.
     """
     n_top = params.n_top_genes
+    (moment,) = HVG_MOMENTS[params.flavor]
+    total, squares = (getattr(stats, name) for name in kernels.MOMENTS[moment])
+    if total is None:
+        raise ValueError(f"flavor {params.flavor} selects genes from the {moment!r} moments; "
+                         f"compute the pass with moments={HVG_MOMENTS[params.flavor]}")
+    mean, var = mean_var(total, squares, stats.n_cells)
     if params.flavor != "seurat_v3":
-        (moment,) = HVG_MOMENTS[params.flavor]
-        sums = (getattr(stats, name) for name in kernels.MOMENTS[moment])
-        return highly_variable_genes(
-            *mean_var(*sums, stats.n_cells), flavor=params.flavor, n_top_genes=n_top,
-            gene_names=screen.var_names,
-        )
-    mean, var = mean_var(stats.gene_raw_sum, stats.gene_raw_sumsq, stats.n_cells)
+        return highly_variable_genes(mean, var, flavor=params.flavor, n_top_genes=n_top,
+                                     gene_names=screen.var_names)
     reg_std, clip = seurat_v3_clip(mean, var, stats.n_cells)
     clipped = _timed_pass(clipped_moments(screen, clip, split_every=split_every), screen,
                           "seurat_v3 clipped pass", progress)
