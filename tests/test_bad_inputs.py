@@ -118,8 +118,8 @@ def truncate_data(path: Path) -> None:
     zarr.consolidate_metadata(path)
 
 
-def flip_bytes(path: Path, chunk_index: int = 1) -> None:
-    chunk = path / "X" / "data" / "c" / str(chunk_index)
+def flip_bytes(path: Path, chunk_index: int = 1, array: str = "data") -> None:
+    chunk = path / "X" / array / "c" / str(chunk_index)
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -218,6 +218,8 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
      StoreError, "array 'obs/perturbation/codes' is missing"),
     ("corrupt chunk", ours_then(flip_bytes), StoreError,
      "chunk 1 of array 'X/data' (first index 512) cannot be decoded"),
+    ("corrupt indptr chunk (read at open)", ours_then(lambda p: flip_bytes(p, 0, "indptr")),
+     StoreError, "chunk 0 of array 'X/indptr' (first index 0) cannot be decoded"),
     # parameters
     ("n_top_genes above the genes", lambda tmp: run(write_screen(tmp / "s.zarr"), n_top_genes=9),
      ParameterError, "--n-top-genes 9 is larger than the 8 genes"),

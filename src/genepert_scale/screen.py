@@ -416,9 +416,12 @@ def screen_from_group(
             f"{path}: X has shape {shape} but obs has {len(obs_names)} cells and "
             f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
         )
-    nnz = stored_values(x_group, encoding)
     if encoding == "csr_matrix":
+        with named_chunk_errors(group, path, ("X/indptr",)):
+            nnz = stored_values(x_group, encoding)
         _check_csr_lengths(x_group, nnz, path)
+    else:
+        nnz = stored_values(x_group, encoding)
     rows = block_rows or block_rows_for(
         shape[0], nnz, chunk_values=_chunk_values(x_group, encoding),
         memory_limit=memory_limit, threads=threads or os.cpu_count() or 1,
