@@ -325,7 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--wide-perturbations", type=int, default=10_000,
                         help="perturbations of the genome-wide variant at the largest size (0: skip)")
     parser.add_argument("--n-top-genes", type=int, default=5000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="alternating rounds (medians are reported)")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated tools")
     parser.add_argument("--ridge", default="10000,3072,5000", help="P,d,q of the ridge timing ('' skips)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
