@@ -44,7 +44,7 @@ def read_floor(screen: str, threads: int) -> dict:
 
     import zarr
 
-    from genepert_scale.chunks import ChunkedVector
+    from genepert_scale.chunks import BlockBuffers, ChunkedVector
 
     x = zarr.open_group(screen, mode="r")["X"]
     slabs = []
@@ -58,15 +58,8 @@ def read_floor(screen: str, threads: int) -> dict:
 
     def decode(slab) -> int:
         vector, start, stop = slab
-        buffers = local.__dict__.setdefault("buffers", {})
-        if vector.array.path not in buffers:
-            buffers[vector.array.path] = (
-                np.empty(vector.chunk_size * FLOOR_CHUNKS_PER_READ, vector.array.dtype),
-                np.empty(vector.chunk_size, vector.array.dtype),
-            )
-        out, scratch = buffers[vector.array.path]
-        vector.read(start, stop, out[: stop - start], scratch)
-        return stop - start
+        buffers = local.__dict__.setdefault("buffers", BlockBuffers())
+        return vector.read_into(start, stop, buffers).size
 
     with ThreadPoolExecutor(threads) as pool:
         n_values = sum(pool.map(decode, slabs))
@@ -102,9 +95,8 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     Every stored value is added once, as it is, to its group's row of a dense
     ``(groups × genes)`` int64 table: no normalization, ``log1p``, gene moments,
     checks or output. Blocks of ``block_rows`` rows (ours' size, passed by
-    ``run.py``) are read with the floor's reader into reused buffers (a few
-    lines here rather than ``screen.BlockBuffers``: importing all of
-    genepert_scale would add its imports to the timed process) and folded by
+    ``run.py``) are read with the floor's reader into reused buffers
+    (``chunks.BlockBuffers``, as in ours) and folded by
     ``threads`` threads, each into its own table, rows in group order; the
     tables are summed at the end. This is ``genepert-scale pseudobulk``'s pass
     stripped to what cannot be removed, imported with numpy, zarr, numba and
@@ -118,7 +110,7 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     import numba
     import zarr
 
-    from genepert_scale.chunks import ChunkedVector
+    from genepert_scale.chunks import BlockBuffers, ChunkedVector
 
     @numba.njit(nogil=True, cache=True)
     def add_rows(data, indices, indptr, codes, table):  # pragma: no cover - compiled
@@ -136,7 +128,7 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     codes = np.asarray(root["obs"][KEY]["codes"][:]).astype(np.int64)
     n_groups = int(codes.max()) + 1
     indptr = np.asarray(x["indptr"][:])
-    vectors = {name: ChunkedVector.of(x[name], screen) for name in ("data", "indices")}
+    vectors = [ChunkedVector.of(x[name], screen) for name in ("data", "indices")]
     local = threading.local()
 
     def fold(start: int) -> np.ndarray | None:
@@ -145,16 +137,8 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
         fresh = not hasattr(local, "table")
         if fresh:
             local.table = np.zeros((n_groups, n_genes), np.int64)
-            local.buffers = {}
-        block = []
-        for name, vector in vectors.items():
-            buffer = local.buffers.get(name)
-            if buffer is None or buffer.size < last - first:
-                buffer = local.buffers[name] = np.empty(last - first, vector.array.dtype)
-                local.buffers[name, "chunk"] = np.empty(vector.chunk_size, vector.array.dtype)
-            out = buffer[: last - first]
-            vector.read(first, last, out, local.buffers[name, "chunk"])
-            block.append(out)
+            local.buffers = BlockBuffers()
+        block = [vector.read_into(first, last, local.buffers) for vector in vectors]
         add_rows(*block, indptr[start : stop + 1], codes[start:stop], local.table)
         return local.table if fresh else None
 

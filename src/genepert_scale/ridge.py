@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
 Solver = Literal["auto", "primal", "dual"]
+#: Squared errors per alpha kept between :func:`cv_error` calls, by (held-out
+#: folds, scored fold).
+FoldScores = dict[tuple[frozenset[int], int], np.ndarray]
 ENCODING_TYPE = "genepert_scale.ridge_model"
 ENCODING_VERSION = "0.1.0"
 
@@ -286,7 +289,7 @@ def cv_error(
     exclude: Sequence[int] = (),
     rows: Rows | None = None,
     solver: Solver = "auto",
-    scores: dict[tuple[frozenset[int], int], np.ndarray] | None = None,
+    scores: FoldScores | None = None,
 ) -> np.ndarray:
     """K-fold validation MSE per alpha over the folds not in ``exclude``.
 
@@ -328,7 +331,7 @@ def select_alpha(
     exclude: Sequence[int] = (),
     rows: Rows | None = None,
     solver: Solver = "auto",
-    scores: dict[tuple[frozenset[int], int], np.ndarray] | None = None,
+    scores: FoldScores | None = None,
 ) -> tuple[float, np.ndarray]:
     """The alpha of the grid with the smallest :func:`cv_error` (same
     arguments), and the errors; a single alpha is taken as is (errors NaN)."""

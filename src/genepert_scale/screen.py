@@ -25,7 +25,7 @@ from anndata.experimental import read_elem_lazy
 from anndata.io import read_elem
 from zarr.core.buffer.cpu import NDBuffer
 
-from .chunks import ChunkedVector
+from .chunks import BlockBuffers, ChunkedVector
 from .errors import GenePertInputError, LabelError, StoreError
 from .integrity import (
     METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
@@ -103,30 +103,6 @@ class Screen:
         with named_chunk_errors(self.group, self.source, (f"obs/{key}",)):
             values = read_elem(self.group["obs"][key])
         return pd.Series(values, name=key)
-
-
-class BlockBuffers:
-    """Arrays that blocks are read into, reused from block to block.
-
-    Reading into fresh arrays costs a page fault per 4 KiB page (large arrays
-    are new memory maps each time): about a fifth of a pass's CPU time on a
-    local store. One set serves one task at a time (:meth:`BufferPool.lease`).
-    """
-
-    #: Head-room when an array grows, so that slightly larger blocks do not
-    #: each reallocate it.
-    GROWTH = 1.25
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
-        """A writable array of ``size`` elements of ``dtype``, kept under ``name``."""
-        array = self._arrays.get(name)
-        if array is None or array.dtype != dtype or array.size < size:
-            grown = size if array is None else int(size * self.GROWTH)
-            array = self._arrays[name] = np.empty(grown, dtype)
-        return array[:size]
 
 
 class BufferPool:
@@ -212,13 +188,11 @@ class CsrRows:
 
     def _read_slice(self, array, first: int, last: int, buffers: BlockBuffers) -> np.ndarray:
         """``array[first:last]``, read into ``buffers``."""
-        out = buffers.get(array.path, last - first, array.dtype)
         vector = self.chunked.get(array.path)
-        if vector is None:
-            array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
-        else:
-            scratch = buffers.get(f"{array.path} chunk", vector.chunk_size, array.dtype)
-            vector.read(first, last, out, scratch)
+        if vector is not None:
+            return vector.read_into(first, last, buffers)
+        out = buffers.get(array.path, last - first, array.dtype)
+        array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
         return out
 
     def _bad_chunk(self, start: int, stop: int) -> GenePertInputError | None:
