@@ -1,0 +1,148 @@
+"""A/B timing of ``genepert-scale pseudobulk`` at two versions of the code, on
+the same cached screen, alternating, each run its own process.
+
+    python benchmarks/ab.py --base HEAD~1                    # HEAD~1 vs the working tree
+    python benchmarks/ab.py --base main~3 --head main --cells 100000 --repeats 7
+
+``--base`` and ``--head`` are git revisions (``--head`` defaults to the
+working tree); each revision's ``src/`` is exported with ``git archive`` into
+a scratch folder and run with ``PYTHONPATH`` pointing there. Every version
+runs once untimed first (numba compiles its cache), then the two alternate
+for ``--repeats`` rounds. Wall time, CPU time and peak RSS come from
+``run.measure``; the outputs of the two versions are compared variable by
+variable (an optimisation must not change a result). Writes
+``benchmarks/results/<date>-<machine>-ab.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from run import HERE, ScreenSpec, ensure_screen, machine, measure, versions
+
+REPO = HERE.parent
+
+
+def export_src(revision: str | None, into: Path) -> Path:
+    """The ``src/`` folder of ``revision`` (``None``: the working tree's)."""
+    if revision is None:
+        return REPO / "src"
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", revision, "src"],
+                             check=True, capture_output=True).stdout
+    with tempfile.TemporaryFile() as tmp:
+        tmp.write(archive)
+        tmp.seek(0)
+        with tarfile.open(fileobj=tmp) as tar:
+            tar.extractall(into, filter="data")
+    return into / "src"
+
+
+def describe(revision: str | None) -> str:
+    if revision is None:
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"],
+                               capture_output=True, text=True).stdout.strip()
+        head = describe("HEAD")
+        return f"{head} + uncommitted changes" if dirty else head
+    return subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s", revision],
+                          check=True, capture_output=True, text=True).stdout.strip()[:100]
+
+
+def pseudobulk_argv(screen: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "genepert_scale", "pseudobulk", str(screen), "--out", str(out),
+            "--overwrite", "--no-progress"]
+
+
+def same_outputs(a: Path, b: Path) -> dict[str, bool]:
+    """Whether every data variable of two pseudo-bulk stores is bit-identical."""
+    import numpy as np
+    import xarray as xr
+
+    with xr.open_zarr(a) as x, xr.open_zarr(b) as y:
+        names = sorted(set(x.data_vars) | set(y.data_vars))
+        return {name: name in x and name in y and x[name].shape == y[name].shape
+                and bool(np.array_equal(x[name].values, y[name].values, equal_nan=True))
+                for name in names}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision of the A side")
+    parser.add_argument("--head", default=None, help="git revision of the B side (default: working tree)")
+    parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument("--genes", type=int, default=8000)
+    parser.add_argument("--perturbations", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--tag", default=None, help="results file name (default <date>-<machine>-ab)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    spec = ScreenSpec(args.cells, args.genes, args.perturbations)
+    screen = ensure_screen(spec, args.cache, dict(os.environ))
+    sides = {"base": args.base, "head": args.head}
+    labels = {side: describe(rev) for side, rev in sides.items()}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory(prefix="gps-ab-") as scratch:
+        scratch = Path(scratch)
+        envs, outs = {}, {}
+        for side, revision in sides.items():
+            src = export_src(revision, scratch / side)
+            envs[side] = dict(os.environ, PYTHONPATH=str(src))
+            outs[side] = scratch / f"{side}.zarr"
+            measure(pseudobulk_argv(screen, outs[side]), envs[side])  # numba's cache, untimed
+        for repeat in range(args.repeats):
+            for side in sides:
+                wall, cpu, rss, code, _ = measure(pseudobulk_argv(screen, outs[side]), envs[side])
+                runs[side].append({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss,
+                                   "returncode": code})
+                print(f"{side} #{repeat}: {wall:6.2f} s wall {cpu:6.2f} s cpu {rss:6.0f} MiB",
+                      flush=True)
+        identical = same_outputs(outs["base"], outs["head"])
+    summary = {side: {key: statistics.median(r[key] for r in rs)
+                      for key in ("wall_s", "cpu_s", "peak_rss_mib")} for side, rs in runs.items()}
+    speedup = summary["base"]["wall_s"] / summary["head"]["wall_s"]
+    today = dt.date.today().isoformat()
+    report = {
+        "date": today,
+        "command": shlex.join(["python", "benchmarks/ab.py", *(argv or sys.argv[1:])]),
+        "machine": machine(), "versions": versions(), "screen": spec.name,
+        "sides": labels, "runs": runs, "summary": summary,
+        "base_over_head": speedup, "identical_outputs": identical,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{today}-{socket.gethostname()}-ab"
+    json_path = args.results / f"{tag}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# A/B of `genepert-scale pseudobulk`, {today}", "",
+        f"Command: `{report['command']}`", "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['ram_gib']} GiB RAM; screen `{spec.name}`; medians of "
+        f"{args.repeats} alternating runs, each a separate process.", "",
+        "| side | code | wall s | CPU s | peak RSS MiB |", "|---|---|---:|---:|---:|",
+        *(f"| {side} | {labels[side]} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | "
+          f"{s['peak_rss_mib']:.0f} |" for side, s in summary.items()),
+        "", f"base / head wall time: **{speedup:.2f}×**. Outputs bit-identical: "
+        + (", ".join(f"{name} {'yes' if same else 'NO'}" for name, same in identical.items())),
+    ]
+    json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(r["returncode"] == 0 for rs in runs.values() for r in rs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
