@@ -97,8 +97,9 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     checks or output. Blocks of ``block_rows`` rows (ours' size, passed by
     ``run.py``) are read with the floor's reader into reused buffers
     (``chunks.BlockBuffers``, as in ours) and folded by
-    ``threads`` threads, each into its own table, rows in group order; the
-    tables are summed at the end. This is ``genepert-scale pseudobulk``'s pass
+    ``threads`` threads, each into its own table, rows in group order (each
+    group's values are summed in a scratch row, then added to its table row
+    in one sweep, as ours does); the tables are summed at the end. This is ``genepert-scale pseudobulk``'s pass
     stripped to what cannot be removed, imported with numpy, zarr, numba and
     ``genepert_scale.chunks`` only. Its time over the read floor
     bounds how close to the floor a pass that sums groups into dense tables
@@ -114,13 +115,20 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
 
     @numba.njit(nogil=True, cache=True)
     def add_rows(data, indices, indptr, codes, table):  # pragma: no cover - compiled
+        # as ours: a group's values go to a scratch row in cache, which is
+        # added to its table row in one sweep when the group's rows end
         first = indptr[0]
         order = np.argsort(codes, kind="mergesort")
+        scratch = np.zeros(table.shape[1], np.int64)
         for i in range(order.size):
             row = order[i]
             group = codes[row]
             for k in range(indptr[row] - first, indptr[row + 1] - first):
-                table[group, indices[k]] += np.int64(data[k])
+                scratch[indices[k]] += np.int64(data[k])
+            if i + 1 == order.size or codes[order[i + 1]] != group:
+                for gene in range(scratch.size):
+                    table[group, gene] += scratch[gene]
+                    scratch[gene] = 0
 
     root = zarr.open_group(screen, mode="r")
     x = root["X"]
