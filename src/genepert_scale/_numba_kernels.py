@@ -4,12 +4,13 @@ group's fixed-point row, in place (numba, ``nogil`` so that dask threads run
 it in parallel).
 
 Nothing block-sized is allocated: no normalized or logged copy of the data
-exists, each value is read once. Rows are visited in group order and a
-group's values are added into a scratch row of ``n_genes`` sums that stays in
-cache; the group's row of the (large) sums is then updated in one sequential
-sweep, which the processor streams, instead of by scattered adds that each
-miss the cache (the whole 1M-cell pass 1.22x faster, bit-identical:
-``benchmarks/ab.py``, ``benchmarks/results/2026-12-01-vm-ab.md``). Raw counts are small integers, so ``log1p``
+exists, each value is read once. Rows are visited in group order, and
+everything a value updates sits in one cache line: its gene's row of a small
+work table that holds the current group's sums and the block's gene moments.
+When a group's rows end, its sums are added to the group's row of the (large)
+``(groups × genes)`` sums in one sequential sweep, which the processor
+streams, instead of by scattered adds that each miss the cache
+(``benchmarks/ab.py``; the numbers are in the README). Raw counts are small integers, so ``log1p``
 of a row's normalized values comes from a per-row table of the first
 :data:`TABLE_SIZE` counts (filled on demand); other values are logged one by
 one. The numpy twin in :mod:`.kernels` is the fallback when numba is missing
@@ -70,10 +71,17 @@ def _check(raw, normalize, log1p_max, checks):
 
 
 @_jit
-def _flush(sums, scratch):
+def _flush(sums, work, column):
     for gene in range(sums.size):
-        sums[gene] += scratch[gene]
-        scratch[gene] = 0
+        sums[gene] += work[gene, column]
+        work[gene, column] = 0
+
+
+@_jit
+def _copy_pair(out, moments, column):
+    for gene in range(out.shape[0]):
+        out[gene, 0] = moments[gene, column]
+        out[gene, 1] = moments[gene, column + 1]
 
 
 @_jit
@@ -81,13 +89,20 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                group_sum, sum_scale, group_sumsq, square_scale, norm_moments, log_moments,
                raw_moments, checks):
     # group_sumsq and the moments are arrays or None: numba compiles one
-    # version per combination and prunes the branches of the absent ones
+    # version per combination and prunes the branches of the absent ones.
+    # Everything a value updates is in its gene's row of `work`, one cache
+    # line: the current group's fixed-point sum (and sum of squares), int64,
+    # then the block's moment pairs, float64 (`moments` views the same memory).
+    # The group columns go to the group's rows of the sums when its rows end.
     logs = np.empty(TABLE_SIZE)
     fixed = np.empty(TABLE_SIZE, np.int64)
     fixed_sq = np.zeros(TABLE_SIZE, np.int64)
-    n_genes = group_sum.shape[1]
-    scratch = np.zeros(n_genes, np.int64)  # the current group's sums
-    scratch_sq = np.zeros(n_genes if group_sumsq is not None else 0, np.int64)
+    norm_col = 2 if group_sumsq is not None else 1
+    log_col = norm_col + (2 if norm_moments is not None else 0)
+    raw_col = log_col + (2 if log_moments is not None else 0)
+    width = raw_col + (2 if raw_moments is not None else 0)
+    work = np.zeros((group_sum.shape[1], width), np.int64)
+    moments = work.view(np.float64)
     current = -1
     for i in range(order.size):
         row = order[i]
@@ -95,9 +110,9 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
         group = codes[row]
         if group != current:  # rows come in group order: the last group is complete
             if current >= 0:
-                _flush(group_sum[current], scratch)
+                _flush(group_sum[current], work, 0)
                 if group_sumsq is not None:
-                    _flush(group_sumsq[current], scratch_sq)
+                    _flush(group_sumsq[current], work, 1)
             current = group
         scale = _row_scale(data, start, stop, normalize, target_sum)
         filled = 0
@@ -121,22 +136,28 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                 add = np.int64(np.rint(log * sum_scale))
                 add_sq = np.int64(np.rint(log * log * square_scale))
             if norm_moments is not None:
-                norm_moments[gene, 0] += norm
-                norm_moments[gene, 1] += norm * norm
+                moments[gene, norm_col] += norm
+                moments[gene, norm_col + 1] += norm * norm
             if log_moments is not None:
-                log_moments[gene, 0] += log
-                log_moments[gene, 1] += log * log
+                moments[gene, log_col] += log
+                moments[gene, log_col + 1] += log * log
             if raw_moments is not None:
-                raw_moments[gene, 0] += raw
-                raw_moments[gene, 1] += raw * raw
+                moments[gene, raw_col] += raw
+                moments[gene, raw_col + 1] += raw * raw
             if group >= 0:
-                scratch[gene] += add
+                work[gene, 0] += add
                 if group_sumsq is not None:
-                    scratch_sq[gene] += add_sq
+                    work[gene, 1] += add_sq
     if current >= 0:
-        _flush(group_sum[current], scratch)
+        _flush(group_sum[current], work, 0)
         if group_sumsq is not None:
-            _flush(group_sumsq[current], scratch_sq)
+            _flush(group_sumsq[current], work, 1)
+    if norm_moments is not None:
+        _copy_pair(norm_moments, moments, norm_col)
+    if log_moments is not None:
+        _copy_pair(log_moments, moments, log_col)
+    if raw_moments is not None:
+        _copy_pair(raw_moments, moments, raw_col)
 
 
 def fold_rows(
@@ -160,7 +181,7 @@ def fold_rows(
     else it is taken as ``log1p`` data), logged, and added to row
     ``codes[row]`` of the int64 fixed-point sums (``kernels.to_fixed``; rows
     with a negative code only count in the moments). Rows are visited grouped
-    by code (a stable sort); each group's values are summed in a scratch row
+    by code (a stable sort); each group's values are summed in a work table
     that stays in cache and added to its row of ``group_sum`` in one sweep.
 
     Returns
