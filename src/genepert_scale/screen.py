@@ -382,7 +382,7 @@ def screen_from_group(
         var_names = pd.Index(_read_index(group["var"]), dtype=object)
         obs_names = _read_index(group["obs"])
     check_unique_names(var_names, "var", path)
-    check_unique_names(pd.Index(obs_names, dtype=object), "obs", path)
+    check_unique_names(obs_names, "obs", path)
     check_case_collisions(var_names, path)
     shape = tuple(x_group.attrs["shape"]) if encoding == "csr_matrix" else x_group.shape
     if shape != (len(obs_names), len(var_names)):
