@@ -10,10 +10,11 @@ work table that holds the current group's sums and the block's gene moments.
 When a group's rows end, its sums are added to the group's row of the (large)
 ``(groups × genes)`` sums in one sequential sweep, which the processor
 streams, instead of by scattered adds that each miss the cache
-(``benchmarks/ab.py``; the numbers are in the README). Raw counts are small integers, so ``log1p``
-of a row's normalized values comes from a per-row table of the first
-:data:`TABLE_SIZE` counts (filled on demand); other values are logged one by
-one. The numpy twin in :mod:`.kernels` is the fallback when numba is missing
+(``benchmarks/ab.py``; the numbers are in the README).
+
+Raw counts are small integers, so ``log1p`` of a row's normalized values
+comes from a per-row table of the first :data:`TABLE_SIZE` counts (filled on
+demand); other values are logged one by one. The numpy twin in :mod:`.kernels` is the fallback when numba is missing
 and the oracle in the tests; the two agree up to the last place of
 ``log1p`` (numba's and numpy's differ there for a few values).
 """
