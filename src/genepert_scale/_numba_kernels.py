@@ -14,9 +14,10 @@ streams, instead of by scattered adds that each miss the cache
 
 Raw counts are small integers, so ``log1p`` of a row's normalized values
 comes from a per-row table of the first :data:`TABLE_SIZE` counts (filled on
-demand); other values are logged one by one. The numpy twin in :mod:`.kernels` is the fallback when numba is missing
-and the oracle in the tests; the two agree up to the last place of
-``log1p`` (numba's and numpy's differ there for a few values).
+demand); other values are logged one by one. The numpy twin in
+:mod:`.kernels` is the fallback when numba is missing and the oracle in the
+tests; the two agree up to the last place of ``log1p`` (numba's and numpy's
+differ there for a few values).
 """
 
 from __future__ import annotations
