@@ -49,6 +49,7 @@ def export_src(revision: str | None, into: Path) -> Path:
 
 
 def describe(revision: str | None) -> str:
+    """Short hash and subject of ``revision`` (``None``: HEAD, marked if ``src/`` changed)."""
     if revision is None:
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"],
                                capture_output=True, text=True).stdout.strip()
@@ -59,6 +60,7 @@ def describe(revision: str | None) -> str:
 
 
 def pseudobulk_argv(screen: Path, out: Path) -> list[str]:
+    """The command line of one timed run: the CLI's defaults, as ``run.py``'s ``ours``."""
     return [sys.executable, "-m", "genepert_scale", "pseudobulk", str(screen), "--out", str(out),
             "--overwrite", "--no-progress"]
 
@@ -75,21 +77,23 @@ def same_outputs(a: Path, b: Path) -> dict[str, bool]:
                 for name in names}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="git revision of the A side")
-    parser.add_argument("--head", default=None, help="git revision of the B side (default: working tree)")
+    parser.add_argument("--head", default=None,
+                        help="git revision of the B side (default: the working tree)")
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--genes", type=int, default=8000)
     parser.add_argument("--perturbations", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--tag", default=None, help="results file name (default <date>-<machine>-ab)")
+    parser.add_argument("--tag", default=None,
+                        help="results file name (default <date>-<machine>-ab)")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = ScreenSpec(args.cells, args.genes, args.perturbations)
     screen = ensure_screen(spec, args.cache, dict(os.environ))
