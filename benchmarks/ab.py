@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import os
 import shlex
@@ -40,11 +41,8 @@ def export_src(revision: str | None, into: Path) -> Path:
         return REPO / "src"
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", revision, "src"],
                              check=True, capture_output=True).stdout
-    with tempfile.TemporaryFile() as tmp:
-        tmp.write(archive)
-        tmp.seek(0)
-        with tarfile.open(fileobj=tmp) as tar:
-            tar.extractall(into, filter="data")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
     return into / "src"
 
 
@@ -66,15 +64,34 @@ def pseudobulk_argv(screen: Path, out: Path) -> list[str]:
 
 
 def same_outputs(a: Path, b: Path) -> dict[str, bool]:
-    """Whether every data variable of two pseudo-bulk stores is bit-identical."""
+    """Whether every variable of two pseudo-bulk stores (data and coordinates:
+    the selected genes, the perturbations kept) is bit-identical."""
     import numpy as np
     import xarray as xr
 
     with xr.open_zarr(a) as x, xr.open_zarr(b) as y:
-        names = sorted(set(x.data_vars) | set(y.data_vars))
+        names = sorted(set(x.variables) | set(y.variables))
         return {name: name in x and name in y and x[name].shape == y[name].shape
                 and bool(np.array_equal(x[name].values, y[name].values, equal_nan=True))
                 for name in names}
+
+
+def markdown(report: dict) -> str:
+    """The report's table: medians per side, their ratio, which outputs match."""
+    summary, labels, identical = report["summary"], report["sides"], report["identical_outputs"]
+    lines = [
+        f"# A/B of `genepert-scale pseudobulk`, {report['date']}", "",
+        f"Command: `{report['command']}`", "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['ram_gib']} GiB RAM; screen `{report['screen']}`; medians of "
+        f"{report['repeats']} alternating runs, each a separate process.", "",
+        "| side | code | wall s | CPU s | peak RSS MiB |", "|---|---|---:|---:|---:|",
+        *(f"| {side} | {labels[side]} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | "
+          f"{s['peak_rss_mib']:.0f} |" for side, s in summary.items()),
+        "", f"base / head wall time: **{report['base_over_head']:.2f}×**. Outputs bit-identical: "
+        + ", ".join(f"{name} {'yes' if same else 'NO'}" for name, same in identical.items()),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": today,
         "command": shlex.join(["python", "benchmarks/ab.py", *(argv or sys.argv[1:])]),
         "machine": machine(), "versions": versions(), "screen": spec.name,
+        "repeats": args.repeats,
         "sides": labels, "runs": runs, "summary": summary,
         "base_over_head": speedup, "identical_outputs": identical,
     }
@@ -131,20 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or f"{today}-{socket.gethostname()}-ab"
     json_path = args.results / f"{tag}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"# A/B of `genepert-scale pseudobulk`, {today}", "",
-        f"Command: `{report['command']}`", "",
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-        f"{report['machine']['ram_gib']} GiB RAM; screen `{spec.name}`; medians of "
-        f"{args.repeats} alternating runs, each a separate process.", "",
-        "| side | code | wall s | CPU s | peak RSS MiB |", "|---|---|---:|---:|---:|",
-        *(f"| {side} | {labels[side]} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | "
-          f"{s['peak_rss_mib']:.0f} |" for side, s in summary.items()),
-        "", f"base / head wall time: **{speedup:.2f}×**. Outputs bit-identical: "
-        + (", ".join(f"{name} {'yes' if same else 'NO'}" for name, same in identical.items())),
-    ]
-    json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown(report)
+    json_path.with_suffix(".md").write_text(table)
+    print(table)
     return 0 if all(r["returncode"] == 0 for rs in runs.values() for r in rs) else 1
 
 

@@ -264,7 +264,8 @@ def markdown(report: dict) -> str:
         "`group_sum_floor` is the floor plus the "
         "least compute of a one-pass group mean into dense tables: each stored value added, as it is, to its "
         "group's row of a dense int64 (groups × genes) table (through a scratch row per "
-        "group, as ours), with ours' block size and threads, and nothing else (no normalization, log1p, moments or output). `ours` is "
+        "group, as ours), with ours' block size and threads, and nothing else (no "
+        "normalization, log1p, moments or output). `ours` is "
         f"`genepert-scale pseudobulk` ({report['n_top_genes']} HVGs + means, written to zarr); "
         "`scanpy_memory` reads the whole store; `scanpy_dask` is scanpy on a dask-backed "
         "AnnData plus a per-block group sum.",

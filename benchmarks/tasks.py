@@ -99,11 +99,11 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     (``chunks.BlockBuffers``, as in ours) and folded by
     ``threads`` threads, each into its own table, rows in group order (each
     group's values are summed in a scratch row, then added to its table row
-    in one sweep, as ours does); the tables are summed at the end. This is ``genepert-scale pseudobulk``'s pass
-    stripped to what cannot be removed, imported with numpy, zarr, numba and
-    ``genepert_scale.chunks`` only. Its time over the read floor
-    bounds how close to the floor a pass that sums groups into dense tables
-    can get on this machine.
+    in one sweep, as ours does); the tables are summed at the end. This is
+    ``genepert-scale pseudobulk``'s pass stripped to what cannot be removed,
+    imported with numpy, zarr, numba and ``genepert_scale.chunks`` only. Its
+    time over the read floor bounds how close to the floor a pass that sums
+    groups into dense tables can get on this machine.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor

@@ -3,12 +3,22 @@ asserted here; see benchmarks/run.py)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` (its own imports of ``run`` resolve there)."""
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def load_harness():
@@ -61,11 +71,7 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
 
 
 def test_ridge_stand_ins_agree():
-    sys.path.insert(0, str(RUN.parent))
-    try:
-        import tasks
-    finally:
-        sys.path.pop(0)
+    tasks = benchmark_module("tasks")
     import numpy as np
 
     G, X = tasks.ridge_problem(80, 10, 7)
@@ -77,11 +83,7 @@ def test_ridge_stand_ins_agree():
 
 
 def test_profile_summary_sums_seconds_per_thread_and_frame():
-    sys.path.insert(0, str(RUN.parent))
-    try:
-        import profile_pass
-    finally:
-        sys.path.pop(0)
+    profile_pass = benchmark_module("profile_pass")
     speedscope = {
         "shared": {"frames": [{"name": "main", "file": "/x/cli.py", "line": 3},
                               {"name": "fold_rows", "file": "/x/_numba_kernels.py", "line": 153}]},
@@ -94,11 +96,7 @@ def test_profile_summary_sums_seconds_per_thread_and_frame():
 
 
 def test_ab_times_two_revisions_and_compares_their_outputs(tmp_path):
-    sys.path.insert(0, str(RUN.parent))
-    try:
-        import ab
-    finally:
-        sys.path.pop(0)
+    ab = benchmark_module("ab")
     code = ab.main([
         "--base", "HEAD", "--head", "HEAD", "--cells", "1500", "--genes", "200", "--perturbations", "12",
         "--repeats", "1", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"),

@@ -36,8 +36,11 @@ from .validate import check_case_collisions, check_unique_names, check_x_dtype
 #: Default number of stored values (non-zeros) per row block of a pass: each
 #: block adds every group's sums into the running (groups × genes) sums in one
 #: sweep over them, so larger blocks mean fewer sweeps through memory
-#: (measured, 1M cells × 2,000 groups on 2 cores: 2M values per block 1.5x
-#: slower than 8M; 12M 0.15-0.2 s faster than 8M, peak RSS 843 MiB).
+#: (measured, 1M cells × 2,000 groups on 2 cores, with the fold of the time:
+#: 2M values per block 1.5x slower than 8M; 12M 0.15-0.2 s faster than 8M,
+#: peak RSS 843 MiB. With the work-table fold, 8M, 12M and 20M ran alike,
+#: 13.1-14.3 s, 8M using 60-90 MiB less; three alternating runs of each
+#: with --block-rows, 2026-12-01).
 TARGET_BLOCK_NNZ = 12_000_000
 #: Bytes held per stored value of the block each thread is reading or
 #: folding: the block (value + index, up to 8 bytes each) and zarr's decoded

@@ -33,8 +33,8 @@ def check_unique_names(
     """Raise if ``obs`` or ``var`` names repeat.
 
     Sorts a copy and compares neighbours: for numpy's string arrays this runs
-    without the GIL and takes half the time of hashing a million Python
-    strings, so a pass's other threads are not held up by it.
+    without the GIL (the compiled fold keeps loading in its background thread)
+    and takes half the time of hashing a million Python strings.
     """
     values = np.asarray(names)
     ordered = np.sort(values.astype(str) if values.dtype == object else values)
