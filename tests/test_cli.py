@@ -57,3 +57,23 @@ def test_existing_output_fails_before_any_work(tmp_path, capsys):
                  "--out", str(tmp_path / "report")])
     assert code == INPUT_ERROR_EXIT_CODE
     assert "already exists" in capsys.readouterr().err
+
+
+def test_entry_point_imports_with_the_collector_paused_and_runs_with_it_on(monkeypatch):
+    import gc
+    import types
+
+    from genepert_scale import __main__ as entry
+
+    seen = []
+
+    class Probe(types.ModuleType):  # stands in for the command module being imported
+        def __getattr__(self, name):
+            if name != "main":
+                raise AttributeError(name)
+            seen.append(("import", gc.isenabled()))
+            return lambda: seen.append(("run", gc.isenabled())) or 7
+
+    monkeypatch.setitem(sys.modules, "genepert_scale.cli", Probe("genepert_scale.cli"))
+    assert entry.main() == 7
+    assert seen == [("import", False), ("run", True)] and gc.isenabled()

