@@ -75,5 +75,8 @@ def test_entry_point_imports_with_the_collector_paused_and_runs_with_it_on(monke
             return lambda: seen.append(("run", gc.isenabled())) or 7
 
     monkeypatch.setitem(sys.modules, "genepert_scale.cli", Probe("genepert_scale.cli"))
-    assert entry.main() == 7
+    try:
+        assert entry.main() == 7
+    finally:
+        gc.unfreeze()  # give this test process's objects back to the collector
     assert seen == [("import", False), ("run", True)] and gc.isenabled()
