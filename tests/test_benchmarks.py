@@ -65,9 +65,18 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
     for workload in ("every", "select"):
         ridge = report["summary"][f"ridge_P120_d16_q30_{workload}"]
         assert ridge["ridge-eigen"]["cholesky_over_eigen"] > 0
-    table = (tmp_path / "results" / "smoke.md").read_text()
+    assert main["scanpy_memory"]["peer_over_ours_by_round"] == [
+        main["scanpy_memory"]["wall_s"] / main["ours"]["wall_s"]]  # one round: its median
+    assert all(row["cores"] == row["cpu_s"] / row["wall_s"] for row in main.values())
+    table_path = tmp_path / "results" / "smoke.md"
+    table = table_path.read_text()
     assert "| screen | tool |" in table and "ours / group-sum floor" in table
     assert "cholesky / eigen" in table
+    # --render summarizes the stored runs again into the same report
+    table_path.unlink()
+    assert harness.main(["--render", str(tmp_path / "results" / "smoke.json")]) == 0
+    assert table_path.read_text() == table
+    assert json.loads((tmp_path / "results" / "smoke.json").read_text()) == report
 
 
 def test_ridge_stand_ins_agree():
