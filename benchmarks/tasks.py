@@ -7,6 +7,7 @@
     python benchmarks/tasks.py scanpy-dask SCREEN --n-top-genes 5000 --block-rows R
     python benchmarks/tasks.py ridge-eigen --p 10000 --d 3072 --q 5000 --workload every
     python benchmarks/tasks.py ridge-cholesky --p 10000 --d 3072 --q 5000 --workload select
+    python benchmarks/tasks.py ridge-parts --p 10000 --d 3072 --q 5000
 
 Each prints one JSON line (a small summary, to check that the peers computed
 the same thing); ``run.py`` measures wall time, CPU time and peak RSS from
@@ -279,10 +280,41 @@ def ridge_cholesky(G: np.ndarray, X: np.ndarray, workload: str, alphas=ALPHAS) -
     return [thetas[int(np.argmin(errors))]]
 
 
+def ridge_parts(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> dict[str, float]:
+    """Seconds of each step of both methods' ``every`` workload on the same
+    matrices: what the eigen path adds (decomposition, projection) and what
+    it saves per alpha (one product instead of a factorisation and two
+    triangular solves)."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    from genepert_scale.ridge import gram_stats, primal_path
+
+    seconds: dict[str, float] = {}
+
+    def timed(step: str, compute):
+        start = time.perf_counter()
+        value = compute()
+        seconds[step] = time.perf_counter() - start
+        return value
+
+    stats = timed("statistics", lambda: gram_stats(G, X))
+    path = timed("eigen: decomposition + projection", lambda: primal_path(stats))
+    timed("eigen: coefficients of every alpha", lambda: [path.coef(alpha) for alpha in alphas])
+    g_mean = stats.g_sum / stats.n
+    gram = stats.gtg - stats.n * np.outer(g_mean, g_mean)
+    cross = stats.gtx - stats.n * np.outer(g_mean, stats.x_sum / stats.n)
+    eye = np.eye(gram.shape[0])
+    factors = timed("cholesky: factorisations",
+                    lambda: [cho_factor(gram + alpha * eye) for alpha in alphas])
+    timed("cholesky: solves", lambda: [cho_solve(factor, cross) for factor in factors])
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=("floor", "zarr-floor", "group-sum-floor", "scanpy-memory",
-                                         "scanpy-dask", "ridge-eigen", "ridge-cholesky"))
+                                         "scanpy-dask", "ridge-eigen", "ridge-cholesky",
+                                         "ridge-parts"))
     parser.add_argument("screen", nargs="?")
     parser.add_argument("--n-top-genes", type=int, default=5000)
     parser.add_argument("--block-rows", type=int, default=50_000,
@@ -308,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         G, X = ridge_problem(args.p, args.d, args.q)
         if args.task == "ridge-eigen":
             import genepert_scale.ridge  # noqa: F401 - its import is not part of the solve
+        if args.task == "ridge-parts":
+            print(json.dumps(ridge_parts(G, X)))
+            return 0
         start = time.perf_counter()  # time the solve, not the random draws or imports
         solve = ridge_eigen if args.task == "ridge-eigen" else ridge_cholesky
         thetas = solve(G, X, args.workload)

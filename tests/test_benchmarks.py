@@ -89,6 +89,11 @@ def test_ridge_stand_ins_agree():
         assert len(eigen) == len(cholesky) == (len(tasks.ALPHAS) if workload == "every" else 1)
         for a, b in zip(eigen, cholesky):
             np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    parts = tasks.ridge_parts(G, X)
+    assert set(parts) == {"statistics", "eigen: decomposition + projection",
+                          "eigen: coefficients of every alpha", "cholesky: factorisations",
+                          "cholesky: solves"}
+    assert all(seconds > 0 for seconds in parts.values())
 
 
 def test_profile_summary_sums_seconds_per_thread_and_frame():
