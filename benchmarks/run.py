@@ -8,8 +8,9 @@ floor and two scanpy peers; every measurement is a separate process.
 Screens are generated with ``genepert-scale synth`` once and cached under
 ``benchmarks/cache/``. Tools run alternating (round-robin) for ``--repeats``
 rounds; wall time, CPU time (user + system) and peak RSS of each process come
-from ``os.wait4``. Results: ``benchmarks/results/<date>-<machine>.json`` and
-``.md`` (the table with ratios, the exact command, versions, machine).
+from ``os.wait4``. Results: ``benchmarks/results/<date>-<machine>.json`` (``-2``,
+``-3``… for later runs that day) and ``.md`` (the table with ratios, the exact
+command, versions, machine).
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ridge", default="10000,3072,5000", help="P,d,q of the ridge timing ('' skips)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--tag", default=None, help="results file name (default <date>-<machine>)")
+    parser.add_argument("--tag", default=None,
+                        help="results file name (default <date>-<machine>, numbered if taken)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only summarize the runs of an earlier results file again and "
                              "rewrite it and its table")
@@ -375,6 +377,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.ridge = "2000,512,1000" if args.ridge == "10000,3072,5000" else args.ridge
     args.cells = args.cells or [100_000, 1_000_000]
     return args
+
+
+def free_path(folder: Path, stem: str) -> Path:
+    """``folder/stem.json``, or ``stem-2.json``, ``stem-3.json``… when taken: a
+    second run the same day does not overwrite the first one's results."""
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
 
 
 def write_report(report: dict, json_path: Path) -> None:
@@ -420,8 +432,12 @@ def main(argv=None) -> int:
         "total_seconds": time.perf_counter() - start,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{today}-{socket.gethostname()}{'-quick' if args.quick else ''}"
-    write_report(report, args.results / f"{tag}.json")
+    if args.tag:
+        json_path = args.results / f"{args.tag}.json"
+    else:
+        json_path = free_path(args.results,
+                              f"{today}-{socket.gethostname()}{'-quick' if args.quick else ''}")
+    write_report(report, json_path)
     return 0 if all(m.returncode == 0 for m in results) else 1
 
 

@@ -79,6 +79,14 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
     assert json.loads((tmp_path / "results" / "smoke.json").read_text()) == report
 
 
+def test_default_results_name_never_overwrites_an_earlier_run(tmp_path):
+    harness = load_harness()
+    assert harness.free_path(tmp_path, "2026-12-01-vm") == tmp_path / "2026-12-01-vm.json"
+    (tmp_path / "2026-12-01-vm.json").write_text("{}")
+    (tmp_path / "2026-12-01-vm-2.json").write_text("{}")
+    assert harness.free_path(tmp_path, "2026-12-01-vm") == tmp_path / "2026-12-01-vm-3.json"
+
+
 def test_ridge_stand_ins_agree():
     tasks = benchmark_module("tasks")
     import numpy as np
