@@ -188,16 +188,23 @@ def run_ridge(shape: tuple[int, int, int], repeats: int, env) -> list[Measuremen
     return results
 
 
-def _by_round(peer: list[Measurement], ours: list[Measurement]) -> list[float]:
-    """``peer / ours`` wall time within each round both ran in: on a VM whose
-    second core comes and goes, runs minutes apart compare more fairly than medians."""
+def _by_round(peer: list[Measurement], ours: list[Measurement],
+              rounds: list[int]) -> list[float | None]:
+    """``peer / ours`` wall time in each of ``rounds`` (``None`` where either
+    failed): a peer and ours in the same round ran close together, so on a VM
+    whose second core comes and goes they compare more fairly than medians
+    taken over all rounds."""
+    peer_wall = {m.repeat: m.wall_s for m in peer}
     ours_wall = {m.repeat: m.wall_s for m in ours}
-    return [m.wall_s / ours_wall[m.repeat] for m in peer if m.repeat in ours_wall]
+    return [peer_wall[r] / ours_wall[r] if r in peer_wall and r in ours_wall else None
+            for r in rounds]
 
 
 def summarize(results: list[Measurement]) -> dict:
     """Median wall/CPU/RSS per (screen, tool) and the ratios of the issue."""
     table: dict[str, dict[str, dict]] = {}
+    rounds = {m.screen: sorted({n.repeat for n in results if n.screen == m.screen})
+              for m in results}
     for m in results:
         if m.returncode == 0:
             table.setdefault(m.screen, {}).setdefault(m.tool, []).append(m)
@@ -228,7 +235,8 @@ def summarize(results: list[Measurement]) -> dict:
             for peer in ("scanpy_memory", "scanpy_dask"):
                 if peer in rows:
                     rows[peer]["peer_over_ours"] = rows[peer]["wall_s"] / ours["wall_s"]
-                    rows[peer]["peer_over_ours_by_round"] = _by_round(tools[peer], tools["ours"])
+                    rows[peer]["peer_over_ours_by_round"] = _by_round(tools[peer], tools["ours"],
+                                                                       rounds[screen])
         if "ridge-eigen" in rows and "ridge-cholesky" in rows:
             rows["ridge-eigen"]["cholesky_over_eigen"] = (
                 rows["ridge-cholesky"]["inner_s"] / rows["ridge-eigen"]["inner_s"]
@@ -279,10 +287,11 @@ def markdown(report: dict) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
         "",
-        f"Median of {report['repeats']} alternating runs per tool, each a separate process "
-        "started with the screen in the page cache (every file of the store read just "
-        "before, untimed) "
-        "(wall time including interpreter start; CPU = user + system; peak RSS = max over runs).",
+        f"Median of {report['repeats']} alternating runs per tool, each a separate process"
+        + (" started with the screen in the page cache (every file of the store read just "
+           "before, untimed)" if report.get("page_cache") == "warm" else "")
+        + "; wall time includes interpreter start, CPU = user + system, peak RSS = max over "
+        "runs; failed runs are left out of every figure.",
         "`floor` decodes every chunk of X once with the reader ours uses "
         "(`genepert_scale.chunks`: chunk files read and decoded by numcodecs straight into "
         "a buffer, in as many threads as cores); `zarr_floor` does the same through "
@@ -296,8 +305,9 @@ def markdown(report: dict) -> str:
         "`scanpy_memory` reads the whole store; `scanpy_dask` is scanpy on a dask-backed "
         "AnnData plus a per-block group sum.",
         "",
-        "`cores` is CPU / wall time (how much of the machine a run got); `peer / ours` is "
-        "the ratio of the medians, then in brackets the ratio within each round.",
+        "`cores` is the median over runs of CPU / wall time (how much of the machine a run "
+        "got); `peer / ours` is the ratio of the medians, then in brackets the ratio within "
+        "each round (– where a run failed).",
         "",
         "| screen | tool | wall s | CPU s | cores | peak RSS MiB | / floor "
         "| ours / group-sum floor | peer / ours |",
@@ -308,10 +318,12 @@ def markdown(report: dict) -> str:
             continue
         for tool, r in rows.items():
             over_floor = r.get("ours_over_floor", r.get("over_floor", float("nan")))
-            rounds = ", ".join(f"{ratio:.1f}" for ratio in r.get("peer_over_ours_by_round", []))
+            rounds = ", ".join("–" if ratio is None else f"{ratio:.1f}"
+                               for ratio in r.get("peer_over_ours_by_round", []))
             lines.append(
                 f"| {screen} | {tool} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
-                f"{r.get('cores', float('nan')):.2f} | {r['peak_rss_mib']:.0f} | {over_floor:.2f} | "
+                f"{r.get('cores', float('nan')):.2f} | {r['peak_rss_mib']:.0f} | "
+                f"{over_floor:.2f} | "
                 f"{r.get('ours_over_group_sum_floor', float('nan')):.2f} | "
                 f"{r.get('peer_over_ours', float('nan')):.1f}".replace("nan", "")
                 + (f" ({rounds})" if rounds else "") + " |"
@@ -393,8 +405,9 @@ def write_report(report: dict, json_path: Path) -> None:
     """Write ``report`` to ``json_path`` and its Markdown table beside it."""
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path = json_path.with_suffix(".md")
-    md_path.write_text(markdown(report))
-    print(markdown(report))
+    table = markdown(report)
+    md_path.write_text(table)
+    print(table)
     print(f"wrote {json_path} and {md_path}")
 
 
@@ -402,9 +415,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
         report = json.loads(args.render.read_text())
-        report["summary"] = summarize([Measurement(**run) for run in report["runs"]])
+        if not isinstance(report.get("runs"), list):
+            sys.exit(f"{args.render} is not a results file of run.py (no list of runs)")
+        results = [Measurement(**run) for run in report["runs"]]
+        report["summary"] = summarize(results)
         write_report(report, args.render)
-        return 0
+        return 0 if all(m.returncode == 0 for m in results) else 1
     env = dict(os.environ)
     src = str(HERE.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
@@ -425,6 +441,7 @@ def main(argv=None) -> int:
         "machine": machine(),
         "versions": versions(),
         "repeats": args.repeats,
+        "page_cache": "warm",  # see warm_page_cache
         "n_top_genes": args.n_top_genes,
         "screens": [asdict(s) | {"name": s.name} for s in specs],
         "summary": summarize(results),

@@ -284,7 +284,7 @@ def ridge_parts(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> dict[str, float]
     """Seconds of each step of both methods' ``every`` workload on the same
     matrices: what the eigen path adds (decomposition, projection) and what
     it saves per alpha (one product instead of a factorisation and two
-    triangular solves)."""
+    triangular solves); and the largest difference between their coefficients."""
     from scipy.linalg import cho_factor, cho_solve
 
     from genepert_scale.ridge import gram_stats, primal_path
@@ -299,14 +299,18 @@ def ridge_parts(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> dict[str, float]
 
     stats = timed("statistics", lambda: gram_stats(G, X))
     path = timed("eigen: decomposition + projection", lambda: primal_path(stats))
-    timed("eigen: coefficients of every alpha", lambda: [path.coef(alpha) for alpha in alphas])
+    eigen = timed("eigen: coefficients of every alpha",
+                  lambda: [path.coef(alpha)[0] for alpha in alphas])
     g_mean = stats.g_sum / stats.n
     gram = stats.gtg - stats.n * np.outer(g_mean, g_mean)
     cross = stats.gtx - stats.n * np.outer(g_mean, stats.x_sum / stats.n)
     eye = np.eye(gram.shape[0])
     factors = timed("cholesky: factorisations",
                     lambda: [cho_factor(gram + alpha * eye) for alpha in alphas])
-    timed("cholesky: solves", lambda: [cho_solve(factor, cross) for factor in factors])
+    cholesky = timed("cholesky: solves", lambda: [cho_solve(factor, cross) for factor in factors])
+    # not a time: how far apart the two methods' coefficients are (they must agree)
+    seconds["largest coefficient difference"] = max(
+        float(np.abs(a - b).max()) for a, b in zip(eigen, cholesky))
     return seconds
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from genepert_scale.cli import main
@@ -59,24 +60,60 @@ def test_existing_output_fails_before_any_work(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+class _CommandModuleProbe:
+    """Stands in for ``genepert_scale.cli`` while the entry point imports it:
+    records the collector's state at import and at run time."""
+
+    def __init__(self, monkeypatch, import_error: bool = False):
+        import gc
+        import types
+
+        self.seen: list[tuple[str, bool, int]] = []
+        probe = self
+
+        class Module(types.ModuleType):
+            def __getattr__(self, name):
+                if name != "main":
+                    raise AttributeError(name)
+                probe.seen.append(("import", gc.isenabled(), gc.get_freeze_count()))
+                if import_error:
+                    raise ImportError("a library of the command is missing")
+
+                def run():
+                    probe.seen.append(("run", gc.isenabled(), gc.get_freeze_count()))
+                    return 7
+
+                return run
+
+        monkeypatch.setitem(sys.modules, "genepert_scale.cli", Module("genepert_scale.cli"))
+
+
 def test_entry_point_imports_with_the_collector_paused_and_runs_with_it_on(monkeypatch):
     import gc
-    import types
 
     from genepert_scale import __main__ as entry
 
-    seen = []
-
-    class Probe(types.ModuleType):  # stands in for the command module being imported
-        def __getattr__(self, name):
-            if name != "main":
-                raise AttributeError(name)
-            seen.append(("import", gc.isenabled()))
-            return lambda: seen.append(("run", gc.isenabled())) or 7
-
-    monkeypatch.setitem(sys.modules, "genepert_scale.cli", Probe("genepert_scale.cli"))
+    probe = _CommandModuleProbe(monkeypatch)
+    gc.unfreeze()
     try:
         assert entry.main() == 7
     finally:
         gc.unfreeze()  # give this test process's objects back to the collector
-    assert seen == [("import", False), ("run", True)] and gc.isenabled()
+    (imported, ran) = probe.seen
+    assert imported[:2] == ("import", False)
+    assert ran[:2] == ("run", True) and ran[2] > 0  # what was imported is frozen
+    assert gc.isenabled()
+
+
+def test_entry_point_turns_the_collector_back_on_when_the_import_fails(monkeypatch):
+    import gc
+
+    from genepert_scale import __main__ as entry
+
+    _CommandModuleProbe(monkeypatch, import_error=True)
+    try:
+        with pytest.raises(ImportError, match="missing"):
+            entry.main()
+    finally:
+        gc.unfreeze()
+    assert gc.isenabled()

@@ -5,12 +5,12 @@ it in parallel).
 
 Nothing block-sized is allocated: no normalized or logged copy of the data
 exists, each value is read once. Rows are visited in group order, and
-everything a value updates sits in one cache line: its gene's row of a small
-work table that holds the current group's sums and the block's gene moments.
-When a group's rows end, its sums are added to the group's row of the (large)
-``(groups × genes)`` sums in one sequential sweep, which the processor
-streams, instead of by scattered adds that each miss the cache
-(``benchmarks/ab.py``; the numbers are in the README).
+everything a value updates sits in one place, usually one cache line: its
+gene's row of a small work table that holds the current group's sums and the
+block's gene moments. When a group's rows end, its sums are added to the
+group's row of the (large) ``(groups × genes)`` sums in one sequential sweep,
+which the processor streams, instead of by scattered adds that each miss the
+cache (``benchmarks/ab.py``; the numbers are in the README).
 
 Raw counts are small integers, so ``log1p`` of a row's normalized values
 comes from a per-row table of the first :data:`TABLE_SIZE` counts (filled on
@@ -73,15 +73,13 @@ def _check(raw, normalize, log1p_max, checks):
 
 
 @_jit
-def _aligned(width):
-    # columns padded to a power of two: numba aligns arrays to 32 bytes, so
-    # a row of up to 4 int64 never straddles two 64-byte cache lines (the
-    # default 3 columns padded to 4: 1M cells 1.07x faster, bit-identical,
-    # benchmarks/results/2026-12-01-vm-ab-aligned.md)
-    padded = 1
-    while padded < width:
-        padded *= 2
-    return padded
+def _padded_width(width):
+    # numba aligns arrays to 32 bytes: rows of 1, 2 or 4 int64 never straddle
+    # two 64-byte cache lines, a row of 3 would a third of the time, so it
+    # gets 4 (the default pass: 1M cells 1.07x faster, bit-identical,
+    # benchmarks/results/2026-12-01-vm-ab-aligned.md). Wider rows cannot be
+    # kept inside one line by padding and stay as they are.
+    return 4 if width == 3 else width
 
 
 @_jit
@@ -104,9 +102,10 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                raw_moments, checks):
     # group_sumsq and the moments are arrays or None: numba compiles one
     # version per combination and prunes the branches of the absent ones.
-    # Everything a value updates is in its gene's row of `work`, one cache
-    # line: the current group's fixed-point sum (and sum of squares), int64,
-    # then the block's moment pairs, float64 (`moments` views the same memory).
+    # Everything a value updates is in its gene's row of `work` (one cache
+    # line for the rows of up to 4 columns the HVG flavors use): the current
+    # group's fixed-point sum (and sum of squares), int64, then the block's
+    # moment pairs, float64 (`moments` views the same memory).
     # The group columns go to the group's rows of the sums when its rows end.
     logs = np.empty(TABLE_SIZE)
     fixed = np.empty(TABLE_SIZE, np.int64)
@@ -115,7 +114,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     log_col = norm_col + (2 if norm_moments is not None else 0)
     raw_col = log_col + (2 if log_moments is not None else 0)
     width = raw_col + (2 if raw_moments is not None else 0)
-    work = np.zeros((group_sum.shape[1], _aligned(width)), np.int64)
+    work = np.zeros((group_sum.shape[1], _padded_width(width)), np.int64)
     moments = work.view(np.float64)
     current = -1
     for i in range(order.size):
