@@ -12,7 +12,8 @@ for ``--repeats`` rounds, each run started with the screen in the page
 cache (``run.warm_page_cache``). Wall time, CPU time and peak RSS come from
 ``run.measure``; the outputs of the two versions are compared variable by
 variable (an optimisation must not change a result). Writes
-``benchmarks/results/<date>-<machine>-ab.json`` and ``.md``.
+``benchmarks/results/<date>-<machine>-ab.json`` (numbered ``-2``, ``-3``… when
+taken) and ``.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import os
 import shlex
 import socket
@@ -31,7 +31,17 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from run import HERE, ScreenSpec, ensure_screen, machine, measure, versions, warm_page_cache
+from run import (
+    HERE,
+    ScreenSpec,
+    ensure_screen,
+    free_path,
+    machine,
+    measure,
+    versions,
+    warm_page_cache,
+    write_report,
+)
 
 REPO = HERE.parent
 
@@ -86,7 +96,7 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
         f"{report['machine']['ram_gib']} GiB RAM; screen `{report['screen']}`; medians of "
         f"{report['repeats']} alternating runs, each a separate process started with the "
-        "screen in the page cache.", "",
+        "screen in the page cache (failed runs left out).", "",
         "| side | code | wall s | CPU s | peak RSS MiB |", "|---|---|---:|---:|---:|",
         *(f"| {side} | {labels[side]} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | "
           f"{s['peak_rss_mib']:.0f} |" for side, s in summary.items()),
@@ -108,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default=None,
-                        help="results file name (default <date>-<machine>-ab)")
+                        help="results file name (default <date>-<machine>-ab, numbered if taken)")
     return parser.parse_args(argv)
 
 
@@ -136,8 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{side} #{repeat}: {wall:6.2f} s wall {cpu:6.2f} s cpu {rss:6.0f} MiB",
                       flush=True)
         identical = same_outputs(outs["base"], outs["head"])
+    succeeded = {side: [r for r in rs if r["returncode"] == 0] for side, rs in runs.items()}
+    for side, rs in succeeded.items():
+        if not rs:
+            sys.exit(f"every run of {side} ({labels[side]}) failed; run "
+                     f"{shlex.join(pseudobulk_argv(screen, Path('out.zarr')))} with "
+                     f"PYTHONPATH at that revision's src/ to see why")
     summary = {side: {key: statistics.median(r[key] for r in rs)
-                      for key in ("wall_s", "cpu_s", "peak_rss_mib")} for side, rs in runs.items()}
+                      for key in ("wall_s", "cpu_s", "peak_rss_mib")}
+               for side, rs in succeeded.items()}
     speedup = summary["base"]["wall_s"] / summary["head"]["wall_s"]
     today = dt.date.today().isoformat()
     report = {
@@ -149,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         "base_over_head": speedup, "identical_outputs": identical,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{today}-{socket.gethostname()}-ab"
-    json_path = args.results / f"{tag}.json"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    json_path.with_suffix(".md").write_text(table)
-    print(table)
+    if args.tag:
+        json_path = args.results / f"{args.tag}.json"
+    else:
+        json_path = free_path(args.results, f"{today}-{socket.gethostname()}-ab")
+    write_report(report, json_path, markdown(report))
     return 0 if all(r["returncode"] == 0 for rs in runs.values() for r in rs) else 1
 
 

@@ -203,9 +203,9 @@ def _by_round(peer: list[Measurement], ours: list[Measurement],
 def summarize(results: list[Measurement]) -> dict:
     """Median wall/CPU/RSS per (screen, tool) and the ratios of the issue."""
     table: dict[str, dict[str, dict]] = {}
-    rounds = {m.screen: sorted({n.repeat for n in results if n.screen == m.screen})
-              for m in results}
+    rounds: dict[str, set[int]] = {}
     for m in results:
+        rounds.setdefault(m.screen, set()).add(m.repeat)
         if m.returncode == 0:
             table.setdefault(m.screen, {}).setdefault(m.tool, []).append(m)
     out = {}
@@ -236,7 +236,7 @@ def summarize(results: list[Measurement]) -> dict:
                 if peer in rows:
                     rows[peer]["peer_over_ours"] = rows[peer]["wall_s"] / ours["wall_s"]
                     rows[peer]["peer_over_ours_by_round"] = _by_round(tools[peer], tools["ours"],
-                                                                       rounds[screen])
+                                                                       sorted(rounds[screen]))
         if "ridge-eigen" in rows and "ridge-cholesky" in rows:
             rows["ridge-eigen"]["cholesky_over_eigen"] = (
                 rows["ridge-cholesky"]["inner_s"] / rows["ridge-eigen"]["inner_s"]
@@ -401,11 +401,10 @@ def free_path(folder: Path, stem: str) -> Path:
     return path
 
 
-def write_report(report: dict, json_path: Path) -> None:
-    """Write ``report`` to ``json_path`` and its Markdown table beside it."""
+def write_report(report: dict, json_path: Path, table: str) -> None:
+    """Write ``report`` to ``json_path`` and its Markdown ``table`` beside it."""
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path = json_path.with_suffix(".md")
-    table = markdown(report)
     md_path.write_text(table)
     print(table)
     print(f"wrote {json_path} and {md_path}")
@@ -416,10 +415,11 @@ def main(argv=None) -> int:
     if args.render:
         report = json.loads(args.render.read_text())
         if not isinstance(report.get("runs"), list):
-            sys.exit(f"{args.render} is not a results file of run.py (no list of runs)")
+            sys.exit(f"{args.render} is not a results file of run.py (no list of runs); "
+                     "give one written by benchmarks/run.py (ab.py writes its own table)")
         results = [Measurement(**run) for run in report["runs"]]
         report["summary"] = summarize(results)
-        write_report(report, args.render)
+        write_report(report, args.render, markdown(report))
         return 0 if all(m.returncode == 0 for m in results) else 1
     env = dict(os.environ)
     src = str(HERE.parent / "src")
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     else:
         json_path = free_path(args.results,
                               f"{today}-{socket.gethostname()}{'-quick' if args.quick else ''}")
-    write_report(report, json_path)
+    write_report(report, json_path, markdown(report))
     return 0 if all(m.returncode == 0 for m in results) else 1
 
 

@@ -301,9 +301,7 @@ def ridge_parts(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> dict[str, float]
     path = timed("eigen: decomposition + projection", lambda: primal_path(stats))
     eigen = timed("eigen: coefficients of every alpha",
                   lambda: [path.coef(alpha)[0] for alpha in alphas])
-    g_mean = stats.g_sum / stats.n
-    gram = stats.gtg - stats.n * np.outer(g_mean, g_mean)
-    cross = stats.gtx - stats.n * np.outer(g_mean, stats.x_sum / stats.n)
+    gram, cross = stats.centred()
     eye = np.eye(gram.shape[0])
     factors = timed("cholesky: factorisations",
                     lambda: [cho_factor(gram + alpha * eye) for alpha in alphas])

@@ -90,6 +90,13 @@ def _flush(sums, work, column):
 
 
 @_jit
+def _flush_group(group_sum, group_sumsq, work, group):
+    _flush(group_sum[group], work, 0)
+    if group_sumsq is not None:
+        _flush(group_sumsq[group], work, 1)
+
+
+@_jit
 def _copy_pair(out, moments, column):
     for gene in range(out.shape[0]):
         out[gene, 0] = moments[gene, column]
@@ -123,9 +130,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
         group = codes[row]
         if group != current:  # rows come in group order: the last group is complete
             if current >= 0:
-                _flush(group_sum[current], work, 0)
-                if group_sumsq is not None:
-                    _flush(group_sumsq[current], work, 1)
+                _flush_group(group_sum, group_sumsq, work, current)
             current = group
         scale = _row_scale(data, start, stop, normalize, target_sum)
         filled = 0
@@ -162,9 +167,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                 if group_sumsq is not None:
                     work[gene, 1] += add_sq
     if current >= 0:
-        _flush(group_sum[current], work, 0)
-        if group_sumsq is not None:
-            _flush(group_sumsq[current], work, 1)
+        _flush_group(group_sum, group_sumsq, work, current)
     if norm_moments is not None:
         _copy_pair(norm_moments, moments, norm_col)
     if log_moments is not None:

@@ -91,6 +91,13 @@ class GramStats:
     def _fields(self) -> tuple:
         return self.gtg, self.gtx, self.g_sum, self.x_sum, self.x_sq, self.n
 
+    def centred(self) -> tuple[np.ndarray, np.ndarray]:
+        """``GᵀG`` and ``GᵀX`` of the rows centred on their own means:
+        ``GᵀG − nḡḡᵀ`` and ``GᵀX − nḡx̄ᵀ``."""
+        g_mean, x_mean = self.g_sum / self.n, self.x_sum / self.n
+        return (self.gtg - self.n * np.outer(g_mean, g_mean),
+                self.gtx - self.n * np.outer(g_mean, x_mean))
+
 
 def gram_stats(G: np.ndarray, X: np.ndarray) -> GramStats:
     """The *chunk* step: statistics of one block of rows."""
@@ -197,11 +204,10 @@ class RidgePath:
 
 def primal_path(stats: GramStats) -> RidgePath:
     """Decompose the centred Gram matrix ``A = GᵀG − nḡḡᵀ`` (d × d)."""
-    g_mean, x_mean = stats.g_sum / stats.n, stats.x_sum / stats.n
-    gram = stats.gtg - stats.n * np.outer(g_mean, g_mean)
-    cross = stats.gtx - stats.n * np.outer(g_mean, x_mean)
+    gram, cross = stats.centred()
     eigenvalues, vectors = np.linalg.eigh(gram)
-    return RidgePath(vectors, eigenvalues, vectors.T @ cross, g_mean, x_mean, "primal")
+    return RidgePath(vectors, eigenvalues, vectors.T @ cross, stats.g_sum / stats.n,
+                     stats.x_sum / stats.n, "primal")
 
 
 def dual_path(G: np.ndarray, X: np.ndarray) -> RidgePath:
