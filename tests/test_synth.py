@@ -8,11 +8,12 @@ import numpy as np
 from genepert_scale.synth import make_model, synth_screen
 
 
-def test_synth_is_deterministic_and_independent_of_chunking(tmp_path):
+def test_synth_is_deterministic_and_independent_of_chunking_and_threads(tmp_path):
+    # and of the threads drawing tiles (each tile has its own stream)
     a, emb_a = synth_screen(str(tmp_path / "a.zarr"), cells=2500, genes=120, perturbations=20,
-                            seed=3, chunk_rows=700)
+                            seed=3, chunk_rows=700, threads=3)
     b, _ = synth_screen(str(tmp_path / "b.zarr"), cells=2500, genes=120, perturbations=20,
-                        seed=3, chunk_rows=2500)
+                        seed=3, chunk_rows=2500, threads=1)
     c, _ = synth_screen(str(tmp_path / "c.zarr"), cells=2500, genes=120, perturbations=20, seed=4)
     x_a, x_b, x_c = (ad.read_zarr(p) for p in (a, b, c))
     assert (x_a.X != x_b.X).nnz == 0
@@ -44,3 +45,27 @@ def test_planted_knockdown_of_target_gene():
     for row, label in enumerate(singles):
         target = model.genes.get_loc(label)
         assert model.log_effects[row, target] < -0.9
+
+
+def test_in_order_keeps_order_and_bounds_the_results_ahead():
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    import time
+
+    from genepert_scale.synth import in_order
+
+    started = []
+    lock = threading.Lock()
+
+    def slow_square(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.01 * (i % 3))  # finish out of order
+        return i * i
+
+    with ThreadPoolExecutor(4) as pool:
+        results = in_order(pool, slow_square, range(20), ahead=3)
+        first = next(results)
+        assert first == 0
+        assert len(started) <= 3  # no more than `ahead` submitted before the first is taken
+        assert [first, *results] == [i * i for i in range(20)]

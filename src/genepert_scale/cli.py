@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbations", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-rows", type=int, default=10_000, help="rows per written block")
+    p.add_argument("--threads", type=int, help="threads drawing cells (default: the CPU count)")
 
     p = sub.add_parser("convert", parents=[parent], help="stream an .h5ad into a chunked zarr store")
     p.add_argument("source", help="input .h5ad")
@@ -215,7 +216,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     out, emb = synth_screen(
         args.out, cells=args.cells, genes=args.genes, perturbations=args.perturbations,
-        seed=args.seed, chunk_rows=args.chunk_rows, overwrite=args.overwrite,
+        seed=args.seed, chunk_rows=args.chunk_rows, overwrite=args.overwrite, threads=args.threads,
     )
     print(f"screen: {out}\nembedding: {emb}")
     return 0

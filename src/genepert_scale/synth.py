@@ -12,10 +12,15 @@ not on the chunking.
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import pickle
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 import numpy as np
@@ -36,6 +41,8 @@ from .store import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 CONTROL_LABEL = "non-targeting"
 #: Cells generated from one random stream; fixed so chunking does not change data.
@@ -104,14 +111,28 @@ def tile_counts(model: SynthModel, groups: np.ndarray, *, seed: int, tile: int,
     """Counts of one tile of cells (dense draw, sparse result)."""
     rng = np.random.default_rng([seed, 2, tile])
     n = groups.size
-    log_rate = np.tile(model.base_log_rate, (n, 1))
-    perturbed = groups > 0
-    log_rate[perturbed] += model.log_effects[groups[perturbed] - 1]
+    rate = model.log_effects[np.maximum(groups - 1, 0)]  # a fresh array, then in place
+    rate[groups == 0] = 0.0  # controls: no effect
+    rate += model.base_log_rate
     programs = rng.gamma(4.0, 0.25, size=(n, N_PROGRAMS))
-    rate = np.exp(log_rate) * programs[:, model.program_of_gene]
+    np.exp(rate, out=rate)
+    rate *= programs[:, model.program_of_gene]
     library = rng.lognormal(np.log(mean_umis), 0.4, size=n)
     rate *= (library / rate.sum(axis=1))[:, None]
     return sp.csr_array(rng.poisson(rate).astype(np.float32))
+
+
+def in_order(pool: Executor, func: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """``map(func, items)`` on ``pool``, in order, with at most ``ahead``
+    results computed but not yet taken (``Executor.map`` would submit every
+    item at once and hold all results)."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(func, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def synth_screen(
@@ -126,6 +147,7 @@ def synth_screen(
     mean_umis: float | None = None,
     embedding_dim: int = 32,
     overwrite: bool = False,
+    threads: int | None = None,
 ) -> tuple[str, str]:
     """Write a synthetic AnnData zarr screen and its embedding table.
 
@@ -148,6 +170,10 @@ def synth_screen(
         Dimension of the gene embedding.
     overwrite
         Replace existing outputs.
+    threads
+        Threads drawing tiles at once (default: the CPU count); numpy's
+        sampling and arithmetic release the GIL. Each tile has its own seeded
+        stream, so the screen does not depend on it.
 
     Returns
     -------
@@ -173,14 +199,22 @@ def synth_screen(
         write_element(root, "obs", obs)
         write_element(root, "var", var)
         appender = CsrAppender(root.create_group("X"), genes)
-        pending = []
-        for tile in range(-(-cells // TILE_ROWS)):
+        threads = threads or os.cpu_count() or 1
+
+        def draw(tile: int) -> sp.csr_array:
             rows = slice(tile * TILE_ROWS, min((tile + 1) * TILE_ROWS, cells))
-            pending.append(tile_counts(model, groups[rows], seed=seed, tile=tile, mean_umis=mean_umis))
-            if sum(p.shape[0] for p in pending) >= chunk_rows or rows.stop == cells:
-                appender.append(sp.vstack(pending, format="csr"))
-                pending = []
-                log.info("synth: %d/%d cells", appender.n_rows, cells)
+            return tile_counts(model, groups[rows], seed=seed, tile=tile, mean_umis=mean_umis)
+
+        n_tiles = -(-cells // TILE_ROWS)
+        pending: list[sp.csr_array] = []
+        with ThreadPoolExecutor(threads, thread_name_prefix="synth") as pool:
+            tiles = in_order(pool, draw, range(n_tiles), ahead=2 * threads)
+            for tile, counts in enumerate(tiles):
+                pending.append(counts)
+                if sum(p.shape[0] for p in pending) >= chunk_rows or tile == n_tiles - 1:
+                    appender.append(sp.vstack(pending, format="csr"))
+                    pending = []
+                    log.info("synth: %d/%d cells", appender.n_rows, cells)
         with quiet_zarr_warnings():
             zarr.consolidate_metadata(root.store)
     with atomic_output(emb_path, overwrite=overwrite) as tmp:
