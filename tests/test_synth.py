@@ -46,26 +46,3 @@ def test_planted_knockdown_of_target_gene():
         target = model.genes.get_loc(label)
         assert model.log_effects[row, target] < -0.9
 
-
-def test_in_order_keeps_order_and_bounds_the_results_ahead():
-    from concurrent.futures import ThreadPoolExecutor
-    import threading
-    import time
-
-    from genepert_scale.synth import in_order
-
-    started = []
-    lock = threading.Lock()
-
-    def slow_square(i):
-        with lock:
-            started.append(i)
-        time.sleep(0.01 * (i % 3))  # finish out of order
-        return i * i
-
-    with ThreadPoolExecutor(4) as pool:
-        results = in_order(pool, slow_square, range(20), ahead=3)
-        first = next(results)
-        assert first == 0
-        assert len(started) <= 3  # no more than `ahead` submitted before the first is taken
-        assert [first, *results] == [i * i for i in range(20)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import h5py
@@ -13,6 +14,7 @@ from anndata.io import read_elem, sparse_dataset
 
 from .errors import StoreError
 from .integrity import complete_chunks, mark_complete
+from .ordered import in_order
 from .screen import block_rows_for, stored_values
 from .store import (
     ANNDATA_ATTRS,
@@ -97,6 +99,12 @@ def _copy_x(x, group: zarr.Group, block_rows: int | None, source: str) -> None:
     dtype = "float32" if np.dtype(x["data"].dtype if isinstance(x, h5py.Group) else x.dtype).itemsize <= 4 else "float64"
     appender = CsrAppender(group, n_vars, dtype)
     rows = block_rows or block_rows_for(n_obs, stored_values(x, encoding))
-    for start in range(0, n_obs, rows):
-        appender.append(sp.csr_array(matrix[start : start + rows]))
-        log.info("convert: %d/%d cells", appender.n_rows, n_obs)
+
+    def read(start: int) -> sp.csr_array:
+        return sp.csr_array(matrix[start : start + rows])
+
+    # the next block is read (h5py releases the GIL) while this one is compressed and written
+    with ThreadPoolExecutor(1, thread_name_prefix="convert-read") as pool:
+        for block in in_order(pool, read, range(0, n_obs, rows), ahead=2):
+            appender.append(block)
+            log.info("convert: %d/%d cells", appender.n_rows, n_obs)

@@ -12,15 +12,12 @@ not on the chunking.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import fsspec
 import numpy as np
@@ -30,6 +27,7 @@ import zarr
 
 from .integrity import complete_chunks, mark_complete
 from .errors import ParameterError
+from .ordered import in_order
 from .store import (
     ANNDATA_ATTRS,
     CsrAppender,
@@ -41,8 +39,6 @@ from .store import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-R = TypeVar("R")
 
 CONTROL_LABEL = "non-targeting"
 #: Cells generated from one random stream; fixed so chunking does not change data.
@@ -120,19 +116,6 @@ def tile_counts(model: SynthModel, groups: np.ndarray, *, seed: int, tile: int,
     library = rng.lognormal(np.log(mean_umis), 0.4, size=n)
     rate *= (library / rate.sum(axis=1))[:, None]
     return sp.csr_array(rng.poisson(rate).astype(np.float32))
-
-
-def in_order(pool: Executor, func: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
-    """``map(func, items)`` on ``pool``, in order, with at most ``ahead``
-    results computed but not yet taken (``Executor.map`` would submit every
-    item at once and hold all results)."""
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(func, item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def synth_screen(
