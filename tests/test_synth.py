@@ -4,12 +4,15 @@ import pickle
 
 import anndata as ad
 import numpy as np
+import pytest
+import scipy.sparse as sp
 
-from genepert_scale.synth import make_model, synth_screen
+from genepert_scale import synth
+from genepert_scale.errors import ParameterError
+from genepert_scale.synth import N_PROGRAMS, assign_cells, make_model, synth_screen, tile_counts
 
 
 def test_synth_is_deterministic_and_independent_of_chunking_and_threads(tmp_path):
-    # and of the threads drawing tiles (each tile has its own stream)
     a, emb_a = synth_screen(str(tmp_path / "a.zarr"), cells=2500, genes=120, perturbations=20,
                             seed=3, chunk_rows=700, threads=3)
     b, _ = synth_screen(str(tmp_path / "b.zarr"), cells=2500, genes=120, perturbations=20,
@@ -46,3 +49,42 @@ def test_planted_knockdown_of_target_gene():
         target = model.genes.get_loc(label)
         assert model.log_effects[row, target] < -0.9
 
+
+def test_tile_counts_draws_what_the_first_version_drew():
+    # the screens cached by benchmarks/run.py were written by the first
+    # version (np.tile + masked add + exp); the in-place version must draw the
+    # same counts from the same streams
+    model = make_model(300, 40, seed=2)
+    groups = assign_cells(1500, len(model.labels), seed=2, control_share=0.05)[500:1500]
+    rng = np.random.default_rng([2, 2, 7])
+    log_rate = np.tile(model.base_log_rate, (groups.size, 1))
+    perturbed = groups > 0
+    log_rate[perturbed] += model.log_effects[groups[perturbed] - 1]
+    programs = rng.gamma(4.0, 0.25, size=(groups.size, N_PROGRAMS))
+    rate = np.exp(log_rate) * programs[:, model.program_of_gene]
+    library = rng.lognormal(np.log(600.0), 0.4, size=groups.size)
+    rate *= (library / rate.sum(axis=1))[:, None]
+    expected = sp.csr_array(rng.poisson(rate).astype(np.float32))
+    got = tile_counts(model, groups, seed=2, tile=7, mean_umis=600.0)
+    assert (got != expected).nnz == 0
+
+
+def test_a_failed_tile_fails_the_synth_and_leaves_nothing(tmp_path, monkeypatch):
+    draw = synth.tile_counts
+
+    def fail_on_tile_3(model, groups, *, tile, **kwargs):
+        if tile == 3:
+            raise RuntimeError("tile 3 went wrong")
+        return draw(model, groups, tile=tile, **kwargs)
+
+    monkeypatch.setattr(synth, "tile_counts", fail_on_tile_3)
+    with pytest.raises(RuntimeError, match="tile 3 went wrong"):
+        synth_screen(str(tmp_path / "s.zarr"), cells=8000, genes=50, perturbations=10,
+                     chunk_rows=1000, threads=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_threads_must_be_positive(tmp_path):
+    with pytest.raises(ParameterError, match="--threads must be a positive integer, got 0"):
+        synth_screen(str(tmp_path / "s.zarr"), cells=100, genes=20, perturbations=4, threads=0)
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -104,7 +105,10 @@ def _copy_x(x, group: zarr.Group, block_rows: int | None, source: str) -> None:
         return sp.csr_array(matrix[start : start + rows])
 
     # the next block is read (h5py releases the GIL) while this one is compressed and written
-    with ThreadPoolExecutor(1, thread_name_prefix="convert-read") as pool:
-        for block in in_order(pool, read, range(0, n_obs, rows), ahead=2):
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="convert-read") as pool,
+        contextlib.closing(in_order(pool, read, range(0, n_obs, rows), ahead=2)) as blocks,
+    ):
+        for block in blocks:
             appender.append(block)
             log.info("convert: %d/%d cells", appender.n_rows, n_obs)

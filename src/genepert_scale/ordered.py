@@ -1,4 +1,4 @@
-"""Mapping over a thread pool in order, with a bounded number of results ahead.
+"""Mapping over a thread pool in order, with a bounded number of calls ahead.
 
 The writers (``synth``, ``convert``) produce row blocks in threads — numpy's
 sampling and h5py's reads release the GIL — while the calling thread
@@ -8,23 +8,65 @@ compresses and appends the previous ones, in order.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has
+    one, which container CPU sets also narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS and Windows
+        return os.cpu_count() or 1
+
+
 def in_order(pool: Executor, func: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
-    """``map(func, items)`` on ``pool``, in order, with at most ``ahead``
-    calls submitted but not yet taken (``Executor.map`` would submit every
-    item at once and hold all results).
+    """``map(func, items)`` on ``pool``, in order, with a bounded number of
+    calls submitted but not yet taken.
+
+    ``Executor.map`` submits every item at once and holds every result until
+    it is taken; this keeps at most ``ahead`` calls in flight or done.
+
+    Parameters
+    ----------
+    pool
+        Runs the calls.
+    func
+        Called on each item.
+    items
+        The items, consumed lazily.
+    ahead
+        Calls submitted and not yet taken, at most (≥ 1; ``1`` runs each call
+        only when its result is asked for).
+
+    Yields
+    ------
+    R
+        ``func(item)`` for each item, in the order of ``items``.
+
+    Raises
+    ------
+    Exception
+        The exception of a failed call, in its place. Calls still pending
+        when the iterator is closed (taken to the end, failed, or closed by
+        the caller) are cancelled.
     """
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(func, item))
-        if len(pending) >= ahead:
+    if ahead < 1:
+        raise ValueError(f"ahead must be at least 1, got {ahead}")
+    pending: collections.deque[Future[R]] = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(func, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()

@@ -12,8 +12,8 @@ not on the chunking.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +27,7 @@ import zarr
 
 from .integrity import complete_chunks, mark_complete
 from .errors import ParameterError
-from .ordered import in_order
+from .ordered import in_order, usable_cpus
 from .store import (
     ANNDATA_ATTRS,
     CsrAppender,
@@ -37,6 +37,7 @@ from .store import (
     write_element,
     zarr_store,
 )
+from .validate import check_positive
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ CONTROL_LABEL = "non-targeting"
 #: Cells generated from one random stream; fixed so chunking does not change data.
 TILE_ROWS = 1000
 N_PROGRAMS = 16
+#: Default threads drawing tiles, at most: each holds about ``TILE_ROWS ×
+#: genes × 24`` bytes while it draws (160 MB at 8,000 genes).
+MAX_DEFAULT_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ def synth_screen(
     seed
         Seed of every random draw.
     chunk_rows
-        Rows written per block.
+        Rows written per block (whole tiles of :data:`TILE_ROWS`, at least one).
     control_share
         Share of control cells (labelled ``non-targeting``).
     mean_umis
@@ -154,9 +158,10 @@ def synth_screen(
     overwrite
         Replace existing outputs.
     threads
-        Threads drawing tiles at once (default: the CPU count); numpy's
-        sampling and arithmetic release the GIL. Each tile has its own seeded
-        stream, so the screen does not depend on it.
+        Threads drawing tiles at once (default: the usable CPUs, at most
+        :data:`MAX_DEFAULT_THREADS`); numpy's sampling and arithmetic release
+        the GIL. Each draws a dense tile (``TILE_ROWS × genes × 24`` bytes).
+        Each tile has its own seeded stream, so the screen does not depend on it.
 
     Returns
     -------
@@ -164,6 +169,9 @@ def synth_screen(
         The store path and the embedding pickle path (``dict[symbol, list[float]]``).
     """
     start = time.perf_counter()
+    if threads is not None:
+        check_positive("--threads", threads, integer=True)
+    threads = threads or min(usable_cpus(), MAX_DEFAULT_THREADS)
     mean_umis = mean_umis or float(np.clip(genes / 4, 500, 5000))
     model = make_model(genes, perturbations, seed=seed, dim=embedding_dim)
     groups = assign_cells(cells, len(model.labels), seed=seed, control_share=control_share)
@@ -182,7 +190,6 @@ def synth_screen(
         write_element(root, "obs", obs)
         write_element(root, "var", var)
         appender = CsrAppender(root.create_group("X"), genes)
-        threads = threads or os.cpu_count() or 1
 
         def draw(tile: int) -> sp.csr_array:
             rows = slice(tile * TILE_ROWS, min((tile + 1) * TILE_ROWS, cells))
@@ -190,8 +197,10 @@ def synth_screen(
 
         n_tiles = -(-cells // TILE_ROWS)
         pending: list[sp.csr_array] = []
-        with ThreadPoolExecutor(threads, thread_name_prefix="synth") as pool:
-            tiles = in_order(pool, draw, range(n_tiles), ahead=2 * threads)
+        with (
+            ThreadPoolExecutor(threads, thread_name_prefix="synth") as pool,
+            contextlib.closing(in_order(pool, draw, range(n_tiles), ahead=2 * threads)) as tiles,
+        ):
             for tile, counts in enumerate(tiles):
                 pending.append(counts)
                 if sum(p.shape[0] for p in pending) >= chunk_rows or tile == n_tiles - 1:
