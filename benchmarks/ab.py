@@ -35,9 +35,9 @@ from run import (
     HERE,
     ScreenSpec,
     ensure_screen,
-    free_path,
     machine,
     measure,
+    results_path,
     versions,
     warm_page_cache,
     write_report,
@@ -165,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "sides": labels, "runs": runs, "summary": summary,
         "base_over_head": speedup, "identical_outputs": identical,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    if args.tag:
-        json_path = args.results / f"{args.tag}.json"
-    else:
-        json_path = free_path(args.results, f"{today}-{socket.gethostname()}-ab")
+    json_path = results_path(args.results, args.tag, f"{today}-{socket.gethostname()}-ab")
     write_report(report, json_path, markdown(report))
     return 0 if all(r["returncode"] == 0 for rs in runs.values() for r in rs) else 1
 

@@ -4,9 +4,10 @@
     python benchmarks/profile_pass.py --cells 100000
 
 Samples every thread of one run (``py-spy record``, idle samples included) and
-writes ``benchmarks/results/<date>-<machine>-profile.json`` (speedscope
-format: open it at https://www.speedscope.app). Prints, for each thread, the
-seconds it spent and the functions where most of them went. py-spy comes from
+writes ``benchmarks/results/<date>-<machine>-profile.json`` (numbered
+``-2``, ``-3``… when taken; speedscope format: open it at
+https://www.speedscope.app). Prints, for each thread, the seconds it spent
+and the functions where most of them went. py-spy comes from
 PyPI (``pip install py-spy``) and needs permission to trace the process.
 """
 
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from run import HERE, ScreenSpec, ensure_screen
+from run import HERE, ScreenSpec, ensure_screen, results_path
 
 #: Samples per second.
 RATE = 100
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"),
                                          *filter(None, [env.get("PYTHONPATH")])])
     screen = ensure_screen(ScreenSpec(args.cells, args.genes, args.perturbations), args.cache, env)
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"{dt.date.today().isoformat()}-{socket.gethostname()}-profile.json"
+    out = results_path(args.results, None,
+                       f"{dt.date.today().isoformat()}-{socket.gethostname()}-profile")
     profile(screen, out, env)
     print(summary(json.loads(out.read_text()), args.top))
     print(f"wrote {out}")

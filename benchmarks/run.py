@@ -401,6 +401,13 @@ def free_path(folder: Path, stem: str) -> Path:
     return path
 
 
+def results_path(folder: Path, tag: str | None, stem: str) -> Path:
+    """Where a run's JSON goes: ``folder/tag.json`` when a tag is given, else
+    the first free ``stem`` name (:func:`free_path`); ``folder`` is created."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{tag}.json" if tag else free_path(folder, stem)
+
+
 def write_report(report: dict, json_path: Path, table: str) -> None:
     """Write ``report`` to ``json_path`` and its Markdown ``table`` beside it."""
     json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -448,13 +455,8 @@ def main(argv=None) -> int:
         "runs": [asdict(m) for m in results],
         "total_seconds": time.perf_counter() - start,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    if args.tag:
-        json_path = args.results / f"{args.tag}.json"
-    else:
-        json_path = free_path(args.results,
-                              f"{today}-{socket.gethostname()}{'-quick' if args.quick else ''}")
-    write_report(report, json_path, markdown(report))
+    stem = f"{today}-{socket.gethostname()}{'-quick' if args.quick else ''}"
+    write_report(report, results_path(args.results, args.tag, stem), markdown(report))
     return 0 if all(m.returncode == 0 for m in results) else 1
 
 

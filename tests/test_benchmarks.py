@@ -4,7 +4,6 @@ asserted here; see benchmarks/run.py)."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -24,11 +23,7 @@ def benchmark_module(name: str):
 
 
 def load_harness():
-    spec = importlib.util.spec_from_file_location("bench_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("run")
 
 
 def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
@@ -112,6 +107,10 @@ def test_default_results_name_never_overwrites_an_earlier_run(tmp_path):
     (tmp_path / "2026-12-01-vm.json").write_text("{}")
     (tmp_path / "2026-12-01-vm-2.json").write_text("{}")
     assert harness.free_path(tmp_path, "2026-12-01-vm") == tmp_path / "2026-12-01-vm-3.json"
+    # a tag names the file as given; either way the folder is made
+    assert harness.results_path(tmp_path / "new", "smoke", "x") == tmp_path / "new" / "smoke.json"
+    assert (tmp_path / "new").is_dir()
+    assert harness.results_path(tmp_path, None, "2026-12-01-vm") == tmp_path / "2026-12-01-vm-3.json"
 
 
 def test_ridge_stand_ins_agree():

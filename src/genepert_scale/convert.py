@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import h5py
@@ -15,7 +13,7 @@ from anndata.io import read_elem, sparse_dataset
 
 from .errors import StoreError
 from .integrity import complete_chunks, mark_complete
-from .ordered import in_order
+from .ordered import threaded_in_order
 from .screen import block_rows_for, stored_values
 from .store import (
     ANNDATA_ATTRS,
@@ -105,10 +103,8 @@ def _copy_x(x, group: zarr.Group, block_rows: int | None, source: str) -> None:
         return sp.csr_array(matrix[start : start + rows])
 
     # the next block is read (h5py releases the GIL) while this one is compressed and written
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="convert-read") as pool,
-        contextlib.closing(in_order(pool, read, range(0, n_obs, rows), ahead=2)) as blocks,
-    ):
+    with threaded_in_order(read, range(0, n_obs, rows), threads=1, ahead=2,
+                           name="convert-read") as blocks:
         for block in blocks:
             appender.append(block)
             log.info("convert: %d/%d cells", appender.n_rows, n_obs)

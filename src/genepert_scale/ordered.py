@@ -8,9 +8,10 @@ compresses and appends the previous ones, in order.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -70,3 +71,17 @@ def in_order(pool: Executor, func: Callable[[T], R], items: Iterable[T], ahead: 
     finally:
         for future in pending:
             future.cancel()
+
+
+@contextlib.contextmanager
+def threaded_in_order(
+    func: Callable[[T], R], items: Iterable[T], *, threads: int, ahead: int, name: str
+) -> Iterator[Iterator[R]]:
+    """:func:`in_order` on a pool of ``threads`` threads named ``name``, both
+    closed on exit: the calls not yet started are cancelled, the running ones
+    waited for (also when the caller's loop fails)."""
+    with (
+        ThreadPoolExecutor(threads, thread_name_prefix=name) as pool,
+        contextlib.closing(in_order(pool, func, items, ahead)) as results,
+    ):
+        yield results

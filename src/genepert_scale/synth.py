@@ -12,11 +12,9 @@ not on the chunking.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -27,7 +25,7 @@ import zarr
 
 from .integrity import complete_chunks, mark_complete
 from .errors import ParameterError
-from .ordered import in_order, usable_cpus
+from .ordered import threaded_in_order, usable_cpus
 from .store import (
     ANNDATA_ATTRS,
     CsrAppender,
@@ -197,10 +195,8 @@ def synth_screen(
 
         n_tiles = -(-cells // TILE_ROWS)
         pending: list[sp.csr_array] = []
-        with (
-            ThreadPoolExecutor(threads, thread_name_prefix="synth") as pool,
-            contextlib.closing(in_order(pool, draw, range(n_tiles), ahead=2 * threads)) as tiles,
-        ):
+        with threaded_in_order(draw, range(n_tiles), threads=threads, ahead=2 * threads,
+                               name="synth") as tiles:
             for tile, counts in enumerate(tiles):
                 pending.append(counts)
                 if sum(p.shape[0] for p in pending) >= chunk_rows or tile == n_tiles - 1:
