@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -160,3 +161,27 @@ def test_ab_times_two_revisions_and_compares_their_outputs(tmp_path):
     assert report["identical_outputs"] and all(report["identical_outputs"].values())
     assert report["base_over_head"] > 0
     assert "base / head wall time" in (tmp_path / "results" / "smoke-ab.md").read_text()
+
+
+def test_fold_ab_times_two_revisions_on_one_block_and_gives_the_cpus_back(tmp_path):
+    fold_ab = benchmark_module("fold_ab")
+    cpus = os.sched_getaffinity(0)
+    code = fold_ab.main([
+        "--base", "HEAD", "--cells", "1500", "--genes", "200", "--perturbations", "12",
+        "--repeats", "2", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"),
+        "--tag", "smoke-fold",
+    ])
+    assert code == 0 and os.sched_getaffinity(0) == cpus
+    report = json.loads((tmp_path / "results" / "smoke-fold.json").read_text())
+    assert report["values"] > 0 and report["groups"] == 13  # 12 perturbations + control
+    for side in ("base", "head"):
+        assert len(report["seconds"][side]) == 2 and report["summary"][side]["min_ns"] > 0
+    assert report["identical"]  # HEAD's fold and the working tree's agree bit for bit
+    assert "base / head median" in (tmp_path / "results" / "smoke-fold.md").read_text()
+    # and a difference would show: the same fold of other values is not identical
+    block, codes, n_groups, moments = fold_ab.first_block(
+        tmp_path / "cache" / "screen_1500_200g_12p.zarr")
+    module = fold_ab.load_kernels(None, tmp_path, "fold_check")
+    first = fold_ab.fold(module, block, codes, n_groups, moments)
+    block.data[0] += 1
+    assert not fold_ab.identical(first, fold_ab.fold(module, block, codes, n_groups, moments))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -113,6 +115,21 @@ def test_value_check_counts_and_names_block(values, kind, field):
     check = kernels.block_stats(x, np.zeros(1, np.int32), 1, kind=kind, block_index=4).check
     assert getattr(check, field) == 1
     assert check.first_block == {field: 4}
+
+
+@pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")
+def test_compiled_row_totals_are_exact_for_whole_counts():
+    # the compiled loop adds a row's counts in any order (vectorised): for whole
+    # numbers every order gives the exact total, so the scale is the one of an
+    # exactly rounded sum (a float32 sum would be off for these large rows)
+    rng = np.random.default_rng(0)
+    lengths = [0, 1, 3, 8, 17, 1000, 5000]
+    data = np.concatenate([rng.integers(0, 10**6, n) for n in lengths]).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    scales = kernels._numba_kernels._row_scales(data, indptr, True, 1e4)
+    totals = np.array([math.fsum(data[a:b]) for a, b in zip(indptr[:-1], indptr[1:])])
+    np.testing.assert_array_equal(scales, 1e4 / np.where(totals == 0, 1.0, totals))
+    np.testing.assert_array_equal(kernels._numba_kernels._row_scales(data, indptr, False, 1e4), 1.0)
 
 
 @pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")
