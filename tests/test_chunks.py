@@ -135,3 +135,24 @@ def test_a_local_read_that_fails_is_tried_again_through_the_store(tmp_path, monk
     out = np.empty(N, "int32")
     vector.read(0, N, out, np.empty(CHUNK, "int32"))
     assert failed and np.array_equal(out, np.arange(N))
+
+
+def test_a_csr_screen_decodes_data_indices_and_indptr_by_chunk(tmp_path):
+    import scipy.sparse as sp
+
+    from factories import write_screen
+    from genepert_scale.screen import open_screen
+
+    x = sp.random(300, 40, density=0.3, format="csr", random_state=0, dtype=np.float32).toarray()
+    path = write_screen(tmp_path / "s.zarr", np.ceil(x * 9))
+    group = zarr.open_group(f"{path}/X", mode="r+")
+    for name in ("data", "indices", "indptr"):  # small chunks: blocks cut them
+        values = group[name][:]
+        del group[name]
+        group.create_array(name, shape=values.shape, chunks=(64,), dtype=values.dtype,
+                           compressors=[BloscCodec(cname="lz4"), Crc32cCodec()])[:] = values
+    zarr.consolidate_metadata(path)
+    rows = open_screen(path).csr
+    assert set(rows.chunked) == {"X/data", "X/indices", "X/indptr"}
+    for start, stop in [(0, 300), (0, 7), (31, 97), (63, 65), (290, 300), (5, 5)]:
+        np.testing.assert_array_equal(rows.read(start, stop).toarray(), np.ceil(x * 9)[start:stop])

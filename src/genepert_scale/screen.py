@@ -148,9 +148,8 @@ class CsrRows:
     """Row slices of a CSR matrix stored in a zarr group (its ``data``,
     ``indices`` and ``indptr`` arrays, opened once), read with one slice of
     each array — the same reads as anndata's lazy blocks, without the
-    per-block wrapping. ``data`` and ``indices`` are decoded by
-    :class:`.ChunkedVector` where their layout allows (``chunked``, by
-    array path), by zarr otherwise."""
+    per-block wrapping. Each array is decoded by :class:`.ChunkedVector`
+    where its layout allows (``chunked``, by array path), by zarr otherwise."""
 
     data: Any
     indices: Any
@@ -161,9 +160,9 @@ class CsrRows:
 
     @classmethod
     def of(cls, x_group, n_vars: int, source: str = "") -> CsrRows:
-        data, indices = x_group["data"], x_group["indices"]
-        vectors = {array.path: ChunkedVector.of(array, source) for array in (data, indices)}
-        return cls(data, indices, x_group["indptr"], n_vars, source,
+        data, indices, indptr = x_group["data"], x_group["indices"], x_group["indptr"]
+        vectors = {array.path: ChunkedVector.of(array, source) for array in (data, indices, indptr)}
+        return cls(data, indices, indptr, n_vars, source,
                    {path: vector for path, vector in vectors.items() if vector is not None})
 
     def read(self, start: int, stop: int, buffers: BlockBuffers | None = None) -> sp.csr_array:
@@ -179,7 +178,7 @@ class CsrRows:
             return self._read(start, stop, buffers or BlockBuffers())
 
     def _read(self, start: int, stop: int, buffers: BlockBuffers) -> sp.csr_array:
-        indptr = np.asarray(self.indptr[start : stop + 1])
+        indptr = self._read_slice(self.indptr, start, stop + 1, buffers)
         first, last = int(indptr[0]), int(indptr[-1])
         indices = self._read_slice(self.indices, first, last, buffers)
         # a block's offsets fit int32 when its values do: scipy would otherwise
