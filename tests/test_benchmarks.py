@@ -159,7 +159,8 @@ def test_ab_times_two_revisions_and_compares_their_outputs(tmp_path):
         assert run["returncode"] == 0 and run["wall_s"] > 0 and run["peak_rss_mib"] > 0
     # the same code computes the same: every variable compared, all bit-identical
     assert report["identical_outputs"] and all(report["identical_outputs"].values())
-    assert report["base_over_head"] > 0
+    assert report["base_over_head"] > 0 and len(report["round_ratios"]) == 1
+    assert report["base_over_head_by_round"] == report["round_ratios"][0] > 0
     assert "base / head wall time" in (tmp_path / "results" / "smoke-ab.md").read_text()
 
 
