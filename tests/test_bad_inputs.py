@@ -48,6 +48,17 @@ def with_value(value: float, row: int = 5, **kwargs) -> Case:
     return build
 
 
+def with_stored(array: str, position: int, value: int) -> Case:
+    """A corrupt CSR ``X``: ``X/<array>[position]`` overwritten with ``value``."""
+
+    def build(tmp: Path):
+        path = write_screen(tmp / "s.zarr")
+        zarr.open_group(path, mode="r+")["X"][array][position] = value
+        return run(path)
+
+    return build
+
+
 def late_value(value: float, *, log: bool) -> Case:
     """A bad value after the rows sampled for input detection (2000)."""
 
@@ -158,6 +169,12 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
     # X
     ("nan", with_value(np.nan), StoreError, "NaN or infinite values (first in rows 0-59, block 0"),
     ("inf", with_value(np.inf), StoreError, "NaN or infinite values"),
+    ("gene index outside the matrix", with_stored("indices", 7, 8), StoreError,
+     "X has 1 stored values or rows outside the matrix (gene indices outside 0-7 in X/indices"),
+    ("negative gene index", with_stored("indices", 7, -3), StoreError,
+     "outside the matrix (gene indices outside 0-7 in X/indices, or row offsets out of order"),
+    ("row offsets out of order", with_stored("indptr", 4, 10**6), StoreError,
+     "(first in rows 0-59, block 0, input counts); the store is corrupt; write it again"),
     ("negative", with_value(-1.0), StoreError, "negative values"),
     ("non-integer counts", with_value(1.5, input="counts"), ParameterError,
      "--input counts was given but X holds non-integer values (e.g. 1.5"),

@@ -126,10 +126,38 @@ def test_compiled_row_totals_are_exact_for_whole_counts():
     lengths = [0, 1, 3, 8, 17, 1000, 5000]
     data = np.concatenate([rng.integers(0, 10**6, n) for n in lengths]).astype(np.float32)
     indptr = np.concatenate([[0], np.cumsum(lengths)])
-    scales = kernels._numba_kernels._row_scales(data, indptr, True, 1e4)
+    checks = np.zeros(kernels._numba_kernels.N_CHECKS, np.int64)
+    scales = kernels._numba_kernels._row_scales(data, indptr, True, 1e4, checks)
     totals = np.array([math.fsum(data[a:b]) for a, b in zip(indptr[:-1], indptr[1:])])
     np.testing.assert_array_equal(scales, 1e4 / np.where(totals == 0, 1.0, totals))
-    np.testing.assert_array_equal(kernels._numba_kernels._row_scales(data, indptr, False, 1e4), 1.0)
+    assert not checks.any()
+    unscaled = kernels._numba_kernels._row_scales(data, indptr, False, 1e4, checks)
+    np.testing.assert_array_equal(unscaled, 1.0)
+
+
+@pytest.mark.parametrize("use_numba", [True, False] if kernels.USE_NUMBA else [False])
+def test_values_and_rows_outside_the_matrix_are_left_out_and_counted(use_numba):
+    # a corrupt store: gene index -1 (value 1) and 5 of 5 genes (value 3), and
+    # row 1's offsets out of order; nothing is written outside the tables
+    data = np.arange(1.0, 9.0)
+    indices = np.array([0, -1, 2, 5, 4, 1, 3, 0], np.int32)
+    indptr = np.array([0, 3, 2, 6, 8], np.int32)
+    block = sp.csr_array((5, 5))
+    block.data, block.indices, block.indptr = data, indices, indptr  # as a reader returns it
+    codes = np.array([0, 1, 1, 0], np.int32)
+    padded = np.zeros((4, 5), np.int64)  # the sums between two rows that must stay zero
+    acc = kernels.new_stats(2, 5, False)
+    acc.group_sum = padded[1:3]
+    stats = kernels.fold_block(acc, block, codes, 2, kind="log1p", moments=("log1p",),
+                               block_index=3, use_numba=use_numba)
+    assert stats.check.bad_index == 3 and stats.check.first_block == {"bad_index": 3}
+    assert not padded[0].any() and not padded[3].any()
+    # what is left: row 0 (genes 0, 2), row 2 (genes 2, 4, 1), row 3 (genes 3, 0)
+    expected = np.zeros((2, 5))
+    np.add.at(expected, (0, [0, 2, 3, 0]), [1.0, 3.0, 7.0, 8.0])
+    np.add.at(expected, (1, [2, 4, 1]), [3.0, 5.0, 6.0])
+    np.testing.assert_array_equal(kernels.from_fixed(stats.group_sum, kernels.SUM_BITS), expected)
+    np.testing.assert_array_equal(kernels.finish(stats).gene_log_sum, expected.sum(axis=0))
 
 
 @pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")

@@ -41,9 +41,10 @@ TABLE_SIZE = 64
 #: The per-gene moment pairs (sum, sum of squares) the fold can add: of the
 #: normalized values, of their log1p, of the raw stored values.
 MOMENT_KINDS = ("normalized", "log1p", "raw")
-#: Entries of the value-check counts: non-finite, negative, non-integer
-#: counts, too large log1p values.
-N_CHECKS = 4
+#: Entries of the value-check counts (``kernels.CHECKS``): non-finite,
+#: negative, non-integer counts, too large log1p values, and gene indices or
+#: row offsets outside the stored matrix.
+N_CHECKS = 5
 
 
 def _jit(func=None, *, reassociate: bool = False):
@@ -53,6 +54,17 @@ def _jit(func=None, *, reassociate: bool = False):
         return func
     return numba.njit(cache=True, nogil=True, error_model="numpy",
                       fastmath={"reassoc"} if reassociate else False)(func)
+
+
+@_jit
+def _row_span(indptr, row, size):
+    # The positions of `row`'s values, unsigned (see _fold_rows), and whether
+    # its offsets are valid; a row whose offsets are out of order or beyond
+    # the stored values (a corrupt X/indptr) gets none.
+    start, stop = indptr[row], indptr[row + 1]
+    if 0 <= start and start <= stop and stop <= size:
+        return np.uint64(start), np.uint64(stop), True
+    return np.uint64(0), np.uint64(0), False
 
 
 @_jit(reassociate=True)
@@ -69,14 +81,18 @@ def _row_scale(data, start, stop, normalize, target_sum):
 
 
 @_jit
-def _row_scales(data, indptr, normalize, target_sum):
+def _row_scales(data, indptr, normalize, target_sum, checks):
     # In storage order: one sequential sweep over the block, which the
     # processor prefetches, instead of a sum at the start of each row visited
     # in group order (the fold 1.1x faster, bit-identical:
-    # benchmarks/results/2026-12-01-vm-fold-ab.md).
+    # benchmarks/results/2026-12-01-vm-fold-ab.md). Rows with invalid
+    # offsets are counted here, once.
     scales = np.empty(indptr.size - 1)
     for row in range(scales.size):
-        scales[row] = _row_scale(data, indptr[row], indptr[row + 1], normalize, target_sum)
+        start, stop, valid = _row_span(indptr, row, data.size)
+        if not valid:
+            checks[4] += 1
+        scales[row] = _row_scale(data, start, stop, normalize, target_sum)
     return scales
 
 
@@ -134,6 +150,12 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     # group's fixed-point sum (and sum of squares), int64, then the block's
     # moment pairs, float64 (`moments` views the same memory).
     # The group columns go to the group's rows of the sums when its rows end.
+    # The value loop indexes with unsigned integers: numba wraps negative
+    # signed indices around, a compare and a select per access that also keep
+    # LLVM from vectorising (the fold 1.16x faster, bit-identical:
+    # benchmarks/results/2026-12-01-vm-fold-ab-2.md).
+    # Gene indices are checked against the genes instead: every index stays
+    # inside the arrays, whatever the store holds.
     logs = np.empty(TABLE_SIZE)
     fixed = np.empty(TABLE_SIZE, np.int64)
     fixed_sq = np.zeros(TABLE_SIZE, np.int64)
@@ -143,11 +165,12 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     width = raw_col + (2 if raw_moments is not None else 0)
     work = np.zeros((group_sum.shape[1], _padded_width(width)), np.int64)
     moments = work.view(np.float64)
-    scales = _row_scales(data, indptr, normalize, target_sum)
+    scales = _row_scales(data, indptr, normalize, target_sum, checks)
+    n_genes = np.uint64(group_sum.shape[1])
     current = -1
     for i in range(order.size):
         row = order[i]
-        start, stop = indptr[row], indptr[row + 1]
+        start, stop, _ = _row_span(indptr, row, data.size)
         group = codes[row]
         if group != current:  # rows come in group order: the last group is complete
             if current >= 0:
@@ -157,7 +180,10 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
         filled = 0
         for k in range(start, stop):
             raw = np.float64(data[k])
-            gene = indices[k]
+            gene = np.uint64(indices[k])
+            if gene >= n_genes:  # also a negative index: a corrupt store, the pass fails
+                checks[4] += 1
+                continue
             count = int(raw) if normalize and 0.0 <= raw < TABLE_SIZE else -1
             if count >= 0 and count == raw:
                 while filled <= count:  # the row's table, up to this count
@@ -167,7 +193,9 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                     if group_sumsq is not None:
                         fixed_sq[filled] = np.int64(np.rint(value * value * square_scale))
                     filled += 1
-                norm, log, add, add_sq = raw * scale, logs[count], fixed[count], fixed_sq[count]
+                entry = np.uint64(count)
+                norm, log, add = raw * scale, logs[entry], fixed[entry]
+                add_sq = fixed_sq[entry]
             else:
                 _check(raw, normalize, log1p_max, checks)
                 norm = raw * scale if normalize else math.expm1(raw)

@@ -61,19 +61,22 @@ class ValueCheck:
     negative: int = 0
     noninteger: int = 0
     too_large: int = 0
+    bad_index: int = 0
     first_block: dict[str, int] | None = None
 
     def combine(self, other: ValueCheck) -> ValueCheck:
         first = dict(other.first_block or {})
         for key, block in (self.first_block or {}).items():
             first[key] = min(block, first.get(key, block))
-        return ValueCheck(
-            self.nonfinite + other.nonfinite,
-            self.negative + other.negative,
-            self.noninteger + other.noninteger,
-            self.too_large + other.too_large,
-            first or None,
-        )
+        return ValueCheck(**{key: getattr(self, key) + getattr(other, key) for key in CHECKS},
+                          first_block=first or None)
+
+
+#: The problems a :class:`ValueCheck` counts, in the order of the compiled
+#: fold's check counts: non-finite, negative, non-integer (counts) and too
+#: large (log1p) values, and gene indices or row offsets outside the stored
+#: matrix (a corrupt store).
+CHECKS = ("nonfinite", "negative", "noninteger", "too_large", "bad_index")
 
 
 @dataclass
@@ -103,8 +106,7 @@ class PassStats:
         Per-gene sums of the raw stored values and their squares (for the
         ``seurat_v3`` flavor), or ``None`` when not asked.
     check
-        Counts of non-finite, negative, non-integer (counts) and too large
-        (log1p) inputs.
+        Counts of suspicious inputs (:data:`CHECKS`).
     block_moments
         Per-gene moments of each folded block (by field name), by block
         index, until :func:`finish` sums them in block order — so the float
@@ -189,16 +191,40 @@ def from_fixed(values: np.ndarray, bits: int) -> np.ndarray:
     return np.ldexp(out, -bits, out=out)
 
 
-def check_values(data: np.ndarray, kind: InputKind, block_index: int) -> ValueCheck:
+def check_values(data: np.ndarray, kind: InputKind, block_index: int,
+                 bad_index: int = 0) -> ValueCheck:
     """Count non-finite, negative, (for counts) non-integer and (for log1p)
-    too large stored values."""
+    too large stored values; ``bad_index`` is the count of values or rows
+    outside the matrix (:func:`in_range`)."""
     nonfinite = int(np.count_nonzero(~np.isfinite(data)))
     negative = int(np.count_nonzero(data < 0))
     noninteger = 0
     if kind == "counts":
         finite = data[np.isfinite(data)]
         noninteger = int(np.count_nonzero(finite != np.round(finite)))
-    return _value_check(nonfinite, negative, noninteger, _too_large(data, kind), block_index)
+    return _value_check([nonfinite, negative, noninteger, _too_large(data, kind), bad_index],
+                        block_index)
+
+
+def in_range(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_genes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A CSR block without the rows whose offsets are out of order or beyond
+    the stored values and the values whose gene index is outside
+    ``0..n_genes - 1`` (a corrupt store), as the compiled loop leaves them
+    out, and how many rows and values were left out."""
+    starts, stops = indptr[:-1].astype(np.int64), indptr[1:].astype(np.int64)
+    valid = (starts >= 0) & (starts <= stops) & (stops <= data.size)
+    if valid.all() and (not indices.size or 0 <= indices.min() <= indices.max() < n_genes):
+        return data, indices, indptr, 0
+    lengths = np.where(valid, stops - starts, 0)
+    row = np.repeat(np.arange(lengths.size), lengths)
+    position = np.repeat(np.where(valid, starts, 0) - np.cumsum(lengths) + lengths, lengths)
+    position += np.arange(position.size)
+    kept = (indices[position] >= 0) & (indices[position] < n_genes)
+    left_out = int(np.count_nonzero(~valid) + np.count_nonzero(~kept))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(row[kept], minlength=lengths.size))])
+    return data[position[kept]], indices[position[kept]], offsets, left_out
 
 
 def _too_large(data: np.ndarray, kind: InputKind) -> int:
@@ -209,13 +235,11 @@ def _too_large(data: np.ndarray, kind: InputKind) -> int:
         return int(np.count_nonzero(data > LOG1P_MAX))
 
 
-def _value_check(
-    nonfinite: int, negative: int, noninteger: int, too_large: int, block_index: int
-) -> ValueCheck:
-    counts = {"nonfinite": nonfinite, "negative": negative, "noninteger": noninteger,
-              "too_large": too_large}
-    first = {key: block_index for key, count in counts.items() if count}
-    return ValueCheck(nonfinite, negative, noninteger, too_large, first or None)
+def _value_check(counts: list[int], block_index: int) -> ValueCheck:
+    """The :class:`ValueCheck` of one block from its counts (in :data:`CHECKS` order)."""
+    found = dict(zip(CHECKS, counts, strict=True))
+    first = {key: block_index for key, count in found.items() if count}
+    return ValueCheck(**found, first_block=first or None)
 
 
 def _moments_numpy(
@@ -311,11 +335,12 @@ def fold_block(
             log1p_max=LOG1P_MAX, group_sum=acc.group_sum, sum_bits=SUM_BITS,
             group_sumsq=acc.group_sumsq, square_bits=SQUARE_BITS, moments=moments,
         )
-        check = _value_check(*(int(c) for c in counts), block_index)
+        check = _value_check([int(c) for c in counts], block_index)
         sums = {name: np.ascontiguousarray(pair[:, i])
                 for moment, pair in pairs.items() for i, name in enumerate(MOMENTS[moment])}
     else:
-        check = check_values(data, kind, block_index)
+        data, indices, indptr, outside = in_range(data, indices, indptr, n_genes)
+        check = check_values(data, kind, block_index, outside)
         logged, sums = _moments_numpy(data, indices, indptr, n_genes, kind, target_sum, moments)
         _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS)
         if acc.group_sumsq is not None:

@@ -288,7 +288,12 @@ def select_genes(
 
 def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -> None:
     rows = np.cumsum((0, *screen.X.chunks[0]))
-    problems = {
+    problems = {  # a corrupt store first: its other counts may be its symptoms
+        "bad_index": (
+            f"stored values or rows outside the matrix (gene indices outside 0-"
+            f"{screen.n_vars - 1} in X/indices, or row offsets out of order in X/indptr)",
+            "the store is corrupt; write it again from its source",
+        ),
         "nonfinite": ("NaN or infinite values", "remove or fix those cells"),
         "negative": ("negative values", "expression must be counts or log1p data"),
         "noninteger": (
