@@ -101,7 +101,7 @@ def markdown(report: dict) -> str:
         *(f"| {side} | {labels[side]} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | "
           f"{s['peak_rss_mib']:.0f} |" for side, s in summary.items()),
         "", f"base / head wall time: **{report['base_over_head']:.2f}×** (the median of each "
-        f"round's ratio: {report['base_over_head_by_round']:.2f}×, rounds "
+        f"round's ratio: {report['base_over_head_by_round'] or float('nan'):.2f}×, rounds "
         + ", ".join(f"{r:.2f}" for r in report["round_ratios"]) + "). Outputs bit-identical: "
         + ", ".join(f"{name} {'yes' if same else 'NO'}" for name, same in identical.items()),
     ]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "sides": labels, "runs": runs, "summary": summary,
         "base_over_head": speedup, "round_ratios": rounds,
-        "base_over_head_by_round": statistics.median(rounds) if rounds else float("nan"),
+        "base_over_head_by_round": statistics.median(rounds) if rounds else None,
         "identical_outputs": identical,
     }
     json_path = results_path(args.results, args.tag, f"{today}-{socket.gethostname()}-ab")

@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default=None,
-                        help="results file name (default <date>-<machine>-fold-ab, numbered if taken)")
+                        help="results file name (default <date>-<machine>-fold-ab, "
+                             "numbered if taken)")
     return parser.parse_args(argv)
 
 
@@ -148,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.repeats < 1:
         sys.exit("--repeats must be at least 1")
-    cpu = max(os.sched_getaffinity(0)) if args.cpu is None else args.cpu
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed) if args.cpu is None else args.cpu
+    if cpu not in allowed:
+        sys.exit(f"--cpu {cpu} is not one of the CPUs this process may use: {sorted(allowed)}")
     spec = ScreenSpec(args.cells, args.genes, args.perturbations)
     screen = ensure_screen(spec, args.cache, dict(os.environ))
     block, codes, n_groups, moments = first_block(screen)

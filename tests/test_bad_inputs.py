@@ -59,6 +59,14 @@ def with_stored(array: str, position: int, value: int) -> Case:
     return build
 
 
+def with_short_indptr(tmp: Path) -> Callable[[], object]:
+    """A CSR ``X`` whose ``indptr`` lost its last offsets (a truncated write)."""
+    path = write_screen(tmp / "s.zarr")
+    zarr.open_group(path, mode="r+")["X"]["indptr"].resize((50,))
+    zarr.consolidate_metadata(path)
+    return run(path)
+
+
 def late_value(value: float, *, log: bool) -> Case:
     """A bad value after the rows sampled for input detection (2000)."""
 
@@ -172,7 +180,10 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
     ("gene index outside the matrix", with_stored("indices", 7, 8), StoreError,
      "X has 1 stored values or rows outside the matrix (gene indices outside 0-7 in X/indices"),
     ("negative gene index", with_stored("indices", 7, -3), StoreError,
-     "outside the matrix (gene indices outside 0-7 in X/indices, or row offsets out of order"),
+     "outside the matrix (gene indices outside 0-7 in X/indices, or row offsets in X/indptr "
+     "out of order or beyond X/data)"),
+    ("indptr too short", with_short_indptr, StoreError,
+     "X/indptr holds 50 offsets but X has 60 rows (61 offsets); the store is incomplete"),
     ("row offsets out of order", with_stored("indptr", 4, 10**6), StoreError,
      "(first in rows 0-59, block 0, input counts); the store is corrupt; write it again"),
     ("negative", with_value(-1.0), StoreError, "negative values"),

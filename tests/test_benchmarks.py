@@ -164,11 +164,14 @@ def test_ab_times_two_revisions_and_compares_their_outputs(tmp_path):
     assert "base / head wall time" in (tmp_path / "results" / "smoke-ab.md").read_text()
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
 def test_fold_ab_times_two_revisions_on_one_block_and_gives_the_cpus_back(tmp_path):
     fold_ab = benchmark_module("fold_ab")
     cpus = os.sched_getaffinity(0)
+    with pytest.raises(SystemExit, match="--cpu 4096 is not one of the CPUs"):
+        fold_ab.main(["--base", "HEAD", "--cpu", "4096"])
     code = fold_ab.main([
-        "--base", "HEAD", "--cells", "1500", "--genes", "200", "--perturbations", "12",
+        "--base", "HEAD", "--head", "HEAD", "--cells", "1500", "--genes", "200", "--perturbations", "12",
         "--repeats", "2", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"),
         "--tag", "smoke-fold",
     ])
@@ -177,7 +180,7 @@ def test_fold_ab_times_two_revisions_on_one_block_and_gives_the_cpus_back(tmp_pa
     assert report["values"] > 0 and report["groups"] == 13  # 12 perturbations + control
     for side in ("base", "head"):
         assert len(report["seconds"][side]) == 2 and report["summary"][side]["min_ns"] > 0
-    assert report["identical"]  # HEAD's fold and the working tree's agree bit for bit
+    assert report["identical"]  # the same fold twice agrees bit for bit
     assert "base / head median" in (tmp_path / "results" / "smoke-fold.md").read_text()
     # and a difference would show: the same fold of other values is not identical
     block, codes, n_groups, moments = fold_ab.first_block(

@@ -136,28 +136,52 @@ def test_compiled_row_totals_are_exact_for_whole_counts():
 
 
 @pytest.mark.parametrize("use_numba", [True, False] if kernels.USE_NUMBA else [False])
-def test_values_and_rows_outside_the_matrix_are_left_out_and_counted(use_numba):
-    # a corrupt store: gene index -1 (value 1) and 5 of 5 genes (value 3), and
-    # row 1's offsets out of order; nothing is written outside the tables
+@pytest.mark.parametrize("index_type", [np.int32, np.int64])
+def test_values_and_rows_outside_the_matrix_are_left_out_and_counted(use_numba, index_type):
+    # a corrupt store: gene index -1 (value 2) and 5 of 5 genes (value 4), and
+    # row 1's offsets out of order
     data = np.arange(1.0, 9.0)
-    indices = np.array([0, -1, 2, 5, 4, 1, 3, 0], np.int32)
-    indptr = np.array([0, 3, 2, 6, 8], np.int32)
-    block = sp.csr_array((5, 5))
+    indices = np.array([0, -1, 2, 5, 4, 1, 3, 0], index_type)
+    indptr = np.array([0, 3, 2, 6, 8], index_type)
+    block = sp.csr_array((4, 5))
     block.data, block.indices, block.indptr = data, indices, indptr  # as a reader returns it
     codes = np.array([0, 1, 1, 0], np.int32)
-    padded = np.zeros((4, 5), np.int64)  # the sums between two rows that must stay zero
-    acc = kernels.new_stats(2, 5, False)
-    acc.group_sum = padded[1:3]
-    stats = kernels.fold_block(acc, block, codes, 2, kind="log1p", moments=("log1p",),
+    stats = kernels.fold_block(None, block, codes, 2, kind="log1p", moments=("log1p",),
                                block_index=3, use_numba=use_numba)
     assert stats.check.bad_index == 3 and stats.check.first_block == {"bad_index": 3}
-    assert not padded[0].any() and not padded[3].any()
     # what is left: row 0 (genes 0, 2), row 2 (genes 2, 4, 1), row 3 (genes 3, 0)
     expected = np.zeros((2, 5))
     np.add.at(expected, (0, [0, 2, 3, 0]), [1.0, 3.0, 7.0, 8.0])
     np.add.at(expected, (1, [2, 4, 1]), [3.0, 5.0, 6.0])
     np.testing.assert_array_equal(kernels.from_fixed(stats.group_sum, kernels.SUM_BITS), expected)
     np.testing.assert_array_equal(kernels.finish(stats).gene_log_sum, expected.sum(axis=0))
+    # counts are checked alike (their normalized values may differ: see in_range)
+    counts = kernels.fold_block(None, block, codes, 2, use_numba=use_numba)
+    assert counts.check.bad_index == 3
+    # and a block with no values, only a row beyond them
+    empty = sp.csr_array((2, 5))
+    empty.indptr = np.array([0, 0, 1], index_type)
+    assert kernels.fold_block(None, empty, codes[:2], 2, use_numba=use_numba).check.bad_index == 1
+
+
+def test_the_compiled_check_counts_are_the_value_checks():
+    assert len(kernels.CHECKS) == kernels._numba_kernels.N_CHECKS
+    assert kernels.CHECKS[kernels._numba_kernels.BAD_INDEX] == "bad_index"
+
+
+@pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize(("indices", "codes", "groups"), [
+    ([0], [0, 0], 2),  # fewer indices than values
+    ([0, 1], [0], 2),  # one code for two rows
+    ([0, 1], [0, 2], 2),  # a code beyond the groups
+])
+def test_the_compiled_fold_rejects_arrays_that_do_not_fit(indices, codes, groups):
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels._numba_kernels.fold_rows(
+            np.ones(2, np.float32), np.array(indices, np.int32), np.array([0, 1, 2], np.int32),
+            np.array(codes, np.int32), normalize=True, target_sum=1e4, log1p_max=30.0,
+            group_sum=np.zeros((groups, 3), np.int64), sum_bits=32, group_sumsq=None,
+            square_bits=24, moments=())
 
 
 @pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")

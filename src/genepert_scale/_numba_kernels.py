@@ -43,8 +43,9 @@ TABLE_SIZE = 64
 MOMENT_KINDS = ("normalized", "log1p", "raw")
 #: Entries of the value-check counts (``kernels.CHECKS``): non-finite,
 #: negative, non-integer counts, too large log1p values, and gene indices or
-#: row offsets outside the stored matrix.
+#: row offsets outside the stored matrix (at :data:`BAD_INDEX`).
 N_CHECKS = 5
+BAD_INDEX = 4
 
 
 def _jit(func=None, *, reassociate: bool = False):
@@ -70,8 +71,9 @@ def _row_span(indptr, row, size):
 @_jit(reassociate=True)
 def _row_scale(data, start, stop, normalize, target_sum):
     # The total may be added in any order (vectorised): counts are whole
-    # numbers, and float64 sums of whole numbers below 2**53 are exact in
-    # every order. Counts that are not whole fail the pass (`_check`).
+    # numbers, and float64 sums of whole numbers are exact in every order as
+    # long as the row's total stays below 2**53. Counts that are not whole
+    # fail the pass (`_check`).
     if not normalize:
         return 1.0
     total = 0.0
@@ -84,14 +86,14 @@ def _row_scale(data, start, stop, normalize, target_sum):
 def _row_scales(data, indptr, normalize, target_sum, checks):
     # In storage order: one sequential sweep over the block, which the
     # processor prefetches, instead of a sum at the start of each row visited
-    # in group order (the fold 1.1x faster, bit-identical:
+    # in group order (the fold 1.13x faster, bit-identical:
     # benchmarks/results/2026-12-01-vm-fold-ab.md). Rows with invalid
     # offsets are counted here, once.
     scales = np.empty(indptr.size - 1)
     for row in range(scales.size):
         start, stop, valid = _row_span(indptr, row, data.size)
         if not valid:
-            checks[4] += 1
+            checks[BAD_INDEX] += 1
         scales[row] = _row_scale(data, start, stop, normalize, target_sum)
     return scales
 
@@ -152,10 +154,11 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     # The group columns go to the group's rows of the sums when its rows end.
     # The value loop indexes with unsigned integers: numba wraps negative
     # signed indices around, a compare and a select per access that also keep
-    # LLVM from vectorising (the fold 1.16x faster, bit-identical:
+    # LLVM from vectorising (the fold 1.17x faster, bit-identical:
     # benchmarks/results/2026-12-01-vm-fold-ab-2.md).
-    # Gene indices are checked against the genes instead: every index stays
-    # inside the arrays, whatever the store holds.
+    # Gene indices are checked against the genes and row offsets against the
+    # values instead: whatever the store holds, every index stays inside the
+    # arrays (fold_rows checks the arguments' shapes).
     logs = np.empty(TABLE_SIZE)
     fixed = np.empty(TABLE_SIZE, np.int64)
     fixed_sq = np.zeros(TABLE_SIZE, np.int64)
@@ -182,7 +185,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
             raw = np.float64(data[k])
             gene = np.uint64(indices[k])
             if gene >= n_genes:  # also a negative index: a corrupt store, the pass fails
-                checks[4] += 1
+                checks[BAD_INDEX] += 1
                 continue
             count = int(raw) if normalize and 0.0 <= raw < TABLE_SIZE else -1
             if count >= 0 and count == raw:
@@ -255,10 +258,22 @@ def fold_rows(
         For each of ``moments`` (of :data:`MOMENT_KINDS`), the per-gene sums
         and sums of squares, ``(n_genes, 2)``; only these are computed.
     checks
-        Counts of non-finite, negative, non-integer (counts) and too large
-        (log1p) values.
+        Counts of suspicious inputs, in ``kernels.CHECKS`` order.
+
+    Raises
+    ------
+    ValueError
+        If the arrays do not fit together: ``indices`` and ``data`` of
+        different lengths, one code per row, codes below the groups.
     """
     n_genes = group_sum.shape[1]
+    if (indices.size != data.size or codes.size != indptr.size - 1
+            or (codes.size and codes.max() >= group_sum.shape[0])
+            or (group_sumsq is not None and group_sumsq.shape != group_sum.shape)):
+        raise ValueError(
+            f"a CSR block of {indptr.size - 1} rows, {data.size} values and {indices.size} "
+            f"indices with {codes.size} codes does not fit {group_sum.shape[0]} groups"
+        )
     sums = {kind: np.zeros((n_genes, 2)) for kind in moments}
     checks = np.zeros(N_CHECKS, np.int64)
     order = np.argsort(codes, kind="stable")

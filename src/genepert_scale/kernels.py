@@ -18,9 +18,10 @@ with the chunk step folded in):
 - finalize: :mod:`.pseudobulk` divides sums by counts and selects genes.
 
 The fold's loop over the CSR arrays is compiled with numba when it is
-importable (and ``GENEPERT_SCALE_NO_NUMBA`` is unset): one pass over the
-values, nothing block-sized allocated (:mod:`._numba_kernels`). The numpy
-implementation is the fallback and the test oracle.
+importable (and ``GENEPERT_SCALE_NO_NUMBA`` is unset): the cells' totals in
+one sweep, then one pass over the values, nothing value-sized allocated
+(:mod:`._numba_kernels`). The numpy implementation is the fallback and the
+test oracle.
 """
 
 from __future__ import annotations
@@ -211,8 +212,12 @@ def in_range(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A CSR block without the rows whose offsets are out of order or beyond
     the stored values and the values whose gene index is outside
-    ``0..n_genes - 1`` (a corrupt store), as the compiled loop leaves them
-    out, and how many rows and values were left out."""
+    ``0..n_genes - 1`` (a corrupt store), and how many rows and values were
+    left out: the same count as the compiled loop's, which leaves them out
+    of every sum too (though a left-out value still counts in its row's
+    total there, so a corrupt row's normalized values may differ; the pass
+    fails on any). Values that no row points to are kept when every row and
+    index is valid (the readers give no such blocks)."""
     starts, stops = indptr[:-1].astype(np.int64), indptr[1:].astype(np.int64)
     valid = (starts >= 0) & (starts <= stops) & (stops <= data.size)
     if valid.all() and (not indices.size or 0 <= indices.min() <= indices.max() < n_genes):
@@ -221,10 +226,11 @@ def in_range(
     row = np.repeat(np.arange(lengths.size), lengths)
     position = np.repeat(np.where(valid, starts, 0) - np.cumsum(lengths) + lengths, lengths)
     position += np.arange(position.size)
-    kept = (indices[position] >= 0) & (indices[position] < n_genes)
+    genes = indices[position]
+    kept = (genes >= 0) & (genes < n_genes)
     left_out = int(np.count_nonzero(~valid) + np.count_nonzero(~kept))
     offsets = np.concatenate([[0], np.cumsum(np.bincount(row[kept], minlength=lengths.size))])
-    return data[position[kept]], indices[position[kept]], offsets, left_out
+    return data[position[kept]], genes[kept], offsets, left_out
 
 
 def _too_large(data: np.ndarray, kind: InputKind) -> int:

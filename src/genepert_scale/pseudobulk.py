@@ -291,7 +291,8 @@ def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -
     problems = {  # a corrupt store first: its other counts may be its symptoms
         "bad_index": (
             f"stored values or rows outside the matrix (gene indices outside 0-"
-            f"{screen.n_vars - 1} in X/indices, or row offsets out of order in X/indptr)",
+            f"{screen.n_vars - 1} in X/indices, or row offsets in X/indptr out of order "
+            "or beyond X/data)",
             "the store is corrupt; write it again from its source",
         ),
         "nonfinite": ("NaN or infinite values", "remove or fix those cells"),

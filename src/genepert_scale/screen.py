@@ -161,7 +161,8 @@ class CsrRows:
     @classmethod
     def of(cls, x_group, n_vars: int, source: str = "") -> CsrRows:
         data, indices, indptr = x_group["data"], x_group["indices"], x_group["indptr"]
-        vectors = {array.path: ChunkedVector.of(array, source) for array in (data, indices, indptr)}
+        vectors = {array.path: ChunkedVector.of(array, source)
+                   for array in (data, indices, indptr)}
         return cls(data, indices, indptr, n_vars, source,
                    {path: vector for path, vector in vectors.items() if vector is not None})
 
@@ -294,9 +295,16 @@ def stored_values(x_group, encoding: str) -> int:
     return int(np.prod(x_group.shape))
 
 
-def _check_csr_lengths(x_group, nnz: int, path: str) -> None:
-    """Raise if ``X``'s ``data`` or ``indices`` hold fewer values than its
-    ``indptr`` points into (a truncated or inconsistent store)."""
+def _check_csr_lengths(x_group, nnz: int, n_obs: int, path: str) -> None:
+    """Raise if ``X``'s ``indptr`` does not hold one offset per cell plus one,
+    or its ``data`` or ``indices`` hold fewer values than ``indptr`` points
+    into (a truncated or inconsistent store)."""
+    offsets = x_group["indptr"].shape[0]
+    if offsets != n_obs + 1:
+        raise StoreError(
+            f"{path}: X/indptr holds {offsets} offsets but X has {n_obs} rows "
+            f"({n_obs + 1} offsets); the store is incomplete or inconsistent. Write it again"
+        )
     for name in ("data", "indices"):
         held = x_group[name].shape[0]
         if held < nnz:
@@ -395,7 +403,7 @@ def screen_from_group(
     if encoding == "csr_matrix":
         with named_chunk_errors(group, path, ("X/indptr",)):
             nnz = stored_values(x_group, encoding)
-        _check_csr_lengths(x_group, nnz, path)
+        _check_csr_lengths(x_group, nnz, shape[0], path)
     else:
         nnz = stored_values(x_group, encoding)
     rows = block_rows or block_rows_for(
