@@ -108,20 +108,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ab_parser(description: str, *, repeats: int, stem: str) -> argparse.ArgumentParser:
+    """The options every A/B script shares: the two revisions, the cached
+    screen, the rounds and where the results go (named ``<date>-<machine>-stem``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--base", required=True, help="git revision of the A side")
     parser.add_argument("--head", default=None,
                         help="git revision of the B side (default: the working tree)")
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--genes", type=int, default=8000)
     parser.add_argument("--perturbations", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default=None,
-                        help="results file name (default <date>-<machine>-ab, numbered if taken)")
-    return parser.parse_args(argv)
+                        help=f"results file name (default <date>-<machine>-{stem}, "
+                             "numbered if taken)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return ab_parser(__doc__.splitlines()[0], repeats=5, stem="ab").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from ab import REPO, describe
-from run import HERE, ScreenSpec, ensure_screen, machine, results_path, versions, write_report
+from ab import REPO, ab_parser, describe
+from run import ScreenSpec, ensure_screen, machine, results_path, versions, write_report
 
 KERNELS = "src/genepert_scale/_numba_kernels.py"
 
@@ -127,21 +127,9 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="git revision of the A side")
-    parser.add_argument("--head", default=None,
-                        help="git revision of the B side (default: the working tree)")
-    parser.add_argument("--cells", type=int, default=1_000_000)
-    parser.add_argument("--genes", type=int, default=8000)
-    parser.add_argument("--perturbations", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = ab_parser(__doc__.splitlines()[0], repeats=15, stem="fold-ab")
     parser.add_argument("--cpu", type=int, default=None,
                         help="CPU to pin to (default: the last one this process may use)")
-    parser.add_argument("--cache", type=Path, default=HERE / "cache")
-    parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--tag", default=None,
-                        help="results file name (default <date>-<machine>-fold-ab, "
-                             "numbered if taken)")
     return parser.parse_args(argv)
 
 
