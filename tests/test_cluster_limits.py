@@ -100,3 +100,24 @@ def test_cluster_result_is_bit_identical_to_local_schedulers(client, small_scree
     assert list(on_cluster.gene.values) == list(local.gene.values)
     for name in ("mean", "delta", "control_mean", "n_cells"):
         np.testing.assert_array_equal(on_cluster[name].values, local[name].values)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_local_threads_are_the_cpus_this_process_may_use():
+    # a container's CPU set (here: an affinity mask of one CPU) narrows the
+    # threads and hence the blocks and chains, as it narrows dask's own pool
+    import subprocess
+    import sys
+
+    code = """
+import os
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import dask
+from genepert_scale.cluster import cluster_threads
+print(cluster_threads())
+with dask.config.set(num_workers=3):
+    print(cluster_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert out == ["1", "3"]

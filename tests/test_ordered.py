@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from genepert_scale.ordered import in_order, usable_cpus
+from genepert_scale.ordered import in_order
 
 
 class CountingPool(ThreadPoolExecutor):
@@ -65,7 +65,3 @@ def test_closing_in_order_cancels_the_calls_not_yet_started():
 def test_in_order_needs_at_least_one_call_ahead():
     with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="ahead must be at least 1"):
         next(in_order(pool, int, ["1"], ahead=0))
-
-
-def test_usable_cpus_is_positive():
-    assert usable_cpus() >= 1

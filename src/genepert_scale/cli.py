@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbations", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-rows", type=int, default=10_000, help="rows per written block")
-    p.add_argument("--threads", type=int, help="threads drawing cells (default: the usable CPUs, at most 8)")
+    p.add_argument("--threads", type=int, help="threads drawing cells (default: the CPUs, at most 8)")
 
     p = sub.add_parser("convert", parents=[parent], help="stream an .h5ad into a chunked zarr store")
     p.add_argument("source", help="input .h5ad")

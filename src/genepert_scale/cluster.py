@@ -15,6 +15,7 @@ from typing import Any
 
 import dask
 import dask.threaded
+from dask.system import CPU_COUNT
 
 from .errors import ParameterError
 
@@ -155,14 +156,16 @@ def _current_client() -> Any:
 
 
 def cluster_threads() -> int:
-    """Threads that compute tasks: the distributed cluster's, or this machine's CPUs."""
+    """Threads that compute tasks: the distributed cluster's, else those of
+    dask's local scheduler (``num_workers``, or the CPUs this process may use
+    as dask counts them: its affinity mask and a container's CPU quota)."""
     client = _current_client()
     if client is not None:
         try:
             return max(1, sum(client.nthreads().values()))
         except Exception:  # noqa: BLE001 - a scheduler without workers yet
-            return os.cpu_count() or 1
-    return dask.config.get("num_workers", None) or os.cpu_count() or 1
+            return CPU_COUNT
+    return dask.config.get("num_workers", None) or CPU_COUNT
 
 
 #: Share of the memory (a worker's limit, or this machine's) that the running

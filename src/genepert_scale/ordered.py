@@ -9,22 +9,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the platform has
-    one, which container CPU sets also narrow), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS and Windows
-        return os.cpu_count() or 1
 
 
 def in_order(pool: Executor, func: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:

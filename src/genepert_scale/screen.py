@@ -8,7 +8,6 @@ never a chunk of ``X``.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ import scipy.sparse as sp
 import zarr
 from anndata.experimental import read_elem_lazy
 from anndata.io import read_elem
+from dask.system import CPU_COUNT
 from zarr.core.buffer.cpu import NDBuffer
 
 from .chunks import BlockBuffers, ChunkedVector
@@ -337,7 +337,8 @@ def open_screen(
         Bytes a pass over the screen may use (default: no cap beyond
         :data:`TARGET_BLOCK_NNZ` values per block).
     threads
-        Threads computing blocks at once (default: the CPU count).
+        Threads computing blocks at once (default: the CPUs dask counts,
+        ``dask.system.CPU_COUNT``).
 
     Raises
     ------
@@ -408,7 +409,7 @@ def screen_from_group(
         nnz = stored_values(x_group, encoding)
     rows = block_rows or block_rows_for(
         shape[0], nnz, chunk_values=_chunk_values(x_group, encoding),
-        memory_limit=memory_limit, threads=threads or os.cpu_count() or 1,
+        memory_limit=memory_limit, threads=threads or CPU_COUNT,
     )
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
     direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
+from dask.system import CPU_COUNT
 
 from .integrity import complete_chunks, mark_complete
 from .errors import ParameterError
-from .ordered import threaded_in_order, usable_cpus
+from .ordered import threaded_in_order
 from .store import (
     ANNDATA_ATTRS,
     CsrAppender,
@@ -156,7 +157,7 @@ def synth_screen(
     overwrite
         Replace existing outputs.
     threads
-        Threads drawing tiles at once (default: the usable CPUs, at most
+        Threads drawing tiles at once (default: the CPUs dask counts, at most
         :data:`MAX_DEFAULT_THREADS`); numpy's sampling and arithmetic release
         the GIL. Each draws a dense tile (``TILE_ROWS × genes × 24`` bytes).
         Each tile has its own seeded stream, so the screen does not depend on it.
@@ -169,7 +170,7 @@ def synth_screen(
     start = time.perf_counter()
     if threads is not None:
         check_positive("--threads", threads, integer=True)
-    threads = threads or min(usable_cpus(), MAX_DEFAULT_THREADS)
+    threads = threads or min(CPU_COUNT, MAX_DEFAULT_THREADS)
     mean_umis = mean_umis or float(np.clip(genes / 4, 500, 5000))
     model = make_model(genes, perturbations, seed=seed, dim=embedding_dim)
     groups = assign_cells(cells, len(model.labels), seed=seed, control_share=control_share)
