@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -182,7 +183,8 @@ def default_chains(accumulator_bytes: int, memory_limit: int | None = None) -> i
     accumulator_bytes
         Size of one accumulator (the ``(groups × genes)`` fixed-point sums).
     memory_limit
-        Bytes the pass may use locally (default: this machine's memory).
+        Bytes the pass may use locally (default: this machine's memory, or
+        its container's limit where lower).
 
     Returns
     -------
@@ -211,11 +213,26 @@ def _chains_within(threads: int, memory: int, accumulator_bytes: int) -> int:
     return max(1, min(threads, fit))
 
 
+#: Where a container's memory limit is read (cgroup v2, then v1), as
+#: ``distributed.system.memory_limit`` reads it; "max" or a missing file: none.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def _physical_memory() -> int:
+    """This machine's memory, or a container's memory limit where lower (a
+    Kubernetes pod on a large node), without importing ``distributed``."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not POSIX
-        return 8 * 2**30
+        total = 8 * 2**30
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
 
 
 #: Allocations above this size get their own memory mapping (glibc ``M_MMAP_THRESHOLD``).
