@@ -124,8 +124,9 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
         for i in range(order.size):
             row = order[i]
             group = codes[row]
-            for k in range(indptr[row] - first, indptr[row + 1] - first):
-                scratch[indices[k]] += np.int64(data[k])
+            # unsigned indices, as ours: no wrap-around of negative ones per access
+            for k in range(np.uint64(indptr[row] - first), np.uint64(indptr[row + 1] - first)):
+                scratch[np.uint64(indices[k])] += np.int64(data[k])
             if i + 1 == order.size or codes[order[i + 1]] != group:
                 for gene in range(scratch.size):
                     table[group, gene] += scratch[gene]

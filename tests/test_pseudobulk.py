@@ -278,15 +278,15 @@ def test_default_chains_follow_a_container_memory_limit(tmp_path, monkeypatch):
     v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
     v2.write_text("max\n")  # cgroup v2 without a limit
     monkeypatch.setattr(cluster, "CGROUP_MEMORY_LIMITS", (str(v2), str(tmp_path / "none")))
-    machine = cluster._physical_memory()
+    machine = cluster._local_memory()
     assert machine > 2**30  # this machine's memory (the test needs more than 1 GiB)
     v1.write_text(f"{2**30}\n")
     monkeypatch.setattr(cluster, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
-    assert cluster._physical_memory() == 2**30
+    assert cluster._local_memory() == 2**30
     with dask.config.set(num_workers=4):
         assert cluster.default_chains(300 * 2**20) == 1
     v1.write_text(f"{2**62}\n")  # cgroup v1 without a limit: a huge number
-    assert cluster._physical_memory() == machine
+    assert cluster._local_memory() == machine
 
 
 def test_genes_are_selected_only_from_the_moments_the_flavor_needs(small_screen):

@@ -196,14 +196,14 @@ def default_chains(accumulator_bytes: int, memory_limit: int | None = None) -> i
     """
     client = _current_client()
     if client is None:
-        memory = memory_limit or _physical_memory()
+        memory = memory_limit or _local_memory()
         return _chains_within(cluster_threads(), memory, accumulator_bytes)
     try:
         workers = client.scheduler_info()["workers"].values()
     except Exception:  # noqa: BLE001 - a scheduler without workers yet
         return 1
     return max(1, sum(
-        _chains_within(w["nthreads"], w.get("memory_limit") or _physical_memory(), accumulator_bytes)
+        _chains_within(w["nthreads"], w.get("memory_limit") or _local_memory(), accumulator_bytes)
         for w in workers
     ))
 
@@ -218,7 +218,7 @@ def _chains_within(threads: int, memory: int, accumulator_bytes: int) -> int:
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def _physical_memory() -> int:
+def _local_memory() -> int:
     """This machine's memory, or a container's memory limit where lower (a
     Kubernetes pod on a large node), without importing ``distributed``."""
     try:

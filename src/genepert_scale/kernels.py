@@ -27,7 +27,7 @@ test oracle.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -73,11 +73,11 @@ class ValueCheck:
                           first_block=first or None)
 
 
-#: The problems a :class:`ValueCheck` counts, in the order of the compiled
-#: fold's check counts: non-finite, negative, non-integer (counts) and too
-#: large (log1p) values, and gene indices or row offsets outside the stored
-#: matrix (a corrupt store).
-CHECKS = ("nonfinite", "negative", "noninteger", "too_large", "bad_index")
+#: The problems a :class:`ValueCheck` counts (its count fields, in order),
+#: also the order of the compiled fold's check counts: non-finite, negative,
+#: non-integer (counts) and too large (log1p) values, and gene indices or row
+#: offsets outside the stored matrix (a corrupt store).
+CHECKS = tuple(f.name for f in fields(ValueCheck) if f.name != "first_block")
 
 
 @dataclass
