@@ -48,16 +48,16 @@ N_CHECKS = 5
 BAD_INDEX = 4
 
 
-def _jit(func=None, *, reassociate: bool = False):
+def jit(func=None, *, reassociate: bool = False):
     if func is None:
-        return lambda func: _jit(func, reassociate=reassociate)
+        return lambda func: jit(func, reassociate=reassociate)
     if not AVAILABLE:
         return func
     return numba.njit(cache=True, nogil=True, error_model="numpy",
                       fastmath={"reassoc"} if reassociate else False)(func)
 
 
-@_jit
+@jit
 def _row_span(indptr, row, size):
     # The positions of `row`'s values, unsigned (see _fold_rows), and whether
     # its offsets are valid; a row whose offsets are out of order or beyond
@@ -68,7 +68,7 @@ def _row_span(indptr, row, size):
     return np.uint64(0), np.uint64(0), False
 
 
-@_jit(reassociate=True)
+@jit(reassociate=True)
 def _row_scale(data, start, stop, normalize, target_sum):
     # The total may be added in any order (vectorised): counts are whole
     # numbers, and float64 sums of whole numbers are exact in every order as
@@ -82,7 +82,7 @@ def _row_scale(data, start, stop, normalize, target_sum):
     return target_sum / (total if total != 0.0 else 1.0)
 
 
-@_jit
+@jit
 def _row_scales(data, indptr, normalize, target_sum, checks):
     # In storage order: one sequential sweep over the block, which the
     # processor prefetches, instead of a sum at the start of each row visited
@@ -98,7 +98,7 @@ def _row_scales(data, indptr, normalize, target_sum, checks):
     return scales
 
 
-@_jit
+@jit
 def _check(raw, normalize, log1p_max, checks):
     if not math.isfinite(raw):
         checks[0] += 1
@@ -110,7 +110,7 @@ def _check(raw, normalize, log1p_max, checks):
         checks[1] += 1
 
 
-@_jit
+@jit
 def _padded_width(width):
     # numba aligns arrays to 32 bytes: rows of 1, 2 or 4 int64 never straddle
     # two 64-byte cache lines, a row of 3 would a third of the time, so it
@@ -120,28 +120,28 @@ def _padded_width(width):
     return 4 if width == 3 else width
 
 
-@_jit
+@jit
 def _flush(sums, work, column):
     for gene in range(sums.size):
         sums[gene] += work[gene, column]
         work[gene, column] = 0
 
 
-@_jit
+@jit
 def _flush_group(group_sum, group_sumsq, work, group):
     _flush(group_sum[group], work, 0)
     if group_sumsq is not None:
         _flush(group_sumsq[group], work, 1)
 
 
-@_jit
+@jit
 def _copy_pair(out, moments, column):
     for gene in range(out.shape[0]):
         out[gene, 0] = moments[gene, column]
         out[gene, 1] = moments[gene, column + 1]
 
 
-@_jit
+@jit
 def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p_max,
                group_sum, sum_scale, group_sumsq, square_scale, norm_moments, log_moments,
                raw_moments, checks):

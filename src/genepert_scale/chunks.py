@@ -13,7 +13,10 @@ bytes — local files read by the calling thread; from any other store (object
 stores, memory) through the zarr store, concurrently, with its retries and
 missing-chunk errors — and
 decodes them with numcodecs, a Blosc chunk directly into the caller's array.
-Any other layout is left to zarr (:meth:`ChunkedVector.of` returns ``None``).
+It also hands over the serialized bytes of a string array's chunks, from
+which :mod:`.names` checks a million cell names without making them into
+strings. Any other layout is left to zarr (:meth:`ChunkedVector.of` returns
+``None``).
 A missing chunk is always an error here, as for every array of ``X``
 (:mod:`.integrity`).
 """
@@ -21,6 +24,7 @@ A missing chunk is always an error here, as for every array of ``X``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -50,25 +54,38 @@ V3_DECODERS = {
 }
 
 
-def decoders(array: Any) -> tuple[Codec, ...] | None:
-    """The numcodecs codecs that decode one stored chunk of ``array``, in the
-    order they apply, or ``None`` if its layout needs zarr's own pipeline."""
+def decoders(array: Any, serializer: str = "bytes") -> tuple[Codec, ...] | None:
+    """The numcodecs codecs that decode one stored chunk of ``array`` to the
+    bytes its ``serializer`` wrote, in the order they apply, or ``None`` if its
+    layout needs zarr's own pipeline.
+
+    ``serializer`` is ``"bytes"`` (numbers, in this machine's byte order: the
+    chunk decodes to the values) or ``"vlen-utf8"`` (strings, as anndata
+    stores ``obs`` and ``var`` names: a count, then each string's length
+    and UTF-8 bytes; :func:`.names.vlen_utf8_hashes` reads it).
+    """
     meta = array.metadata
     if array.ndim != 1 or not isinstance(meta.chunk_grid, RegularChunkGrid):
         return None
-    if np.dtype(array.dtype).newbyteorder("=").str != np.dtype(array.dtype).str:
-        return None  # a foreign byte order
     if meta.zarr_format == 2:
-        if meta.filters:
+        filters = [codec.codec_id for codec in meta.filters or ()]
+        if filters != ([] if serializer == "bytes" else [serializer]):
+            return None
+        if serializer == "bytes" and _foreign_byte_order(array.dtype):
             return None
         return () if meta.compressor is None else (meta.compressor,)
-    serializer, *compressors = (codec.to_dict() for codec in meta.codecs)
-    config = serializer.get("configuration") or {}
-    if serializer["name"] != "bytes" or config.get("endian", sys.byteorder) != sys.byteorder:
+    first, *compressors = (codec.to_dict() for codec in meta.codecs)
+    config = first.get("configuration") or {}
+    if first["name"] != serializer or config.get("endian", sys.byteorder) != sys.byteorder:
         return None  # sharded, array-to-array codecs, or a foreign byte order
     if any(codec["name"] not in V3_DECODERS for codec in compressors):
         return None
     return tuple(V3_DECODERS[codec["name"]]() for codec in reversed(compressors))
+
+
+def _foreign_byte_order(dtype: Any) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.newbyteorder("=").str != dtype.str
 
 
 class BlockBuffers:
@@ -127,10 +144,10 @@ class ChunkedVector:
     source: str
 
     @classmethod
-    def of(cls, array: Any, source: str) -> ChunkedVector | None:
+    def of(cls, array: Any, source: str, serializer: str = "bytes") -> ChunkedVector | None:
         """The reader of ``array`` in the store at ``source``, or ``None``
-        when its layout is one zarr must decode."""
-        codecs = decoders(array)
+        when its layout is one zarr must decode (see :func:`decoders`)."""
+        codecs = decoders(array, serializer)
         return None if codecs is None else cls(array, codecs, local_root(array.store), source)
 
     @property
@@ -168,6 +185,17 @@ class ChunkedVector:
         out = buffers.get(path, last - first, dtype)
         self.read(first, last, out, buffers.get(f"{path} chunk", self.chunk_size, dtype))
         return out
+
+    def serialized_chunks(self) -> Iterator[np.ndarray]:
+        """Every chunk's bytes as its serializer wrote them (``uint8``), in
+        order: for a ``vlen-utf8`` array, what :func:`.names.vlen_utf8_hashes`
+        reads. The last chunk holds a whole chunk's items, padding included."""
+        indices = range(-(-self.array.shape[0] // self.chunk_size))
+        for index, raw in zip(indices, self._fetch(indices)):
+            with self._naming_errors(index):
+                for codec in self.codecs:
+                    raw = codec.decode(raw)
+            yield np.frombuffer(raw, np.uint8)
 
     def _key(self, index: int) -> str:
         chunk = self.array.metadata.encode_chunk_key((index,))
@@ -207,11 +235,17 @@ class ChunkedVector:
 
     def _decode(self, index: int, raw: Any, dest: np.ndarray) -> None:
         """Decode chunk ``index`` from ``raw`` into ``dest`` (one chunk long)."""
-        try:
+        with self._naming_errors(index):
             *checks, compressor = self.codecs or (None,)
             for codec in checks:
                 raw = codec.decode(raw)
             _decompress_into(compressor, raw, dest)
+
+    @contextlib.contextmanager
+    def _naming_errors(self, index: int) -> Iterator[None]:
+        """Turn a failure to decode chunk ``index`` into a :class:`.StoreError` naming it."""
+        try:
+            yield
         except DECODE_ERRORS as err:
             raise undecodable_chunk_error(self.source, self.array.path, index,
                                           index * self.chunk_size, err) from err

@@ -30,6 +30,7 @@ from .errors import GenePertInputError, LabelError, StoreError
 from .integrity import (
     METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
 )
+from .names import distinct_by_hash
 from .store import exists, is_url, zarr_store
 from .validate import check_case_collisions, check_unique_names, check_x_dtype
 
@@ -64,9 +65,6 @@ class Screen:
         Cells × genes, a dask array whose blocks are CSR row blocks.
     var_names
         Gene names, in column order.
-    obs_names
-        Cell names, a numpy string array (as Python strings, the names of
-        a million cells would hold 100 MB for the whole pass).
     csr
         A direct reader of ``X``'s rows for a CSR zarr store, ``None``
         otherwise (then read the blocks of ``X``).
@@ -76,7 +74,6 @@ class Screen:
     group: Any
     X: da.Array
     var_names: pd.Index
-    obs_names: np.ndarray
     csr: CsrRows | None = None
 
     @property
@@ -92,6 +89,13 @@ class Screen:
         obs = self.group["obs"]
         index = _index_key(obs)
         return [k for k in obs.keys() if k != index]
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        """Cell names, read when asked for (a numpy string array: as Python
+        strings, a million cells' names would hold 100 MB)."""
+        with named_chunk_errors(self.group, self.source, ("obs",)):
+            return _read_index(self.group["obs"])
 
     def obs_column(self, key: str) -> pd.Series:
         """Read one ``obs`` column (e.g. the perturbation labels), in cell order
@@ -391,14 +395,16 @@ def screen_from_group(
     encoding = _x_encoding(x_group, path)
     with named_chunk_errors(group, path, ("obs", "var")):
         var_names = pd.Index(_read_index(group["var"]), dtype=object)
-        obs_names = _read_index(group["obs"])
+        obs_names = group["obs"][_index_key(group["obs"])]
+        n_obs = obs_names.shape[0]
+        if not distinct_by_hash(obs_names, path):
+            check_unique_names(_read_index(group["obs"]), "obs", path)
     check_unique_names(var_names, "var", path)
-    check_unique_names(obs_names, "obs", path)
     check_case_collisions(var_names, path)
     shape = tuple(x_group.attrs["shape"]) if encoding == "csr_matrix" else x_group.shape
-    if shape != (len(obs_names), len(var_names)):
+    if shape != (n_obs, len(var_names)):
         raise StoreError(
-            f"{path}: X has shape {shape} but obs has {len(obs_names)} cells and "
+            f"{path}: X has shape {shape} but obs has {n_obs} cells and "
             f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
         )
     if encoding == "csr_matrix":
@@ -414,4 +420,4 @@ def screen_from_group(
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
     direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)
     csr = CsrRows.of(x_group, shape[1], path) if direct else None
-    return Screen(str(path), group, X, var_names, obs_names, csr)
+    return Screen(str(path), group, X, var_names, csr)
