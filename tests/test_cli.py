@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +42,27 @@ def test_missing_column_is_a_clean_error_in_a_subprocess(small_screen):
     assert result.returncode == INPUT_ERROR_EXIT_CODE
     assert "obs has no column 'guide'" in result.stderr and "perturbation" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "genepert_scale"], ["genepert-scale"]],
+                         ids=["python -m", "console script"])
+def test_the_command_ends_with_its_exit_code_and_all_it_printed(tmp_path, command):
+    """The command ends its process without interpreter teardown (os._exit):
+    what it printed and logged must be out first, the code must be its own."""
+    command = [str(Path(sys.executable).with_name(command[0]))] if len(command) == 1 else command
+    # block-buffered output (to a pipe, without PYTHONUNBUFFERED) is lost unless flushed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    out = tmp_path / "s.zarr"
+    done = subprocess.run([*command, "synth", str(out), "--cells", "300", "--genes", "40",
+                           "--perturbations", "5", "--no-progress", "-v"],
+                          capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(f"embedding: {out.with_name('s_embedding.pkl')}\n")
+    failed = subprocess.run([*command, "pseudobulk", str(out), "--perturbation-key", "guide",
+                             "--out", str(tmp_path / "pb.zarr"), "--no-progress"],
+                            capture_output=True, text=True, check=False, env=env)
+    assert failed.returncode == INPUT_ERROR_EXIT_CODE
+    assert failed.stderr.rstrip().endswith("Pass the right one with --perturbation-key")
 
 
 def test_convert_command(papalexi_path, tmp_path):

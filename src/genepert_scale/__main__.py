@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import logging
+import os
+import sys
 
 
 def main() -> int:
@@ -26,5 +29,25 @@ def main() -> int:
     return run()
 
 
+def console() -> None:
+    """Run :func:`main` as a process: flush what it printed and logged, then
+    end the process with its exit code, without tearing the interpreter down.
+
+    By then every output is complete (renamed into place) and any cluster the
+    command started is closed. What is skipped is freeing, one by one, the
+    objects of the imported libraries and joining idle threads: 0.2–0.3 s of
+    a 1M-cell ``pseudobulk`` run of ~7 s (2-vCPU VM). An exception still
+    ends the process the usual way, with its traceback.
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()
