@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numcodecs
 import numpy as np
@@ -54,7 +54,10 @@ V3_DECODERS = {
 }
 
 
-def decoders(array: Any, serializer: str = "bytes") -> tuple[Codec, ...] | None:
+Serializer = Literal["bytes", "vlen-utf8"]
+
+
+def decoders(array: Any, serializer: Serializer = "bytes") -> tuple[Codec, ...] | None:
     """The numcodecs codecs that decode one stored chunk of ``array`` to the
     bytes its ``serializer`` wrote, in the order they apply, or ``None`` if its
     layout needs zarr's own pipeline.
@@ -67,11 +70,11 @@ def decoders(array: Any, serializer: str = "bytes") -> tuple[Codec, ...] | None:
     meta = array.metadata
     if array.ndim != 1 or not isinstance(meta.chunk_grid, RegularChunkGrid):
         return None
+    if serializer == "bytes" and _foreign_byte_order(array.dtype):
+        return None
     if meta.zarr_format == 2:
         filters = [codec.codec_id for codec in meta.filters or ()]
         if filters != ([] if serializer == "bytes" else [serializer]):
-            return None
-        if serializer == "bytes" and _foreign_byte_order(array.dtype):
             return None
         return () if meta.compressor is None else (meta.compressor,)
     first, *compressors = (codec.to_dict() for codec in meta.codecs)
@@ -144,7 +147,7 @@ class ChunkedVector:
     source: str
 
     @classmethod
-    def of(cls, array: Any, source: str, serializer: str = "bytes") -> ChunkedVector | None:
+    def of(cls, array: Any, source: str, serializer: Serializer = "bytes") -> ChunkedVector | None:
         """The reader of ``array`` in the store at ``source``, or ``None``
         when its layout is one zarr must decode (see :func:`decoders`)."""
         codecs = decoders(array, serializer)
@@ -189,7 +192,7 @@ class ChunkedVector:
     def serialized_chunks(self) -> Iterator[np.ndarray]:
         """Every chunk's bytes as its serializer wrote them (``uint8``), in
         order: for a ``vlen-utf8`` array, what :func:`.names.vlen_utf8_hashes`
-        reads. The last chunk holds a whole chunk's items, padding included."""
+        reads. zarr stores the last chunk whole, padded with the fill value."""
         indices = range(-(-self.array.shape[0] // self.chunk_size))
         for index, raw in zip(indices, self._fetch(indices)):
             with self._naming_errors(index):

@@ -10,8 +10,11 @@ chunk's serialized bytes name by name in a compiled loop
 all differ are all different; if two hashes are equal (a repeated name, or
 once in a blue moon two names that collide), it answers ``False`` and the
 caller reads the names and compares them exactly, which also names the
-duplicates. Any other layout, a chunk that does not parse, or no numba: also
-``False``, the exact check.
+duplicates. Any other layout, a chunk that is missing, does not decode or
+does not parse, or no numba: also ``False``, and the exact check reads the
+names through zarr, under the store's own rules for missing chunks, and
+reports what is wrong. The hashes do not check that names are valid UTF-8:
+nothing in a pass reads cell names.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import zarr
 from . import kernels
 from ._numba_kernels import jit
 from .chunks import ChunkedVector
+from .errors import StoreError
 
 #: 64-bit FNV-1a: a name's hash starts at the offset basis; each byte is
 #: XORed in, then multiplied by the prime (wrapping around).
@@ -39,31 +43,34 @@ def _uint32_at(serialized, position):
 
 
 @jit
-def vlen_utf8_hashes(serialized, out):
-    """Hash the first ``out.size`` names of a chunk serialized by the
-    ``vlen-utf8`` codec into ``out`` (FNV-1a of each name's UTF-8 bytes).
+def vlen_utf8_hashes(serialized, count, out):
+    """Hash the first ``out.size`` of the ``count`` names of a chunk
+    serialized by the ``vlen-utf8`` codec into ``out`` (FNV-1a of each
+    name's UTF-8 bytes).
 
     The serialized chunk is a little-endian ``uint32`` count of its names, then
     for each name its length in bytes (``uint32``) and its bytes. Returns
-    ``False`` (``out`` then undefined) if the chunk holds fewer names than
-    ``out`` or its lengths run past its end.
+    ``False`` (``out`` then undefined) unless it holds exactly ``count`` names
+    that end exactly where it ends. Whether the bytes are valid UTF-8 is not
+    checked.
     """
     size = serialized.size
-    if size < 4 or _uint32_at(serialized, 0) < out.size:
+    if size < 4 or _uint32_at(serialized, 0) != count or out.size > count:
         return False
     position = 4
-    for item in range(out.size):
+    for item in range(count):
         if position + 4 > size:
             return False
         stop = position + 4 + _uint32_at(serialized, position)
         if stop > size:
             return False
-        value = FNV_OFFSET_BASIS
-        for k in range(position + 4, stop):
-            value = (value ^ np.uint64(serialized[k])) * FNV_PRIME
-        out[item] = value
+        if item < out.size:
+            value = FNV_OFFSET_BASIS
+            for k in range(position + 4, stop):
+                value = (value ^ np.uint64(serialized[k])) * FNV_PRIME
+            out[item] = value
         position = stop
-    return True
+    return position == size
 
 
 def distinct_by_hash(array: Any, source: str) -> bool:
@@ -74,7 +81,8 @@ def distinct_by_hash(array: Any, source: str) -> bool:
     ----------
     array
         A zarr array of names (an AnnData dataframe's index); anything else
-        (an h5py dataset) answers ``False``.
+        (an h5py dataset, a categorical index stored as a group) answers
+        ``False``.
     source
         Path or URL of the store, for messages about its chunks.
 
@@ -82,7 +90,10 @@ def distinct_by_hash(array: Any, source: str) -> bool:
     -------
     bool
         ``True`` if every name's hash differs; ``False`` if two are equal or
-        the names could not be hashed here: compare the names themselves.
+        the names could not be hashed here (a layout numcodecs cannot decode,
+        a chunk that is missing, does not decode or does not parse): compare
+        the names themselves, read by zarr under the store's own rules, which
+        also report what is wrong with a chunk.
     """
     if not kernels.USE_NUMBA or not isinstance(array, zarr.Array):
         return False
@@ -91,8 +102,11 @@ def distinct_by_hash(array: Any, source: str) -> bool:
         return False
     size = reader.chunk_size
     hashes = np.empty(array.shape[0], np.uint64)
-    for index, serialized in enumerate(reader.serialized_chunks()):
-        if not vlen_utf8_hashes(serialized, hashes[index * size : (index + 1) * size]):
-            return False
+    try:
+        for index, serialized in enumerate(reader.serialized_chunks()):
+            if not vlen_utf8_hashes(serialized, size, hashes[index * size : (index + 1) * size]):
+                return False
+    except StoreError:
+        return False
     hashes.sort()
     return not np.any(hashes[1:] == hashes[:-1])

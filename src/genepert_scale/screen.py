@@ -92,8 +92,9 @@ class Screen:
 
     @property
     def obs_names(self) -> np.ndarray:
-        """Cell names, read when asked for (a numpy string array: as Python
-        strings, a million cells' names would hold 100 MB)."""
+        """Cell names, read from the store at each access (a numpy string
+        array; nothing in a pass needs them, and as Python strings a million
+        cells' names would hold 100 MB)."""
         with named_chunk_errors(self.group, self.source, ("obs",)):
             return _read_index(self.group["obs"])
 
@@ -395,10 +396,13 @@ def screen_from_group(
     encoding = _x_encoding(x_group, path)
     with named_chunk_errors(group, path, ("obs", "var")):
         var_names = pd.Index(_read_index(group["var"]), dtype=object)
-        obs_names = group["obs"][_index_key(group["obs"])]
-        n_obs = obs_names.shape[0]
-        if not distinct_by_hash(obs_names, path):
-            check_unique_names(_read_index(group["obs"]), "obs", path)
+        index = group["obs"][_index_key(group["obs"])]
+        if distinct_by_hash(index, path):
+            n_obs = index.shape[0]
+        else:  # the names themselves (also an index stored as a group, e.g. categorical)
+            obs_names = _read_index(group["obs"])
+            check_unique_names(obs_names, "obs", path)
+            n_obs = len(obs_names)
     check_unique_names(var_names, "var", path)
     check_case_collisions(var_names, path)
     shape = tuple(x_group.attrs["shape"]) if encoding == "csr_matrix" else x_group.shape
