@@ -176,7 +176,7 @@ def missing_chunk_error(source: str, key: str) -> StoreError:
     return StoreError(
         f"{source}: chunk {chunk!r} of array {array!r} is missing (key {key!r}); "
         "the store is incomplete (interrupted upload or copy?). Copy or write it again; "
-        "zeros are never read in its place"
+        "its fill value (zeros, empty names) is never read in its place"
     )
 
 
