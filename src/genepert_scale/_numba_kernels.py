@@ -25,6 +25,7 @@ differ there for a few values).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,7 +49,14 @@ N_CHECKS = 5
 BAD_INDEX = 4
 
 
-def jit(func=None, *, reassociate: bool = False):
+def jit(func: Callable | None = None, *, reassociate: bool = False) -> Callable:
+    """Compile ``func`` as this package's kernels are compiled (also ``@jit(reassociate=True)``).
+
+    numba ``njit``: cached on disk, without the GIL (dask threads run kernels
+    in parallel), numpy's error model (no exceptions on division by zero);
+    ``reassociate`` lets LLVM reorder floating-point sums (vectorise them).
+    Without numba, ``func`` is returned as it is.
+    """
     if func is None:
         return lambda func: jit(func, reassociate=reassociate)
     if not AVAILABLE:
