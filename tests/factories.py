@@ -31,20 +31,26 @@ def write_screen(
     *,
     labels: list[str] | pd.Categorical | None = None,
     var_names: list[str] | None = None,
-    obs_names: list[str] | None = None,
+    obs_names: list[str] | pd.Index | None = None,
     layout: str = "csr",
+    zarr_format: int = 3,
 ) -> str:
-    """Write a tiny AnnData zarr screen (zarr format 3) and return its path."""
+    """Write a tiny AnnData screen and return its path: zarr (format
+    ``zarr_format``), or h5ad where ``path`` ends with ``.h5ad``. ``obs_names``
+    may be any pandas index (a ``CategoricalIndex`` is stored as a group)."""
     x = counts() if x is None else x
     n_obs, n_vars = x.shape
     labels = labels if labels is not None else [LABELS[i % len(LABELS)] for i in range(n_obs)]
     obs = pd.DataFrame(
         {"perturbation": pd.Categorical(labels)},
-        index=pd.Index(obs_names or [f"cell{i}" for i in range(n_obs)]),
+        index=pd.Index(obs_names if obs_names is not None else [f"cell{i}" for i in range(n_obs)]),
     )
     var = pd.DataFrame(index=pd.Index(var_names or [f"G{i}" for i in range(n_vars)]))
     matrix = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": np.asarray}[layout](x)
     adata = ad.AnnData(matrix, obs=obs, var=var)
-    with ad.settings.override(zarr_write_format=3):
-        adata.write_zarr(path)
+    if str(path).endswith(".h5ad"):
+        adata.write_h5ad(path)
+    else:
+        with ad.settings.override(zarr_write_format=zarr_format):
+            adata.write_zarr(path)
     return str(path)

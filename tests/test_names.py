@@ -3,16 +3,15 @@ the exact check of the names read as strings."""
 
 from __future__ import annotations
 
-import anndata as ad
 import h5py
 import numcodecs
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from factories import counts, write_screen
 from genepert_scale import kernels, names
 from genepert_scale.errors import LabelError, StoreError
 from genepert_scale.names import distinct_by_hash, vlen_utf8_hashes
@@ -111,15 +110,8 @@ def test_a_chunk_the_hashes_cannot_read_goes_to_the_exact_check(tmp_path, damage
 
 
 def screen(path, obs_names, fmt=3):
-    adata = ad.AnnData(sp.csr_matrix(np.ones((len(obs_names), 3), np.float32)),
-                       obs=pd.DataFrame({"perturbation": pd.Categorical(["a"] * len(obs_names))},
-                                        index=obs_names))
-    if str(path).endswith(".h5ad"):
-        adata.write_h5ad(path)
-    else:
-        with ad.settings.override(zarr_write_format=fmt):
-            adata.write_zarr(path)
-    return str(path)
+    """A screen of ``len(obs_names)`` cells named ``obs_names`` (any pandas index)."""
+    return write_screen(path, counts(len(obs_names), 3), obs_names=obs_names, zarr_format=fmt)
 
 
 @pytest.mark.parametrize("fmt", [2, 3])

@@ -205,8 +205,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                         fixed_sq[filled] = np.int64(np.rint(value * value * square_scale))
                     filled += 1
                 entry = np.uint64(count)
-                norm, log, add = raw * scale, logs[entry], fixed[entry]
-                add_sq = fixed_sq[entry]
+                norm, log, add, add_sq = raw * scale, logs[entry], fixed[entry], fixed_sq[entry]
             else:
                 _check(raw, normalize, log1p_max, checks)
                 norm = raw * scale if normalize else math.expm1(raw)
