@@ -53,11 +53,16 @@ def pinned(cpu: int) -> Iterator[None]:
 
 
 def load_kernels(revision: str | None, into: Path, name: str) -> ModuleType:
-    """``_numba_kernels`` of ``revision`` (``None``: the working tree's) as module ``name``."""
+    """``_numba_kernels`` of ``revision`` (``None``: the working tree's) as module ``name``.
+
+    Either is copied into ``into`` first: numba caches compiled code beside
+    the source file, and code compiled here, for a module that is not
+    importable by its name, must not land in the package's cache.
+    """
+    path = into / f"{name}.py"
     if revision is None:
-        path = REPO / KERNELS
+        path.write_bytes((REPO / KERNELS).read_bytes())
     else:
-        path = into / f"{name}.py"
         path.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{KERNELS}"],
                                         check=True, capture_output=True).stdout)
     spec = importlib.util.spec_from_file_location(name, path)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -243,3 +246,32 @@ def test_warm_up_loads_the_compiled_fold_for_float32_counts():
     kernels.warm_up(("normalized",), with_group_sumsq=False)
     assert any(str(sig[0]).startswith("array(float32") for sig in
                kernels._numba_kernels._fold_rows.signatures)
+
+
+@pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")
+def test_the_fold_runs_interpreted_as_numba_debugging_runs_it(tmp_path):
+    # NUMBA_DISABLE_JIT runs the kernels as Python; the fold's cache-line
+    # prefetch, an LLVM intrinsic, is then a no-op, and the sums are the same
+    script = """
+import sys
+import numpy as np
+from genepert_scale import _numba_kernels as K
+data = np.array([1, 3, 2, 70, 5, 1, 4], np.float32)
+indices = np.array([0, 2, 1, 3, 0, 4, 2], np.int32)
+indptr = np.array([0, 2, 4, 4, 7], np.int32)
+group_sum = np.zeros((2, 5), np.int64)
+moments, checks = K.fold_rows(data, indices, indptr, np.array([1, 0, 1, 0], np.int32),
+                              normalize=True, target_sum=1e4, log1p_max=30.0,
+                              group_sum=group_sum, sum_bits=32, group_sumsq=None,
+                              square_bits=24, moments=("normalized",))
+np.save(sys.argv[1], np.concatenate([group_sum.ravel(), moments["normalized"].view(np.int64).ravel(), checks]))
+"""
+    results = []
+    for disable in ("0", "1"):
+        out = tmp_path / f"fold-{disable}.npy"
+        env = {**os.environ, "NUMBA_DISABLE_JIT": disable}
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
+        results.append(np.load(out))
+    compiled, interpreted = results
+    assert compiled[:10].any()
+    np.testing.assert_array_equal(compiled, interpreted)
