@@ -130,12 +130,26 @@ def test_compiled_row_totals_are_exact_for_whole_counts():
     data = np.concatenate([rng.integers(0, 10**6, n) for n in lengths]).astype(np.float32)
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     checks = np.zeros(kernels._numba_kernels.N_CHECKS, np.int64)
-    scales = kernels._numba_kernels._row_scales(data, indptr, True, 1e4, checks)
+    scales, _ = kernels._numba_kernels._row_scales(data, indptr, True, 1e4, checks)
     totals = np.array([math.fsum(data[a:b]) for a, b in zip(indptr[:-1], indptr[1:])])
     np.testing.assert_array_equal(scales, 1e4 / np.where(totals == 0, 1.0, totals))
     assert not checks.any()
-    unscaled = kernels._numba_kernels._row_scales(data, indptr, False, 1e4, checks)
+    unscaled, present = kernels._numba_kernels._row_scales(data, indptr, False, 1e4, checks)
     np.testing.assert_array_equal(unscaled, 1.0)
+    assert not present.any()  # log1p input has no table
+
+
+@pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")
+def test_a_rows_table_is_filled_for_the_counts_it_holds():
+    # bit c of a row's mask: count c (below the table's 64) is in the row;
+    # a fraction sets the bit below it, values outside the table none
+    rows = [[0, 3, 3, 63, 64, 2.5, 1e10, -1, np.nan, np.inf], [], [5, 40, 40]]
+    data = np.concatenate([np.array(r, np.float32) for r in rows])
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    checks = np.zeros(kernels._numba_kernels.N_CHECKS, np.int64)
+    _, present = kernels._numba_kernels._row_scales(data, indptr, True, 1e4, checks)
+    assert [[c for c in range(64) if int(bits) >> c & 1] for bits in present] == [
+        [0, 2, 3, 63], [], [5, 40]]
 
 
 @pytest.mark.parametrize("use_numba", [True, False] if kernels.USE_NUMBA else [False])
