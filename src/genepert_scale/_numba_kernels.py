@@ -4,19 +4,20 @@ group's fixed-point row, in place (numba, ``nogil`` so that dask threads run
 it in parallel).
 
 Nothing value-sized is allocated: no normalized or logged copy of the data
-exists. The cells' total counts (their normalization scales) are summed
-first, in storage order, in one sequential sweep over the values. Then rows
-are visited in group order, and
-everything a value updates sits in one place, usually one cache line: its
-gene's row of a small work table that holds the current group's sums and the
-block's gene moments. When a group's rows end, its sums are added to the
-group's row of the (large) ``(groups × genes)`` sums in one sequential sweep,
-which the processor streams, instead of by scattered adds that each miss the
-cache (``benchmarks/ab.py``; the numbers are in the README).
+exists. The cells' total counts (their normalization scales), and which
+small counts each cell holds, are found first, in storage order, in one
+sequential sweep over the values. Then rows are visited in group order (the
+first cache lines of the next row asked for ahead of it), and everything a
+value updates sits in one place, usually one cache line: its gene's row of a
+small work table that holds the current group's sums and the block's gene
+moments. When a group's rows end, its sums are added to the group's row of
+the (large) ``(groups × genes)`` sums in one sequential sweep, which the
+processor streams, instead of by scattered adds that each miss the cache
+(``benchmarks/ab.py``; the numbers are in the README).
 
 Raw counts are small integers, so ``log1p`` of a row's normalized values
-comes from a per-row table of the first :data:`TABLE_SIZE` counts (filled
-for the counts the row holds); other values are logged one by one. The numpy twin in
+comes from a per-row table of the counts below :data:`TABLE_SIZE` that the
+row holds; other values are logged one by one. The numpy twin in
 :mod:`.kernels` is the fallback when numba is missing and the oracle in the
 tests; the two agree up to the last place of ``log1p`` (numba's and numpy's
 differ there for a few values).
