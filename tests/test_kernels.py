@@ -143,13 +143,14 @@ def test_compiled_row_totals_are_exact_for_whole_counts():
 def test_a_rows_table_is_filled_for_the_counts_it_holds():
     # bit c of a row's mask: count c (below the table's 64) is in the row;
     # a fraction sets the bit below it, values outside the table none
-    rows = [[0, 3, 3, 63, 64, 2.5, 1e10, -1, np.nan, np.inf], [], [5, 40, 40]]
+    rows = [[0, 3, 3, 63, 64, 2.5, 1e10, -1, np.nan, np.inf], [], [5, 40, 40],
+            [7, 64, 65, 127, -1, -2, 1e10, np.nan, np.inf, -np.inf]]
     data = np.concatenate([np.array(r, np.float32) for r in rows])
     indptr = np.cumsum([0] + [len(r) for r in rows])
     checks = np.zeros(kernels._numba_kernels.N_CHECKS, np.int64)
     _, present = kernels._numba_kernels._row_scales(data, indptr, True, 1e4, checks)
     assert [[c for c in range(64) if int(bits) >> c & 1] for bits in present] == [
-        [0, 2, 3, 63], [], [5, 40]]
+        [0, 2, 3, 63], [], [5, 40], [7]]
 
 
 @pytest.mark.parametrize("use_numba", [True, False] if kernels.USE_NUMBA else [False])
