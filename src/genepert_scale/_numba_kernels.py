@@ -142,6 +142,23 @@ def _row_span(indptr, row, size):
     return np.uint64(0), np.uint64(0), False
 
 
+@jit
+def _in_table(value):
+    # Whether a stored value is a count the row's log1p table may hold (once
+    # it is also known to be whole). The sweep that finds the entries a row
+    # needs and the loop that reads them must agree, so both ask here; a
+    # float32 or integer count widened to float64 answers alike.
+    return (value >= 0) & (value < TABLE_SIZE)
+
+
+@jit
+def _fixed_point(log, sum_scale, square_scale):
+    # A logged value, and its square, as the int64 fixed-point numbers the
+    # group sums add (see kernels.to_fixed): one rule for the table and for
+    # values logged one by one, so that the two paths add the same integers.
+    return np.int64(np.rint(log * sum_scale)), np.int64(np.rint(log * log * square_scale))
+
+
 @jit(reassociate=True)
 def _row_scale(data, start, stop, normalize, target_sum):
     # The row's scale and the counts below TABLE_SIZE it holds (bit c set for
@@ -160,7 +177,7 @@ def _row_scale(data, start, stop, normalize, target_sum):
     for k in range(start, stop):
         value = data[k]
         total += np.float64(value)
-        inside = (value >= 0) & (value < TABLE_SIZE)
+        inside = _in_table(value)
         bit = np.uint64(1) << np.uint64(np.int32(value if inside else 0))
         present |= bit if inside else np.uint64(0)
     return target_sum / (total if total != 0.0 else 1.0), present
@@ -278,16 +295,16 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
             todo &= todo - np.uint64(1)
             value = math.log1p(held * scale)
             logs[held] = value
-            fixed[held] = np.int64(np.rint(value * sum_scale))
+            fixed[held], square = _fixed_point(value, sum_scale, square_scale)
             if group_sumsq is not None:
-                fixed_sq[held] = np.int64(np.rint(value * value * square_scale))
+                fixed_sq[held] = square
         for k in range(start, stop):
             raw = np.float64(data[k])
             gene = np.uint64(indices[k])
             if gene >= n_genes:  # also a negative index: a corrupt store, the pass fails
                 checks[BAD_INDEX] += 1
                 continue
-            count = int(raw) if normalize and 0.0 <= raw < TABLE_SIZE else -1
+            count = int(raw) if normalize and _in_table(raw) else -1
             if count >= 0 and count == raw:
                 entry = np.uint64(count)
                 norm, log, add, add_sq = raw * scale, logs[entry], fixed[entry], fixed_sq[entry]
@@ -295,8 +312,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                 _check(raw, normalize, log1p_max, checks)
                 norm = raw * scale if normalize else math.expm1(raw)
                 log = math.log1p(norm) if normalize else raw
-                add = np.int64(np.rint(log * sum_scale))
-                add_sq = np.int64(np.rint(log * log * square_scale))
+                add, add_sq = _fixed_point(log, sum_scale, square_scale)
             if norm_moments is not None:
                 moments[gene, norm_col] += norm
                 moments[gene, norm_col + 1] += norm * norm
