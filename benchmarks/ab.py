@@ -5,7 +5,7 @@ the same cached screen, alternating, each run its own process.
     python benchmarks/ab.py --base main~3 --head main --cells 100000 --repeats 7
 
 ``--base`` and ``--head`` are git revisions (``--head`` defaults to the
-working tree); each revision's ``src/`` is exported with ``git archive`` into
+working tree); each revision's package is exported with ``git archive`` into
 a scratch folder and run with ``PYTHONPATH`` pointing there. Every version
 runs once untimed first (numba compiles its cache), then the two alternate
 for ``--repeats`` rounds, each run started with the screen in the page
@@ -47,20 +47,25 @@ REPO = HERE.parent
 
 
 def export_src(revision: str | None, into: Path) -> Path:
-    """The ``src/`` folder of ``revision`` (``None``: the working tree's)."""
+    """The folder to put on ``PYTHONPATH`` for the package of ``revision``
+    (``None``: the working tree's): ``genepert_scale/`` at the top, or under
+    ``src/`` in revisions of the older layout."""
     if revision is None:
-        return REPO / "src"
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", revision, "src"],
+        return REPO
+    listing = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", revision],
+                             check=True, capture_output=True, text=True).stdout.split()
+    top = "genepert_scale" if "genepert_scale" in listing else "src"
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", revision, top],
                              check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
-    return into / "src"
+    return into if top == "genepert_scale" else into / "src"
 
 
 def describe(revision: str | None) -> str:
-    """Short hash and subject of ``revision`` (``None``: HEAD, marked if ``src/`` changed)."""
+    """Short hash and subject of ``revision`` (``None``: HEAD, marked if the package changed)."""
     if revision is None:
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"],
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "genepert_scale"],
                                capture_output=True, text=True).stdout.strip()
         head = describe("HEAD")
         return f"{head} + uncommitted changes" if dirty else head
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rs:
             sys.exit(f"every run of {side} ({labels[side]}) failed; run "
                      f"{shlex.join(pseudobulk_argv(screen, Path('out.zarr')))} with "
-                     f"PYTHONPATH at that revision's src/ to see why")
+                     f"PYTHONPATH at that revision's package to see why")
     summary = {side: {key: statistics.median(r[key] for r in rs)
                       for key in ("wall_s", "cpu_s", "peak_rss_mib")}
                for side, rs in succeeded.items()}

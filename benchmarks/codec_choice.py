@@ -22,8 +22,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from genepert_scale.store import CSR_CHUNK
-from genepert_scale.synth import synth_screen
+from genepert_scale.io.store import CSR_CHUNK
+from genepert_scale.datasets.synth import synth_screen
 
 CANDIDATES = {
     "zstd (zarr default)": lambda size: (ZstdCodec(level=0), Crc32cCodec()),

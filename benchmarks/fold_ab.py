@@ -38,7 +38,9 @@ from types import ModuleType
 from ab import REPO, ab_parser, describe
 from run import ScreenSpec, ensure_screen, machine, results_path, versions, write_report
 
-KERNELS = "src/genepert_scale/_numba_kernels.py"
+KERNELS = "genepert_scale/pp/_numba_kernels.py"
+#: Where revisions of the older layout (the package under ``src/``) keep it.
+OLD_KERNELS = "src/genepert_scale/_numba_kernels.py"
 
 
 @contextlib.contextmanager
@@ -63,8 +65,12 @@ def load_kernels(revision: str | None, into: Path, name: str) -> ModuleType:
     if revision is None:
         path.write_bytes((REPO / KERNELS).read_bytes())
     else:
-        path.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{KERNELS}"],
-                                        check=True, capture_output=True).stdout)
+        shown = [subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{where}"],
+                                capture_output=True) for where in (KERNELS, OLD_KERNELS)]
+        found = [result.stdout for result in shown if result.returncode == 0]
+        if not found:
+            raise SystemExit(f"{revision} has no {KERNELS} (nor {OLD_KERNELS})")
+        path.write_bytes(found[0])
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -74,9 +80,9 @@ def load_kernels(revision: str | None, into: Path, name: str) -> ModuleType:
 def first_block(screen: Path):
     """The first row block of ``screen`` (CSR, the pass's default size), its
     group codes, the number of groups and the default flavor's moments."""
-    from genepert_scale.labels import assign_groups
-    from genepert_scale.pseudobulk import HVG_MOMENTS
-    from genepert_scale.screen import open_screen
+    from genepert_scale.pp.labels import assign_groups
+    from genepert_scale.pp.pseudobulk import HVG_MOMENTS
+    from genepert_scale.io.screen import open_screen
 
     opened = open_screen(str(screen))
     rows = opened.X.chunks[0][0]
@@ -90,7 +96,7 @@ def fold(module: ModuleType, block, codes, n_groups: int, moments, group_sum=Non
     the seconds it took, the group sums and the moments."""
     import numpy as np
 
-    from genepert_scale import kernels
+    from genepert_scale.pp import kernels
 
     if group_sum is None:
         group_sum = np.zeros((n_groups, block.shape[1]), np.int64)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"),
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent),
                                          *filter(None, [env.get("PYTHONPATH")])])
     screen = ensure_screen(ScreenSpec(args.cells, args.genes, args.perturbations), args.cache, env)
     out = results_path(args.results, None,

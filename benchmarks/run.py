@@ -119,7 +119,7 @@ def ensure_screen(spec: ScreenSpec, cache: Path, env: dict[str, str]) -> Path:
 @functools.cache
 def ours_block_rows(screen: Path) -> int:
     """Rows per block of ``genepert-scale pseudobulk`` on ``screen`` (its default sizing)."""
-    from genepert_scale.screen import open_screen
+    from genepert_scale.io.screen import open_screen
 
     return open_screen(str(screen)).X.chunks[0][0]
 
@@ -293,7 +293,7 @@ def markdown(report: dict) -> str:
         + "; wall time includes interpreter start, CPU = user + system, peak RSS = max over "
         "runs; failed runs are left out of every figure.",
         "`floor` decodes every chunk of X once with the reader ours uses "
-        "(`genepert_scale.chunks`: chunk files read and decoded by numcodecs straight into "
+        "(`genepert_scale.io.chunks`: chunk files read and decoded by numcodecs straight into "
         "a buffer, in as many threads as cores); `zarr_floor` does the same through "
         "zarr-python's own array reads (its asynchronous codec pipeline). "
         "`group_sum_floor` is the floor plus the "
@@ -339,7 +339,7 @@ def markdown(report: dict) -> str:
     if ridge:
         lines += [
             "",
-            "Ridge, 5-alpha path (solve time, excluding data generation): `genepert_scale.ridge` "
+            "Ridge, 5-alpha path (solve time, excluding data generation): `genepert_scale.tl.ridge` "
             "(statistics GᵀG, GᵀX; one eigendecomposition; every alpha) vs plain scipy "
             "`cho_factor`/`cho_solve` per alpha. `_every`: explicit coefficients for every "
             "alpha, from all rows. `_select`: 20 % of the rows held out, the alpha with the "
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
         write_report(report, args.render, markdown(report))
         return 0 if all(m.returncode == 0 for m in results) else 1
     env = dict(os.environ)
-    src = str(HERE.parent / "src")
+    src = str(HERE.parent)
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     peers = tuple(p for p in args.peers.split(",") if p)
     specs = [ScreenSpec(c, args.genes, args.perturbations, peers=peers) for c in args.cells]

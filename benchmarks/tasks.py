@@ -34,7 +34,7 @@ FLOOR_CHUNKS_PER_READ = 16
 def read_floor(screen: str, threads: int) -> dict:
     """Decode every chunk of ``X/data`` and ``X/indices`` once, the fastest way we have.
 
-    The reader is ``genepert_scale.chunks.ChunkedVector`` (chunk files read and
+    The reader is ``genepert_scale.io.chunks.ChunkedVector`` (chunk files read and
     decoded by numcodecs straight into a buffer, the reader of ``ours``);
     ``threads`` threads each decode chunk-aligned slabs of
     :data:`FLOOR_CHUNKS_PER_READ` chunks into their own buffer, so each chunk
@@ -45,7 +45,7 @@ def read_floor(screen: str, threads: int) -> dict:
 
     import zarr
 
-    from genepert_scale.chunks import BlockBuffers, ChunkedVector
+    from genepert_scale.io.chunks import BlockBuffers, ChunkedVector
 
     x = zarr.open_group(screen, mode="r")["X"]
     slabs = []
@@ -102,7 +102,7 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     group's values are summed in a scratch row, then added to its table row
     in one sweep, as ours does); the tables are summed at the end. This is
     ``genepert-scale pseudobulk``'s pass stripped to what cannot be removed,
-    imported with numpy, zarr, numba and ``genepert_scale.chunks`` only. Its
+    imported with numpy, zarr, numba and ``genepert_scale.io.chunks`` only. Its
     time over the read floor bounds how close to the floor a pass that sums
     groups into dense tables can get on this machine.
     """
@@ -112,7 +112,7 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     import numba
     import zarr
 
-    from genepert_scale.chunks import BlockBuffers, ChunkedVector
+    from genepert_scale.io.chunks import BlockBuffers, ChunkedVector
 
     @numba.njit(nogil=True, cache=True)
     def add_rows(data, indices, indptr, codes, table):  # pragma: no cover - compiled
@@ -250,7 +250,7 @@ def ridge_eigen(G: np.ndarray, X: np.ndarray, workload: str, alphas=ALPHAS) -> l
     """genepert_scale's ridge: the statistics (GᵀG, GᵀX, sums), one
     eigendecomposition of the centred Gram, then every alpha by rescaling;
     ``select`` scores every alpha in the eigenbasis and forms one θ."""
-    from genepert_scale.ridge import gram_stats, primal_path
+    from genepert_scale.tl.ridge import gram_stats, primal_path
 
     if workload == "every":
         path = primal_path(gram_stats(G, X))
@@ -288,7 +288,7 @@ def ridge_parts(G: np.ndarray, X: np.ndarray, alphas=ALPHAS) -> dict[str, float]
     triangular solves); and the largest difference between their coefficients."""
     from scipy.linalg import cho_factor, cho_solve
 
-    from genepert_scale.ridge import gram_stats, primal_path
+    from genepert_scale.tl.ridge import gram_stats, primal_path
 
     seconds: dict[str, float] = {}
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         G, X = ridge_problem(args.p, args.d, args.q)
         if args.task == "ridge-eigen":
-            import genepert_scale.ridge  # noqa: F401 - its import is not part of the solve
+            import genepert_scale.tl.ridge  # noqa: F401 - its import is not part of the solve
         if args.task == "ridge-parts":
             print(json.dumps(ridge_parts(G, X)))
             return 0

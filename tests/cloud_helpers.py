@@ -19,9 +19,9 @@ import numpy as np
 import xarray as xr
 from distributed import WorkerPlugin
 
-from genepert_scale.synth import synth_screen
+from genepert_scale.datasets.synth import synth_screen
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 

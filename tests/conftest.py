@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genepert_scale.synth import synth_screen
+from genepert_scale.datasets.synth import synth_screen
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPALEXI = DATA_DIR / "papalexi2021_lowmoi_299genes.h5ad"

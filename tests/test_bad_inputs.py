@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import zarr
 
-import genepert_scale.store as store_module
+import genepert_scale.io.store as store_module
 from factories import counts, log1p_of, write_screen
-from genepert_scale import embedding_checks as emb
+from genepert_scale.tl import embedding_checks as emb
 from genepert_scale import validate
 from genepert_scale.errors import (
     INPUT_ERROR_EXIT_CODE,
@@ -27,9 +27,9 @@ from genepert_scale.errors import (
     ParameterError,
     StoreError,
 )
-from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
-from genepert_scale.ridge import RidgeModel, load_model, save_model
-from genepert_scale.synth import synth_screen
+from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.tl.ridge import RidgeModel, load_model, save_model
+from genepert_scale.datasets.synth import synth_screen
 
 Case = Callable[[Path], Callable[[], object]]
 
@@ -325,7 +325,7 @@ def test_bad_input_raises_a_clear_error(tmp_path, build, error, fragment):
 def test_a_bad_chunk_is_found_within_the_failing_block(tmp_path):
     """Reading a block names its own bad chunk without scanning the rest of X
     (chunk 1 is damaged too, and a scan of all of X would name it first)."""
-    from genepert_scale.screen import open_screen
+    from genepert_scale.io.screen import open_screen
 
     path = our_screen(tmp_path)
     for index in (1, 5):

@@ -8,7 +8,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
-from genepert_scale.chunks import ChunkedVector
+from genepert_scale.io.chunks import ChunkedVector
 from genepert_scale.errors import StoreError
 
 N, CHUNK = 1000, 128
@@ -141,7 +141,7 @@ def test_a_csr_screen_decodes_data_indices_and_indptr_by_chunk(tmp_path):
     import scipy.sparse as sp
 
     from factories import write_screen
-    from genepert_scale.screen import open_screen
+    from genepert_scale.io.screen import open_screen
 
     x = sp.random(300, 40, density=0.3, format="csr", random_state=0, dtype=np.float32).toarray()
     path = write_screen(tmp_path / "s.zarr", np.ceil(x * 9))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from genepert_scale.cli import main
+from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE
 
 
@@ -101,7 +101,7 @@ def test_existing_output_fails_before_any_work(tmp_path, capsys):
 
 
 class _CommandModuleProbe:
-    """Stands in for ``genepert_scale.cli`` while the entry point imports it:
+    """Stands in for ``genepert_scale.cli.commands`` while the entry point imports it:
     records the collector's state at import and at run time."""
 
     def __init__(self, monkeypatch, import_error: bool = False):
@@ -125,7 +125,7 @@ class _CommandModuleProbe:
 
                 return run
 
-        monkeypatch.setitem(sys.modules, "genepert_scale.cli", Module("genepert_scale.cli"))
+        monkeypatch.setitem(sys.modules, "genepert_scale.cli.commands", Module("genepert_scale.cli.commands"))
 
 
 def test_entry_point_imports_with_the_collector_paused_and_runs_with_it_on(monkeypatch):

@@ -15,13 +15,13 @@ import pytest
 import xarray as xr
 from sklearn.linear_model import Ridge
 
-from genepert_scale.cli import main
-from genepert_scale.embeddings import normalize_rows
+from genepert_scale.cli.commands import main
+from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import EmbeddingError, INPUT_ERROR_EXIT_CODE
-from genepert_scale.model import fit, predict, write_predictions
-from genepert_scale.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
-from genepert_scale.report import FILES
-from genepert_scale.ridge import load_model, save_model
+from genepert_scale.tl.model import fit, predict, write_predictions
+from genepert_scale.pp.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.pl.report import FILES
+from genepert_scale.tl.ridge import load_model, save_model
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 PAPALEXI = DATA / "papalexi2021_lowmoi_299genes.h5ad"

@@ -19,9 +19,9 @@ from cloud_helpers import (
     write_config,
 )
 
-from genepert_scale.cli import main
+from genepert_scale.cli.commands import main
 from genepert_scale.cluster import dask_client
-from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk
+from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk
 
 pytestmark = pytest.mark.cluster
 
@@ -93,7 +93,7 @@ def test_local_threads_never_import_distributed(small_screen):
     code = (
         "import sys\n"
         "from genepert_scale.cluster import dask_client\n"
-        "from genepert_scale.pseudobulk import pseudobulk\n"
+        "from genepert_scale.pp.pseudobulk import pseudobulk\n"
         "with dask_client():\n"
         f"    pseudobulk({small_screen[0]!r}, n_top_genes=50, progress=False)\n"
         "assert 'distributed' not in sys.modules, 'distributed was imported'\n"

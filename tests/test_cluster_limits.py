@@ -13,13 +13,13 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-from genepert_scale import kernels
+from genepert_scale.pp import kernels
 from genepert_scale.cluster import compute
-from genepert_scale.labels import assign_groups
-from genepert_scale.pseudobulk import pseudobulk
-from genepert_scale.reduce import pass_stats
-from genepert_scale.screen import open_screen
-from genepert_scale.store import CsrAppender, quiet_zarr_warnings, zarr_store
+from genepert_scale.pp.labels import assign_groups
+from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.reduce import pass_stats
+from genepert_scale.io.screen import open_screen
+from genepert_scale.io.store import CsrAppender, quiet_zarr_warnings, zarr_store
 
 pytestmark = pytest.mark.cluster
 

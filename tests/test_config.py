@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from genepert_scale.config import load_config
+from genepert_scale.cli.config import load_config
 from genepert_scale.errors import ParameterError
 
 FULL = """

@@ -9,9 +9,9 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from genepert_scale.de import NO_GENE, mse_de, pearson_delta_de, top_de_genes, welch_t
+from genepert_scale.pp.de import NO_GENE, mse_de, pearson_delta_de, top_de_genes, welch_t
 from genepert_scale.errors import ParameterError
-from genepert_scale.pseudobulk import pseudobulk
+from genepert_scale.pp.pseudobulk import pseudobulk
 
 K = 20
 

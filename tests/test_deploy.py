@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from genepert_scale.cli import build_parser
-from genepert_scale.config import load_config
+from genepert_scale.cli.commands import build_parser
+from genepert_scale.cli.config import load_config
 
 yaml = pytest.importorskip("yaml")
 

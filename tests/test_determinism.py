@@ -10,9 +10,9 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genepert_scale import kernels
-from genepert_scale.pseudobulk import pseudobulk
-from genepert_scale.reduce import tree_reduce
+from genepert_scale.pp import kernels
+from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.reduce import tree_reduce
 
 
 @st.composite

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from genepert_scale.config import ClusterConfig
+from genepert_scale.cli.config import ClusterConfig
 from genepert_scale.errors import ParameterError, StoreError
-from genepert_scale.model import fit
-from genepert_scale.pseudobulk import pseudobulk
-from genepert_scale.synth import embedding_path_for, synth_screen
+from genepert_scale.tl.model import fit
+from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.datasets.synth import embedding_path_for, synth_screen
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_fit_with_a_grid_needs_folds(small_screen):
 
 
 def test_run_config_rejects_data_derived_embeddings(tmp_path):
-    from genepert_scale.config import load_config
+    from genepert_scale.cli.config import load_config
 
     config = tmp_path / "run.toml"
     config.write_text('[input]\nurl = "s.zarr"\n[output]\ndir = "out"\n'

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genepert_scale.embeddings import (
+from genepert_scale.tl.embeddings import (
     featurize,
     load_embeddings,
     normalize_rows,

@@ -13,13 +13,13 @@ from scipy.spatial.distance import cdist
 from scipy.stats import pearsonr
 from sklearn.linear_model import Ridge
 
-from genepert_scale.embeddings import normalize_rows
+from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
-from genepert_scale.evaluate import baseline_predictions, evaluate, knn_prediction
-from genepert_scale.metrics import pearson_rows, perturbation_metrics
-from genepert_scale.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
-from genepert_scale.report import FILES, write_report
-from genepert_scale.splits import kfold
+from genepert_scale.tl.evaluate import baseline_predictions, evaluate, knn_prediction
+from genepert_scale.tl.metrics import pearson_rows, perturbation_metrics
+from genepert_scale.pp.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.pl.report import FILES, write_report
+from genepert_scale.tl.splits import kfold
 
 
 def test_metrics_equal_direct_computation():
@@ -147,9 +147,9 @@ def test_ttest_de_metrics_use_welch_genes_from_the_pass(small_screen):
     the Welch t-test top-20 DE genes (GEARS); without them they are empty."""
     from scipy.stats import pearsonr
 
-    from genepert_scale.de import top_de_genes
-    from genepert_scale.evaluate import evaluate
-    from genepert_scale.pseudobulk import pseudobulk
+    from genepert_scale.pp.de import top_de_genes
+    from genepert_scale.tl.evaluate import evaluate
+    from genepert_scale.pp.pseudobulk import pseudobulk
 
     path, embedding = small_screen
     ds = pseudobulk(path, n_top_genes=None, group_variance=True, progress=False)

@@ -18,15 +18,15 @@ import xarray as xr
 from matplotlib.image import imread
 from sklearn.decomposition import PCA
 
-from genepert_scale.cli import main
-from genepert_scale.compare import FILES as COMPARE_FILES
-from genepert_scale.data_embedding import EmbeddingPlan, pca_gene_embedding
+from genepert_scale.cli.commands import main
+from genepert_scale.pl.compare import FILES as COMPARE_FILES
+from genepert_scale.tl.data_embedding import EmbeddingPlan, pca_gene_embedding
 from genepert_scale.errors import ParameterError
-from genepert_scale.evaluate import evaluate, feature_sets, make_split
-from genepert_scale.metrics import METRICS
-from genepert_scale.model import fit, predict, training_data, write_predictions
-from genepert_scale.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
-from genepert_scale.report import FILES, write_report
+from genepert_scale.tl.evaluate import evaluate, feature_sets, make_split
+from genepert_scale.tl.metrics import METRICS
+from genepert_scale.tl.model import fit, predict, training_data, write_predictions
+from genepert_scale.pp.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.pl.report import FILES, write_report
 
 N_SINGLES, N_GENES = 24, 40
 

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import genepert_scale.store as store_module
+import genepert_scale.io.store as store_module
 from genepert_scale.errors import GenePertInputError
-from genepert_scale.pseudobulk import pseudobulk
-from genepert_scale.synth import synth_screen
+from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.datasets.synth import synth_screen
 
 ARRAYS = ("mean", "delta", "n_cells", "control_mean")
 

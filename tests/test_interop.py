@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from genepert_scale.cli import main
+from genepert_scale.cli.commands import main
 from genepert_scale.errors import ParameterError
-from genepert_scale.labels import gears_condition
-from genepert_scale.interop import (
+from genepert_scale.pp.labels import gears_condition
+from genepert_scale.io.interop import (
     predictions_to_anndata,
     pseudobulk_to_anndata,
     write_h5ad,
 )
-from genepert_scale.pseudobulk import pseudobulk, write_pseudobulk
+from genepert_scale.pp.pseudobulk import pseudobulk, write_pseudobulk
 
 
 @pytest.fixture(scope="module")

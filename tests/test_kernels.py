@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genepert_scale import kernels
+from genepert_scale.pp import kernels
 
 
 def random_counts(rng, n=60, g=25, density=0.2, empty_rows=(3, 17), high=50):
@@ -270,7 +270,7 @@ def test_the_fold_runs_interpreted_as_numba_debugging_runs_it(tmp_path):
     script = """
 import sys
 import numpy as np
-from genepert_scale import _numba_kernels as K
+from genepert_scale.pp import _numba_kernels as K
 data = np.array([1, 3, 2, 70, 5, 1, 4], np.float32)
 indices = np.array([0, 2, 1, 3, 0, 4, 2], np.int32)
 indptr = np.array([0, 2, 4, 4, 7], np.int32)

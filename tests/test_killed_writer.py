@@ -11,13 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
 
 WRITER = textwrap.dedent(
     """
     import sys, time
     import xarray as xr
-    from genepert_scale.pseudobulk import pseudobulk, write_pseudobulk
+    from genepert_scale.pp.pseudobulk import pseudobulk, write_pseudobulk
 
     screen, out = sys.argv[1:]
     ds = pseudobulk(screen, n_top_genes=100, progress=False)

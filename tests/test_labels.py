@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from genepert_scale.errors import LabelError
-from genepert_scale.labels import assign_groups, parse_label
+from genepert_scale.pp.labels import assign_groups, parse_label
 
 
 @pytest.mark.parametrize(

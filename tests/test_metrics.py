@@ -7,8 +7,8 @@ import pytest
 from scipy.spatial.distance import cdist
 from scipy.stats import pearsonr
 
-from genepert_scale.evaluate import nearest_distance, novelty_table, target_genes
-from genepert_scale.metrics import (
+from genepert_scale.tl.evaluate import nearest_distance, novelty_table, target_genes
+from genepert_scale.tl.metrics import (
     centroid_accuracy,
     discrimination_score,
     perturbation_metrics,

@@ -12,10 +12,11 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from factories import counts, write_screen
-from genepert_scale import kernels, names
+from genepert_scale.pp import kernels
+from genepert_scale.io import names
 from genepert_scale.errors import LabelError, StoreError
-from genepert_scale.names import distinct_by_hash, vlen_utf8_hashes
-from genepert_scale.screen import open_screen
+from genepert_scale.io.names import distinct_by_hash, vlen_utf8_hashes
+from genepert_scale.io.screen import open_screen
 
 needs_numba = pytest.mark.skipif(not kernels.USE_NUMBA, reason="the hashes are compiled with numba")
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from genepert_scale.ordered import in_order
+from genepert_scale.io.ordered import in_order
 
 
 class CountingPool(ThreadPoolExecutor):

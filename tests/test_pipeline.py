@@ -17,10 +17,10 @@ from cloud_helpers import (
     write_config,
 )
 
-from genepert_scale.cli import main
-from genepert_scale.config import load_config
+from genepert_scale.cli.commands import main
+from genepert_scale.cli.config import load_config
 from genepert_scale.errors import ParameterError
-from genepert_scale.pipeline import (
+from genepert_scale.cli.pipeline import (
     STAGES,
     Stage,
     StageRun,
@@ -29,7 +29,7 @@ from genepert_scale.pipeline import (
     run_stages,
     select,
 )
-from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk
+from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk
 
 
 class Recorder:
@@ -172,7 +172,7 @@ def test_run_killed_during_pseudobulk_resumes(tmp_path, capsys):
         env=subprocess_env(), stderr=subprocess.PIPE, text=True,
     )
     for line in proc.stderr:
-        if "genepert_scale.pseudobulk: pseudobulk" in line:  # the pass is starting
+        if "genepert_scale.pp.pseudobulk: pseudobulk" in line:  # the pass is starting
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL

@@ -12,10 +12,10 @@ import xarray as xr
 import zarr
 
 from conftest import scanpy_pseudobulk
-from genepert_scale.convert import convert_h5ad
-from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
-from genepert_scale.reduce import pass_stats
-from genepert_scale.screen import BLOCK_BUFFERS, BlockBuffers, BufferPool, open_screen, screen_from_group
+from genepert_scale.io.convert import convert_h5ad
+from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.pp.reduce import pass_stats
+from genepert_scale.io.screen import BLOCK_BUFFERS, BlockBuffers, BufferPool, open_screen, screen_from_group
 
 RTOL = 1e-5
 
@@ -224,7 +224,7 @@ def test_result_does_not_depend_on_the_number_of_fold_chains(small_screen, chain
 
 
 def test_default_blocks_follow_store_chunks_and_memory_limit():
-    from genepert_scale.screen import (
+    from genepert_scale.io.screen import (
         BLOCK_MEMORY_SHARE, BYTES_PER_VALUE, block_rows_for,
     )
 
@@ -290,7 +290,7 @@ def test_default_chains_follow_a_container_memory_limit(tmp_path, monkeypatch):
 
 
 def test_genes_are_selected_only_from_the_moments_the_flavor_needs(small_screen):
-    from genepert_scale.pseudobulk import PseudobulkParams, select_genes
+    from genepert_scale.pp.pseudobulk import PseudobulkParams, select_genes
 
     screen = open_screen(small_screen[0], block_rows=1000)
     codes = np.zeros(screen.n_obs, dtype=np.int32)

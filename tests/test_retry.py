@@ -16,10 +16,10 @@ import pytest
 from cloud_helpers import assert_same_pseudobulk, make_screen
 from fsspec.implementations.local import LocalFileSystem
 
-from genepert_scale.cli import main
+from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE, StoreError
-from genepert_scale.pseudobulk import pseudobulk
-from genepert_scale.retry import RetryPolicy, is_transient
+from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.io.retry import RetryPolicy, is_transient
 
 
 class FlakyFileSystem(LocalFileSystem):

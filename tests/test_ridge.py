@@ -9,7 +9,7 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from genepert_scale.errors import ParameterError, StoreError
-from genepert_scale.ridge import (
+from genepert_scale.tl.ridge import (
     RidgeModel,
     Rows,
     accumulate,

@@ -11,10 +11,10 @@ import pytest
 import xarray as xr
 from cloud_helpers import assert_same_pseudobulk, make_screen, moto_s3, write_config
 
-from genepert_scale.cli import main
+from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE
-from genepert_scale.pipeline import read_record
-from genepert_scale.pseudobulk import open_pseudobulk, pseudobulk
+from genepert_scale.cli.pipeline import read_record
+from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk
 
 pytestmark = pytest.mark.s3
 

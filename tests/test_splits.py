@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from genepert_scale.errors import ParameterError
-from genepert_scale.evaluate import make_split
-from genepert_scale.splits import (
+from genepert_scale.tl.evaluate import make_split
+from genepert_scale.tl.splits import (
     UNUSED,
     custom_split,
     kfold_split,

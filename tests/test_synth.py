@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from genepert_scale import synth
+from genepert_scale.datasets import synth
 from genepert_scale.errors import ParameterError
-from genepert_scale.synth import N_PROGRAMS, assign_cells, make_model, synth_screen, tile_counts
+from genepert_scale.datasets.synth import N_PROGRAMS, assign_cells, make_model, synth_screen, tile_counts
 
 
 def test_synth_is_deterministic_and_independent_of_chunking_and_threads(tmp_path):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import DATA_DIR
-from genepert_scale.cli import main
+from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE
 
 SUMMARIES = DATA_DIR / "GeneSummary_NCBI_UniProt.json"
@@ -60,6 +60,6 @@ def test_unknown_model_is_a_clear_error(summaries, tmp_path, capsys):
 
 
 def test_core_import_does_not_load_torch():
-    code = "import sys, genepert_scale.cli, genepert_scale.textembed; print('torch' in sys.modules)"
+    code = "import sys, genepert_scale.cli.commands, genepert_scale.tl.textembed; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

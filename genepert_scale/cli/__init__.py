@@ -1,0 +1,1 @@
+"""The ``genepert-scale`` command, batch runs from TOML."""

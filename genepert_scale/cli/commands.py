@@ -1,0 +1,444 @@
+"""The ``genepert-scale`` command.
+
+Every subcommand shares the cluster options (``--scheduler``, ``--workers``,
+…) and ``--storage-options``; input errors print one clear message (no
+traceback unless ``--debug``) and exit with :data:`INPUT_ERROR_EXIT_CODE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .. import __version__
+from ..cluster import dask_client, limit_heap_fragmentation
+from ..tl.embeddings import MISSING_POLICIES
+from ..errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
+from ..pp.hvg import FLAVORS
+from ..pp.labels import GEARS_CONTROL, parse_label
+from ..tl.ridge import DEFAULT_ALPHAS
+from ..tl.splits import SPLIT_KINDS
+from ..io.store import check_output_free
+
+log = logging.getLogger("genepert_scale")
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Command] = {}
+#: Commands that choose their cluster themselves (from a config file).
+OWN_CLUSTER: set[str] = set()
+
+
+def command(name: str, *, own_cluster: bool = False) -> Callable[[Command], Command]:
+    """Register a subcommand handler.
+
+    Handlers run inside the cluster chosen by the common options, unless
+    ``own_cluster`` is set.
+    """
+
+    def register(func: Command) -> Command:
+        COMMANDS[name] = func
+        if own_cluster:
+            OWN_CLUSTER.add(name)
+        return func
+
+    return register
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ParameterError(f"--storage-options is not valid JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise ParameterError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return value
+
+
+def _n_top_genes(text: str) -> int | str | None:
+    if text in ("all", "default"):
+        return None if text == "all" else text
+    try:
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, 'all' or 'default', got {text!r}") from err
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("cluster and storage")
+    group.add_argument("--scheduler", help="address of a running dask scheduler (or DASK_SCHEDULER_ADDRESS)")
+    group.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes")
+    group.add_argument("--threads-per-worker", type=int, help="threads per LocalCluster worker")
+    group.add_argument("--memory-limit", default="auto", help="memory limit per LocalCluster worker, e.g. 2GiB; also caps the pass's block size")
+    group.add_argument("--storage-options", help="JSON of fsspec options for URLs (s3://, gs://, ...)")
+    group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    group.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="genepert-scale",
+        description="Out-of-core GenePert: pseudo-bulk Perturb-seq screens and predict unseen perturbations.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parent = common_options()
+
+    p = sub.add_parser("synth", parents=[parent], help="write a synthetic screen and its embedding table")
+    p.add_argument("out", help="output zarr store")
+    p.add_argument("--cells", type=int, default=20_000)
+    p.add_argument("--genes", type=int, default=2_000)
+    p.add_argument("--perturbations", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-rows", type=int, default=10_000, help="rows per written block")
+    p.add_argument("--threads", type=int, help="threads drawing cells (default: the CPUs, at most 8)")
+
+    p = sub.add_parser("convert", parents=[parent], help="stream an .h5ad into a chunked zarr store")
+    p.add_argument("source", help="input .h5ad")
+    p.add_argument("out", help="output zarr store")
+
+    p = sub.add_parser("pseudobulk", parents=[parent], help="normalize, select HVGs, pseudo-bulk")
+    add_pseudobulk_options(p)
+    p.add_argument("--out", required=True, help="output pseudo-bulk zarr store")
+
+    p = sub.add_parser("evaluate", parents=[parent],
+                       help="K-fold CV of GenePert's ridge and baselines over perturbations")
+    p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
+    add_model_options(p)
+    p.add_argument("--folds", type=int, default=5,
+                   help="folds over perturbations (kfold), or inner-CV folds choosing alpha")
+    p.add_argument("--split", choices=SPLIT_KINDS, default="kfold",
+                   help="kfold over perturbations, GEARS' simulation split (held-out genes, "
+                        "pairs by seen genes), or custom from --split-file")
+    p.add_argument("--split-file", help="custom split: CSV/TSV (perturbation, split = train/val/test "
+                                        "or a fold number) or GEARS' JSON {train: [...], test: [...]}")
+    p.add_argument("--test-share", type=float,
+                   help="simulation split: share of genes (and fully seen pairs) held out (default 0.25)")
+    p.add_argument("--out", required=True, help="report directory")
+
+    p = sub.add_parser("compare", parents=[parent], help="merge several evaluation reports into one table")
+    p.add_argument("runs", nargs="+", help="report directories written by 'evaluate'")
+    p.add_argument("--labels", help="comma-separated run names (default: directory names)")
+    p.add_argument("--out", required=True, help="output directory: compare.csv, compare.md, compare.png")
+
+    p = sub.add_parser("fit", parents=[parent], help="fit GenePert's ridge on every perturbation")
+    p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
+    add_model_options(p)
+    p.add_argument("--folds", type=int, default=5, help="folds of the CV choosing alpha from a grid")
+    p.add_argument("--out", required=True, help="model zarr store")
+
+    p = sub.add_parser("predict", parents=[parent], help="predict perturbations from their embeddings")
+    p.add_argument("model", help="model zarr store written by 'fit'")
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="the embedding source(s) the model was fitted with, same order")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--perturbations", help='comma-separated, e.g. "GENE1,GENE2,GENE1+GENE3"')
+    which.add_argument("--perturbations-file", help="one perturbation per line")
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="error",
+                   help="genes without a vector: error (default), drop, random or zero")
+    p.add_argument("--gene-map", help="two-column table: name to predict -> embedding name")
+    p.add_argument("--seed", type=int, default=0, help="seed of --missing random")
+    p.add_argument("--out", required=True, help="predictions: .zarr, .h5ad or .csv")
+
+    p = sub.add_parser("run", parents=[parent],
+                       help="run a batch job from a TOML config, skipping stages already done")
+    p.add_argument("config", help="TOML config file (see README, 'Batch runs')")
+    p.add_argument("--until", help="last stage to run (pseudobulk, evaluate, fit, predict)")
+    p.add_argument("--dry-run", action="store_true", help="only print which stages would run")
+
+    p = sub.add_parser("demo", parents=[parent], help="run the whole job on an embedded synthetic screen")
+    p.add_argument("--out", default="demo-output", help="directory for every demo output")
+
+    p = sub.add_parser("export-pseudobulk", parents=[parent],
+                       help="write a pseudo-bulk store as AnnData (.h5ad)")
+    p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
+    p.add_argument("out", help="output .h5ad")
+
+    p = sub.add_parser("embed-text", parents=[parent],
+                       help="embed gene summaries with a sentence-transformers model (text extra)")
+    p.add_argument("summaries", help="JSON object: gene symbol -> summary text")
+    p.add_argument("--model", default="all-MiniLM-L6-v2",
+                   help="model directory or name (all-MiniLM-L6-v2 is packaged)")
+    p.add_argument("--out", required=True, help="output parquet table (gene, dim_0, ...)")
+    p.add_argument("--names-only", action="store_true", help='embed only "Gene Symbol X"')
+    p.add_argument("--batch-size", type=int, default=32)
+    return parser
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of the steps that fit ridge models (evaluate, fit)."""
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="gene embedding table (path or URL), or pca:K (evaluate: top-K principal "
+                        "components of each fold's training pseudo-bulk); repeat to concatenate")
+    p.add_argument("--alpha", type=float, nargs="+",
+                   help="one alpha, or a grid chosen by cross-validation (default: 0.1 1 10 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds (and of --missing random)")
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="drop",
+                   help="perturbations whose genes have no vector: drop (reported), random, zero or error")
+    p.add_argument("--gene-map", help="two-column table: screen gene name -> embedding name")
+    p.add_argument("--solver", choices=("auto", "primal", "dual"), default="auto",
+                   help="ridge form; auto: dual when fewer perturbations than dimensions")
+
+
+def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
+    """Options of the pseudo-bulk step (shared by commands that run it)."""
+    p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
+    p.add_argument("--perturbation-key", default="perturbation", help="obs column of perturbation labels")
+    p.add_argument("--control", default="non-targeting", help="label of control cells")
+    p.add_argument("--n-top-genes", type=_n_top_genes, default="default",
+                   help="number of HVGs, or 'all' (default: 5000, or all genes if fewer)")
+    p.add_argument("--flavor", choices=FLAVORS, default="seurat",
+                   help="scanpy HVG flavor (seurat_v3: raw counts, a second pass)")
+    p.add_argument("--target-sum", type=float, default=1e4)
+    p.add_argument("--input", choices=("auto", "counts", "log1p"), default="auto",
+                   help="raw counts, log1p-normalised data, or detect")
+    p.add_argument("--min-cells", type=int, default=1, help="drop perturbations with fewer cells")
+    p.add_argument("--group-variance", action="store_true", help="also store per-perturbation variances")
+    p.add_argument("--block-rows", type=int, help="rows per block of the pass (default: auto)")
+
+
+@command("synth")
+def _synth(args: argparse.Namespace) -> int:
+    from ..datasets.synth import synth_screen
+
+    out, emb = synth_screen(
+        args.out, cells=args.cells, genes=args.genes, perturbations=args.perturbations,
+        seed=args.seed, chunk_rows=args.chunk_rows, overwrite=args.overwrite, threads=args.threads,
+    )
+    print(f"screen: {out}\nembedding: {emb}")
+    return 0
+
+
+@command("convert")
+def _convert(args: argparse.Namespace) -> int:
+    from ..io.convert import convert_h5ad
+
+    print(convert_h5ad(args.source, args.out, overwrite=args.overwrite,
+                       storage_options=_storage_options(args.storage_options)))
+    return 0
+
+
+def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
+    """Run the pseudo-bulk step from parsed options and write ``out``."""
+    from ..pp.pseudobulk import pseudobulk, write_pseudobulk
+
+    options = _storage_options(args.storage_options)
+    ds = pseudobulk(
+        args.screen, perturbation_key=args.perturbation_key, control=args.control,
+        n_top_genes=args.n_top_genes, flavor=args.flavor, target_sum=args.target_sum,
+        input=args.input, min_cells=args.min_cells, group_variance=args.group_variance,
+        storage_options=options, block_rows=args.block_rows, progress=not args.no_progress,
+        memory_limit=None if args.memory_limit in (None, "auto") else args.memory_limit,
+    )
+    return write_pseudobulk(ds, out, overwrite=args.overwrite, storage_options=options)
+
+
+@command("pseudobulk")
+def _pseudobulk(args: argparse.Namespace) -> int:
+    print(run_pseudobulk(args, args.out))
+    return 0
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`.model.fit` / :func:`.evaluate.evaluate` from parsed options."""
+    return {
+        "alphas": args.alpha or DEFAULT_ALPHAS, "n_folds": args.folds, "seed": args.seed,
+        "missing": args.missing, "gene_map": args.gene_map, "solver": args.solver,
+        "storage_options": _storage_options(args.storage_options), "progress": not args.no_progress,
+    }
+
+
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..tl.evaluate import evaluate
+    from ..pl.report import write_report
+
+    result = evaluate(args.pseudobulk, args.embeddings, split=args.split, split_file=args.split_file,
+                      test_share=args.test_share, **model_options(args))
+    print(summary_table(result.summary))
+    written = write_report(result, args.out, overwrite=args.overwrite,
+                           storage_options=_storage_options(args.storage_options))
+    print(f"report: {written}")
+    return 0
+
+
+@command("compare")
+def _compare(args: argparse.Namespace) -> int:
+    from ..pl.compare import COMPARE_METRICS, compare_runs, markdown
+
+    table = compare_runs(args.runs, args.out, labels=args.labels.split(",") if args.labels else None,
+                         overwrite=args.overwrite)
+    print(markdown(table, COMPARE_METRICS[:3]))
+    print(f"comparison: {args.out}")
+    return 0
+
+
+@command("fit")
+def _fit(args: argparse.Namespace) -> int:
+    from ..tl.model import fit
+    from ..tl.ridge import save_model
+
+    model = fit(args.pseudobulk, args.embeddings, **model_options(args))
+    print(save_model(model, args.out, overwrite=args.overwrite,
+                     storage_options=_storage_options(args.storage_options)))
+    return 0
+
+
+def read_perturbations(args: argparse.Namespace) -> list[str]:
+    """Perturbations named by ``--perturbations`` or ``--perturbations-file``."""
+    if args.perturbations is not None:
+        names = args.perturbations.split(",")
+    else:
+        try:
+            names = Path(args.perturbations_file).read_text().splitlines()
+        except OSError as err:
+            raise ParameterError(f"cannot read --perturbations-file: {err}") from err
+    names = [n.strip() for n in names if n.strip() and not n.strip().startswith("#")]
+    if not names:
+        raise ParameterError("no perturbation given to predict")
+    return names
+
+
+@command("predict")
+def _predict(args: argparse.Namespace) -> int:
+    from ..tl.model import predict, write_predictions
+
+    options = _storage_options(args.storage_options)
+    predictions = predict(args.model, args.embeddings, read_perturbations(args), missing=args.missing,
+                          gene_map=args.gene_map, seed=args.seed, storage_options=options)
+    print(write_predictions(predictions, args.out, overwrite=args.overwrite, storage_options=options))
+    return 0
+
+
+def summary_table(summary: dict, metrics: Sequence[str] = ("pearson_delta", "rmse_delta")) -> str:
+    """A plain-text table: one row per model, mean ± std over folds of each metric."""
+    lines = [f"{'model':<18}" + "".join(f"{m:>24}" for m in metrics)]
+    for model, values in summary.items():
+        cells = []
+        for m in metrics:
+            mean, std = values[m]["fold_mean"], values[m]["fold_std"]
+            cells.append("n/a" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}"))
+        lines.append(f"{model:<18}" + "".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
+@command("run", own_cluster=True)
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import STAGES, default_until, run_stages, select
+
+    config = load_config(args.config, storage_options=_storage_options(args.storage_options))
+    stages = select(STAGES, args.until or default_until(config))
+    cluster = config.cluster.client_options()
+    if args.scheduler or args.workers:
+        cluster = {"scheduler": args.scheduler, "workers": args.workers,
+                   "threads_per_worker": args.threads_per_worker,
+                   "memory_limit": args.memory_limit, "slurm": None}
+    with contextlib.nullcontext() if args.dry_run else dask_client(**cluster):
+        outcome = run_stages(config, stages, force=args.overwrite, dry_run=args.dry_run,
+                             progress=not args.no_progress)
+    for planned, what in outcome:
+        print(f"{planned.stage.name:<12} {what:<10} {planned.output}")
+    return 0
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from ..tl.embeddings import load_embeddings
+    from ..tl.evaluate import evaluate
+    from ..tl.model import fit, predict, write_predictions
+    from ..pl.report import write_report
+    from ..tl.ridge import save_model
+    from ..datasets.synth import synth_screen
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    screen, embedding = synth_screen(str(out / "screen.zarr"), cells=20_000, genes=2_000,
+                                     perturbations=200, seed=0, overwrite=True)
+    pb_args = build_parser().parse_args(["pseudobulk", screen, "--out", "unused",
+                                         "--n-top-genes", "1000", "--group-variance", "--overwrite"])
+    pb_args.no_progress = args.no_progress
+    pb = run_pseudobulk(pb_args, str(out / "pseudobulk.zarr"))
+    print(f"pseudo-bulk: {pb}")
+    table = load_embeddings(embedding)
+    result = evaluate(pb, table, n_folds=5, seed=0, progress=progress)
+    report = write_report(result, str(out / "report"), overwrite=True)
+    model = save_model(fit(pb, table, progress=progress), str(out / "model.zarr"), overwrite=True)
+    seen = {g for p in result.folds["perturbation"] for g in parse_label(p, GEARS_CONTROL)}
+    unseen = [g for g in table.genes if g not in seen][:3]
+    predictions = write_predictions(
+        predict(model, table, [*unseen, f"{unseen[0]}+{unseen[1]}"]),
+        str(out / "predictions.csv"), overwrite=True,
+    )
+    print("\nheld-out perturbations, 5-fold CV (mean ± std over folds):")
+    print(summary_table(result.summary))
+    print(f"\nreport: {report}\nmodel: {model}\npredictions of unseen {', '.join(unseen)} "
+          f"and {unseen[0]}+{unseen[1]}: {predictions}")
+    return 0
+
+
+@command("export-pseudobulk")
+def _export_pseudobulk(args: argparse.Namespace) -> int:
+    from ..io.interop import export_pseudobulk
+
+    print(export_pseudobulk(args.pseudobulk, args.out, overwrite=args.overwrite,
+                            storage_options=_storage_options(args.storage_options)))
+    return 0
+
+
+@command("embed-text")
+def _embed_text(args: argparse.Namespace) -> int:
+    from ..tl.textembed import embed_genes, read_summaries, write_table
+
+    table = embed_genes(read_summaries(args.summaries), args.model,
+                        names_only=args.names_only, batch_size=args.batch_size)
+    print(write_table(table, args.out, overwrite=args.overwrite,
+                      storage_options=_storage_options(args.storage_options)))
+    return 0
+
+
+#: Commands whose ``--out`` is a directory they fill (not one output to replace).
+WRITES_INTO_OUT = frozenset({"demo"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``genepert-scale`` command."""
+    args = build_parser().parse_args(argv)
+    limit_heap_fragmentation()
+    # the ~10^6 objects of the imported libraries are long-lived: keep every
+    # garbage collection (during the run and at exit, ~0.5 s each) from walking them
+    gc.freeze()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command not in WRITES_INTO_OUT and getattr(args, "out", None):
+            # fail before hours of work, not at the end
+            check_output_free(args.out, overwrite=args.overwrite,
+                              storage_options=_storage_options(args.storage_options))
+        if args.command in OWN_CLUSTER:
+            return COMMANDS[args.command](args)
+        with dask_client(args.scheduler, args.workers, threads_per_worker=args.threads_per_worker,
+                         memory_limit=args.memory_limit):
+            return COMMANDS[args.command](args)
+    except GenePertInputError as err:
+        if args.debug:
+            raise
+        print(f"genepert-scale {args.command}: error: {err}", file=sys.stderr)
+        return INPUT_ERROR_EXIT_CODE

@@ -1,0 +1,197 @@
+"""AnnData exports that other tools read: the pseudo-bulk (like decoupler's and
+pertpy's pseudo-bulk outputs) and predicted deltas (for scanpy, cell-eval,
+GEARS-style evaluation).
+
+Both put one row per perturbation, the control first, with a GEARS-style
+``condition`` column (``A+ctrl``, ``A+B``, ``ctrl``); ``X`` holds expression
+means (log-normalised) and the layer ``delta`` the change vs control.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .. import __version__
+from ..errors import ParameterError
+from ..pp.labels import GEARS_CONTROL, gears_condition
+from .store import atomic_output, filesystem, is_url
+
+log = logging.getLogger(__name__)
+
+def pseudobulk_to_anndata(ds: xr.Dataset) -> ad.AnnData:
+    """The pseudo-bulk Dataset as AnnData, one row per perturbation and the control.
+
+    Parameters
+    ----------
+    ds
+        A pseudo-bulk Dataset (:func:`genepert_scale.pp.pseudobulk.pseudobulk` or
+        :func:`~genepert_scale.pp.pseudobulk.open_pseudobulk`).
+
+    Returns
+    -------
+    anndata.AnnData
+        ``obs``: ``condition``, ``n_cells``, ``is_control``; ``var``: genes with
+        their HVG statistics; ``X``: group means; layers ``delta`` (and ``var``
+        when the Dataset has group variances); ``uns["genepert_scale"]``: the
+        control label, control mean, parameters and source. Built in memory
+        (perturbations x genes).
+    """
+    ds = ds.compute()
+    control = str(ds.attrs.get("control", GEARS_CONTROL))
+    layers = {"delta": ds["delta"].values}
+    control_layers = {"delta": np.zeros(ds.sizes["gene"])}
+    if "var" in ds:
+        layers["var"] = ds["var"].values
+        control_layers["var"] = ds["control_var"].values
+    uns = {
+        key: ds.attrs[key]
+        for key in ("parameters", "source", "input_kind", "encoding_version")
+        if key in ds.attrs
+    }
+    uns["n_control_cells"] = int(ds["n_control_cells"])
+    adata = _with_control_row(
+        ds["mean"].values, ds["control_mean"].values,
+        perturbations=ds.perturbation.values, genes=ds.gene.values, control=control,
+        obs={"n_cells": ds["n_cells"].values}, control_obs={"n_cells": uns["n_control_cells"]},
+        layers=layers, control_layers=control_layers, uns=uns,
+    )
+    hvg = [name for name in ds.data_vars if str(name).startswith("hvg_")]
+    if hvg:
+        table = ds[hvg].to_dataframe().loc[list(ds.gene.values)]
+        adata.var = table.rename(columns=lambda c: c.removeprefix("hvg_")).set_axis(adata.var_names)
+    return adata
+
+
+def predictions_to_anndata(
+    pred_delta: xr.DataArray,
+    control_mean: xr.DataArray | np.ndarray,
+    *,
+    control: str = GEARS_CONTROL,
+    uns: dict[str, Any] | None = None,
+) -> ad.AnnData:
+    """Predicted deltas as AnnData: predicted expression and delta per perturbation.
+
+    Parameters
+    ----------
+    pred_delta
+        Predicted delta, dims ``(perturbation, gene)``; other coordinates along
+        ``perturbation`` (a ``fold``, say) become ``obs`` columns.
+    control_mean
+        Control mean per gene; a DataArray is aligned on ``gene``.
+    control
+        Name of the control row (``obs_names``); its ``condition`` is ``ctrl``.
+    uns
+        Extra entries for ``uns["genepert_scale"]`` (model, alpha, ...).
+
+    Returns
+    -------
+    anndata.AnnData
+        ``X`` = control mean + predicted delta (the control row: the control
+        mean), layer ``delta``, ``obs`` with ``condition`` and ``is_control``.
+    """
+    if set(pred_delta.dims) != {"perturbation", "gene"}:
+        raise ParameterError(
+            f"predicted delta must have dims (perturbation, gene), got {pred_delta.dims}"
+        )
+    pred_delta = pred_delta.transpose("perturbation", "gene")
+    genes = pred_delta.gene.values
+    if isinstance(control_mean, xr.DataArray):
+        missing = np.setdiff1d(genes, control_mean.gene.values)
+        if missing.size:
+            raise ParameterError(
+                f"control mean lacks {missing.size} predicted genes, e.g. {list(missing[:5])}"
+            )
+        control_mean = control_mean.sel(gene=genes)
+    base = np.asarray(control_mean, dtype=np.float64)
+    if base.shape != (len(genes),):
+        raise ParameterError(f"control mean has shape {base.shape}, expected ({len(genes)},)")
+    delta = np.asarray(pred_delta.values, dtype=np.float64)
+    obs = {
+        str(name): coord.values
+        for name, coord in pred_delta.coords.items()
+        if coord.dims == ("perturbation",) and name != "perturbation"
+    }
+    return _with_control_row(
+        base + delta, base, perturbations=pred_delta.perturbation.values, genes=genes,
+        control=control, obs=obs, control_obs={},
+        layers={"delta": delta}, control_layers={"delta": np.zeros(len(genes))},
+        uns=dict(uns or {}),
+    )
+
+
+def _with_control_row(
+    x: np.ndarray,
+    control_x: np.ndarray,
+    *,
+    perturbations: np.ndarray,
+    genes: np.ndarray,
+    control: str,
+    obs: dict[str, np.ndarray],
+    control_obs: dict[str, Any],
+    layers: dict[str, np.ndarray],
+    control_layers: dict[str, np.ndarray],
+    uns: dict[str, Any],
+) -> ad.AnnData:
+    """AnnData with the control row first, then one row per perturbation."""
+    names = [control, *map(str, perturbations)]
+    if len(set(names)) != len(names):
+        raise ParameterError(f"perturbation names repeat or include the control {control!r}")
+    table = pd.concat([pd.DataFrame(control_obs, index=[control]),
+                       pd.DataFrame(obs, index=names[1:])])
+    table.insert(0, "condition", pd.Categorical([gears_condition(n, control) for n in names]))
+    table.insert(1, "is_control", np.arange(len(names)) == 0)
+    uns = {**uns, "control": control, "control_mean": np.asarray(control_x, dtype=np.float64),
+           "genepert_scale_version": __version__}
+    return ad.AnnData(
+        X=np.vstack([control_x, x]).astype(np.float32),
+        obs=table,
+        var=pd.DataFrame(index=pd.Index(map(str, genes), name="gene")),
+        layers={k: np.vstack([control_layers[k], v]).astype(np.float32) for k, v in layers.items()},
+        uns={"genepert_scale": uns},
+    )
+
+
+def write_h5ad(
+    adata: ad.AnnData,
+    path: str,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write ``adata`` as ``.h5ad`` atomically (local path or fsspec URL)."""
+    with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp:
+        if is_url(path):
+            fs, root = filesystem(tmp, storage_options)
+            with tempfile.TemporaryDirectory() as local:
+                file = Path(local) / "out.h5ad"
+                adata.write_h5ad(file)
+                fs.put(str(file), root)
+        else:
+            adata.write_h5ad(tmp)
+    log.info("wrote %s (%d rows x %d genes)", path, adata.n_obs, adata.n_vars)
+    return path
+
+
+def export_pseudobulk(
+    store: str,
+    out: str,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Read a pseudo-bulk zarr store and write it as ``.h5ad``."""
+    from ..pp.pseudobulk import open_pseudobulk
+
+    ds = open_pseudobulk(store, storage_options)
+    adata = pseudobulk_to_anndata(ds)
+    adata.uns["genepert_scale"]["pseudobulk_store"] = store
+    return write_h5ad(adata, out, overwrite=overwrite, storage_options=storage_options)
+

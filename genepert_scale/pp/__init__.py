@@ -1,0 +1,1 @@
+"""The streamed pass: block kernels, graph building, HVG selection, labels, pseudo-bulk, DE."""

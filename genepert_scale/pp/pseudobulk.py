@@ -1,0 +1,448 @@
+"""The pseudo-bulk Dataset: per-perturbation means of log-normalised expression
+over the highly-variable genes, the control mean, and ``delta``.
+
+:func:`pseudobulk` runs the one streamed pass (:mod:`.reduce`) and
+:func:`finalize` turns its statistics into an :class:`xarray.Dataset`; the
+zarr encoding carries a type and version, checked by :func:`open_pseudobulk`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+import dask.utils
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .. import __version__
+
+from . import kernels
+from ..cluster import cluster_threads, compute, default_chains
+from ..errors import GenePertInputError, LabelError, ParameterError, StoreError, listing
+from .hvg import (
+    FLAVORS,
+    Flavor,
+    highly_variable_genes,
+    mean_var,
+    require_loess,
+    seurat_v3_clip,
+    seurat_v3_select,
+)
+from ..io.integrity import METADATA_ERRORS, named_chunk_errors
+from .labels import assign_groups
+from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
+from ..io.screen import Screen, open_screen
+from ..io.store import open_dataset, write_dataset
+from ..validate import (
+    check_choice,
+    NTopGenes,
+    check_declared_input,
+    check_encoding,
+    check_exact_sum_range,
+    check_min_cells,
+    check_positive,
+    resolve_n_top_genes,
+)
+
+log = logging.getLogger(__name__)
+
+#: The per-gene moments of the pass (:data:`.kernels.MOMENTS`) each HVG flavor needs.
+HVG_MOMENTS = {"seurat": ("normalized",), "cell_ranger": ("log1p",), "seurat_v3": ("raw",)}
+
+ENCODING_TYPE = "genepert_scale.pseudobulk"
+ENCODING_VERSION = "0.1.0"
+
+InputKindOption = Literal["auto", "counts", "log1p"]
+
+
+@dataclass(frozen=True)
+class PseudobulkParams:
+    """Parameters of a pseudo-bulk run, recorded in the output's attrs."""
+
+    perturbation_key: str = "perturbation"
+    control: str = "non-targeting"
+    n_top_genes: int | None = 5000
+    flavor: Flavor = "seurat"
+    target_sum: float = 1e4
+    input: InputKindOption = "auto"
+    min_cells: int = 1
+    group_variance: bool = False
+
+
+def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
+    """The finite stored values of the first ``sample_rows`` cells (one small read)."""
+    x_group = screen.group["X"]
+    rows = min(sample_rows, screen.n_obs)
+    with named_chunk_errors(screen.group, screen.source):
+        if x_group.attrs.get("encoding-type") == "csr_matrix":  # the first rows' values only
+            data = np.asarray(x_group["data"][: int(x_group["indptr"][rows])])
+        else:
+            data = np.asarray(screen.X[:rows].compute()).ravel()
+    return data[np.isfinite(data)]
+
+
+def resolve_input_kind(screen: Screen, input: InputKindOption) -> kernels.InputKind:
+    """The input kind: detected for ``"auto"``, else the declared one checked on a sample.
+
+    Raises
+    ------
+    ParameterError
+        If the sample contradicts the declared kind (counts given as log1p, or
+        log1p data given as counts), or looks like neither.
+    """
+    if input == "auto":
+        return detect_input_kind(screen)
+    check_declared_input(input, _sample_values(screen), screen.source)
+    return input
+
+
+def detect_input_kind(screen: Screen, sample_rows: int = 2000) -> kernels.InputKind:
+    """Tell raw counts from ``log1p`` data by the first ``sample_rows`` cells.
+
+    Reads one small slice of ``X``. Integer values mean counts; non-integer
+    values no larger than :data:`~.kernels.LOG1P_MAX` mean log1p-normalised data.
+
+    Raises
+    ------
+    ParameterError
+        If the values look like neither (normalised but not logged, say).
+    """
+    data = _sample_values(screen, sample_rows)
+    if data.size == 0 or np.all(data == np.round(data)):
+        return "counts"
+    if data.max() <= kernels.LOG1P_MAX and data.min() >= 0:
+        return "log1p"
+    raise ParameterError(
+        f"{screen.source}: X holds non-integer values up to {data.max():.3g}, "
+        "neither raw counts nor log1p data; pass --input counts or --input log1p "
+        "if you know which it is"
+    )
+
+
+def pseudobulk(
+    screen: Screen | str,
+    *,
+    perturbation_key: str = "perturbation",
+    control: str = "non-targeting",
+    n_top_genes: NTopGenes = "default",
+    flavor: Flavor = "seurat",
+    target_sum: float = 1e4,
+    input: InputKindOption = "auto",
+    min_cells: int = 1,
+    group_variance: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    block_rows: int | None = None,
+    memory_limit: int | str | None = None,
+    split_every: int = SPLIT_EVERY,
+    chains: int | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Pseudo-bulk a screen in one streamed pass.
+
+    Parameters
+    ----------
+    screen
+        An opened :class:`Screen`, or the path/URL of an AnnData zarr store or ``.h5ad``.
+    perturbation_key
+        ``obs`` column with the perturbation labels.
+    control
+        Label of control cells (they are not a row of the result).
+    n_top_genes
+        Highly-variable genes to keep; ``None`` keeps all; ``"default"`` keeps
+        :data:`~.validate.DEFAULT_N_TOP_GENES`, or all genes (with a warning)
+        when there are fewer. An explicit number above the genes is an error.
+    flavor
+        scanpy HVG flavor: ``seurat``, ``cell_ranger`` or ``seurat_v3`` (raw
+        counts only; a second pass, needs the ``seurat-v3`` extra).
+    target_sum
+        Counts per cell after normalization (ignored for ``log1p`` input).
+    input
+        ``counts`` (normalize + log1p), ``log1p`` (already log-normalised) or ``auto``.
+    min_cells
+        Perturbations with fewer cells are dropped (and listed in the log and attrs).
+    group_variance
+        Also compute per-perturbation variances (``var``, ``control_var``).
+    storage_options
+        fsspec options for URLs.
+    block_rows
+        Rows per block; by default sized from the store's chunking and ``memory_limit``.
+    memory_limit
+        Memory the pass may use (bytes or a string such as ``"2GiB"``); caps
+        the default block size.
+    split_every
+        Inputs per combine task.
+    chains
+        Running ``(groups × genes)`` accumulators (see :func:`.reduce.pass_stats`);
+        default :func:`.cluster.default_chains` (one per thread, as memory allows).
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``perturbation`` and ``gene``; variables ``mean``, ``delta``,
+        ``n_cells``, ``control_mean`` (and ``var``/``control_var``), plus the
+        HVG table over all screen genes (dim ``screen_gene``: ``highly_variable``
+        and scanpy's columns prefixed ``hvg_``).
+    """
+    check_choice("--flavor", flavor, FLAVORS)
+    check_choice("--input", input, get_args(InputKindOption))
+    if flavor == "seurat_v3":
+        require_loess()  # before the pass, not after it
+    threads = cluster_threads()
+    if isinstance(memory_limit, str):
+        try:
+            memory_limit = dask.utils.parse_bytes(memory_limit)
+        except ValueError as err:
+            raise ParameterError(
+                f"--memory-limit {memory_limit!r} is not a size; use e.g. 2GiB or 500MB"
+            ) from err
+    check_positive("--min-cells", min_cells, integer=True)
+    check_positive("--target-sum", target_sum)
+    threading.Thread(target=kernels.warm_up, name="warm-up fold", daemon=True,
+                     args=(HVG_MOMENTS[flavor], group_variance)).start()
+    if isinstance(screen, str):
+        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
+                             memory_limit=memory_limit, threads=threads)
+    params = PseudobulkParams(
+        perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
+        flavor, target_sum, input, min_cells, group_variance,
+    )
+    kind = resolve_input_kind(screen, input)
+    if flavor == "seurat_v3" and kind != "counts":
+        raise ParameterError(
+            f"{screen.source}: flavor seurat_v3 needs raw counts but the input is {kind}; "
+            "use --flavor seurat or cell_ranger"
+        )
+    check_exact_sum_range(
+        screen.n_obs, np.log1p(target_sum) if kind == "counts" else kernels.LOG1P_MAX, screen.source
+    )
+    labels = screen.obs_column(perturbation_key)
+    codes, groups = assign_groups(labels.array, control, column=perturbation_key)
+    log.info(
+        "pseudobulk %s: %d cells x %d genes, %d groups, input %s, %d blocks of %d rows",
+        screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
+        screen.X.numblocks[0], screen.X.chunks[0][0],
+    )
+    sums_bytes = kernels.accumulator_bytes(len(groups), screen.n_vars, group_variance)
+    graph = pass_stats(
+        screen, codes, len(groups), kind=kind, target_sum=target_sum,
+        with_group_sumsq=group_variance, moments=HVG_MOMENTS[flavor],
+        split_every=split_every, chains=chains or default_chains(sums_bytes, memory_limit),
+    )
+    stats = _timed_pass(graph, screen, "streamed pass", progress)
+    _raise_on_bad_values(stats.check, screen, kind)
+    check_min_cells(dict(zip(groups[1:], stats.group_n[1:].tolist())), min_cells, screen.source)
+    hvg = select_genes(stats, screen, params, split_every=split_every, progress=progress)
+    ds = finalize(stats, groups, hvg, params, kind=kind)
+    ds.attrs["source"] = screen.source
+    ds.attrs["n_obs"] = screen.n_obs
+    ds.attrs["n_vars"] = screen.n_vars
+    return ds
+
+
+def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:
+    """Compute a pass over ``screen``, naming any bad chunk, and log its speed."""
+    start = time.perf_counter()
+    with named_chunk_errors(screen.group, screen.source):
+        result = compute(graph, label=label, progress=progress)
+    seconds = max(time.perf_counter() - start, 1e-9)
+    log.info("%s: %d cells in %.1f s (%.0f cells/s)", label, screen.n_obs, seconds,
+             screen.n_obs / seconds)
+    return result
+
+
+def select_genes(
+    stats: kernels.PassStats,
+    screen: Screen,
+    params: PseudobulkParams,
+    *,
+    split_every: int = SPLIT_EVERY,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The HVG table of the screen's genes (scanpy's ``var`` columns).
+
+    ``seurat`` and ``cell_ranger`` use the moments of the pass; ``seurat_v3``
+    runs a second pass for the clipped variance.
+    """
+    n_top = params.n_top_genes
+    (moment,) = HVG_MOMENTS[params.flavor]
+    total, squares = (getattr(stats, name) for name in kernels.MOMENTS[moment])
+    if total is None:
+        raise ValueError(f"flavor {params.flavor} selects genes from the {moment!r} moments; "
+                         f"compute the pass with moments={HVG_MOMENTS[params.flavor]}")
+    mean, var = mean_var(total, squares, stats.n_cells)
+    if params.flavor != "seurat_v3":
+        return highly_variable_genes(mean, var, flavor=params.flavor, n_top_genes=n_top,
+                                     gene_names=screen.var_names)
+    reg_std, clip = seurat_v3_clip(mean, var, stats.n_cells)
+    clipped = _timed_pass(clipped_moments(screen, clip, split_every=split_every), screen,
+                          "seurat_v3 clipped pass", progress)
+    return seurat_v3_select(mean, var, reg_std, *clipped, stats.n_cells, n_top_genes=n_top,
+                            gene_names=screen.var_names)
+
+
+def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -> None:
+    rows = np.cumsum((0, *screen.X.chunks[0]))
+    problems = {  # a corrupt store first: its other counts may be its symptoms
+        "bad_index": (
+            f"stored values or rows outside the matrix (gene indices outside 0-"
+            f"{screen.n_vars - 1} in X/indices, or row offsets in X/indptr out of order "
+            "or beyond X/data)",
+            "the store is corrupt; write it again from its source",
+        ),
+        "nonfinite": ("NaN or infinite values", "remove or fix those cells"),
+        "negative": ("negative values", "expression must be counts or log1p data"),
+        "noninteger": (
+            "non-integer values although raw counts were declared",
+            "pass --input log1p if X is log-normalised",
+        ),
+        "too_large": (
+            f"values above {kernels.LOG1P_MAX:g} although log1p data was declared",
+            "pass --input counts if X holds raw counts",
+        ),
+    }
+    for key, (what, todo) in problems.items():
+        count = getattr(check, key)
+        if count:
+            block = (check.first_block or {})[key]
+            raise StoreError(
+                f"{screen.source}: X has {count} {what} (first in rows "
+                f"{rows[block]}-{rows[block + 1] - 1}, block {block}, input {kind}); {todo}"
+            )
+
+
+def finalize(
+    stats: kernels.PassStats,
+    groups: list[str],
+    hvg: pd.DataFrame,
+    params: PseudobulkParams,
+    *,
+    kind: kernels.InputKind,
+) -> xr.Dataset:
+    """The *finalize* step: group means over the selected genes, delta, as a Dataset.
+
+    The dense group sums of ``stats`` are released (set to ``None``) once the
+    selected genes are copied out, so that at genome-wide scale the full
+    ``(groups, genes)`` matrix and the outputs are not held at the same time.
+
+    Parameters
+    ----------
+    stats
+        Statistics of the pass.
+    groups
+        Group names, the control first.
+    hvg
+        HVG table indexed by every screen gene, with a ``highly_variable`` column.
+    params
+        The run's parameters (recorded in attrs).
+    kind
+        The input kind that was used.
+    """
+    if stats.group_n[0] == 0:
+        raise LabelError(f"no control cells ({params.control!r}) in the screen; "
+                         "pass the control label with --control")
+    var_names = hvg.index
+    keep = hvg["highly_variable"].to_numpy()
+    n = stats.group_n
+    selected_sums = stats.group_sum[:, keep]
+    stats.group_sum = None  # release the (groups × all genes) sums before converting
+    means = kernels.from_fixed(selected_sums, kernels.SUM_BITS)
+    del selected_sums
+    means /= np.maximum(n, 1)[:, None]
+    small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
+    if small:
+        log.warning(
+            "dropping %d perturbations with fewer than %d cells: %s",
+            len(small), params.min_cells, listing(small, 20),
+        )
+    rows = np.flatnonzero(n >= params.min_cells)
+    rows = rows[rows > 0]
+    genes = var_names[keep]
+    selected = _take_rows(means, rows)
+    data_vars = {
+        "mean": (("perturbation", "gene"), selected),
+        "delta": (("perturbation", "gene"), selected - means[0]),
+        "n_cells": ("perturbation", n[rows]),
+        "control_mean": ("gene", means[0]),
+        "n_control_cells": ((), int(n[0])),
+        "highly_variable": ("screen_gene", keep),
+        **{
+            f"hvg_{column}": ("screen_gene", hvg[column].to_numpy(dtype=np.float64))
+            for column in hvg.columns
+            if column != "highly_variable"
+        },
+    }
+    if stats.group_sumsq is not None:
+        selected_sums = stats.group_sumsq[:, keep]
+        stats.group_sumsq = None
+        variance = kernels.from_fixed(selected_sums, kernels.SQUARE_BITS)
+        del selected_sums
+        # in place, as for the means: E[x²] − mean², clipped at 0, times n/(n−1)
+        variance /= np.maximum(n, 1)[:, None]
+        variance -= np.square(means)
+        np.maximum(variance, 0, out=variance)
+        variance *= (n / np.maximum(n - 1, 1))[:, None]
+        data_vars["var"] = (("perturbation", "gene"), _take_rows(variance, rows))
+        data_vars["control_var"] = ("gene", variance[0])
+    attrs = {
+        "encoding_type": ENCODING_TYPE,
+        "encoding_version": ENCODING_VERSION,
+        "genepert_scale_version": __version__,
+        "parameters": json.dumps(asdict(params)),
+        "input_kind": kind,
+        "control": params.control,
+        "dropped_perturbations": json.dumps(small),
+    }
+    return xr.Dataset(
+        data_vars,
+        coords={
+            "perturbation": np.array([groups[i] for i in rows], dtype=object),
+            "gene": np.asarray(genes, dtype=object),
+            "screen_gene": np.asarray(var_names, dtype=object),
+        },
+        attrs=attrs,
+    )
+
+
+def _take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows]``, as a view when ``rows`` is a contiguous range."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        return matrix[rows[0] : rows[-1] + 1]
+    return matrix[rows]
+
+
+def write_pseudobulk(
+    ds: xr.Dataset,
+    path: str,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write a pseudo-bulk Dataset to a zarr store, atomically."""
+    write_dataset(ds, path, overwrite=overwrite, storage_options=storage_options)
+    log.info("wrote pseudo-bulk %s (%d perturbations x %d genes)",
+             path, ds.sizes["perturbation"], ds.sizes["gene"])
+    return path
+
+
+def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """Open a pseudo-bulk store and check its encoding type and version."""
+    try:
+        ds = open_dataset(path, storage_options)
+    except GenePertInputError:
+        raise
+    except METADATA_ERRORS as err:
+        raise StoreError(
+            f"{path} is not a pseudo-bulk store ({err}); create one with "
+            "'genepert-scale pseudobulk'"
+        ) from err
+    check_encoding(ds.attrs, expected_type=ENCODING_TYPE, expected_version=ENCODING_VERSION,
+                   source=path, remedy="'genepert-scale pseudobulk'")
+    return ds

@@ -1,0 +1,1 @@
+"""Models and evaluation: gene embeddings, ridge, fit/predict, splits, metrics."""

@@ -1,0 +1,113 @@
+"""Data-derived gene embeddings (``--embeddings pca:K``) and the plan that
+joins them with embedding files, fold by fold.
+
+``pca:K`` is the gene embedding of Ahlmann-Eltze, Huber & Anders ("Deep
+learning-based predictions of gene perturbation effects do not yet
+outperform simple linear baselines", Nat. Methods 2025): the top-K principal
+components of the training pseudo-bulk with genes as observations. It exists
+for every measured gene, so any perturbation of measured genes has features.
+It is computed from the training perturbations of each fold only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .embeddings import EmbeddingTable, Features, Source, join_sources, read_source
+from ..errors import ParameterError
+
+PCA_PREFIX = "pca:"
+
+
+def pca_dims(spec: str) -> int | None:
+    """``K`` of a ``pca:K`` source; ``None`` for a file."""
+    if not str(spec).startswith(PCA_PREFIX):
+        return None
+    text = str(spec)[len(PCA_PREFIX):]
+    if not text.isdigit() or int(text) < 1:
+        raise ParameterError(f"embedding {spec!r}: write pca:K with K a positive integer, e.g. pca:10")
+    return int(text)
+
+
+def pca_gene_embedding(delta: np.ndarray, genes: Sequence[str], k: int) -> Source:
+    """Gene embedding from the training deltas (perturbations × genes).
+
+    Returns
+    -------
+    Source
+        ``genes`` × ``k`` principal-component scores.
+
+    Notes
+    -----
+    With ``M = deltaᵀ`` (genes × perturbations), columns centred over genes
+    (R's ``prcomp`` with genes as rows, as Ahlmann-Eltze et al.), and
+    ``M_c = U S Vᵀ``, the embedding is ``U_K S_K``. Signs are fixed so the
+    largest-magnitude entry of every component is positive. The rank of
+    ``M_c`` is at most ``min(genes − 1, perturbations)``, the largest ``K``.
+    """
+    matrix = np.asarray(delta, dtype=np.float64).T
+    limit = min(matrix.shape[0] - 1, matrix.shape[1])
+    if k > limit:
+        raise ParameterError(
+            f"pca:{k} needs at most min(genes - 1, training perturbations) = {limit} components; "
+            "choose a smaller K"
+        )
+    centred = matrix - matrix.mean(axis=0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    scores = u[:, :k] * s[:k]
+    sign = np.sign(scores[np.argmax(np.abs(scores), axis=0), np.arange(k)])
+    identity = {"path": f"{PCA_PREFIX}{k}", "dim": k, "n_genes": len(genes),
+                "derived": "principal components of the training pseudo-bulk delta, per fold"}
+    return Source(pd.Index([str(g) for g in genes]), scores * np.where(sign == 0, 1, sign), identity)
+
+
+class EmbeddingPlan:
+    """The embedding sources of an evaluation, in order: files (read once)
+    and ``pca:K`` sources (built from each fold's training deltas)."""
+
+    def __init__(self, specs: str | Sequence[str] | EmbeddingTable, storage_options: dict[str, Any] | None = None):
+        if isinstance(specs, EmbeddingTable):
+            self.fixed: EmbeddingTable | None = specs
+            self.parts: list[Source | int] = []
+            return
+        specs = [specs] if isinstance(specs, str) else list(specs)
+        if not specs:
+            raise ParameterError("give at least one embedding source (--embeddings)")
+        self.parts = [pca_dims(s) or read_source(s, storage_options) for s in specs]
+        self.fixed = None if self.data_derived else join_sources(self.parts)
+
+    @property
+    def data_derived(self) -> bool:
+        return any(isinstance(p, int) for p in self.parts)
+
+    def table(self, genes: Sequence[str], delta_train: np.ndarray | None = None) -> EmbeddingTable:
+        """The joined table; ``pca:K`` parts from ``delta_train`` (training
+        perturbations × ``genes``), or zero placeholders without it (enough to
+        match perturbations to genes)."""
+        if self.fixed is not None:
+            return self.fixed
+        sources = []
+        for part in self.parts:
+            if isinstance(part, Source):
+                sources.append(part)
+            elif delta_train is None:
+                sources.append(Source(pd.Index([str(g) for g in genes]), np.zeros((len(genes), part)),
+                                      {"path": f"{PCA_PREFIX}{part}", "dim": part, "n_genes": len(genes)}))
+            else:
+                sources.append(pca_gene_embedding(delta_train, genes, part))
+        return join_sources(sources)
+
+
+def with_table(features: Features, table: EmbeddingTable) -> Features:
+    """``features`` with the vectors of ``table``, which has the genes (in
+    order) of the table they were matched against; filler rows of the
+    ``random``/``zero`` missing policies are kept."""
+    n = len(table.genes)
+    if features.vectors.shape[1] != table.dim or n > features.vectors.shape[0]:
+        raise ValueError("the table does not fit the features it should replace")
+    return dataclasses.replace(features, vectors=np.vstack([table.vectors, features.vectors[n:]]))

@@ -1,0 +1,239 @@
+"""Metrics of predicted perturbation effects (pseudo-bulk deltas).
+
+Two kinds:
+
+* **per perturbation** (:func:`perturbation_metrics`): a prediction row against
+  its true row only — Pearson of delta (all genes and the top DE genes, as in
+  GEARS), RMSE, MAE, Systema's Pearson delta against the perturbed centroid,
+  and the direction (sign) accuracy on the top DE genes;
+* **set-level** (:func:`discrimination_score`, :func:`centroid_accuracy`): a
+  prediction against the true effects of *every* evaluated perturbation, so a
+  model that predicts the same average effect for everything scores at chance.
+
+All functions take matrices of perturbations × genes and return one value per
+row. The "top DE genes" of a perturbation are indices passed in ``de_genes``
+(e.g. from a Welch t-test against the control); by default the genes with the
+largest true ``|delta|`` (:func:`top_delta_genes`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ..pp.de import mse_de, pearson_delta_de
+
+#: Genes of the ``_de20`` metrics.
+DE_TOP = 20
+#: Per-perturbation metrics, in report order.
+ROW_METRICS = (
+    "pearson_delta", "pearson_delta_de20", "rmse_delta", "mae_delta",
+    "pearson_delta_de20_ttest", "mse_de20",
+    "pearson_delta_centroid", "pearson_delta_centroid_de20", "direction_de20",
+)
+#: Set-level metrics (against every evaluated perturbation).
+SET_METRICS = ("discrimination_score", "centroid_accuracy")
+METRICS = ROW_METRICS + SET_METRICS
+#: Relative spread below which a row counts as constant (float32 eps ≈ 1.2e-7).
+_FLOAT32_NOISE = 1e-5
+#: Elements of the largest temporary array of the blocked distance loops.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def pearson_rows(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row pair; NaN where a row is constant."""
+    a = pred - pred.mean(axis=1, keepdims=True)
+    b = true - true.mean(axis=1, keepdims=True)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, np.sum(a * b, axis=1) / denom, np.nan)
+
+
+def top_delta_genes(true: np.ndarray, k: int = DE_TOP) -> np.ndarray:
+    """Indices of the ``k`` genes with the largest true ``|delta|`` of every row
+    (ties: lower gene index first)."""
+    return np.argsort(-np.abs(true), axis=1, kind="stable")[:, :k]
+
+
+def perturbation_metrics(
+    pred: np.ndarray,
+    true: np.ndarray,
+    *,
+    de_genes: np.ndarray | None = None,
+    ttest_genes: np.ndarray | None = None,
+    centroid: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Metrics of every row (perturbation) of a prediction.
+
+    Parameters
+    ----------
+    pred, true
+        Predicted and true delta (perturbation − control), perturbations × genes.
+    de_genes
+        Gene indices of the top DE genes of every row (perturbations × k);
+        default :func:`top_delta_genes`.
+    ttest_genes
+        The top DE genes of every row by the Welch t-test against the control
+        (:func:`.de.top_de_genes`, GEARS' definition; ``-1`` pads rows with
+        fewer). Without them ``pearson_delta_de20_ttest`` and ``mse_de20`` are NaN.
+    centroid
+        Delta of the perturbed centroid (the mean of the training
+        perturbations' means, minus the control), per row (perturbations ×
+        genes) or one row for all. Without it the ``_centroid`` metrics are NaN.
+
+    Returns
+    -------
+    dict
+        :data:`ROW_METRICS`, one array each.
+
+    Notes
+    -----
+    With ``D`` the DE genes of a row (largest true ``|delta|`` by default),
+``T`` its Welch t-test DE genes and ``c`` its centroid delta::
+
+        pearson_delta               = r(pred, true)
+        pearson_delta_de20          = r(pred[D], true[D])
+        rmse_delta, mae_delta       = sqrt(mean((pred-true)²)), mean(|pred-true|)
+        pearson_delta_de20_ttest    = r(pred[T], true[T])                 (GEARS)
+        mse_de20                    = mean((pred[T]-true[T])²)            (GEARS)
+        pearson_delta_centroid      = r(pred - c, true - c)
+        pearson_delta_centroid_de20 = r(pred[D] - c[D], true[D] - c[D])
+        direction_de20              = mean(sign(pred[D]) == sign(true[D]))
+
+    The centroid versions are Systema's PearsonΔ against the perturbed
+    reference (Viñas Torné et al., "Systema: a framework for evaluating
+    genetic perturbation response prediction beyond systematic variation",
+    Nat. Biotechnol. 2025; ``corr_all_allpert`` / ``corr_20de_allpert``):
+    since means are ``control + delta``, ``mean − centroid mean`` equals
+    ``delta − c``. A prediction of the average perturbation effect (the mean
+    baseline) is constant there and gets NaN — also when it equals ``c`` only
+    to float32 precision (relative spread below ``1e-5``).
+    """
+    de = top_delta_genes(true) if de_genes is None else np.asarray(de_genes, dtype=np.intp)
+    pred_de, true_de = np.take_along_axis(pred, de, axis=1), np.take_along_axis(true, de, axis=1)
+    error = pred - true
+    out = {
+        "pearson_delta": pearson_rows(pred, true),
+        "pearson_delta_de20": pearson_rows(pred_de, true_de),
+        "rmse_delta": np.sqrt(np.mean(error**2, axis=1)),
+        "mae_delta": np.mean(np.abs(error), axis=1),
+        "pearson_delta_de20_ttest": np.full(len(pred), np.nan),
+        "mse_de20": np.full(len(pred), np.nan),
+        "pearson_delta_centroid": np.full(len(pred), np.nan),
+        "pearson_delta_centroid_de20": np.full(len(pred), np.nan),
+        "direction_de20": np.mean(np.sign(pred_de) == np.sign(true_de), axis=1),
+    }
+    if ttest_genes is not None:
+        out["pearson_delta_de20_ttest"] = pearson_delta_de(pred, true, ttest_genes)
+        out["mse_de20"] = mse_de(pred, true, ttest_genes)
+    if centroid is not None:
+        c = np.broadcast_to(np.asarray(centroid, dtype=np.float64), true.shape)
+        c_de = np.take_along_axis(c, de, axis=1)
+        at_centroid = _flat(pred - c, c)
+        out["pearson_delta_centroid"] = np.where(at_centroid, np.nan, pearson_rows(pred - c, true - c))
+        out["pearson_delta_centroid_de20"] = np.where(
+            at_centroid, np.nan, pearson_rows(pred_de - c_de, true_de - c_de))
+    return out
+
+
+def _flat(shifted: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Rows of ``shifted`` that are constant up to float32 rounding of ``scale``
+    (predictions are stored as float32, so the mean baseline differs from
+    its float64 centroid by rounding noise, not by a signal)."""
+    spread = np.linalg.norm(shifted - shifted.mean(axis=1, keepdims=True), axis=1)
+    return spread <= _FLOAT32_NOISE * np.linalg.norm(scale, axis=1)
+
+
+def discrimination_score(
+    pred: np.ndarray,
+    true: np.ndarray,
+    *,
+    exclude: np.ndarray | None = None,
+    metric: Literal["l1", "l2"] = "l1",
+) -> np.ndarray:
+    """cell-eval's perturbation discrimination score of every row.
+
+    Parameters
+    ----------
+    pred, true
+        Predicted and true deltas, perturbations × genes; row ``i`` of both
+        is the same perturbation. Every row of ``true`` is a candidate.
+    exclude
+        Boolean mask (perturbations × genes): genes left out of row ``i``'s
+        distances — its own target gene(s), whose knock-down would give the
+        answer away (cell-eval's ``exclude_target_gene``).
+    metric
+        Distance: ``l1`` (cell-eval's default) or ``l2``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``1 − rank / n`` per row: 1 when the true effect is the nearest of all
+        ``n``, ``1/n`` when it is the farthest.
+
+    Notes
+    -----
+    ``rank_i = #{j : d(pred_i, true_j) < d(pred_i, true_i)}`` (ties count in
+    the prediction's favour), distances over the genes not excluded for
+    ``i``. As ``discrimination_score`` in cell-eval
+    (``cell_eval/metrics/_anndata.py``, Arc Institute), which also ranks the
+    prediction's distance to its own true effect among the distances to all
+    true effects and normalises by the number of perturbations.
+    """
+    distance = _distances(pred, true, metric, exclude)
+    own = np.diagonal(distance)[:, None]
+    rank = np.sum(distance < own, axis=1)
+    return 1.0 - rank / len(true)
+
+
+def centroid_accuracy(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Systema's centroid accuracy of every row.
+
+    Returns
+    -------
+    numpy.ndarray
+        The fraction of the other perturbations' true profiles that are
+        farther (Euclidean, all genes) from the prediction than its own true
+        profile; NaN with fewer than two perturbations.
+
+    Notes
+    -----
+    ``score_i = #{j ≠ i : ‖pred_i − true_j‖ > ‖pred_i − true_i‖} / (n − 1)``,
+    as ``calculate_centroid_accuracies`` in Systema's
+    ``evaluation/centroid_accuracy.py`` (Viñas Torné et al., Nat. Biotechnol.
+    2025), which compares post-perturbation profiles; adding the control mean
+    to both sides does not change Euclidean distances, so deltas give the same
+    score.
+    """
+    n = len(true)
+    if n < 2:
+        return np.full(n, np.nan)
+    distance = _distances(pred, true, "l2", None)
+    own = np.diagonal(distance)[:, None]
+    return np.sum(distance > own, axis=1) / (n - 1)
+
+
+def _distances(
+    pred: np.ndarray, true: np.ndarray, metric: Literal["l1", "l2"], exclude: np.ndarray | None
+) -> np.ndarray:
+    """``d[i, j]`` between ``pred_i`` and ``true_j`` over the genes of row ``i``
+    not in ``exclude``.
+
+    ``l2`` expands ``Σ_g w_ig (p_ig − t_jg)² = Σ_g w_ig p_ig² − 2 (w∘p)_i·t_j +
+    w_i·t_j²`` into matrix products; ``l1`` runs in row blocks bounded by
+    :data:`_BLOCK_ELEMENTS`.
+    """
+    weight = np.ones_like(pred) if exclude is None else (~np.asarray(exclude, dtype=bool)).astype(pred.dtype)
+    if metric == "l2":
+        squared = (weight * pred**2).sum(axis=1)[:, None] - 2 * (weight * pred) @ true.T + weight @ (true**2).T
+        return np.sqrt(np.maximum(squared, 0.0))
+    if metric != "l1":
+        raise ValueError(f"metric must be 'l1' or 'l2', got {metric!r}")
+    n, q = true.shape
+    out = np.empty((len(pred), n))
+    step = max(1, _BLOCK_ELEMENTS // max(n * q, 1))
+    for start in range(0, len(pred), step):
+        block = slice(start, start + step)
+        out[block] = (np.abs(pred[block, None, :] - true[None, :, :]) * weight[block, None, :]).sum(axis=2)
+    return out

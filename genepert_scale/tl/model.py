@@ -1,0 +1,324 @@
+"""The GenePert model end to end: join a pseudo-bulk with gene embeddings,
+accumulate the ridge statistics over perturbation blocks on dask, :func:`fit`
+a model, :func:`predict` unseen perturbations and write the predictions.
+
+These are the public Python entry points the CLI (and batch runs) call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from dask import delayed
+
+from ..cluster import compute
+from .embeddings import (
+    NORMALISATION,
+    EmbeddingTable,
+    Features,
+    MissingPolicy,
+    encode,
+    featurize,
+    load_embeddings,
+    read_gene_map,
+)
+from .data_embedding import pca_dims
+from .embedding_checks import check_dimension
+from ..errors import ParameterError
+from ..pp.pseudobulk import open_pseudobulk
+from .splits import kfold
+from ..validate import check_folds
+from .ridge import (
+    DEFAULT_ALPHAS,
+    GramStats,
+    RidgeModel,
+    Rows,
+    Solver,
+    accumulate,
+    check_alphas,
+    load_model,
+    ridge_path,
+    select_alpha,
+    sum_stats,
+    wants_dual,
+)
+from ..io.interop import predictions_to_anndata, write_h5ad
+from ..io.store import atomic_output, filesystem, write_dataset
+
+log = logging.getLogger(__name__)
+
+#: Perturbations per block of the streamed ridge statistics.
+BLOCK_SIZE = 1024
+
+Embeddings = str | Sequence[str] | EmbeddingTable
+GeneMap = str | Mapping[str, str] | None
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A pseudo-bulk joined with the features of its perturbations.
+
+    Attributes
+    ----------
+    features
+        Features of the perturbations that have them (``features.perturbations``).
+    delta
+        Their pseudo-bulk deltas, perturbations × genes, lazy (dask).
+    genes
+        The pseudo-bulk genes.
+    control_mean
+        Control pseudo-bulk per gene.
+    embedding
+        The embedding table.
+    """
+
+    features: Features
+    delta: da.Array
+    genes: pd.Index
+    control_mean: np.ndarray
+    embedding: EmbeddingTable
+
+    @property
+    def n(self) -> int:
+        return len(self.features.perturbations)
+
+
+def as_table(embeddings: Embeddings, storage_options: dict[str, Any] | None = None) -> EmbeddingTable:
+    """An :class:`EmbeddingTable` from paths/URLs (concatenated) or a table."""
+    if isinstance(embeddings, EmbeddingTable):
+        return embeddings
+    specs = [embeddings] if isinstance(embeddings, str) else list(embeddings)
+    if any(pca_dims(s) for s in specs):
+        raise ParameterError(
+            "pca:K embeddings are derived from each fold's training data and are supported by "
+            "'evaluate' only; fit and predict need embedding files"
+        )
+    return load_embeddings(specs, storage_options)
+
+
+def as_gene_map(gene_map: GeneMap, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """A gene map from a table path, a mapping, or nothing."""
+    if gene_map is None:
+        return {}
+    if isinstance(gene_map, str):
+        return read_gene_map(gene_map, storage_options)
+    return dict(gene_map)
+
+
+def training_data(
+    pseudobulk: xr.Dataset | str,
+    embeddings: Embeddings,
+    *,
+    missing: MissingPolicy = "drop",
+    gene_map: GeneMap = None,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> TrainingData:
+    """Open a pseudo-bulk (store or Dataset) and featurize its perturbations."""
+    ds = open_pseudobulk(pseudobulk, storage_options) if isinstance(pseudobulk, str) else pseudobulk
+    table = as_table(embeddings, storage_options)
+    names = [str(p) for p in ds["perturbation"].values]
+    features = featurize(
+        table, names, missing=missing, gene_map=as_gene_map(gene_map, storage_options), seed=seed
+    )
+    rows = pd.Index(names).get_indexer(features.perturbations)
+    delta = ds["delta"].data
+    if not isinstance(delta, da.Array):
+        delta = da.from_array(np.asarray(delta), chunks=(BLOCK_SIZE, -1))
+    return TrainingData(
+        features, delta[rows], pd.Index([str(g) for g in ds["gene"].values]),
+        np.asarray(ds["control_mean"].values, dtype=np.float64), table,
+    )
+
+
+def fold_statistics(
+    data: TrainingData,
+    fold: np.ndarray,
+    n_folds: int,
+    *,
+    block_size: int = BLOCK_SIZE,
+    progress: bool = True,
+) -> tuple[GramStats, ...]:
+    """Ridge statistics of every fold, accumulated over perturbation blocks.
+
+    Blocks never straddle folds; feature rows of a block are built inside its
+    task, so no task holds more than ``block_size`` rows of features or deltas.
+    """
+    vectors = delayed(data.features.vectors, pure=True, name="embedding-vectors")
+    members = data.features.members
+    g_blocks, x_blocks, groups = [], [], []
+    for k in range(n_folds):
+        positions = np.flatnonzero(fold == k)
+        for start in range(0, positions.size, block_size):
+            block = positions[start : start + block_size]
+            g_blocks.append(delayed(encode, pure=True, name="features")(vectors, [members[i] for i in block]))
+            x_blocks.append(data.delta[block])
+            groups.append(k)
+    graph = accumulate(g_blocks, x_blocks, groups, n_folds)
+    return compute(graph, label="ridge statistics", progress=progress)
+
+
+def dual_rows(data: TrainingData, fold: np.ndarray, solver: Solver) -> Rows | None:
+    """Feature and delta rows for the dual solver, loaded only when it may be
+    used: fewer perturbations than dimensions, so the rows are smaller than ``GᵀG``."""
+    if not wants_dual(data.n, data.features.dim, solver):
+        return None
+    return Rows(data.features.rows(), np.asarray(data.delta.compute(), dtype=np.float64), fold)
+
+
+def fit(
+    pseudobulk: xr.Dataset | str,
+    embeddings: Embeddings,
+    *,
+    alphas: float | Sequence[float] = DEFAULT_ALPHAS,
+    n_folds: int = 5,
+    seed: int = 0,
+    missing: MissingPolicy = "drop",
+    gene_map: GeneMap = None,
+    solver: Solver = "auto",
+    block_size: int = BLOCK_SIZE,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> RidgeModel:
+    """Fit GenePert's ridge on every perturbation of a pseudo-bulk.
+
+    Parameters
+    ----------
+    pseudobulk
+        A pseudo-bulk store (path/URL) or Dataset.
+    embeddings
+        Embedding path(s)/URL(s) (several are concatenated) or a table.
+    alphas
+        One alpha (used as is), or a grid: the alpha is chosen by
+        ``n_folds``-fold CV over perturbations, from fold statistics.
+    n_folds, seed
+        Folds of that CV and their seed (also the seed of ``missing="random"``).
+    missing, gene_map
+        See :func:`.embeddings.featurize`.
+    solver
+        ``auto``: dual when there are fewer perturbations than dimensions.
+    block_size
+        Perturbations per block of the streamed statistics.
+    storage_options
+        fsspec options for URLs.
+    progress
+        Show a progress bar.
+    """
+    alphas = check_alphas(alphas)
+    data = training_data(pseudobulk, embeddings, missing=missing, gene_map=gene_map, seed=seed,
+                         storage_options=storage_options)
+    if len(alphas) > 1:  # the grid is searched by CV: it needs folds
+        check_folds(n_folds, data.n, "the pseudo-bulk (choosing alpha from a grid)")
+    folds = n_folds if len(alphas) > 1 else 1
+    fold = kfold(data.n, folds, seed) if folds > 1 else np.zeros(data.n, dtype=np.int64)
+    fold_stats = fold_statistics(data, fold, folds, block_size=block_size, progress=progress)
+    rows = dual_rows(data, fold, solver)
+    alpha, cv = select_alpha(fold_stats, alphas, rows=rows, solver=solver)
+    path = ridge_path(sum_stats(list(fold_stats)), rows, solver)
+    coef, intercept = path.coef(alpha)
+    log.info("fit: %d perturbations, d=%d, %d genes, alpha %g (%s solver)",
+             data.n, data.features.dim, len(data.genes), alpha, path.solver)
+    metadata = {
+        "embedding": list(data.embedding.sources),
+        "normalisation": NORMALISATION,
+        "missing": data.features.summary(),
+        "seed": seed,
+        "solver": path.solver,
+        "alpha_grid": list(alphas),
+        "cv_mse": [None if np.isnan(v) else float(v) for v in cv],
+        "n_folds": folds,
+        "source": pseudobulk if isinstance(pseudobulk, str) else None,
+    }
+    return RidgeModel(coef, intercept, alpha, data.genes, data.control_mean,
+                      pd.Index(data.features.perturbations), metadata)
+
+
+def predict(
+    model: RidgeModel | str,
+    embeddings: Embeddings,
+    perturbations: Sequence[str],
+    *,
+    missing: MissingPolicy = "error",
+    gene_map: GeneMap = None,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> xr.Dataset:
+    """Predict the pseudo-bulk of perturbations (``A`` or ``A+B``) from their embeddings.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``perturbation``, ``gene``; ``delta`` (predicted change) and
+        ``mean`` (control mean + delta).
+
+    Raises
+    ------
+    EmbeddingError
+        If genes have no vector (listed; ``missing="error"``), or the
+        embedding's dimension differs from the model's.
+    """
+    if isinstance(model, str):
+        model = load_model(model, storage_options)
+    if not perturbations:
+        raise ParameterError("give at least one perturbation to predict")
+    table = as_table(embeddings, storage_options)
+    trained_on = ", ".join(s["path"] for s in model.metadata.get("embedding", []))
+    check_dimension(model.dim, table.dim, f"{_paths(table)} (the model's: {trained_on})")
+    trained = [s.get("sha256") for s in model.metadata.get("embedding", [])]
+    if trained and trained != [s["sha256"] for s in table.sources]:
+        log.warning("embedding %s differs from the one the model was trained with; "
+                    "predictions are only meaningful for the same vectors", _paths(table))
+    features = featurize(table, list(perturbations), missing=missing,
+                         gene_map=as_gene_map(gene_map, storage_options), seed=seed)
+    delta = model.predict(features.rows())
+    return xr.Dataset(
+        {
+            "delta": (("perturbation", "gene"), delta),
+            "mean": (("perturbation", "gene"), delta + model.control_mean),
+            "control_mean": ("gene", model.control_mean),
+        },
+        coords={"perturbation": np.asarray(features.perturbations, dtype=object),
+                "gene": np.asarray(model.genes, dtype=object)},
+        attrs={"alpha": model.alpha, "dropped_perturbations": ",".join(features.dropped)},
+    )
+
+
+def _paths(table: EmbeddingTable) -> str:
+    return " + ".join(s["path"] for s in table.sources)
+
+
+def write_predictions(
+    predictions: xr.Dataset,
+    path: str,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write predictions by suffix: ``.zarr`` (the Dataset), ``.h5ad``
+    (:func:`.interop.predictions_to_anndata`: ``X`` = predicted expression,
+    layer ``delta``, obs with GEARS' ``condition``, ``A+ctrl`` / ``A+B``, and
+    a control row; var = genes) or ``.csv`` (delta, perturbations × genes);
+    local paths or URLs."""
+    suffix = str(path).rstrip("/").lower().rsplit(".", 1)[-1]
+    if suffix not in ("zarr", "h5ad", "csv"):
+        raise ParameterError(f"prediction output {path}: use a .zarr, .h5ad or .csv name")
+    if suffix == "h5ad":
+        adata = predictions_to_anndata(predictions["delta"], predictions["control_mean"],
+                                       uns={"alpha": predictions.attrs.get("alpha")})
+        return write_h5ad(adata, path, overwrite=overwrite, storage_options=storage_options)
+    if suffix == "zarr":
+        write_dataset(predictions, path, overwrite=overwrite, storage_options=storage_options)
+    else:
+        with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp:
+            fs, root = filesystem(tmp, storage_options)
+            with fs.open(root, "w") as handle:
+                predictions["delta"].to_pandas().to_csv(handle, index_label="perturbation")
+    log.info("wrote predictions %s (%d perturbations)", path, predictions.sizes["perturbation"])
+    return path
