@@ -24,7 +24,7 @@ from ..pp.hvg import FLAVORS
 from ..pp.labels import GEARS_CONTROL, parse_label
 from ..tl.ridge import DEFAULT_ALPHAS
 from ..tl.splits import SPLIT_KINDS
-from ..io.store import check_output_free
+from ..io.store import check_output_free, hold_output
 
 log = logging.getLogger("genepert_scale")
 
@@ -428,15 +428,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        if args.command not in WRITES_INTO_OUT and getattr(args, "out", None):
-            # fail before hours of work, not at the end
-            check_output_free(args.out, overwrite=args.overwrite,
-                              storage_options=_storage_options(args.storage_options))
-        if args.command in OWN_CLUSTER:
-            return COMMANDS[args.command](args)
-        with dask_client(args.scheduler, args.workers, threads_per_worker=args.threads_per_worker,
-                         memory_limit=args.memory_limit):
-            return COMMANDS[args.command](args)
+        with contextlib.ExitStack() as held:
+            if args.command not in WRITES_INTO_OUT and getattr(args, "out", None):
+                # fail before hours of work, not at the end: the output exists,
+                # or another run is writing it
+                options = _storage_options(args.storage_options)
+                check_output_free(args.out, overwrite=args.overwrite, storage_options=options)
+                held.enter_context(hold_output(args.out, options))
+            if args.command in OWN_CLUSTER:
+                return COMMANDS[args.command](args)
+            with dask_client(args.scheduler, args.workers,
+                             threads_per_worker=args.threads_per_worker,
+                             memory_limit=args.memory_limit):
+                return COMMANDS[args.command](args)
     except GenePertInputError as err:
         if args.debug:
             raise

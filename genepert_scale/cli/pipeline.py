@@ -21,6 +21,7 @@ it stale.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from typing import Any
 from .. import __version__
 from .config import RunConfig
 from ..errors import ParameterError, StoreError
-from ..io.store import atomic_output, exists, filesystem
+from ..io.store import atomic_output, exists, filesystem, hold_output
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +250,24 @@ def run_stages(
     list of (PlannedStage, str)
         Each stage and what happened: ``skipped`` (current), ``ran``, or with
         ``dry_run`` ``would run``.
+
+    Raises
+    ------
+    OutputBusyError
+        If another run is writing ``[output] dir`` (a run holds its lease,
+        :func:`.store.hold_output`, unless ``dry_run``).
     """
     out_dir, options = config.output.dir, config.output.storage_options
+    with contextlib.nullcontext() if dry_run else hold_output(out_dir, options):
+        return _run_planned(config, plan(config, stages), force=force, dry_run=dry_run,
+                            progress=progress)
+
+
+def _run_planned(config: RunConfig, planned_stages: Sequence[PlannedStage], *, force: bool,
+                 dry_run: bool, progress: bool) -> list[tuple[PlannedStage, str]]:
+    out_dir, options = config.output.dir, config.output.storage_options
     outcome = []
-    for planned in plan(config, stages):
+    for planned in planned_stages:
         name = planned.stage.name
         if planned.state == "current" and not force:
             log.info("stage %s: current (fingerprint %s), skipped", name, planned.fingerprint[:12])

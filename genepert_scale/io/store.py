@@ -4,12 +4,16 @@ chunking of the zarr arrays we write.
 Everything that writes an output goes through :func:`atomic_output`: the
 output is built under a temporary name beside the target and renamed into
 place only when complete, so an interrupted run never leaves a half-written
-store, and an existing output is replaced only with ``overwrite=True``.
+store, and an existing output is replaced only with ``overwrite=True``. The
+writer holds the output's lease meanwhile (:func:`hold_output`, :mod:`.lease`),
+so a second run writing the same output fails at once, and the temporaries of
+runs that were killed are removed by the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import uuid
@@ -27,7 +31,10 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ..errors import StoreError
 from .integrity import COMPLETE_CHUNKS_ATTR, strict_store
+from .lease import TMP_MARK, Lease, hold_lease, sibling
 from .retry import RetryingStore
+
+log = logging.getLogger(__name__)
 
 #: Elements per chunk of the 1-D CSR arrays (``data``, ``indices``); 1 MiB of float32.
 CSR_CHUNK = 262_144
@@ -170,6 +177,11 @@ def atomic_output(
 ) -> Iterator[str]:
     """Yield a temporary path beside ``target``; rename it into place on success.
 
+    The output's lease is held throughout (:func:`hold_output`): the
+    temporary ``.NAME.tmp-<token>-…`` carries the lease's token, and the lease
+    is read back just before the rename, so only one run puts an output in
+    place.
+
     Parameters
     ----------
     target
@@ -183,27 +195,32 @@ def atomic_output(
     ------
     StoreError
         If ``target`` exists and ``overwrite`` is false.
+    OutputBusyError
+        If another run that is alive holds the output's lease, or took it
+        over while this one was writing.
     """
     check_output_free(target, overwrite=overwrite, storage_options=storage_options)
-    fs, root = filesystem(target, storage_options)
-    parent, name = root.rstrip("/").rsplit("/", 1) if "/" in root else ("", root)
-    tmp_name = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_root = f"{parent}/{tmp_name}" if parent else tmp_name
-    tmp = _with_protocol(target, tmp_root, fs)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        if fs.exists(tmp_root):
-            fs.rm(tmp_root, recursive=True)
-        raise
+    with hold_output(target, storage_options) as lease:
+        fs, root = lease.fs, lease.root
+        tmp_root = sibling(root, ".", f"{TMP_MARK}{lease.token}-{uuid.uuid4().hex[:6]}")[2]
+        try:
+            yield _with_protocol(target, tmp_root, fs)
+            lease.check()
+        except BaseException:
+            if fs.exists(tmp_root):
+                fs.rm(tmp_root, recursive=True)
+            raise
+        _replace(fs, tmp_root, root)
+
+
+def _replace(fs: fsspec.AbstractFileSystem, new: str, root: str) -> None:
+    """Move ``new`` to ``root``, replacing what is there (restored if the move fails)."""
     backup = None
     if fs.exists(root):
-        backup = f"{tmp_root}.old"
+        backup = f"{new}.old"
         move(fs, root, backup)
     try:
-        move(fs, tmp_root, root)
+        move(fs, new, root)
     except BaseException:
         if backup is not None:  # put the previous output back
             if fs.exists(root):
@@ -212,6 +229,52 @@ def atomic_output(
         raise
     if backup is not None:
         fs.rm(backup, recursive=True)
+
+
+@contextlib.contextmanager
+def hold_output(target: str, storage_options: dict[str, Any] | None = None) -> Iterator[Lease]:
+    """Hold the lease of the output ``target`` while inside (:mod:`.lease`).
+
+    The run that takes it removes the temporaries of ``target`` that runs
+    killed before renaming them left beside it (only a lease holder builds
+    temporaries, so none of them belongs to a live run), and logs each; a
+    previous output that a killed run had moved aside (``….old``) to replace
+    it is put back when ``target`` is missing. Nested calls in one process
+    share the lease.
+
+    Raises
+    ------
+    OutputBusyError
+        If another run that may be alive holds the lease.
+    """
+    with hold_lease(target, storage_options) as (lease, fresh):
+        if fresh:
+            remove_stale_temporaries(lease)
+        yield lease
+
+
+def remove_stale_temporaries(lease: Lease) -> list[str]:
+    """Remove the temporaries of the output of ``lease`` (held by this
+    process) that dead runs left; return their paths."""
+    fs, prefix = lease.fs, f".{lease.name}{TMP_MARK}"
+    fs.invalidate_cache(lease.parent)
+    try:
+        entries = fs.ls(lease.parent, detail=False) if lease.parent else []
+    except FileNotFoundError:
+        return []
+    stale = sorted(e.rstrip("/") for e in entries if e.rstrip("/").rsplit("/", 1)[-1].startswith(prefix))
+    for path in stale:
+        gone = lease.taken_over
+        whose = (f"the run {gone.describe()}" if gone is not None and f"{TMP_MARK}{gone.token}" in path
+                 else "a run that is gone")
+        if path.endswith(".old") and not fs.exists(lease.root):
+            move(fs, path, lease.root)
+            log.warning("%s: put back the previous output from %s, which %s moved aside "
+                        "and was killed before replacing it", lease.url, path, whose)
+        else:
+            fs.rm(path, recursive=True)
+            log.warning("%s: removed the stale temporary %s left by %s", lease.url, path, whose)
+    return stale
 
 
 def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
