@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
+import dask.utils
 import numpy as np
 import pandas as pd
 
@@ -155,6 +156,19 @@ def check_positive(name: str, value: float, *, integer: bool = False) -> None:
     if not ok or not np.isfinite(value):
         kind = "a positive integer" if integer else "a positive number"
         raise ParameterError(f"{name} must be {kind}, got {value!r}")
+
+
+def memory_bytes(value: int | str | None, name: str = "--memory-limit") -> int | None:
+    """A memory size in bytes from a number or a string such as ``"2GiB"``
+    (``None`` and ``"auto"``: no limit given)."""
+    if value is None or value == "auto":
+        return None
+    try:
+        size = dask.utils.parse_bytes(value) if isinstance(value, str) else int(value)
+    except ValueError as err:
+        raise ParameterError(f"{name} {value!r} is not a size; use e.g. 2GiB or 500MB") from err
+    check_positive(name, size, integer=True)
+    return size
 
 
 def check_min_cells(group_sizes: Mapping[str, int], min_cells: int, source: str) -> None:

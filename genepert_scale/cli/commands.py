@@ -78,7 +78,8 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument("--scheduler", help="address of a running dask scheduler (or DASK_SCHEDULER_ADDRESS)")
     group.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes")
     group.add_argument("--threads-per-worker", type=int, help="threads per LocalCluster worker")
-    group.add_argument("--memory-limit", default="auto", help="memory limit per LocalCluster worker, e.g. 2GiB; also caps the pass's block size")
+    group.add_argument("--memory-limit", default="auto", help="memory limit per LocalCluster worker, e.g. 2GiB; also caps the pass's block size "
+                            "and convert's slabs")
     group.add_argument("--storage-options", help="JSON of fsspec options for URLs (s3://, gs://, ...)")
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=10_000, help="rows per written block")
     p.add_argument("--threads", type=int, help="threads drawing cells (default: the CPUs, at most 8)")
 
-    p = sub.add_parser("convert", parents=[parent], help="stream an .h5ad into a chunked zarr store")
+    p = sub.add_parser("convert", parents=[parent],
+                       help="stream an .h5ad (CSR, dense or CSC X) into a chunked CSR zarr store")
     p.add_argument("source", help="input .h5ad")
     p.add_argument("out", help="output zarr store")
 
@@ -227,7 +229,8 @@ def _convert(args: argparse.Namespace) -> int:
     from ..io.convert import convert_h5ad
 
     print(convert_h5ad(args.source, args.out, overwrite=args.overwrite,
-                       storage_options=_storage_options(args.storage_options)))
+                       storage_options=_storage_options(args.storage_options),
+                       memory_limit=args.memory_limit))
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import anndata as ad
 import fsspec
+import numpy as np
 import xarray as xr
 from anndata.io import write_elem
 from fsspec.implementations.local import LocalFileSystem
@@ -355,9 +356,13 @@ class CsrAppender:
             raise StoreError(
                 f"block has {block.shape[1]} columns, expected {self.n_vars}"
             )
-        self.group["data"].append(block.data.astype(self.group["data"].dtype, copy=False))
-        self.group["indices"].append(block.indices.astype("int32", copy=False))
-        self.group["indptr"].append(block.indptr[1:].astype("int64") + self.nnz)
-        self.n_rows += block.shape[0]
-        self.nnz += block.nnz
+        self.append_parts(block.data, block.indices, block.indptr)
+
+    def append_parts(self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray) -> None:
+        """Append CSR rows given as arrays (``indptr`` from 0, one more than the rows)."""
+        self.group["data"].append(data.astype(self.group["data"].dtype, copy=False))
+        self.group["indices"].append(indices.astype("int32", copy=False))
+        self.group["indptr"].append(indptr[1:].astype("int64") + self.nnz)
+        self.n_rows += len(indptr) - 1
+        self.nnz += int(indptr[-1])
         self.group.attrs["shape"] = [self.n_rows, self.n_vars]
