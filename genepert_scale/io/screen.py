@@ -358,10 +358,14 @@ def _x_encoding(x_group, path: str) -> str:
     """The encoding of ``X`` (``"csr_matrix"`` or ``"array"``), after checking it can be streamed."""
     encoding = x_group.attrs.get("encoding-type", "array")
     if encoding == "csc_matrix":
-        raise StoreError(
-            f"{path}: X is stored as CSC (column-major); rows cannot be streamed. "
-            "Rewrite it as CSR with 'genepert-scale convert'"
+        remedy = (
+            f"Run 'genepert-scale convert {path} {path[:-len('.h5ad')]}.zarr' (it streams CSC "
+            "into a CSR zarr store within --memory-limit) and give the .zarr store instead"
+            if path.endswith(".h5ad") else
+            "Write it as CSR: 'genepert-scale convert' streams a CSC .h5ad into a CSR zarr store"
         )
+        raise StoreError(f"{path}: X is stored as CSC (column-major); rows cannot be streamed. "
+                         f"{remedy}")
     if encoding not in ("csr_matrix", "array"):
         raise StoreError(f"{path}: X has unsupported encoding {encoding!r}")
     if encoding == "array":
