@@ -244,3 +244,26 @@ def test_one_writer_and_no_debris_on_s3(small_screen):
         assert [p.rsplit("/", 1)[-1] for p in fs.ls("runs")] == ["pb.zarr"]
         assert_same_pseudobulk(open_pseudobulk(out, options).load(),
                                pseudobulk(screen, n_top_genes=100, progress=False))
+
+
+def test_lease_on_a_store_without_write_if_absent(caplog):
+    """fsspec's in-memory filesystem checks, then writes, then reads the
+    lease back: a live holder is refused, a silent one taken over, and the
+    temporaries left beside the output removed."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/leases/.t.txt.tmp-0123abcd-aaaaaa", b"debris")
+    now = time.time()
+    fs.pipe_file("/leases/.t.txt.lease", Holder(7, "elsewhere", now, now, "0123abcd").to_bytes())
+    with pytest.raises(OutputBusyError, match="pid 7 on host elsewhere"):
+        with atomic_output("memory://leases/t.txt"):
+            pass
+    fs.pipe_file("/leases/.t.txt.lease",
+                 Holder(7, "elsewhere", now - 900, now - 900, "0123abcd").to_bytes())
+    with atomic_output("memory://leases/t.txt") as tmp:
+        fs.pipe_file(tmp.removeprefix("memory://"), b"new")
+    assert fs.cat_file("/leases/t.txt") == b"new"
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/leases", detail=False)) == ["t.txt"]
+    assert "removed the stale temporary /leases/.t.txt.tmp-0123abcd-aaaaaa left by the run pid 7" \
+        in caplog.text
