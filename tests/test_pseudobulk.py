@@ -256,24 +256,28 @@ def test_convert_streams_layers_and_raw(tmp_path):
     assert (back.raw.X != counts).nnz == 0 and list(back.raw.var_names) == list(adata.var_names)
 
 
-def test_default_chains_one_per_thread_as_memory_allows():
+def test_accumulator_rooms_one_per_thread_as_memory_allows():
     import dask
 
-    from genepert_scale.cluster import ACCUMULATOR_MEMORY_SHARE, default_chains
+    from genepert_scale.cluster import ACCUMULATOR_MEMORY_SHARE, Room, accumulator_rooms
+    from genepert_scale.pp.budget import plan_pass
 
     limit = 2**30
     fits = int(limit * ACCUMULATOR_MEMORY_SHARE)
     with dask.config.set(num_workers=4):
-        assert default_chains(fits // 8, limit) == 4  # memory for 8: one per thread
-        assert default_chains(fits // 3, limit) == 3  # memory for 3 of the 4 threads
-        assert default_chains(2 * fits, limit) == 1  # never fewer than one
+        assert accumulator_rooms(limit) == [Room(4, fits)]
+        rooms = accumulator_rooms(limit)
+    per_group = 8 * 1000  # one group's int64 sums over 1,000 genes
+    assert plan_pass(fits // per_group // 8, 1000, 1000, False, rooms).chains == 4
+    assert plan_pass(fits // per_group // 3, 1000, 1000, False, rooms).chains == 3
 
 
-def test_default_chains_follow_a_container_memory_limit(tmp_path, monkeypatch):
+def test_accumulator_rooms_follow_a_container_memory_limit(tmp_path, monkeypatch):
     # a pod limited to 1 GiB on a larger machine: room for one 300 MB accumulator, not four
     import dask
 
     from genepert_scale import cluster
+    from genepert_scale.pp.budget import plan_pass
 
     v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
     v2.write_text("max\n")  # cgroup v2 without a limit
@@ -284,7 +288,8 @@ def test_default_chains_follow_a_container_memory_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(cluster, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
     assert cluster._local_memory() == 2**30
     with dask.config.set(num_workers=4):
-        assert cluster.default_chains(300 * 2**20) == 1
+        rooms = cluster.accumulator_rooms()
+    assert plan_pass(300 * 2**20 // 8000, 1000, 1000, False, rooms).chains == 1
     v1.write_text(f"{2**62}\n")  # cgroup v1 without a limit: a huge number
     assert cluster._local_memory() == machine
 

@@ -270,11 +270,21 @@ def _moments_numpy(
     return logged, sums
 
 
-def _scatter_numpy(out, values, indices, indptr, codes, bits: int) -> None:
-    """Add the CSR rows' ``values`` into ``out[code]`` as fixed point (``np.add.at``)."""
+def _scatter_numpy(out, values, indices, indptr, codes, bits: int,
+                   gene_map: np.ndarray | None = None) -> None:
+    """Add the CSR rows' ``values`` into ``out[code]`` as fixed point (``np.add.at``),
+    each in its gene's column (``gene_map[gene]`` where given; -1: not summed)."""
     rows = np.repeat(codes, np.diff(indptr))
-    member = rows >= 0
-    np.add.at(out, (rows[member], indices[member]), to_fixed(values[member], bits))
+    columns = indices if gene_map is None else gene_map[indices]
+    member = (rows >= 0) & (columns >= 0)
+    np.add.at(out, (rows[member], columns[member]), to_fixed(values[member], bits))
+
+
+def gene_columns(selected: np.ndarray) -> np.ndarray:
+    """The gene map of :func:`fold_block` that sums the ``selected`` genes
+    (a boolean mask over all genes) into consecutive columns."""
+    selected = np.asarray(selected, dtype=bool)
+    return np.where(selected, np.cumsum(selected) - 1, -1).astype(np.int64)
 
 
 def accumulator_bytes(n_groups: int, n_genes: int, with_group_sumsq: bool) -> int:
@@ -300,6 +310,7 @@ def fold_block(
     with_group_sumsq: bool = False,
     moments: tuple[str, ...] = DEFAULT_MOMENTS,
     block_index: int = 0,
+    gene_map: np.ndarray | None = None,
     use_numba: bool | None = None,
 ) -> PassStats:
     """The *fold*: normalize + ``log1p`` one block and add it into ``acc``.
@@ -326,6 +337,11 @@ def fold_block(
     block_index
         Position of the block: names it in :class:`ValueCheck`, and orders the
         block's gene moments, kept apart until :func:`finish`.
+    gene_map
+        Sum only some genes: for each gene its column of the group sums, or
+        -1 (:func:`gene_columns`). No moments can be asked for then, and the
+        values of rows in no group are neither read nor checked (a pass
+        that already checked them, :mod:`.reduce`).
     use_numba
         Force the compiled (``True``) or numpy (``False``) loop; default :data:`USE_NUMBA`.
     """
@@ -334,12 +350,14 @@ def fold_block(
     data, indices, indptr = block.data, block.indices, block.indptr
     codes = np.asarray(codes)
     if acc is None:
-        acc = new_stats(n_groups, n_genes, with_group_sumsq)
+        n_columns = n_genes if gene_map is None else int(gene_map.max(initial=-1)) + 1
+        acc = new_stats(n_groups, n_columns, with_group_sumsq)
     if USE_NUMBA if use_numba is None else use_numba:
         pairs, counts = _numba_kernels.fold_rows(
             data, indices, indptr, codes, normalize=kind == "counts", target_sum=target_sum,
             log1p_max=LOG1P_MAX, group_sum=acc.group_sum, sum_bits=SUM_BITS,
             group_sumsq=acc.group_sumsq, square_bits=SQUARE_BITS, moments=moments,
+            gene_map=gene_map,
         )
         check = _value_check([int(c) for c in counts], block_index)
         sums = {name: np.ascontiguousarray(pair[:, i])
@@ -348,14 +366,38 @@ def fold_block(
         data, indices, indptr, outside = in_range(data, indices, indptr, n_genes)
         check = check_values(data, kind, block_index, outside)
         logged, sums = _moments_numpy(data, indices, indptr, n_genes, kind, target_sum, moments)
-        _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS)
+        _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS, gene_map)
         if acc.group_sumsq is not None:
-            _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes, SQUARE_BITS)
+            _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes,
+                           SQUARE_BITS, gene_map)
     acc.n_cells += block.shape[0]
     acc.check = acc.check.combine(check)
     np.add(acc.group_n, np.bincount(codes[codes >= 0], minlength=n_groups), out=acc.group_n)
     acc.block_moments[block_index] = sums
     return acc
+
+
+def slab_means(stats: PassStats) -> tuple[np.ndarray, np.ndarray | None]:
+    """Group means, and mean squares (or ``None``), of the fixed-point sums
+    of ``stats`` (float64; a group without cells gets zeros), each computed
+    in the memory of its sums, which ``stats`` gives up."""
+    n = np.maximum(stats.group_n, 1)[:, None]
+    means = _from_fixed_in_place(stats.group_sum, SUM_BITS)
+    means /= n
+    squares = None
+    if stats.group_sumsq is not None:
+        squares = _from_fixed_in_place(stats.group_sumsq, SQUARE_BITS)
+        squares /= n
+    stats.group_sum = stats.group_sumsq = None
+    return means, squares
+
+
+def _from_fixed_in_place(values: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`from_fixed` of a C-contiguous int64 array, written over it (an
+    exact scaling of each element, read before it is overwritten)."""
+    out = np.ascontiguousarray(values).view(np.float64)
+    np.multiply(values, 2.0**-bits, out=out, casting="unsafe")
+    return out
 
 
 def finish(stats: PassStats) -> PassStats:

@@ -23,7 +23,7 @@ import xarray as xr
 from .. import __version__
 
 from . import kernels
-from ..cluster import cluster_threads, compute, default_chains
+from ..cluster import accumulator_rooms, cluster_threads, compute
 from ..errors import GenePertInputError, LabelError, ParameterError, StoreError, listing
 from .hvg import (
     FLAVORS,
@@ -36,7 +36,8 @@ from .hvg import (
 )
 from ..io.integrity import METADATA_ERRORS, named_chunk_errors
 from .labels import assign_groups
-from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
+from .budget import PassPlan, plan_pass
+from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
 from ..io.screen import Screen, open_screen
 from ..io.store import open_dataset, write_dataset
 from ..validate import (
@@ -178,8 +179,8 @@ def pseudobulk(
     split_every
         Inputs per combine task.
     chains
-        Running ``(groups × genes)`` accumulators (see :func:`.reduce.pass_stats`);
-        default :func:`.cluster.default_chains` (one per thread, as memory allows).
+        Running group-sum accumulators at once (see :func:`.reduce.pass_stats`);
+        default from :func:`.budget.plan_pass` (one per thread, as memory allows).
     progress
         Show a progress bar.
 
@@ -230,21 +231,73 @@ def pseudobulk(
         screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
         screen.X.numblocks[0], screen.X.chunks[0][0],
     )
-    sums_bytes = kernels.accumulator_bytes(len(groups), screen.n_vars, group_variance)
+    plan = plan_pass(len(groups), screen.n_vars, params.n_top_genes or screen.n_vars,
+                     group_variance, accumulator_rooms(memory_limit))
+    if chains:
+        plan = PassPlan(chains, plan.slabs)
+    log.info("pass plan: %s", plan.describe())
+    one_pass = not plan.genes_first
     graph = pass_stats(
-        screen, codes, len(groups), kind=kind, target_sum=target_sum,
-        with_group_sumsq=group_variance, moments=HVG_MOMENTS[flavor],
-        split_every=split_every, chains=chains or default_chains(sums_bytes, memory_limit),
+        screen, codes if one_pass else np.full_like(codes, -1), len(groups) if one_pass else 1,
+        kind=kind, target_sum=target_sum, with_group_sumsq=group_variance and one_pass,
+        moments=HVG_MOMENTS[flavor], split_every=split_every,
+        chains=plan.chains if one_pass else cluster_threads(),
     )
-    stats = _timed_pass(graph, screen, "streamed pass", progress)
+    stats = _timed_pass(graph, screen, "streamed pass" if one_pass else "moments pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
-    check_min_cells(dict(zip(groups[1:], stats.group_n[1:].tolist())), min_cells, screen.source)
+    n_cells = np.bincount(codes[codes >= 0], minlength=len(groups))
+    check_min_cells(dict(zip(groups[1:], n_cells[1:].tolist())), min_cells, screen.source)
     hvg = select_genes(stats, screen, params, split_every=split_every, progress=progress)
-    ds = finalize(stats, groups, hvg, params, kind=kind)
+    keep = hvg["highly_variable"].to_numpy()
+    if one_pass:
+        means, squares = kernels.slab_means(_selected_sums(stats, keep))
+    else:
+        means, squares = _group_means(screen, codes, plan, kernels.gene_columns(keep), kind,
+                                      target_sum, group_variance, progress)
+    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind)
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
     ds.attrs["n_vars"] = screen.n_vars
     return ds
+
+
+def _selected_sums(stats: kernels.PassStats, keep: np.ndarray) -> kernels.PassStats:
+    """``stats`` with its group sums restricted to the genes ``keep`` (the
+    ``(groups × all genes)`` sums are released)."""
+    stats.group_sum = stats.group_sum[:, keep]
+    if stats.group_sumsq is not None:
+        stats.group_sumsq = stats.group_sumsq[:, keep]
+    return stats
+
+
+def _group_means(
+    screen: Screen,
+    codes: np.ndarray,
+    plan: PassPlan,
+    gene_map: np.ndarray,
+    kind: kernels.InputKind,
+    target_sum: float,
+    group_variance: bool,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Group means (and mean squares) over the genes of ``gene_map``, by the
+    slabs of ``plan`` (:func:`.reduce.slab_means`), assembled slab by slab."""
+    one_slab = len(plan.slabs) == 1
+    parts = slab_means(screen, codes, plan.slabs, gene_map, kind=kind, target_sum=target_sum,
+                       with_group_sumsq=group_variance, chains=plan.chains if one_slab else 1,
+                       concurrent=1 if one_slab else plan.chains)
+    results = _timed_pass(parts, screen, "group-sum pass", progress)
+    if one_slab:
+        return results[0]
+    shape = (plan.slabs[-1][1], int(gene_map.max()) + 1)
+    means = np.empty(shape)
+    squares = np.empty(shape) if group_variance else None
+    for i, (first, stop) in enumerate(plan.slabs):
+        means[first:stop] = results[i][0]
+        if squares is not None:
+            squares[first:stop] = results[i][1]
+        results[i] = None  # each slab's means freed as they are copied
+    return means, squares
 
 
 def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:
@@ -319,7 +372,9 @@ def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -
 
 
 def finalize(
-    stats: kernels.PassStats,
+    means: np.ndarray,
+    squares: np.ndarray | None,
+    n_cells: np.ndarray,
     groups: list[str],
     hvg: pd.DataFrame,
     params: PseudobulkParams,
@@ -328,14 +383,16 @@ def finalize(
 ) -> xr.Dataset:
     """The *finalize* step: group means over the selected genes, delta, as a Dataset.
 
-    The dense group sums of ``stats`` are released (set to ``None``) once the
-    selected genes are copied out, so that at genome-wide scale the full
-    ``(groups, genes)`` matrix and the outputs are not held at the same time.
-
     Parameters
     ----------
-    stats
-        Statistics of the pass.
+    means
+        Mean ``log1p`` expression of every group (the control first) over the
+        selected genes, ``(groups, selected genes)`` (:func:`.kernels.slab_means`).
+    squares
+        Mean squares of the same, or ``None`` without group variances; both
+        are turned into variances in place.
+    n_cells
+        Cells per group.
     groups
         Group names, the control first.
     hvg
@@ -345,17 +402,11 @@ def finalize(
     kind
         The input kind that was used.
     """
-    if stats.group_n[0] == 0:
+    if n_cells[0] == 0:
         raise LabelError(f"no control cells ({params.control!r}) in the screen; "
                          "pass the control label with --control")
-    var_names = hvg.index
+    n = n_cells
     keep = hvg["highly_variable"].to_numpy()
-    n = stats.group_n
-    selected_sums = stats.group_sum[:, keep]
-    stats.group_sum = None  # release the (groups × all genes) sums before converting
-    means = kernels.from_fixed(selected_sums, kernels.SUM_BITS)
-    del selected_sums
-    means /= np.maximum(n, 1)[:, None]
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
     if small:
         log.warning(
@@ -364,7 +415,6 @@ def finalize(
         )
     rows = np.flatnonzero(n >= params.min_cells)
     rows = rows[rows > 0]
-    genes = var_names[keep]
     selected = _take_rows(means, rows)
     data_vars = {
         "mean": (("perturbation", "gene"), selected),
@@ -379,13 +429,9 @@ def finalize(
             if column != "highly_variable"
         },
     }
-    if stats.group_sumsq is not None:
-        selected_sums = stats.group_sumsq[:, keep]
-        stats.group_sumsq = None
-        variance = kernels.from_fixed(selected_sums, kernels.SQUARE_BITS)
-        del selected_sums
-        # in place, as for the means: E[x²] − mean², clipped at 0, times n/(n−1)
-        variance /= np.maximum(n, 1)[:, None]
+    if squares is not None:
+        # in place: E[x²] − mean², clipped at 0, times n/(n−1)
+        variance = squares
         variance -= np.square(means)
         np.maximum(variance, 0, out=variance)
         variance *= (n / np.maximum(n - 1, 1))[:, None]
@@ -404,8 +450,8 @@ def finalize(
         data_vars,
         coords={
             "perturbation": np.array([groups[i] for i in rows], dtype=object),
-            "gene": np.asarray(genes, dtype=object),
-            "screen_gene": np.asarray(var_names, dtype=object),
+            "gene": np.asarray(hvg.index[keep], dtype=object),
+            "screen_gene": np.asarray(hvg.index, dtype=object),
         },
         attrs=attrs,
     )
