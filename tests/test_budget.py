@@ -92,3 +92,16 @@ def test_the_log_says_which_plan_ran(small_screen, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="genepert_scale"):
         pseudobulk(small_screen[0], n_top_genes=100, progress=False, memory_limit=60_000)
     assert "slabs of up to" in caplog.text
+
+
+def test_slabs_stay_lazy_until_written(small_screen, unbudgeted, monkeypatch, tmp_path):
+    import dask.array as da
+
+    from genepert_scale.pp.pseudobulk import open_pseudobulk, write_pseudobulk
+
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    ds = pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False,
+                    memory_limit=60_000)
+    assert all(isinstance(ds[name].data, da.Array) for name in ("mean", "delta", "var"))
+    write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
+    assert_same_budgeted(open_pseudobulk(str(tmp_path / "pb.zarr")).compute(), unbudgeted)

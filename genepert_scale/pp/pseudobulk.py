@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+import dask.array as da
 import dask.utils
+from dask import delayed
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -60,6 +63,9 @@ ENCODING_TYPE = "genepert_scale.pseudobulk"
 ENCODING_VERSION = "0.1.0"
 
 InputKindOption = Literal["auto", "counts", "log1p"]
+
+#: Bytes per chunk of a lazily computed output's rows (:func:`_group_means`).
+OUTPUT_CHUNK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -279,25 +285,32 @@ def _group_means(
     target_sum: float,
     group_variance: bool,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[Any, Any]:
     """Group means (and mean squares) over the genes of ``gene_map``, by the
-    slabs of ``plan`` (:func:`.reduce.slab_means`), assembled slab by slab."""
+    slabs of ``plan`` (:func:`.reduce.slab_means`).
+
+    One slab is computed here (numpy arrays). Several stay lazy: dask arrays
+    of :data:`OUTPUT_CHUNK_BYTES` row chunks, computed as they are written
+    (:func:`write_pseudobulk`), so the whole ``(groups × genes)`` output is
+    never in memory.
+    """
     one_slab = len(plan.slabs) == 1
     parts = slab_means(screen, codes, plan.slabs, gene_map, kind=kind, target_sum=target_sum,
                        with_group_sumsq=group_variance, chains=plan.chains if one_slab else 1,
                        concurrent=1 if one_slab else plan.chains)
-    results = _timed_pass(parts, screen, "group-sum pass", progress)
     if one_slab:
-        return results[0]
-    shape = (plan.slabs[-1][1], int(gene_map.max()) + 1)
-    means = np.empty(shape)
-    squares = np.empty(shape) if group_variance else None
-    for i, (first, stop) in enumerate(plan.slabs):
-        means[first:stop] = results[i][0]
-        if squares is not None:
-            squares[first:stop] = results[i][1]
-        results[i] = None  # each slab's means freed as they are copied
-    return means, squares
+        return _timed_pass(parts, screen, "group-sum pass", progress)[0]
+    n_selected = int(gene_map.max()) + 1
+    rows = max(1, OUTPUT_CHUNK_BYTES // (8 * n_selected))
+
+    def stacked(item: int) -> da.Array:
+        slabs = [da.from_delayed(delayed(operator.getitem, pure=True)(part, item),
+                                 (stop - first, n_selected), np.float64)
+                 for part, (first, stop) in zip(parts, plan.slabs)]
+        return da.concatenate(slabs).rechunk((rows, n_selected))
+
+    log.info("group sums in %d slabs: computed as the output is written", len(plan.slabs))
+    return stacked(0), stacked(1) if group_variance else None
 
 
 def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:
@@ -430,11 +443,13 @@ def finalize(
         },
     }
     if squares is not None:
-        # in place: E[x²] − mean², clipped at 0, times n/(n−1)
-        variance = squares
-        variance -= np.square(means)
-        np.maximum(variance, 0, out=variance)
-        variance *= (n / np.maximum(n - 1, 1))[:, None]
+        factor = (n / np.maximum(n - 1, 1))[:, None]
+        if isinstance(squares, da.Array):
+            variance = da.map_blocks(_variance_of_copy, squares, means,
+                                     da.from_array(factor, chunks=(squares.chunks[0], 1)),
+                                     dtype=np.float64)
+        else:
+            variance = _variance(squares, means, factor)
         data_vars["var"] = (("perturbation", "gene"), _take_rows(variance, rows))
         data_vars["control_var"] = ("gene", variance[0])
     attrs = {
@@ -455,6 +470,20 @@ def finalize(
         },
         attrs=attrs,
     )
+
+
+def _variance(squares: np.ndarray, means: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Group variances from mean squares, written over ``squares``:
+    E[x²] − mean², clipped at 0, times ``factor`` = n/(n−1) per group."""
+    squares -= np.square(means)
+    np.maximum(squares, 0, out=squares)
+    squares *= factor
+    return squares
+
+
+def _variance_of_copy(squares: np.ndarray, means: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """:func:`_variance` of a block, leaving dask's input block as it is."""
+    return _variance(squares.copy(), means, factor)
 
 
 def _take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
