@@ -12,6 +12,7 @@ import xarray as xr
 import zarr
 
 from conftest import scanpy_pseudobulk
+from genepert_scale.errors import LabelError, ParameterError
 from genepert_scale.io.convert import convert_h5ad
 from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.pp.reduce import pass_stats
@@ -301,4 +302,55 @@ def test_genes_are_selected_only_from_the_moments_the_flavor_needs(small_screen)
     codes = np.zeros(screen.n_obs, dtype=np.int32)
     stats = pass_stats(screen, codes, 1, kind="counts", moments=("raw",)).compute(scheduler="sync")
     with pytest.raises(ValueError, match="flavor seurat selects genes from the 'normalized' moments"):
-        select_genes(stats, screen, PseudobulkParams(n_top_genes=50, flavor="seurat"), progress=False)
+        select_genes(stats, screen, PseudobulkParams(n_top_genes=50, flavor="seurat"),
+                     np.ones(screen.n_obs, bool), progress=False)
+
+
+@pytest.mark.parametrize("flavor", ["seurat", "seurat_v3"])
+def test_obs_filter_equals_scanpy_on_the_kept_cells(papalexi_path, flavor, caplog):
+    import json
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="genepert_scale"):
+        ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=100, flavor=flavor,
+                        obs_filter="confident", progress=False, block_rows=4096)
+    adata = ad.read_h5ad(papalexi_path)
+    confident = adata.obs["confident"].to_numpy(bool)
+    assert_matches_scanpy(ds, adata[confident].copy(), key="perturbation", control="control",
+                          n_top_genes=100, flavor=flavor)
+    left_out = json.loads(ds.attrs["left_out_cells"])
+    assert left_out == {"no_label": 0, "filtered": int((~confident).sum()),
+                        "dropped_perturbations": 0}
+    assert f"{(~confident).sum()} of 20729 cells are rejected by --obs-filter" in caplog.text
+
+
+def test_a_negated_obs_filter_keeps_the_other_cells(papalexi_path):
+    ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=50,
+                    obs_filter="~confident", progress=False, block_rows=4096)
+    adata = ad.read_h5ad(papalexi_path)
+    rejected = ~adata.obs["confident"].to_numpy(bool)
+    counts = adata.obs["perturbation"][rejected].value_counts()
+    np.testing.assert_array_equal(ds.n_cells.values, counts.loc[list(ds.perturbation.values)])
+
+
+def test_an_obs_filter_must_be_a_boolean_column(papalexi_path):
+    with pytest.raises(ParameterError, match=r"obs\['bio_rep'\] holds category values"):
+        pseudobulk(str(papalexi_path), control="control", obs_filter="bio_rep", progress=False)
+    with pytest.raises(LabelError, match="obs has no column 'confidant'.*--obs-filter"):
+        pseudobulk(str(papalexi_path), control="control", obs_filter="confidant", progress=False)
+
+
+def test_cells_without_a_label_are_counted_and_reported(tmp_path, caplog):
+    import json
+    import logging
+
+    from factories import LABELS, counts, write_screen
+
+    x = counts()
+    labels = [None if i % 7 == 0 else LABELS[i % len(LABELS)] for i in range(x.shape[0])]
+    path = write_screen(tmp_path / "s.zarr", x, labels=labels)
+    with caplog.at_level(logging.WARNING, logger="genepert_scale"):
+        ds = pseudobulk(path, control=LABELS[0], n_top_genes=None, min_cells=1, progress=False)
+    missing = sum(label is None for label in labels)
+    assert json.loads(ds.attrs["left_out_cells"])["no_label"] == missing
+    assert f"{missing} of {x.shape[0]} cells have no label in obs['perturbation']" in caplog.text

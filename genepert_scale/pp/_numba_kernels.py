@@ -371,7 +371,8 @@ def fold_rows(
     With ``gene_map`` (``int64``, one entry per gene: a column of
     ``group_sum``, or -1), only the mapped genes are summed, each into its
     column; then no moments can be asked for, and rows with a negative code
-    are not visited (their values are not checked either).
+    are not visited (their values are not checked either). Rows with a code
+    below -1 are never visited.
 
     Returns
     -------
@@ -401,8 +402,9 @@ def fold_rows(
     sums = {kind: np.zeros((n_genes, 2)) for kind in moments}
     checks = np.zeros(N_CHECKS, np.int64)
     order = np.argsort(codes, kind="stable")
-    if gene_map is not None:  # rows in no group add nothing: not visited
-        order = order[np.searchsorted(codes[order], 0):]
+    # rows not counted (codes below -1) are not visited; with a gene map,
+    # neither are rows in no group (they add nothing)
+    order = order[np.searchsorted(codes[order], -1 if gene_map is None else 0):]
     _fold_rows(data, indices, indptr, codes, order, normalize, float(target_sum),
                float(log1p_max), group_sum, float(2.0**sum_bits), group_sumsq,
                float(2.0**square_bits), *(sums.get(kind) for kind in MOMENT_KINDS),

@@ -46,6 +46,11 @@ USE_NUMBA = _numba_kernels.AVAILABLE and not os.environ.get("GENEPERT_SCALE_NO_N
 SUM_BITS = 32
 SQUARE_BITS = 24
 
+#: The group code of a cell that counts nowhere, in no group and in no gene
+#: moment (one that a cell filter rejects); ``-1`` is a cell in no group
+#: whose values still count in the gene moments (one without a label).
+NOT_COUNTED = -2
+
 #: Largest value accepted as log1p-normalised data (log1p of 10^13).
 LOG1P_MAX = 30.0
 
@@ -323,7 +328,8 @@ def fold_block(
     block
         Cells × genes, CSR (counts or ``log1p`` values, see ``kind``).
     codes
-        Group of each row, ``-1`` for cells in no group.
+        Group of each row, ``-1`` for cells in no group, :data:`NOT_COUNTED`
+        for cells that are not read at all.
     n_groups
         Number of groups (perturbations and the control).
     kind
@@ -347,8 +353,11 @@ def fold_block(
     """
     block = block if isinstance(block, sp.csr_array | sp.csr_matrix) else sp.csr_array(block)
     n_genes = block.shape[1]
-    data, indices, indptr = block.data, block.indices, block.indptr
     codes = np.asarray(codes)
+    counted = int(np.count_nonzero(codes != NOT_COUNTED))
+    if not (USE_NUMBA if use_numba is None else use_numba) and counted < codes.size:
+        block, codes = block[codes != NOT_COUNTED], codes[codes != NOT_COUNTED]
+    data, indices, indptr = block.data, block.indices, block.indptr
     if acc is None:
         n_columns = n_genes if gene_map is None else int(gene_map.max(initial=-1)) + 1
         acc = new_stats(n_groups, n_columns, with_group_sumsq)
@@ -370,7 +379,7 @@ def fold_block(
         if acc.group_sumsq is not None:
             _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes,
                            SQUARE_BITS, gene_map)
-    acc.n_cells += block.shape[0]
+    acc.n_cells += counted
     acc.check = acc.check.combine(check)
     np.add(acc.group_n, np.bincount(codes[codes >= 0], minlength=n_groups), out=acc.group_n)
     acc.block_moments[block_index] = sums
@@ -456,13 +465,16 @@ def combine_into(parts: list[PassStats]) -> PassStats:
 
 
 def clipped_moments(
-    block: sp.csr_array | sp.csr_matrix, clip: np.ndarray
+    block: sp.csr_array | sp.csr_matrix, clip: np.ndarray, counted: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene sum and sum of squares of ``min(x, clip[gene])`` over one block.
+    """Per-gene sum and sum of squares of ``min(x, clip[gene])`` over one
+    block (only its ``counted`` rows, where given).
 
     The second pass of the ``seurat_v3`` flavor (Seurat's clipped variance).
     """
     block = sp.csr_array(block)
+    if counted is not None and not counted.all():
+        block = block[counted]
     values = np.minimum(block.data.astype(np.float64, copy=False), clip[block.indices])
     n_genes = block.shape[1]
     return (

@@ -80,6 +80,7 @@ class PseudobulkParams:
     input: InputKindOption = "auto"
     min_cells: int = 1
     group_variance: bool = False
+    obs_filter: str | None = None
 
 
 def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
@@ -143,6 +144,7 @@ def pseudobulk(
     input: InputKindOption = "auto",
     min_cells: int = 1,
     group_variance: bool = False,
+    obs_filter: str | None = None,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
     memory_limit: int | str | None = None,
@@ -175,6 +177,9 @@ def pseudobulk(
         Perturbations with fewer cells are dropped (and listed in the log and attrs).
     group_variance
         Also compute per-perturbation variances (``var``, ``control_var``).
+    obs_filter
+        A boolean ``obs`` column: only its ``True`` cells count (``~COLUMN``:
+        only its ``False`` ones), inside the same pass.
     storage_options
         fsspec options for URLs.
     block_rows
@@ -219,7 +224,7 @@ def pseudobulk(
                              memory_limit=memory_limit, threads=threads)
     params = PseudobulkParams(
         perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
-        flavor, target_sum, input, min_cells, group_variance,
+        flavor, target_sum, input, min_cells, group_variance, obs_filter,
     )
     kind = resolve_input_kind(screen, input)
     if flavor == "seurat_v3" and kind != "counts":
@@ -232,6 +237,7 @@ def pseudobulk(
     )
     labels = screen.obs_column(perturbation_key)
     codes, groups = assign_groups(labels.array, control, column=perturbation_key)
+    left_out = _leave_out_cells(codes, screen, obs_filter, perturbation_key)
     log.info(
         "pseudobulk %s: %d cells x %d genes, %d groups, input %s, %d blocks of %d rows",
         screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
@@ -244,7 +250,7 @@ def pseudobulk(
     log.info("pass plan: %s", plan.describe())
     one_pass = not plan.genes_first
     graph = pass_stats(
-        screen, codes if one_pass else np.full_like(codes, -1), len(groups) if one_pass else 1,
+        screen, codes if one_pass else np.minimum(codes, -1), len(groups) if one_pass else 1,
         kind=kind, target_sum=target_sum, with_group_sumsq=group_variance and one_pass,
         moments=HVG_MOMENTS[flavor], split_every=split_every,
         chains=plan.chains if one_pass else cluster_threads(),
@@ -253,18 +259,46 @@ def pseudobulk(
     _raise_on_bad_values(stats.check, screen, kind)
     n_cells = np.bincount(codes[codes >= 0], minlength=len(groups))
     check_min_cells(dict(zip(groups[1:], n_cells[1:].tolist())), min_cells, screen.source)
-    hvg = select_genes(stats, screen, params, split_every=split_every, progress=progress)
+    hvg = select_genes(stats, screen, params, codes != kernels.NOT_COUNTED,
+                       split_every=split_every, progress=progress)
     keep = hvg["highly_variable"].to_numpy()
     if one_pass:
         means, squares = kernels.slab_means(_selected_sums(stats, keep))
     else:
         means, squares = _group_means(screen, codes, plan, kernels.gene_columns(keep), kind,
                                       target_sum, group_variance, progress)
-    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind)
+    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind, left_out=left_out)
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
     ds.attrs["n_vars"] = screen.n_vars
     return ds
+
+
+def _leave_out_cells(codes: np.ndarray, screen: Screen, obs_filter: str | None,
+                     perturbation_key: str) -> dict[str, int]:
+    """Take the cells that the ``obs_filter`` rejects out of every group and
+    every gene moment (:data:`.kernels.NOT_COUNTED`, in place); return how
+    many cells were left out of the groups and why (``no_label``: no
+    perturbation label, though they count in the gene moments; ``filtered``),
+    each logged."""
+    left_out = {"no_label": 0, "filtered": 0}
+    if obs_filter:
+        column = obs_filter.removeprefix("~")
+        values = screen.obs_column(column, option="--obs-filter")
+        if not (pd.api.types.is_bool_dtype(values) and not values.isna().any()):
+            raise ParameterError(
+                f"{screen.source}: --obs-filter {obs_filter}: obs[{column!r}] holds "
+                f"{values.dtype} values, not True/False for every cell; give a boolean column"
+            )
+        keep = values.to_numpy(dtype=bool) != obs_filter.startswith("~")
+        left_out["filtered"] = int(np.count_nonzero(~keep))
+        codes[~keep] = kernels.NOT_COUNTED
+    left_out["no_label"] = int(np.count_nonzero(codes == -1))
+    for reason, what in (("no_label", f"have no label in obs[{perturbation_key!r}]"),
+                         ("filtered", f"are rejected by --obs-filter {obs_filter}")):
+        if left_out[reason]:
+            log.warning("%d of %d cells %s and are left out", left_out[reason], codes.size, what)
+    return left_out
 
 
 def _selected_sums(stats: kernels.PassStats, keep: np.ndarray) -> kernels.PassStats:
@@ -328,6 +362,7 @@ def select_genes(
     stats: kernels.PassStats,
     screen: Screen,
     params: PseudobulkParams,
+    counted: np.ndarray,
     *,
     split_every: int = SPLIT_EVERY,
     progress: bool = True,
@@ -335,7 +370,7 @@ def select_genes(
     """The HVG table of the screen's genes (scanpy's ``var`` columns).
 
     ``seurat`` and ``cell_ranger`` use the moments of the pass; ``seurat_v3``
-    runs a second pass for the clipped variance.
+    runs a second pass for the clipped variance, over the ``counted`` cells.
     """
     n_top = params.n_top_genes
     (moment,) = HVG_MOMENTS[params.flavor]
@@ -348,7 +383,7 @@ def select_genes(
         return highly_variable_genes(mean, var, flavor=params.flavor, n_top_genes=n_top,
                                      gene_names=screen.var_names)
     reg_std, clip = seurat_v3_clip(mean, var, stats.n_cells)
-    clipped = _timed_pass(clipped_moments(screen, clip, split_every=split_every), screen,
+    clipped = _timed_pass(clipped_moments(screen, clip, counted, split_every=split_every), screen,
                           "seurat_v3 clipped pass", progress)
     return seurat_v3_select(mean, var, reg_std, *clipped, stats.n_cells, n_top_genes=n_top,
                             gene_names=screen.var_names)
@@ -393,6 +428,7 @@ def finalize(
     params: PseudobulkParams,
     *,
     kind: kernels.InputKind,
+    left_out: dict[str, int] | None = None,
 ) -> xr.Dataset:
     """The *finalize* step: group means over the selected genes, delta, as a Dataset.
 
@@ -414,6 +450,10 @@ def finalize(
         The run's parameters (recorded in attrs).
     kind
         The input kind that was used.
+    left_out
+        Cells that counted in no group, by reason; the cells of dropped
+        perturbations are added (``dropped_perturbations``) and the whole
+        recorded in attrs (``left_out_cells``).
     """
     if n_cells[0] == 0:
         raise LabelError(f"no control cells ({params.control!r}) in the screen; "
@@ -426,6 +466,8 @@ def finalize(
             "dropping %d perturbations with fewer than %d cells: %s",
             len(small), params.min_cells, listing(small, 20),
         )
+    dropped_cells = int(n[1:][n[1:] < params.min_cells].sum())
+    left_out = {**(left_out or {}), "dropped_perturbations": dropped_cells}
     rows = np.flatnonzero(n >= params.min_cells)
     rows = rows[rows > 0]
     selected = _take_rows(means, rows)
@@ -460,6 +502,7 @@ def finalize(
         "input_kind": kind,
         "control": params.control,
         "dropped_perturbations": json.dumps(small),
+        "left_out_cells": json.dumps(left_out),
     }
     return xr.Dataset(
         data_vars,

@@ -164,20 +164,25 @@ def _free_buffers(result: Any) -> Any:
     return result
 
 
-def clipped_moments(screen: Screen, clip: np.ndarray, *, split_every: int = SPLIT_EVERY) -> Delayed:
-    """The lazy second pass of ``seurat_v3``: per-gene sums of clipped counts."""
+def clipped_moments(screen: Screen, clip: np.ndarray, counted: np.ndarray, *,
+                    split_every: int = SPLIT_EVERY) -> Delayed:
+    """The lazy second pass of ``seurat_v3``: per-gene sums of clipped counts
+    over the ``counted`` cells."""
     chunk = delayed(_read_and_clip, pure=True, name="clip-chunk")
     clip = delayed(clip, pure=True)  # one copy in the graph, not one per task
-    parts = [chunk(block, clip) for block in block_refs(screen)[1]]
+    bounds, blocks = block_refs(screen)
+    parts = [chunk(block, clip, counted[bounds[i] : bounds[i + 1]])
+             for i, block in enumerate(blocks)]
     total = tree_reduce(parts, kernels.add_pairs, split_every=split_every, name="clip-combine")
     return delayed(_free_buffers, pure=True, name="clip-free-buffers")(total)
 
 
-def _read_and_clip(block: BlockRef, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _read_and_clip(block: BlockRef, clip: np.ndarray,
+                   counted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Read a block (into pooled buffers) and sum its clipped counts
     (:func:`kernels.clipped_moments`)."""
     with BLOCK_BUFFERS.lease() as buffers:
-        return kernels.clipped_moments(block.read(buffers), clip)
+        return kernels.clipped_moments(block.read(buffers), clip, counted)
 
 
 def slab_means(
