@@ -81,8 +81,8 @@ def same_result(path: str, reference: str) -> bool:
     a, b = xr.open_zarr(path), xr.open_zarr(reference)
     for name in (*b.coords, *b.data_vars):
         x, y = a[name].values, b[name].values
-        close = (np.allclose(x, y, rtol=1e-12, atol=1e-12) if name.startswith("hvg_")
-                 else np.array_equal(x, y))
+        close = (np.allclose(x, y, rtol=1e-12, atol=1e-12, equal_nan=True)
+                 if name.startswith("hvg_") else np.array_equal(x, y, equal_nan=x.dtype.kind == "f"))
         if not close:
             return False
     return True
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-memory", default="2GiB")
     parser.add_argument("--n-top-genes", type=int, default=5000)
     parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--tag", default="", help="appended to the results file's name")
     args = parser.parse_args(argv)
     screen = args.screen
     base = ["genepert-scale", "pseudobulk", screen, "--control", "non-targeting",
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     report = {"date": dt.date.today().isoformat(), "command": shlex.join(sys.argv),
               "screen": screen, "read_floor_s": floor, "machine": machine(),
               "versions": versions(), "runs": results}
-    stem = f"{report['date']}-memory-budget-{Path(screen).stem}"
+    stem = f"{report['date']}-memory-budget-{Path(screen).stem}{args.tag and '-' + args.tag}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Memory budget of pseudobulk: {Path(screen).name}", "",

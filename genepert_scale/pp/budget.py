@@ -10,10 +10,11 @@ machine) gives and the threads that compute:
    :data:`ONE_PASS_BYTES` and the budget: the fastest plan;
 2. **genes first**: a moments pass selects the genes, then the group sums
    are taken over the selected genes only, in one pass with as many chains
-   as fit;
-3. **group slabs**: when even ``(groups × selected genes)`` does not fit one
-   thread's share, the groups are cut into slabs, one pass each, a slab per
-   thread at a time (:func:`.reduce.slab_means`).
+   as fit, while the whole output (means and delta) fits too;
+3. **group slabs**: otherwise the groups are cut into slabs that each fit
+   one thread's share, one pass each, a slab per thread at a time
+   (:func:`.reduce.slab_means`), and the output is computed chunk by chunk
+   as it is written.
 
 Group sums are exact integers, so every plan gives the same result, bit for bit.
 """
@@ -102,7 +103,10 @@ def plan_pass(
     if one_pass >= 1 and (one_pass_bytes <= ONE_PASS_BYTES or n_genes <= n_selected):
         return PassPlan(one_pass)
     genes_first = chains(n_groups, n_selected)
-    if genes_first >= 1:
+    # the whole output in memory: means (and mean squares) in their sums' memory, and delta
+    in_memory = (kernels.accumulator_bytes(n_groups, n_selected, with_group_sumsq)
+                 + kernels.accumulator_bytes(n_groups, n_selected, False))
+    if genes_first >= 1 and in_memory <= min(room.bytes for room in rooms):
         return PassPlan(genes_first, ((0, n_groups),))
     per_group = kernels.accumulator_bytes(1, n_selected, with_group_sumsq)
     per_thread = min(room.bytes // room.threads for room in rooms)

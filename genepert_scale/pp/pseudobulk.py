@@ -321,27 +321,30 @@ def _group_means(
     progress: bool,
 ) -> tuple[Any, Any]:
     """Group means (and mean squares) over the genes of ``gene_map``, by the
-    slabs of ``plan`` (:func:`.reduce.slab_means`).
+    slabs of ``plan`` (:func:`.reduce.slab_means`), as dask arrays of
+    :data:`OUTPUT_CHUNK_BYTES` row chunks.
 
-    One slab is computed here (numpy arrays). Several stay lazy: dask arrays
-    of :data:`OUTPUT_CHUNK_BYTES` row chunks, computed as they are written
-    (:func:`write_pseudobulk`), so the whole ``(groups × genes)`` output is
-    never in memory.
+    One slab is computed here, and its outputs (rows taken, delta) are
+    computed chunk by chunk from it as they are written. Several slabs stay
+    lazy, computed as the output is written (:func:`write_pseudobulk`): the
+    whole ``(groups × genes)`` output is never in memory.
     """
     one_slab = len(plan.slabs) == 1
     parts = slab_means(screen, codes, plan.slabs, gene_map, kind=kind, target_sum=target_sum,
                        with_group_sumsq=group_variance, chains=plan.chains if one_slab else 1,
                        concurrent=1 if one_slab else plan.chains)
-    if one_slab:
-        return _timed_pass(parts, screen, "group-sum pass", progress)[0]
     n_selected = int(gene_map.max()) + 1
-    rows = max(1, OUTPUT_CHUNK_BYTES // (8 * n_selected))
+    chunks = (max(1, OUTPUT_CHUNK_BYTES // (8 * n_selected)), n_selected)
+    if one_slab:
+        means, squares = _timed_pass(parts, screen, "group-sum pass", progress)[0]
+        return (da.from_array(means, chunks=chunks),
+                None if squares is None else da.from_array(squares, chunks=chunks))
 
     def stacked(item: int) -> da.Array:
         slabs = [da.from_delayed(delayed(operator.getitem, pure=True)(part, item),
                                  (stop - first, n_selected), np.float64)
                  for part, (first, stop) in zip(parts, plan.slabs)]
-        return da.concatenate(slabs).rechunk((rows, n_selected))
+        return da.concatenate(slabs).rechunk(chunks)
 
     log.info("group sums in %d slabs: computed as the output is written", len(plan.slabs))
     return stacked(0), stacked(1) if group_variance else None
@@ -529,11 +532,14 @@ def _variance_of_copy(squares: np.ndarray, means: np.ndarray, factor: np.ndarray
     return _variance(squares.copy(), means, factor)
 
 
-def _take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``matrix[rows]``, as a view when ``rows`` is a contiguous range."""
+def _take_rows(matrix: np.ndarray | da.Array, rows: np.ndarray) -> np.ndarray | da.Array:
+    """``matrix[rows]``, as a view when ``rows`` is a contiguous range; a dask
+    array keeps its row chunks' size (as zarr needs: all equal but the last)."""
     if rows.size and rows[-1] - rows[0] + 1 == rows.size:
-        return matrix[rows[0] : rows[-1] + 1]
-    return matrix[rows]
+        taken = matrix[rows[0] : rows[-1] + 1]
+    else:
+        taken = matrix[rows]
+    return taken.rechunk(matrix.chunksize) if isinstance(taken, da.Array) else taken
 
 
 def write_pseudobulk(
