@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +124,12 @@ def compute(obj: Any, *, label: str, progress: bool = True) -> Any:
     start = time.perf_counter()
     client = _current_client()
     if client is not None:
-        future = client.compute(obj)
+        futures = client.compute(obj)  # a future, or a list of them for a list
         if progress:
             from distributed import progress as show_progress
 
-            show_progress(future)
-        result = future.result()
+            show_progress(futures)
+        result = client.gather(futures)
     else:
         # name the local scheduler: asked to choose, dask imports distributed
         # to look for a client (0.1 s) although none was ever started
@@ -174,43 +175,49 @@ def cluster_threads() -> int:
 ACCUMULATOR_MEMORY_SHARE = 0.5
 
 
-def default_chains(accumulator_bytes: int, memory_limit: int | None = None) -> int:
-    """Running accumulators of a pass (see :func:`.reduce.pass_stats`): one
-    per thread that computes tasks, as memory allows.
+@dataclass(frozen=True)
+class Room:
+    """The running accumulators one worker (or this machine) can hold.
+
+    Attributes
+    ----------
+    threads
+        Threads that compute tasks there.
+    bytes
+        Bytes its accumulators may take together: :data:`ACCUMULATOR_MEMORY_SHARE`
+        of its memory limit.
+    """
+
+    threads: int
+    bytes: int
+
+
+def accumulator_rooms(memory_limit: int | None = None) -> list[Room]:
+    """What each worker of the cluster (or this machine) can hold in running
+    accumulators (see :func:`.pp.budget.plan_pass`).
 
     Parameters
     ----------
-    accumulator_bytes
-        Size of one accumulator (the ``(groups × genes)`` fixed-point sums).
     memory_limit
-        Bytes the pass may use locally (default: this machine's memory, or
-        its container's limit where lower).
-
-    Returns
-    -------
-    int
-        Locally ``min(threads, share × memory_limit // accumulator_bytes)``;
-        on a distributed cluster the same per worker (its threads and memory
-        limit), summed. At least one per worker: a fold chain keeps its
-        thread busy, and chains fold in parallel.
+        Bytes the run may use (default: this machine's memory, or its
+        container's limit where lower). On a distributed cluster it is
+        shared evenly by the workers, each also within its own limit.
     """
     client = _current_client()
     if client is None:
         memory = memory_limit or _local_memory()
-        return _chains_within(cluster_threads(), memory, accumulator_bytes)
+        return [Room(cluster_threads(), int(memory * ACCUMULATOR_MEMORY_SHARE))]
     try:
-        workers = client.scheduler_info()["workers"].values()
+        workers = list(client.scheduler_info()["workers"].values())
     except Exception:  # noqa: BLE001 - a scheduler without workers yet
-        return 1
-    return max(1, sum(
-        _chains_within(w["nthreads"], w.get("memory_limit") or _local_memory(), accumulator_bytes)
-        for w in workers
-    ))
-
-
-def _chains_within(threads: int, memory: int, accumulator_bytes: int) -> int:
-    fit = int(memory * ACCUMULATOR_MEMORY_SHARE // max(accumulator_bytes, 1))
-    return max(1, min(threads, fit))
+        workers = []
+    share = memory_limit // len(workers) if memory_limit and workers else memory_limit
+    rooms = []
+    for worker in workers:
+        limits = [limit for limit in (worker.get("memory_limit"), share) if limit]
+        memory = min(limits) if limits else _local_memory()
+        rooms.append(Room(worker["nthreads"], int(memory * ACCUMULATOR_MEMORY_SHARE)))
+    return rooms or [Room(1, int((memory_limit or _local_memory()) * ACCUMULATOR_MEMORY_SHARE))]
 
 
 #: Where a container's memory limit is read (cgroup v2, then v1), as

@@ -50,6 +50,19 @@ def assert_same_pseudobulk(actual: xr.Dataset, expected: xr.Dataset) -> None:
         np.testing.assert_array_equal(actual[name].values, expected[name].values, err_msg=name)
 
 
+def assert_same_budgeted(actual, expected) -> None:
+    """Group statistics (exact sums) and the genes equal bit for bit; the
+    HVG table's gene moments (float sums, in blocks that the budget sizes)
+    to 1e-12 (relative, or absolute near zero)."""
+    assert set(actual.data_vars) == set(expected.data_vars)
+    for name in (*expected.coords, *expected.data_vars):
+        if name.startswith("hvg_"):
+            np.testing.assert_allclose(actual[name].values, expected[name].values,
+                                       rtol=1e-12, atol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(actual[name].values, expected[name].values, err_msg=name)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment in which child processes import this checkout's package."""
     path = os.pathsep.join(filter(None, [str(SRC), str(TESTS), os.environ.get("PYTHONPATH")]))

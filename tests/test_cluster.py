@@ -13,6 +13,7 @@ import pytest
 import xarray as xr
 from cloud_helpers import (
     KillOnTask,
+    assert_same_budgeted,
     assert_same_pseudobulk,
     dask_processes,
     make_screen,
@@ -50,6 +51,20 @@ def test_pseudobulk_on_cluster_equals_local_threads(cluster, screen, local_pb):
         assert len(client.scheduler_info()["workers"]) == 2
         ds = pseudobulk(screen, **PB_OPTIONS)
     assert_same_pseudobulk(ds, local_pb)
+
+
+def test_group_slabs_on_cluster_equal_one_local_pass(cluster, screen, local_pb, monkeypatch,
+                                                    caplog):
+    # the run's memory limit shared by the 2 workers: the groups are cut into slabs
+    import logging
+
+    from genepert_scale.pp import budget
+
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    with dask_client(cluster.address), caplog.at_level(logging.INFO, logger="genepert_scale"):
+        ds = pseudobulk(screen, memory_limit=40_000, **PB_OPTIONS)
+    assert "slabs of up to" in caplog.text
+    assert_same_budgeted(ds, local_pb)
 
 
 def test_full_run_on_cluster_equals_local(cluster, screen, tmp_path):

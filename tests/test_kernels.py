@@ -290,3 +290,18 @@ np.save(sys.argv[1], np.concatenate([group_sum.ravel(), moments["normalized"].vi
     compiled, interpreted = results
     assert compiled[:10].any()
     np.testing.assert_array_equal(compiled, interpreted)
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_rows_not_counted_are_left_out_of_everything(use_numba):
+    rng = np.random.default_rng(5)
+    x = sp.random(120, 20, density=0.3, format="csr", random_state=6, dtype=np.float32)
+    x.data = np.floor(x.data * 50)
+    codes = rng.integers(-2, 4, 120).astype(np.int32)
+    kept = codes != kernels.NOT_COUNTED
+    part = kernels.block_stats(x, codes, 4, with_group_sumsq=True, use_numba=use_numba)
+    alone = kernels.block_stats(x[kept], codes[kept], 4, with_group_sumsq=True,
+                                use_numba=use_numba)
+    assert part.n_cells == alone.n_cells == kept.sum()
+    for name in ("group_sum", "group_sumsq", "group_n", "gene_sum", "gene_log_sumsq"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(alone, name), err_msg=name)

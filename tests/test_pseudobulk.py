@@ -12,6 +12,7 @@ import xarray as xr
 import zarr
 
 from conftest import scanpy_pseudobulk
+from genepert_scale.errors import LabelError, ParameterError
 from genepert_scale.io.convert import convert_h5ad
 from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.pp.reduce import pass_stats
@@ -256,24 +257,28 @@ def test_convert_streams_layers_and_raw(tmp_path):
     assert (back.raw.X != counts).nnz == 0 and list(back.raw.var_names) == list(adata.var_names)
 
 
-def test_default_chains_one_per_thread_as_memory_allows():
+def test_accumulator_rooms_one_per_thread_as_memory_allows():
     import dask
 
-    from genepert_scale.cluster import ACCUMULATOR_MEMORY_SHARE, default_chains
+    from genepert_scale.cluster import ACCUMULATOR_MEMORY_SHARE, Room, accumulator_rooms
+    from genepert_scale.pp.budget import plan_pass
 
     limit = 2**30
     fits = int(limit * ACCUMULATOR_MEMORY_SHARE)
     with dask.config.set(num_workers=4):
-        assert default_chains(fits // 8, limit) == 4  # memory for 8: one per thread
-        assert default_chains(fits // 3, limit) == 3  # memory for 3 of the 4 threads
-        assert default_chains(2 * fits, limit) == 1  # never fewer than one
+        assert accumulator_rooms(limit) == [Room(4, fits)]
+        rooms = accumulator_rooms(limit)
+    per_group = 8 * 1000  # one group's int64 sums over 1,000 genes
+    assert plan_pass(fits // per_group // 8, 1000, 1000, False, rooms).chains == 4
+    assert plan_pass(fits // per_group // 3, 1000, 1000, False, rooms).chains == 3
 
 
-def test_default_chains_follow_a_container_memory_limit(tmp_path, monkeypatch):
+def test_accumulator_rooms_follow_a_container_memory_limit(tmp_path, monkeypatch):
     # a pod limited to 1 GiB on a larger machine: room for one 300 MB accumulator, not four
     import dask
 
     from genepert_scale import cluster
+    from genepert_scale.pp.budget import plan_pass
 
     v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
     v2.write_text("max\n")  # cgroup v2 without a limit
@@ -284,7 +289,8 @@ def test_default_chains_follow_a_container_memory_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(cluster, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
     assert cluster._local_memory() == 2**30
     with dask.config.set(num_workers=4):
-        assert cluster.default_chains(300 * 2**20) == 1
+        rooms = cluster.accumulator_rooms()
+    assert plan_pass(300 * 2**20 // 8000, 1000, 1000, False, rooms).chains == 1
     v1.write_text(f"{2**62}\n")  # cgroup v1 without a limit: a huge number
     assert cluster._local_memory() == machine
 
@@ -296,4 +302,55 @@ def test_genes_are_selected_only_from_the_moments_the_flavor_needs(small_screen)
     codes = np.zeros(screen.n_obs, dtype=np.int32)
     stats = pass_stats(screen, codes, 1, kind="counts", moments=("raw",)).compute(scheduler="sync")
     with pytest.raises(ValueError, match="flavor seurat selects genes from the 'normalized' moments"):
-        select_genes(stats, screen, PseudobulkParams(n_top_genes=50, flavor="seurat"), progress=False)
+        select_genes(stats, screen, PseudobulkParams(n_top_genes=50, flavor="seurat"),
+                     np.ones(screen.n_obs, bool), progress=False)
+
+
+@pytest.mark.parametrize("flavor", ["seurat", "seurat_v3"])
+def test_obs_filter_equals_scanpy_on_the_kept_cells(papalexi_path, flavor, caplog):
+    import json
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="genepert_scale"):
+        ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=100, flavor=flavor,
+                        obs_filter="confident", progress=False, block_rows=4096)
+    adata = ad.read_h5ad(papalexi_path)
+    confident = adata.obs["confident"].to_numpy(bool)
+    assert_matches_scanpy(ds, adata[confident].copy(), key="perturbation", control="control",
+                          n_top_genes=100, flavor=flavor)
+    left_out = json.loads(ds.attrs["left_out_cells"])
+    assert left_out == {"no_label": 0, "filtered": int((~confident).sum()),
+                        "dropped_perturbations": 0}
+    assert f"{(~confident).sum()} of 20729 cells are rejected by --obs-filter" in caplog.text
+
+
+def test_a_negated_obs_filter_keeps_the_other_cells(papalexi_path):
+    ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=50,
+                    obs_filter="~confident", progress=False, block_rows=4096)
+    adata = ad.read_h5ad(papalexi_path)
+    rejected = ~adata.obs["confident"].to_numpy(bool)
+    counts = adata.obs["perturbation"][rejected].value_counts()
+    np.testing.assert_array_equal(ds.n_cells.values, counts.loc[list(ds.perturbation.values)])
+
+
+def test_an_obs_filter_must_be_a_boolean_column(papalexi_path):
+    with pytest.raises(ParameterError, match=r"obs\['bio_rep'\] holds category values"):
+        pseudobulk(str(papalexi_path), control="control", obs_filter="bio_rep", progress=False)
+    with pytest.raises(LabelError, match="obs has no column 'confidant'.*--obs-filter"):
+        pseudobulk(str(papalexi_path), control="control", obs_filter="confidant", progress=False)
+
+
+def test_cells_without_a_label_are_counted_and_reported(tmp_path, caplog):
+    import json
+    import logging
+
+    from factories import LABELS, counts, write_screen
+
+    x = counts()
+    labels = [None if i % 7 == 0 else LABELS[i % len(LABELS)] for i in range(x.shape[0])]
+    path = write_screen(tmp_path / "s.zarr", x, labels=labels)
+    with caplog.at_level(logging.WARNING, logger="genepert_scale"):
+        ds = pseudobulk(path, control=LABELS[0], n_top_genes=None, min_cells=1, progress=False)
+    missing = sum(label is None for label in labels)
+    assert json.loads(ds.attrs["left_out_cells"])["no_label"] == missing
+    assert f"{missing} of {x.shape[0]} cells have no label in obs['perturbation']" in caplog.text

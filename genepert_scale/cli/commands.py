@@ -209,6 +209,8 @@ def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
                    help="raw counts, log1p-normalised data, or detect")
     p.add_argument("--min-cells", type=int, default=1, help="drop perturbations with fewer cells")
     p.add_argument("--group-variance", action="store_true", help="also store per-perturbation variances")
+    p.add_argument("--obs-filter", metavar="COLUMN",
+                   help="count only the cells where this boolean obs column is True (~COLUMN: False)")
     p.add_argument("--block-rows", type=int, help="rows per block of the pass (default: auto)")
 
 
@@ -243,7 +245,7 @@ def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
         args.screen, perturbation_key=args.perturbation_key, control=args.control,
         n_top_genes=args.n_top_genes, flavor=args.flavor, target_sum=args.target_sum,
         input=args.input, min_cells=args.min_cells, group_variance=args.group_variance,
-        storage_options=options, block_rows=args.block_rows, progress=not args.no_progress,
+        obs_filter=args.obs_filter, storage_options=options, block_rows=args.block_rows, progress=not args.no_progress,
         memory_limit=None if args.memory_limit in (None, "auto") else args.memory_limit,
     )
     return write_pseudobulk(ds, out, overwrite=args.overwrite, storage_options=options)

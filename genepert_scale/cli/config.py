@@ -48,6 +48,7 @@ class PseudobulkConfig:
     input: str = _key("auto", str, ("auto", "counts", "log1p"))
     min_cells: int = _key(1, int)
     group_variance: bool = _key(True, bool)
+    obs_filter: str | None = _key(None, str)
     block_rows: int | None = _key(None, int)
 
     @property

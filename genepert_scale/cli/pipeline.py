@@ -317,7 +317,8 @@ def _run_pseudobulk(run: StageRun) -> None:
         run.inputs["screen"], perturbation_key=config.input.perturbation_key,
         control=config.input.control, n_top_genes=pb.n_top, flavor=pb.flavor,
         target_sum=pb.target_sum, input=pb.input, min_cells=pb.min_cells,
-        group_variance=pb.group_variance, storage_options=config.input.storage_options,
+        group_variance=pb.group_variance, obs_filter=pb.obs_filter,
+        storage_options=config.input.storage_options,
         block_rows=pb.block_rows, progress=run.progress,
         memory_limit=None if config.cluster.memory_limit == "auto" else config.cluster.memory_limit,
     )

@@ -98,15 +98,16 @@ class Screen:
         with named_chunk_errors(self.group, self.source, ("obs",)):
             return _read_index(self.group["obs"])
 
-    def obs_column(self, key: str) -> pd.Series:
+    def obs_column(self, key: str, option: str = "--perturbation-key") -> pd.Series:
         """Read one ``obs`` column (e.g. the perturbation labels), in cell order
-        (indexed by position; the names are :attr:`obs_names`)."""
+        (indexed by position; the names are :attr:`obs_names`); ``option``
+        names the option that asked for it in the error for a missing column."""
         columns = self.obs_columns
         if key not in columns:
             raise LabelError(
                 f"{self.source}: obs has no column {key!r}; columns there are: "
                 f"{', '.join(columns) or '(none)'}. "
-                "Pass the right one with --perturbation-key"
+                f"Pass the right one with {option}"
             )
         with named_chunk_errors(self.group, self.source, (f"obs/{key}",)):
             values = read_elem(self.group["obs"][key])

@@ -246,7 +246,7 @@ def _copy_pair(out, moments, column):
 @jit
 def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p_max,
                group_sum, sum_scale, group_sumsq, square_scale, norm_moments, log_moments,
-               raw_moments, checks):
+               raw_moments, gene_map, checks):
     # group_sumsq and the moments are arrays or None: numba compiles one
     # version per combination and prunes the branches of the absent ones.
     # Everything a value updates is in its gene's row of `work` (one cache
@@ -261,6 +261,8 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     # Gene indices are checked against the genes and row offsets against the
     # values instead: whatever the store holds, every index stays inside the
     # arrays (fold_rows checks the arguments' shapes).
+    # With a gene_map (moments are then None), a gene's group sums sit in
+    # column gene_map[gene] of group_sum, and genes mapped to -1 are not summed.
     logs = np.empty(TABLE_SIZE)
     fixed = np.empty(TABLE_SIZE, np.int64)
     fixed_sq = np.zeros(TABLE_SIZE, np.int64)
@@ -271,7 +273,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     work = np.zeros((group_sum.shape[1], _padded_width(width)), np.int64)
     moments = work.view(np.float64)
     scales, present = _row_scales(data, indptr, normalize, target_sum, checks)
-    n_genes = np.uint64(group_sum.shape[1])
+    n_genes = np.uint64(group_sum.shape[1] if gene_map is None else gene_map.size)
     current = -1
     for i in range(order.size):
         row = order[i]
@@ -304,6 +306,11 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
             if gene >= n_genes:  # also a negative index: a corrupt store, the pass fails
                 checks[BAD_INDEX] += 1
                 continue
+            slot = gene
+            if gene_map is not None:  # a gene not summed: nothing to do with its value
+                if gene_map[gene] < 0:
+                    continue
+                slot = np.uint64(gene_map[gene])
             count = int(raw) if normalize and _in_table(raw) else -1
             if count >= 0 and count == raw:
                 entry = np.uint64(count)
@@ -323,9 +330,9 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                 moments[gene, raw_col] += raw
                 moments[gene, raw_col + 1] += raw * raw
             if group >= 0:
-                work[gene, 0] += add
+                work[slot, 0] += add
                 if group_sumsq is not None:
-                    work[gene, 1] += add_sq
+                    work[slot, 1] += add_sq
     if current >= 0:
         _flush_group(group_sum, group_sumsq, work, current)
     if norm_moments is not None:
@@ -350,6 +357,7 @@ def fold_rows(
     group_sumsq: np.ndarray | None,
     square_bits: int,
     moments: tuple[str, ...],
+    gene_map: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Fold one CSR row block into ``group_sum`` (and ``group_sumsq``) in place.
 
@@ -359,6 +367,12 @@ def fold_rows(
     with a negative code only count in the moments). Rows are visited grouped
     by code (a stable sort); each group's values are summed in a work table
     that stays in cache and added to its row of ``group_sum`` in one sweep.
+
+    With ``gene_map`` (``int64``, one entry per gene: a column of
+    ``group_sum``, or -1), only the mapped genes are summed, each into its
+    column; then no moments can be asked for, and rows with a negative code
+    are not visited (their values are not checked either). Rows with a code
+    below -1 are never visited.
 
     Returns
     -------
@@ -382,10 +396,17 @@ def fold_rows(
             f"a CSR block of {indptr.size - 1} rows, {data.size} values and {indices.size} "
             f"indices with {codes.size} codes does not fit {group_sum.shape[0]} groups"
         )
+    if gene_map is not None and (moments or gene_map.max(initial=-1) >= n_genes):
+        raise ValueError(f"a gene map into {n_genes} columns, with moments {moments}: "
+                         "its entries must be below the columns, and no moments asked for")
     sums = {kind: np.zeros((n_genes, 2)) for kind in moments}
     checks = np.zeros(N_CHECKS, np.int64)
     order = np.argsort(codes, kind="stable")
+    # rows not counted (codes below -1) are not visited; with a gene map,
+    # neither are rows in no group (they add nothing)
+    order = order[np.searchsorted(codes[order], -1 if gene_map is None else 0):]
     _fold_rows(data, indices, indptr, codes, order, normalize, float(target_sum),
                float(log1p_max), group_sum, float(2.0**sum_bits), group_sumsq,
-               float(2.0**square_bits), *(sums.get(kind) for kind in MOMENT_KINDS), checks)
+               float(2.0**square_bits), *(sums.get(kind) for kind in MOMENT_KINDS),
+               None if gene_map is None else gene_map.astype(np.int64, copy=False), checks)
     return sums, checks

@@ -46,6 +46,11 @@ USE_NUMBA = _numba_kernels.AVAILABLE and not os.environ.get("GENEPERT_SCALE_NO_N
 SUM_BITS = 32
 SQUARE_BITS = 24
 
+#: The group code of a cell that counts nowhere, in no group and in no gene
+#: moment (one that a cell filter rejects); ``-1`` is a cell in no group
+#: whose values still count in the gene moments (one without a label).
+NOT_COUNTED = -2
+
 #: Largest value accepted as log1p-normalised data (log1p of 10^13).
 LOG1P_MAX = 30.0
 
@@ -270,11 +275,21 @@ def _moments_numpy(
     return logged, sums
 
 
-def _scatter_numpy(out, values, indices, indptr, codes, bits: int) -> None:
-    """Add the CSR rows' ``values`` into ``out[code]`` as fixed point (``np.add.at``)."""
+def _scatter_numpy(out, values, indices, indptr, codes, bits: int,
+                   gene_map: np.ndarray | None = None) -> None:
+    """Add the CSR rows' ``values`` into ``out[code]`` as fixed point (``np.add.at``),
+    each in its gene's column (``gene_map[gene]`` where given; -1: not summed)."""
     rows = np.repeat(codes, np.diff(indptr))
-    member = rows >= 0
-    np.add.at(out, (rows[member], indices[member]), to_fixed(values[member], bits))
+    columns = indices if gene_map is None else gene_map[indices]
+    member = (rows >= 0) & (columns >= 0)
+    np.add.at(out, (rows[member], columns[member]), to_fixed(values[member], bits))
+
+
+def gene_columns(selected: np.ndarray) -> np.ndarray:
+    """The gene map of :func:`fold_block` that sums the ``selected`` genes
+    (a boolean mask over all genes) into consecutive columns."""
+    selected = np.asarray(selected, dtype=bool)
+    return np.where(selected, np.cumsum(selected) - 1, -1).astype(np.int64)
 
 
 def accumulator_bytes(n_groups: int, n_genes: int, with_group_sumsq: bool) -> int:
@@ -300,6 +315,7 @@ def fold_block(
     with_group_sumsq: bool = False,
     moments: tuple[str, ...] = DEFAULT_MOMENTS,
     block_index: int = 0,
+    gene_map: np.ndarray | None = None,
     use_numba: bool | None = None,
 ) -> PassStats:
     """The *fold*: normalize + ``log1p`` one block and add it into ``acc``.
@@ -312,7 +328,8 @@ def fold_block(
     block
         Cells × genes, CSR (counts or ``log1p`` values, see ``kind``).
     codes
-        Group of each row, ``-1`` for cells in no group.
+        Group of each row, ``-1`` for cells in no group, :data:`NOT_COUNTED`
+        for cells that are not read at all.
     n_groups
         Number of groups (perturbations and the control).
     kind
@@ -326,20 +343,30 @@ def fold_block(
     block_index
         Position of the block: names it in :class:`ValueCheck`, and orders the
         block's gene moments, kept apart until :func:`finish`.
+    gene_map
+        Sum only some genes: for each gene its column of the group sums, or
+        -1 (:func:`gene_columns`). No moments can be asked for then, and the
+        values of rows in no group are neither read nor checked (a pass
+        that already checked them, :mod:`.reduce`).
     use_numba
         Force the compiled (``True``) or numpy (``False``) loop; default :data:`USE_NUMBA`.
     """
     block = block if isinstance(block, sp.csr_array | sp.csr_matrix) else sp.csr_array(block)
     n_genes = block.shape[1]
-    data, indices, indptr = block.data, block.indices, block.indptr
     codes = np.asarray(codes)
+    counted = int(np.count_nonzero(codes != NOT_COUNTED))
+    if not (USE_NUMBA if use_numba is None else use_numba) and counted < codes.size:
+        block, codes = block[codes != NOT_COUNTED], codes[codes != NOT_COUNTED]
+    data, indices, indptr = block.data, block.indices, block.indptr
     if acc is None:
-        acc = new_stats(n_groups, n_genes, with_group_sumsq)
+        n_columns = n_genes if gene_map is None else int(gene_map.max(initial=-1)) + 1
+        acc = new_stats(n_groups, n_columns, with_group_sumsq)
     if USE_NUMBA if use_numba is None else use_numba:
         pairs, counts = _numba_kernels.fold_rows(
             data, indices, indptr, codes, normalize=kind == "counts", target_sum=target_sum,
             log1p_max=LOG1P_MAX, group_sum=acc.group_sum, sum_bits=SUM_BITS,
             group_sumsq=acc.group_sumsq, square_bits=SQUARE_BITS, moments=moments,
+            gene_map=gene_map,
         )
         check = _value_check([int(c) for c in counts], block_index)
         sums = {name: np.ascontiguousarray(pair[:, i])
@@ -348,14 +375,38 @@ def fold_block(
         data, indices, indptr, outside = in_range(data, indices, indptr, n_genes)
         check = check_values(data, kind, block_index, outside)
         logged, sums = _moments_numpy(data, indices, indptr, n_genes, kind, target_sum, moments)
-        _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS)
+        _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS, gene_map)
         if acc.group_sumsq is not None:
-            _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes, SQUARE_BITS)
-    acc.n_cells += block.shape[0]
+            _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes,
+                           SQUARE_BITS, gene_map)
+    acc.n_cells += counted
     acc.check = acc.check.combine(check)
     np.add(acc.group_n, np.bincount(codes[codes >= 0], minlength=n_groups), out=acc.group_n)
     acc.block_moments[block_index] = sums
     return acc
+
+
+def slab_means(stats: PassStats) -> tuple[np.ndarray, np.ndarray | None]:
+    """Group means, and mean squares (or ``None``), of the fixed-point sums
+    of ``stats`` (float64; a group without cells gets zeros), each computed
+    in the memory of its sums, which ``stats`` gives up."""
+    n = np.maximum(stats.group_n, 1)[:, None]
+    means = _from_fixed_in_place(stats.group_sum, SUM_BITS)
+    means /= n
+    squares = None
+    if stats.group_sumsq is not None:
+        squares = _from_fixed_in_place(stats.group_sumsq, SQUARE_BITS)
+        squares /= n
+    stats.group_sum = stats.group_sumsq = None
+    return means, squares
+
+
+def _from_fixed_in_place(values: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`from_fixed` of a C-contiguous int64 array, written over it (an
+    exact scaling of each element, read before it is overwritten)."""
+    out = np.ascontiguousarray(values).view(np.float64)
+    np.multiply(values, 2.0**-bits, out=out, casting="unsafe")
+    return out
 
 
 def finish(stats: PassStats) -> PassStats:
@@ -414,13 +465,16 @@ def combine_into(parts: list[PassStats]) -> PassStats:
 
 
 def clipped_moments(
-    block: sp.csr_array | sp.csr_matrix, clip: np.ndarray
+    block: sp.csr_array | sp.csr_matrix, clip: np.ndarray, counted: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene sum and sum of squares of ``min(x, clip[gene])`` over one block.
+    """Per-gene sum and sum of squares of ``min(x, clip[gene])`` over one
+    block (only its ``counted`` rows, where given).
 
     The second pass of the ``seurat_v3`` flavor (Seurat's clipped variance).
     """
     block = sp.csr_array(block)
+    if counted is not None and not counted.all():
+        block = block[counted]
     values = np.minimum(block.data.astype(np.float64, copy=False), clip[block.indices])
     n_genes = block.shape[1]
     return (

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+import dask.array as da
 import dask.utils
+from dask import delayed
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -23,7 +26,7 @@ import xarray as xr
 from .. import __version__
 
 from . import kernels
-from ..cluster import cluster_threads, compute, default_chains
+from ..cluster import accumulator_rooms, cluster_threads, compute
 from ..errors import GenePertInputError, LabelError, ParameterError, StoreError, listing
 from .hvg import (
     FLAVORS,
@@ -36,7 +39,8 @@ from .hvg import (
 )
 from ..io.integrity import METADATA_ERRORS, named_chunk_errors
 from .labels import assign_groups
-from .reduce import SPLIT_EVERY, clipped_moments, pass_stats
+from .budget import PassPlan, plan_pass
+from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
 from ..io.screen import Screen, open_screen
 from ..io.store import open_dataset, write_dataset
 from ..validate import (
@@ -60,6 +64,9 @@ ENCODING_VERSION = "0.1.0"
 
 InputKindOption = Literal["auto", "counts", "log1p"]
 
+#: Bytes per chunk of a lazily computed output's rows (:func:`_group_means`).
+OUTPUT_CHUNK_BYTES = 32 * 2**20
+
 
 @dataclass(frozen=True)
 class PseudobulkParams:
@@ -73,6 +80,7 @@ class PseudobulkParams:
     input: InputKindOption = "auto"
     min_cells: int = 1
     group_variance: bool = False
+    obs_filter: str | None = None
 
 
 def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
@@ -136,6 +144,7 @@ def pseudobulk(
     input: InputKindOption = "auto",
     min_cells: int = 1,
     group_variance: bool = False,
+    obs_filter: str | None = None,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
     memory_limit: int | str | None = None,
@@ -168,6 +177,9 @@ def pseudobulk(
         Perturbations with fewer cells are dropped (and listed in the log and attrs).
     group_variance
         Also compute per-perturbation variances (``var``, ``control_var``).
+    obs_filter
+        A boolean ``obs`` column: only its ``True`` cells count (``~COLUMN``:
+        only its ``False`` ones), inside the same pass.
     storage_options
         fsspec options for URLs.
     block_rows
@@ -178,8 +190,8 @@ def pseudobulk(
     split_every
         Inputs per combine task.
     chains
-        Running ``(groups × genes)`` accumulators (see :func:`.reduce.pass_stats`);
-        default :func:`.cluster.default_chains` (one per thread, as memory allows).
+        Running group-sum accumulators at once (see :func:`.reduce.pass_stats`);
+        default from :func:`.budget.plan_pass` (one per thread, as memory allows).
     progress
         Show a progress bar.
 
@@ -212,7 +224,7 @@ def pseudobulk(
                              memory_limit=memory_limit, threads=threads)
     params = PseudobulkParams(
         perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
-        flavor, target_sum, input, min_cells, group_variance,
+        flavor, target_sum, input, min_cells, group_variance, obs_filter,
     )
     kind = resolve_input_kind(screen, input)
     if flavor == "seurat_v3" and kind != "counts":
@@ -225,26 +237,117 @@ def pseudobulk(
     )
     labels = screen.obs_column(perturbation_key)
     codes, groups = assign_groups(labels.array, control, column=perturbation_key)
+    left_out = _leave_out_cells(codes, screen, obs_filter, perturbation_key)
     log.info(
         "pseudobulk %s: %d cells x %d genes, %d groups, input %s, %d blocks of %d rows",
         screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
         screen.X.numblocks[0], screen.X.chunks[0][0],
     )
-    sums_bytes = kernels.accumulator_bytes(len(groups), screen.n_vars, group_variance)
+    plan = plan_pass(len(groups), screen.n_vars, params.n_top_genes or screen.n_vars,
+                     group_variance, accumulator_rooms(memory_limit))
+    if chains:
+        plan = PassPlan(chains, plan.slabs)
+    log.info("pass plan: %s", plan.describe())
+    one_pass = not plan.genes_first
     graph = pass_stats(
-        screen, codes, len(groups), kind=kind, target_sum=target_sum,
-        with_group_sumsq=group_variance, moments=HVG_MOMENTS[flavor],
-        split_every=split_every, chains=chains or default_chains(sums_bytes, memory_limit),
+        screen, codes if one_pass else np.minimum(codes, -1), len(groups) if one_pass else 1,
+        kind=kind, target_sum=target_sum, with_group_sumsq=group_variance and one_pass,
+        moments=HVG_MOMENTS[flavor], split_every=split_every,
+        chains=plan.chains if one_pass else cluster_threads(),
     )
-    stats = _timed_pass(graph, screen, "streamed pass", progress)
+    stats = _timed_pass(graph, screen, "streamed pass" if one_pass else "moments pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
-    check_min_cells(dict(zip(groups[1:], stats.group_n[1:].tolist())), min_cells, screen.source)
-    hvg = select_genes(stats, screen, params, split_every=split_every, progress=progress)
-    ds = finalize(stats, groups, hvg, params, kind=kind)
+    n_cells = np.bincount(codes[codes >= 0], minlength=len(groups))
+    check_min_cells(dict(zip(groups[1:], n_cells[1:].tolist())), min_cells, screen.source)
+    hvg = select_genes(stats, screen, params, codes != kernels.NOT_COUNTED,
+                       split_every=split_every, progress=progress)
+    keep = hvg["highly_variable"].to_numpy()
+    if one_pass:
+        means, squares = kernels.slab_means(_selected_sums(stats, keep))
+    else:
+        means, squares = _group_means(screen, codes, plan, kernels.gene_columns(keep), kind,
+                                      target_sum, group_variance, progress)
+    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind, left_out=left_out)
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
     ds.attrs["n_vars"] = screen.n_vars
     return ds
+
+
+def _leave_out_cells(codes: np.ndarray, screen: Screen, obs_filter: str | None,
+                     perturbation_key: str) -> dict[str, int]:
+    """Take the cells that the ``obs_filter`` rejects out of every group and
+    every gene moment (:data:`.kernels.NOT_COUNTED`, in place); return how
+    many cells were left out of the groups and why (``no_label``: no
+    perturbation label, though they count in the gene moments; ``filtered``),
+    each logged."""
+    left_out = {"no_label": 0, "filtered": 0}
+    if obs_filter:
+        column = obs_filter.removeprefix("~")
+        values = screen.obs_column(column, option="--obs-filter")
+        if not (pd.api.types.is_bool_dtype(values) and not values.isna().any()):
+            raise ParameterError(
+                f"{screen.source}: --obs-filter {obs_filter}: obs[{column!r}] holds "
+                f"{values.dtype} values, not True/False for every cell; give a boolean column"
+            )
+        keep = values.to_numpy(dtype=bool) != obs_filter.startswith("~")
+        left_out["filtered"] = int(np.count_nonzero(~keep))
+        codes[~keep] = kernels.NOT_COUNTED
+    left_out["no_label"] = int(np.count_nonzero(codes == -1))
+    for reason, what in (("no_label", f"have no label in obs[{perturbation_key!r}]"),
+                         ("filtered", f"are rejected by --obs-filter {obs_filter}")):
+        if left_out[reason]:
+            log.warning("%d of %d cells %s and are left out", left_out[reason], codes.size, what)
+    return left_out
+
+
+def _selected_sums(stats: kernels.PassStats, keep: np.ndarray) -> kernels.PassStats:
+    """``stats`` with its group sums restricted to the genes ``keep`` (the
+    ``(groups × all genes)`` sums are released)."""
+    stats.group_sum = stats.group_sum[:, keep]
+    if stats.group_sumsq is not None:
+        stats.group_sumsq = stats.group_sumsq[:, keep]
+    return stats
+
+
+def _group_means(
+    screen: Screen,
+    codes: np.ndarray,
+    plan: PassPlan,
+    gene_map: np.ndarray,
+    kind: kernels.InputKind,
+    target_sum: float,
+    group_variance: bool,
+    progress: bool,
+) -> tuple[Any, Any]:
+    """Group means (and mean squares) over the genes of ``gene_map``, by the
+    slabs of ``plan`` (:func:`.reduce.slab_means`), as dask arrays of
+    :data:`OUTPUT_CHUNK_BYTES` row chunks.
+
+    One slab is computed here, and its outputs (rows taken, delta) are
+    computed chunk by chunk from it as they are written. Several slabs stay
+    lazy, computed as the output is written (:func:`write_pseudobulk`): the
+    whole ``(groups × genes)`` output is never in memory.
+    """
+    one_slab = len(plan.slabs) == 1
+    parts = slab_means(screen, codes, plan.slabs, gene_map, kind=kind, target_sum=target_sum,
+                       with_group_sumsq=group_variance, chains=plan.chains if one_slab else 1,
+                       concurrent=1 if one_slab else plan.chains)
+    n_selected = int(gene_map.max()) + 1
+    chunks = (max(1, OUTPUT_CHUNK_BYTES // (8 * n_selected)), n_selected)
+    if one_slab:
+        means, squares = _timed_pass(parts, screen, "group-sum pass", progress)[0]
+        return (da.from_array(means, chunks=chunks),
+                None if squares is None else da.from_array(squares, chunks=chunks))
+
+    def stacked(item: int) -> da.Array:
+        slabs = [da.from_delayed(delayed(operator.getitem, pure=True)(part, item),
+                                 (stop - first, n_selected), np.float64)
+                 for part, (first, stop) in zip(parts, plan.slabs)]
+        return da.concatenate(slabs).rechunk(chunks)
+
+    log.info("group sums in %d slabs: computed as the output is written", len(plan.slabs))
+    return stacked(0), stacked(1) if group_variance else None
 
 
 def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:
@@ -262,6 +365,7 @@ def select_genes(
     stats: kernels.PassStats,
     screen: Screen,
     params: PseudobulkParams,
+    counted: np.ndarray,
     *,
     split_every: int = SPLIT_EVERY,
     progress: bool = True,
@@ -269,7 +373,7 @@ def select_genes(
     """The HVG table of the screen's genes (scanpy's ``var`` columns).
 
     ``seurat`` and ``cell_ranger`` use the moments of the pass; ``seurat_v3``
-    runs a second pass for the clipped variance.
+    runs a second pass for the clipped variance, over the ``counted`` cells.
     """
     n_top = params.n_top_genes
     (moment,) = HVG_MOMENTS[params.flavor]
@@ -282,7 +386,7 @@ def select_genes(
         return highly_variable_genes(mean, var, flavor=params.flavor, n_top_genes=n_top,
                                      gene_names=screen.var_names)
     reg_std, clip = seurat_v3_clip(mean, var, stats.n_cells)
-    clipped = _timed_pass(clipped_moments(screen, clip, split_every=split_every), screen,
+    clipped = _timed_pass(clipped_moments(screen, clip, counted, split_every=split_every), screen,
                           "seurat_v3 clipped pass", progress)
     return seurat_v3_select(mean, var, reg_std, *clipped, stats.n_cells, n_top_genes=n_top,
                             gene_names=screen.var_names)
@@ -319,23 +423,28 @@ def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -
 
 
 def finalize(
-    stats: kernels.PassStats,
+    means: np.ndarray,
+    squares: np.ndarray | None,
+    n_cells: np.ndarray,
     groups: list[str],
     hvg: pd.DataFrame,
     params: PseudobulkParams,
     *,
     kind: kernels.InputKind,
+    left_out: dict[str, int] | None = None,
 ) -> xr.Dataset:
     """The *finalize* step: group means over the selected genes, delta, as a Dataset.
 
-    The dense group sums of ``stats`` are released (set to ``None``) once the
-    selected genes are copied out, so that at genome-wide scale the full
-    ``(groups, genes)`` matrix and the outputs are not held at the same time.
-
     Parameters
     ----------
-    stats
-        Statistics of the pass.
+    means
+        Mean ``log1p`` expression of every group (the control first) over the
+        selected genes, ``(groups, selected genes)`` (:func:`.kernels.slab_means`).
+    squares
+        Mean squares of the same, or ``None`` without group variances; both
+        are turned into variances in place.
+    n_cells
+        Cells per group.
     groups
         Group names, the control first.
     hvg
@@ -344,27 +453,26 @@ def finalize(
         The run's parameters (recorded in attrs).
     kind
         The input kind that was used.
+    left_out
+        Cells that counted in no group, by reason; the cells of dropped
+        perturbations are added (``dropped_perturbations``) and the whole
+        recorded in attrs (``left_out_cells``).
     """
-    if stats.group_n[0] == 0:
+    if n_cells[0] == 0:
         raise LabelError(f"no control cells ({params.control!r}) in the screen; "
                          "pass the control label with --control")
-    var_names = hvg.index
+    n = n_cells
     keep = hvg["highly_variable"].to_numpy()
-    n = stats.group_n
-    selected_sums = stats.group_sum[:, keep]
-    stats.group_sum = None  # release the (groups × all genes) sums before converting
-    means = kernels.from_fixed(selected_sums, kernels.SUM_BITS)
-    del selected_sums
-    means /= np.maximum(n, 1)[:, None]
     small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
     if small:
         log.warning(
             "dropping %d perturbations with fewer than %d cells: %s",
             len(small), params.min_cells, listing(small, 20),
         )
+    dropped_cells = int(n[1:][n[1:] < params.min_cells].sum())
+    left_out = {**(left_out or {}), "dropped_perturbations": dropped_cells}
     rows = np.flatnonzero(n >= params.min_cells)
     rows = rows[rows > 0]
-    genes = var_names[keep]
     selected = _take_rows(means, rows)
     data_vars = {
         "mean": (("perturbation", "gene"), selected),
@@ -379,16 +487,14 @@ def finalize(
             if column != "highly_variable"
         },
     }
-    if stats.group_sumsq is not None:
-        selected_sums = stats.group_sumsq[:, keep]
-        stats.group_sumsq = None
-        variance = kernels.from_fixed(selected_sums, kernels.SQUARE_BITS)
-        del selected_sums
-        # in place, as for the means: E[x²] − mean², clipped at 0, times n/(n−1)
-        variance /= np.maximum(n, 1)[:, None]
-        variance -= np.square(means)
-        np.maximum(variance, 0, out=variance)
-        variance *= (n / np.maximum(n - 1, 1))[:, None]
+    if squares is not None:
+        factor = (n / np.maximum(n - 1, 1))[:, None]
+        if isinstance(squares, da.Array):
+            variance = da.map_blocks(_variance_of_copy, squares, means,
+                                     da.from_array(factor, chunks=(squares.chunks[0], 1)),
+                                     dtype=np.float64)
+        else:
+            variance = _variance(squares, means, factor)
         data_vars["var"] = (("perturbation", "gene"), _take_rows(variance, rows))
         data_vars["control_var"] = ("gene", variance[0])
     attrs = {
@@ -399,23 +505,41 @@ def finalize(
         "input_kind": kind,
         "control": params.control,
         "dropped_perturbations": json.dumps(small),
+        "left_out_cells": json.dumps(left_out),
     }
     return xr.Dataset(
         data_vars,
         coords={
             "perturbation": np.array([groups[i] for i in rows], dtype=object),
-            "gene": np.asarray(genes, dtype=object),
-            "screen_gene": np.asarray(var_names, dtype=object),
+            "gene": np.asarray(hvg.index[keep], dtype=object),
+            "screen_gene": np.asarray(hvg.index, dtype=object),
         },
         attrs=attrs,
     )
 
 
-def _take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``matrix[rows]``, as a view when ``rows`` is a contiguous range."""
+def _variance(squares: np.ndarray, means: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Group variances from mean squares, written over ``squares``:
+    E[x²] − mean², clipped at 0, times ``factor`` = n/(n−1) per group."""
+    squares -= np.square(means)
+    np.maximum(squares, 0, out=squares)
+    squares *= factor
+    return squares
+
+
+def _variance_of_copy(squares: np.ndarray, means: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """:func:`_variance` of a block, leaving dask's input block as it is."""
+    return _variance(squares.copy(), means, factor)
+
+
+def _take_rows(matrix: np.ndarray | da.Array, rows: np.ndarray) -> np.ndarray | da.Array:
+    """``matrix[rows]``, as a view when ``rows`` is a contiguous range; a dask
+    array keeps its row chunks' size (as zarr needs: all equal but the last)."""
     if rows.size and rows[-1] - rows[0] + 1 == rows.size:
-        return matrix[rows[0] : rows[-1] + 1]
-    return matrix[rows]
+        taken = matrix[rows[0] : rows[-1] + 1]
+    else:
+        taken = matrix[rows]
+    return taken.rechunk(matrix.chunksize) if isinstance(taken, da.Array) else taken
 
 
 def write_pseudobulk(

@@ -60,7 +60,9 @@ def pass_stats(
     target_sum: float = 1e4,
     with_group_sumsq: bool = False,
     moments: tuple[str, ...] = kernels.DEFAULT_MOMENTS,
+    gene_map: np.ndarray | None = None,
     split_every: int = SPLIT_EVERY,
+    after: Delayed | None = None,
 ) -> Delayed:
     """The lazy one-pass statistics of a screen (a :class:`kernels.PassStats`).
 
@@ -72,13 +74,17 @@ def pass_stats(
         Group code of every cell (``-1``: no group).
     n_groups
         Number of groups.
-    kind, target_sum, with_group_sumsq, moments
+    kind, target_sum, with_group_sumsq, moments, gene_map
         Passed to :func:`kernels.fold_block`.
     chains
         Running accumulators the blocks are folded into (block ``i`` goes to
         chain ``i % chains``): the most blocks processed at once.
     split_every
         Inputs per combine task of the chains' results.
+    after
+        A task that the first fold of every chain waits for (none by default):
+        it bounds how many passes hold their accumulators at once
+        (:func:`slab_means`).
 
     Notes
     -----
@@ -99,7 +105,8 @@ def pass_stats(
         c = i % len(accs)
         accs[c] = fold(accs[c], block, codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
                        target_sum=target_sum, with_group_sumsq=with_group_sumsq,
-                       moments=moments, block_index=i)
+                       moments=moments, gene_map=gene_map, block_index=i,
+                       after=after if i < len(accs) else None)
     # each chain's end frees the idle block buffers before the chains are combined
     accs = [delayed(_free_buffers, pure=True, name="pass-free-buffers")(acc) for acc in accs]
     total = tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
@@ -140,8 +147,10 @@ def block_refs(screen: Screen) -> tuple[np.ndarray, list[BlockRef]]:
     return bounds, refs
 
 
-def _read_and_fold(acc, block: BlockRef, codes, n_groups, **kwargs) -> kernels.PassStats:
-    """Read a block (into pooled buffers) and :func:`kernels.fold_block` it into ``acc``."""
+def _read_and_fold(acc, block: BlockRef, codes, n_groups, after=None,
+                   **kwargs) -> kernels.PassStats:
+    """Read a block (into pooled buffers) and :func:`kernels.fold_block` it
+    into ``acc`` (``after``: a task it waits for, see :func:`pass_stats`)."""
     with BLOCK_BUFFERS.lease() as buffers:
         return kernels.fold_block(acc, block.read(buffers), codes, n_groups, **kwargs)
 
@@ -155,17 +164,88 @@ def _free_buffers(result: Any) -> Any:
     return result
 
 
-def clipped_moments(screen: Screen, clip: np.ndarray, *, split_every: int = SPLIT_EVERY) -> Delayed:
-    """The lazy second pass of ``seurat_v3``: per-gene sums of clipped counts."""
+def clipped_moments(screen: Screen, clip: np.ndarray, counted: np.ndarray, *,
+                    split_every: int = SPLIT_EVERY) -> Delayed:
+    """The lazy second pass of ``seurat_v3``: per-gene sums of clipped counts
+    over the ``counted`` cells."""
     chunk = delayed(_read_and_clip, pure=True, name="clip-chunk")
     clip = delayed(clip, pure=True)  # one copy in the graph, not one per task
-    parts = [chunk(block, clip) for block in block_refs(screen)[1]]
+    bounds, blocks = block_refs(screen)
+    parts = [chunk(block, clip, counted[bounds[i] : bounds[i + 1]])
+             for i, block in enumerate(blocks)]
     total = tree_reduce(parts, kernels.add_pairs, split_every=split_every, name="clip-combine")
     return delayed(_free_buffers, pure=True, name="clip-free-buffers")(total)
 
 
-def _read_and_clip(block: BlockRef, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _read_and_clip(block: BlockRef, clip: np.ndarray,
+                   counted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Read a block (into pooled buffers) and sum its clipped counts
     (:func:`kernels.clipped_moments`)."""
     with BLOCK_BUFFERS.lease() as buffers:
-        return kernels.clipped_moments(block.read(buffers), clip)
+        return kernels.clipped_moments(block.read(buffers), clip, counted)
+
+
+def slab_means(
+    screen: Screen,
+    codes: np.ndarray,
+    slabs: Sequence[tuple[int, int]],
+    gene_map: np.ndarray,
+    *,
+    chains: int = 1,
+    concurrent: int = 1,
+    kind: kernels.InputKind,
+    target_sum: float = 1e4,
+    with_group_sumsq: bool = False,
+) -> list[Delayed]:
+    """The lazy group means (and mean squares) of each slab of groups over the
+    genes of ``gene_map``: one pass over the screen per slab.
+
+    Parameters
+    ----------
+    screen
+        The opened screen.
+    codes
+        Group code of every cell (``-1``: no group).
+    slabs
+        ``(first, stop)`` ranges of group codes that together cover every group.
+    gene_map
+        The genes summed and their columns (:func:`kernels.gene_columns`).
+    chains
+        Running accumulators of each slab's pass (:func:`pass_stats`).
+    concurrent
+        Slabs whose passes run at once: slab ``k`` starts once slab
+        ``k - concurrent`` has become means, so at most ``concurrent``
+        × ``chains`` fixed-point accumulators of ``(slab groups × selected
+        genes)`` exist.
+    kind, target_sum, with_group_sumsq
+        Passed to :func:`kernels.fold_block`.
+
+    Returns
+    -------
+    list of Delayed
+        Per slab, :func:`kernels.slab_means` of its statistics: float64
+        ``(stop - first, n_selected)`` means, and mean squares or ``None``.
+
+    Notes
+    -----
+    The values of cells outside a slab are not visited by its pass, but every
+    block is read and its rows' totals found once per slab: the slabs trade
+    reads for memory. Group sums are exact integers, so the means equal those
+    of one pass over all groups, bit for bit.
+    """
+    finished: list[Delayed] = []
+    means = delayed(kernels.slab_means, pure=True, name="slab-means")
+    for k, (first, stop) in enumerate(slabs):
+        local = np.where((codes >= first) & (codes < stop), codes - first, -1).astype(codes.dtype)
+        after = finished[k - concurrent] if k >= concurrent else None
+        stats = pass_stats(screen, local, stop - first, kind=kind, target_sum=target_sum,
+                           chains=chains,
+                           with_group_sumsq=with_group_sumsq, moments=(), gene_map=gene_map,
+                           after=None if after is None else delayed(_done, pure=True)(after))
+        finished.append(means(stats))
+    return finished
+
+
+def _done(result: Any) -> None:
+    """Nothing: a small stand-in for ``result`` that later tasks can wait for."""
+    return None

@@ -1,0 +1,107 @@
+"""The pass within a memory budget: the plan for any number of groups and
+genes, and every plan giving the result of one unbudgeted pass, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cloud_helpers import assert_same_budgeted
+from genepert_scale.cluster import Room
+from genepert_scale.errors import ParameterError
+from genepert_scale.pp import budget, kernels
+from genepert_scale.pp.budget import plan_pass
+from genepert_scale.pp.pseudobulk import pseudobulk
+
+GiB = 2**30
+
+
+def test_small_passes_sum_all_genes_in_one_pass():
+    plan = plan_pass(2001, 8000, 5000, False, [Room(2, 12 * GiB)])
+    assert plan == budget.PassPlan(2) and not plan.genes_first
+
+
+def test_raw_size_screens_select_genes_first():
+    # 20,000 groups x 33,000 genes: 5.3 GB a chain; over 5,000 genes 0.8 GB
+    plan = plan_pass(20_001, 33_000, 5000, False, [Room(2, 12 * GiB)])
+    assert plan.genes_first and plan.slabs == ((0, 20_001),) and plan.chains == 2
+
+
+def test_groups_beyond_the_budget_are_cut_into_slabs():
+    # 100,000 groups x 5,000 genes is 4 GB; 2 GiB of accumulators on 2 threads: 1 GiB each
+    plan = plan_pass(100_001, 33_000, 5000, False, [Room(2, 2 * GiB)])
+    sizes = [stop - first for first, stop in plan.slabs]
+    assert plan.chains == 2 and len(sizes) == 4 and sum(sizes) == 100_001
+    assert max(sizes) * 5000 * 8 <= GiB  # each thread's slab within its share
+    assert plan.slabs[0][0] == 0 and all(a[1] == b[0] for a, b in zip(plan.slabs, plan.slabs[1:]))
+
+
+def test_a_budget_below_one_group_is_a_clear_error():
+    with pytest.raises(ParameterError, match=r"raise --memory-limit \(to at least 156.25 kiB"):
+        plan_pass(10, 5000, 5000, False, [Room(2, 1000)])
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_a_gene_map_sums_the_selected_columns_only(use_numba):
+    rng = np.random.default_rng(3)
+    x = sp.random(200, 30, density=0.3, format="csr", random_state=4, dtype=np.float32)
+    x.data = np.floor(x.data * 80)
+    codes = rng.integers(-1, 5, 200).astype(np.int32)
+    keep = rng.random(30) < 0.4
+    whole = kernels.block_stats(x, codes, 5, with_group_sumsq=True, use_numba=use_numba)
+    part = kernels.fold_block(None, x, codes, 5, with_group_sumsq=True, moments=(),
+                              gene_map=kernels.gene_columns(keep), use_numba=use_numba)
+    np.testing.assert_array_equal(part.group_sum, whole.group_sum[:, keep])
+    np.testing.assert_array_equal(part.group_sumsq, whole.group_sumsq[:, keep])
+    np.testing.assert_array_equal(part.group_n, whole.group_n)
+
+
+def test_means_are_converted_in_the_memory_of_their_sums():
+    sums = np.array([[3 << 32, -(5 << 31)], [7, 2**62]], np.int64)
+    expected = kernels.from_fixed(sums, kernels.SUM_BITS) / np.array([[2], [1]])
+    stats = kernels.new_stats(2, 2, False)
+    stats.group_sum, stats.group_n = sums, np.array([2, 0])
+    means, squares = kernels.slab_means(stats)
+    np.testing.assert_array_equal(means, expected)
+    assert squares is None and np.shares_memory(means, sums) and stats.group_sum is None
+
+
+@pytest.fixture(scope="module")
+def unbudgeted(small_screen):
+    return pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+@pytest.mark.parametrize("memory_limit", [None, 200_000, 60_000])
+def test_every_plan_equals_one_unbudgeted_pass(small_screen, unbudgeted, monkeypatch,
+                                               scheduler, memory_limit):
+    import dask
+
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)  # genes first even where all would fit
+    with dask.config.set(scheduler=scheduler, num_workers=2):
+        ds = pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False,
+                        memory_limit=memory_limit)
+    assert_same_budgeted(ds, unbudgeted)
+
+
+def test_the_log_says_which_plan_ran(small_screen, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    with caplog.at_level(logging.INFO, logger="genepert_scale"):
+        pseudobulk(small_screen[0], n_top_genes=100, progress=False, memory_limit=60_000)
+    assert "slabs of up to" in caplog.text
+
+
+def test_slabs_stay_lazy_until_written(small_screen, unbudgeted, monkeypatch, tmp_path):
+    import dask.array as da
+
+    from genepert_scale.pp.pseudobulk import open_pseudobulk, write_pseudobulk
+
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    ds = pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False,
+                    memory_limit=60_000)
+    assert all(isinstance(ds[name].data, da.Array) for name in ("mean", "delta", "var"))
+    write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
+    assert_same_budgeted(open_pseudobulk(str(tmp_path / "pb.zarr")).compute(), unbudgeted)
