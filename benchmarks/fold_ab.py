@@ -81,7 +81,7 @@ def first_block(screen: Path):
     """The first row block of ``screen`` (CSR, the pass's default size), its
     group codes, the number of groups and the default flavor's moments."""
     from genepert_scale.pp.labels import assign_groups
-    from genepert_scale.pp.pseudobulk import HVG_MOMENTS
+    from genepert_scale.pp.aggregate import HVG_MOMENTS
     from genepert_scale.io.screen import open_screen
 
     opened = open_screen(str(screen))

@@ -27,7 +27,7 @@ from genepert_scale.errors import (
     ParameterError,
     StoreError,
 )
-from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.tl.ridge import RidgeModel, load_model, save_model
 from genepert_scale.datasets.synth import synth_screen
 
@@ -36,7 +36,7 @@ Case = Callable[[Path], Callable[[], object]]
 
 def run(path: str, **kwargs) -> Callable[[], object]:
     kwargs.setdefault("n_top_genes", None)
-    return lambda: pseudobulk(path, progress=False, **kwargs)
+    return lambda: pseudobulk(path, progress=False, **kwargs, as_xarray=True)
 
 
 def with_value(value: float, row: int = 5, **kwargs) -> Case:
@@ -152,7 +152,7 @@ def misspell_root_metadata(path: Path) -> None:
 
 
 def pb_store(tmp: Path, nan_delta: bool = False, **attrs) -> str:
-    ds = pseudobulk(write_screen(tmp / "s.zarr"), n_top_genes=None, progress=False)
+    ds = pseudobulk(write_screen(tmp / "s.zarr"), n_top_genes=None, progress=False, as_xarray=True)
     ds.attrs.update(attrs)
     if nan_delta:  # a chunk equal to the fill value: written all the same
         ds["delta"][:] = np.nan
@@ -341,7 +341,7 @@ def test_a_bad_chunk_is_found_within_the_failing_block(tmp_path):
 def test_default_n_top_genes_keeps_all_genes_of_a_small_screen(tmp_path, caplog):
     path = write_screen(tmp_path / "s.zarr")
     with caplog.at_level(logging.WARNING):
-        ds = pseudobulk(path, progress=False)
+        ds = pseudobulk(path, progress=False, as_xarray=True)
     assert ds.sizes["gene"] == 8
     assert "not more than the default 5000 HVGs: keeping all genes" in caplog.text
     assert json.loads(ds.attrs["parameters"])["n_top_genes"] is None

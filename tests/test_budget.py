@@ -12,7 +12,7 @@ from genepert_scale.cluster import Room
 from genepert_scale.errors import ParameterError
 from genepert_scale.pp import budget, kernels
 from genepert_scale.pp.budget import plan_pass
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 
 GiB = 2**30
 
@@ -69,7 +69,7 @@ def test_means_are_converted_in_the_memory_of_their_sums():
 
 @pytest.fixture(scope="module")
 def unbudgeted(small_screen):
-    return pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False)
+    return pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False, as_xarray=True)
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
@@ -81,7 +81,7 @@ def test_every_plan_equals_one_unbudgeted_pass(small_screen, unbudgeted, monkeyp
     monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)  # genes first even where all would fit
     with dask.config.set(scheduler=scheduler, num_workers=2):
         ds = pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False,
-                        memory_limit=memory_limit)
+                        memory_limit=memory_limit, as_xarray=True)
     assert_same_budgeted(ds, unbudgeted)
 
 
@@ -90,18 +90,18 @@ def test_the_log_says_which_plan_ran(small_screen, monkeypatch, caplog):
 
     monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
     with caplog.at_level(logging.INFO, logger="genepert_scale"):
-        pseudobulk(small_screen[0], n_top_genes=100, progress=False, memory_limit=60_000)
+        pseudobulk(small_screen[0], n_top_genes=100, progress=False, memory_limit=60_000, as_xarray=True)
     assert "slabs of up to" in caplog.text
 
 
 def test_slabs_stay_lazy_until_written(small_screen, unbudgeted, monkeypatch, tmp_path):
     import dask.array as da
 
-    from genepert_scale.pp.pseudobulk import open_pseudobulk, write_pseudobulk
+    from genepert_scale.pp.aggregate import open_pseudobulk, write_pseudobulk
 
     monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
     ds = pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False,
-                    memory_limit=60_000)
+                    memory_limit=60_000, as_xarray=True)
     assert all(isinstance(ds[name].data, da.Array) for name in ("mean", "delta", "var"))
     write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
     assert_same_budgeted(open_pseudobulk(str(tmp_path / "pb.zarr")).compute(), unbudgeted)

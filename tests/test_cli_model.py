@@ -19,7 +19,7 @@ from genepert_scale.cli.commands import main
 from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import EmbeddingError, INPUT_ERROR_EXIT_CODE
 from genepert_scale.tl.model import fit, predict, write_predictions
-from genepert_scale.pp.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.pp.aggregate import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
 from genepert_scale.pl.report import FILES
 from genepert_scale.tl.ridge import load_model, save_model
 

@@ -22,7 +22,7 @@ from cloud_helpers import (
 
 from genepert_scale.cli.commands import main
 from genepert_scale.cluster import dask_client
-from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk
+from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk
 
 pytestmark = pytest.mark.cluster
 
@@ -37,7 +37,7 @@ def screen(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def local_pb(screen):
     with dask_client():
-        return pseudobulk(screen, **PB_OPTIONS)
+        return pseudobulk(screen, **PB_OPTIONS, as_xarray=True)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def cluster(tmp_path_factory):
 def test_pseudobulk_on_cluster_equals_local_threads(cluster, screen, local_pb):
     with dask_client(cluster.address) as client:
         assert len(client.scheduler_info()["workers"]) == 2
-        ds = pseudobulk(screen, **PB_OPTIONS)
+        ds = pseudobulk(screen, **PB_OPTIONS, as_xarray=True)
     assert_same_pseudobulk(ds, local_pb)
 
 
@@ -62,7 +62,7 @@ def test_group_slabs_on_cluster_equal_one_local_pass(cluster, screen, local_pb, 
 
     monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
     with dask_client(cluster.address), caplog.at_level(logging.INFO, logger="genepert_scale"):
-        ds = pseudobulk(screen, memory_limit=40_000, **PB_OPTIONS)
+        ds = pseudobulk(screen, memory_limit=40_000, **PB_OPTIONS, as_xarray=True)
     assert "slabs of up to" in caplog.text
     assert_same_budgeted(ds, local_pb)
 
@@ -92,7 +92,7 @@ def test_worker_killed_mid_pass_same_result(tmp_path, screen, local_pb):
     with dask_processes(tmp_path, n_workers=2) as processes:
         with dask_client(processes.address) as client:
             client.register_plugin(KillOnTask("worker-0", "_read_and_fold", after=3))
-            ds = pseudobulk(screen, **PB_OPTIONS)
+            ds = pseudobulk(screen, **PB_OPTIONS, as_xarray=True)
             survivors = {w["name"] for w in client.scheduler_info()["workers"].values()}
         victim = processes.workers["worker-0"]
         assert victim.wait(timeout=30) == 1, "worker-0 should have died in the pass"
@@ -108,9 +108,9 @@ def test_local_threads_never_import_distributed(small_screen):
     code = (
         "import sys\n"
         "from genepert_scale.cluster import dask_client\n"
-        "from genepert_scale.pp.pseudobulk import pseudobulk\n"
+        "from genepert_scale.pp.aggregate import pseudobulk\n"
         "with dask_client():\n"
-        f"    pseudobulk({small_screen[0]!r}, n_top_genes=50, progress=False)\n"
+        f"    pseudobulk({small_screen[0]!r}, n_top_genes=50, progress=False, as_xarray=True)\n"
         "assert 'distributed' not in sys.modules, 'distributed was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,7 +16,7 @@ import zarr
 from genepert_scale.pp import kernels
 from genepert_scale.cluster import compute
 from genepert_scale.pp.labels import assign_groups
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 from genepert_scale.pp.reduce import pass_stats
 from genepert_scale.io.screen import open_screen
 from genepert_scale.io.store import CsrAppender, quiet_zarr_warnings, zarr_store
@@ -92,11 +92,11 @@ def test_pass_larger_than_the_memory_limit_completes_exactly(client, tmp_path):
 
 def test_cluster_result_is_bit_identical_to_local_schedulers(client, small_screen):
     path, _ = small_screen
-    on_cluster = pseudobulk(path, n_top_genes=100, block_rows=700, progress=False)
+    on_cluster = pseudobulk(path, n_top_genes=100, block_rows=700, progress=False, as_xarray=True)
     with dask.config.set(scheduler="sync"):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("genepert_scale.cluster._current_client", lambda: None)
-            local = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False)
+            local = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False, as_xarray=True)
     assert list(on_cluster.gene.values) == list(local.gene.values)
     for name in ("mean", "delta", "control_mean", "n_cells"):
         np.testing.assert_array_equal(on_cluster[name].values, local[name].values)

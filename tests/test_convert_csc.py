@@ -18,7 +18,7 @@ import zarr
 from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE, ParameterError
 from genepert_scale.io.convert import CSC_MEMORY_SHARE, convert_h5ad
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 
 
 def assert_same_csr(actual, expected: sp.csr_matrix) -> None:
@@ -141,8 +141,8 @@ def test_papalexi_csc_by_the_cli_equals_tocsr_and_pseudobulks_alike(papalexi_csc
     assert_same_csr(ad.read_zarr(out).X, expected)
     from_csr = convert_h5ad(str(papalexi_path), str(tmp_path / "from_csr.zarr"))
     options = {"control": "control", "n_top_genes": 100, "progress": False}
-    xr.testing.assert_equal(pseudobulk(str(out), **options).drop_attrs(),
-                            pseudobulk(from_csr, **options).drop_attrs())
+    xr.testing.assert_equal(pseudobulk(str(out), **options, as_xarray=True).drop_attrs(),
+                            pseudobulk(from_csr, **options, as_xarray=True).drop_attrs())
 
 
 def test_pseudobulk_of_a_csc_h5ad_says_to_convert(papalexi_csc, tmp_path, capsys):

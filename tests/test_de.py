@@ -11,7 +11,7 @@ from scipy import stats
 
 from genepert_scale.pp.de import NO_GENE, mse_de, pearson_delta_de, top_de_genes, welch_t
 from genepert_scale.errors import ParameterError
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 
 K = 20
 
@@ -70,14 +70,14 @@ def assert_same_ranking(ds: xr.Dataset, raw: ad.AnnData, *, key: str, control: s
 def test_synthetic_ranking_equals_scanpy(small_screen):
     path, _ = small_screen
     ds = pseudobulk(path, control="non-targeting", n_top_genes=None, group_variance=True,
-                    progress=False)
+                    progress=False, as_xarray=True)
     assert ds.n_cells.values.min() >= 2
     assert_same_ranking(ds, ad.read_zarr(path), key="perturbation", control="non-targeting")
 
 
 def test_papalexi_ranking_equals_scanpy(papalexi_path):
     ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=None,
-                    group_variance=True, progress=False, block_rows=4096)
+                    group_variance=True, progress=False, block_rows=4096, as_xarray=True)
     assert ds.sizes["perturbation"] == 25
     assert_same_ranking(ds, ad.read_h5ad(papalexi_path), key="perturbation", control="control")
 
@@ -129,7 +129,7 @@ def test_top_de_genes_is_lazy_on_dask_and_pads_with_no_gene():
 
 
 def test_missing_variance_is_a_clear_error(small_screen):
-    ds = pseudobulk(small_screen[0], n_top_genes=20, progress=False)
+    ds = pseudobulk(small_screen[0], n_top_genes=20, progress=False, as_xarray=True)
     with pytest.raises(ParameterError, match="--group-variance"):
         welch_t(ds)
 

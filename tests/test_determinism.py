@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genepert_scale.pp import kernels
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 from genepert_scale.pp.reduce import tree_reduce
 
 
@@ -80,10 +80,10 @@ def test_pseudobulk_is_bit_identical_across_chunkings_and_schedulers(
 ):
     path, _ = small_screen
     with dask.config.set(scheduler="sync"):
-        reference = pseudobulk(path, n_top_genes=100, block_rows=1000, progress=False)
+        reference = pseudobulk(path, n_top_genes=100, block_rows=1000, progress=False, as_xarray=True)
     with dask.config.set(scheduler=scheduler):
         other = pseudobulk(path, n_top_genes=100, block_rows=block_rows,
-                           split_every=split_every, progress=False)
+                           split_every=split_every, progress=False, as_xarray=True)
     assert list(other.gene.values) == list(reference.gene.values)
     for name in ("mean", "delta", "control_mean", "n_cells"):
         np.testing.assert_array_equal(other[name].values, reference[name].values)

@@ -7,7 +7,7 @@ import pytest
 from genepert_scale.cli.config import ClusterConfig
 from genepert_scale.errors import ParameterError, StoreError
 from genepert_scale.tl.model import fit
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 from genepert_scale.datasets.synth import embedding_path_for, synth_screen
 
 
@@ -22,7 +22,7 @@ from genepert_scale.datasets.synth import embedding_path_for, synth_screen
 def test_bad_pseudobulk_options_fail_before_opening_the_screen(options, fragment, tmp_path):
     # the screen does not exist: the option error must come first
     with pytest.raises(ParameterError, match=fragment):
-        pseudobulk(str(tmp_path / "absent.zarr"), progress=False, **options)
+        pseudobulk(str(tmp_path / "absent.zarr"), progress=False, **options, as_xarray=True)
 
 
 def test_synth_refuses_an_existing_embedding_before_writing_the_screen(tmp_path):
@@ -49,7 +49,7 @@ def test_scheduler_kind_without_address_is_an_error(monkeypatch):
 
 def test_fit_with_a_grid_needs_folds(small_screen):
     path, embedding = small_screen
-    ds = pseudobulk(path, n_top_genes=50, progress=False)
+    ds = pseudobulk(path, n_top_genes=50, progress=False, as_xarray=True)
     with pytest.raises(ParameterError, match="--folds 1 does not fit"):
         fit(ds, embedding, alphas=(0.1, 1.0), n_folds=1, progress=False)
 

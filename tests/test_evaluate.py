@@ -17,7 +17,7 @@ from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
 from genepert_scale.tl.evaluate import baseline_predictions, evaluate, knn_prediction
 from genepert_scale.tl.metrics import pearson_rows, perturbation_metrics
-from genepert_scale.pp.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.pp.aggregate import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
 from genepert_scale.pl.report import FILES, write_report
 from genepert_scale.tl.splits import kfold
 
@@ -149,10 +149,10 @@ def test_ttest_de_metrics_use_welch_genes_from_the_pass(small_screen):
 
     from genepert_scale.pp.de import top_de_genes
     from genepert_scale.tl.evaluate import evaluate
-    from genepert_scale.pp.pseudobulk import pseudobulk
+    from genepert_scale.pp.aggregate import pseudobulk
 
     path, embedding = small_screen
-    ds = pseudobulk(path, n_top_genes=None, group_variance=True, progress=False)
+    ds = pseudobulk(path, n_top_genes=None, group_variance=True, progress=False, as_xarray=True)
     result = evaluate(ds, embedding, n_folds=3, seed=1, progress=False)
     table = result.per_perturbation.query("model == 'genepert_ridge'").set_index("perturbation")
     predicted = result.predictions.prediction.sel(model="genepert_ridge")

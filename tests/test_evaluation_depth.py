@@ -25,7 +25,7 @@ from genepert_scale.errors import ParameterError
 from genepert_scale.tl.evaluate import evaluate, feature_sets, make_split
 from genepert_scale.tl.metrics import METRICS
 from genepert_scale.tl.model import fit, predict, training_data, write_predictions
-from genepert_scale.pp.pseudobulk import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.pp.aggregate import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
 from genepert_scale.pl.report import FILES, write_report
 
 N_SINGLES, N_GENES = 24, 40

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import genepert_scale.io.store as store_module
 from genepert_scale.errors import GenePertInputError
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 from genepert_scale.datasets.synth import synth_screen
 
 ARRAYS = ("mean", "delta", "n_cells", "control_mean")
@@ -29,7 +29,7 @@ def store_and_reference(tmp_path_factory):
         synth_screen(str(path), cells=300, genes=40, perturbations=6, seed=3, chunk_rows=100)
     finally:
         store_module.CSR_CHUNK = saved
-    return path, pseudobulk(str(path), n_top_genes=None, block_rows=128, progress=False)
+    return path, pseudobulk(str(path), n_top_genes=None, block_rows=128, progress=False, as_xarray=True)
 
 
 def corrupt(root: Path, data) -> str:
@@ -59,7 +59,7 @@ def test_corrupted_store_gives_a_clean_error_or_the_right_answer(store_and_refer
         shutil.copytree(source, root)
         what = corrupt(root, data)
         try:
-            result = pseudobulk(str(root), n_top_genes=None, block_rows=128, progress=False)
+            result = pseudobulk(str(root), n_top_genes=None, block_rows=128, progress=False, as_xarray=True)
         except GenePertInputError as err:
             assert str(root) in str(err), (what, err)
             return

@@ -17,12 +17,12 @@ from genepert_scale.io.interop import (
     pseudobulk_to_anndata,
     write_h5ad,
 )
-from genepert_scale.pp.pseudobulk import pseudobulk, write_pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk, write_pseudobulk
 
 
 @pytest.fixture(scope="module")
 def pb(small_screen) -> xr.Dataset:
-    return pseudobulk(small_screen[0], n_top_genes=60, group_variance=True, progress=False)
+    return pseudobulk(small_screen[0], n_top_genes=60, group_variance=True, progress=False, as_xarray=True)
 
 
 def test_gears_conditions():

@@ -11,16 +11,16 @@ import textwrap
 import numpy as np
 import pytest
 
-from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk, write_pseudobulk
 
 WRITER = textwrap.dedent(
     """
     import sys, time
     import xarray as xr
-    from genepert_scale.pp.pseudobulk import pseudobulk, write_pseudobulk
+    from genepert_scale.pp.aggregate import pseudobulk, write_pseudobulk
 
     screen, out = sys.argv[1:]
-    ds = pseudobulk(screen, n_top_genes=100, progress=False)
+    ds = pseudobulk(screen, n_top_genes=100, progress=False, as_xarray=True)
     original = xr.Dataset.to_zarr
 
     def half_then_hang(self, store, **kwargs):
@@ -39,7 +39,7 @@ WRITER = textwrap.dedent(
 def test_sigkill_during_write_leaves_old_output_intact(small_screen, tmp_path):
     path, _ = small_screen
     out = tmp_path / "pb.zarr"
-    old = pseudobulk(path, n_top_genes=50, progress=False)
+    old = pseudobulk(path, n_top_genes=50, progress=False, as_xarray=True)
     write_pseudobulk(old, str(out))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(out)],
@@ -56,5 +56,5 @@ def test_sigkill_during_write_leaves_old_output_intact(small_screen, tmp_path):
     assert kept.sizes["gene"] == 50
     np.testing.assert_array_equal(kept["mean"].values, old["mean"].values)
     # the next run replaces it despite the leftover temporary
-    write_pseudobulk(pseudobulk(path, n_top_genes=100, progress=False), str(out), overwrite=True)
+    write_pseudobulk(pseudobulk(path, n_top_genes=100, progress=False, as_xarray=True), str(out), overwrite=True)
     assert open_pseudobulk(str(out)).sizes["gene"] == 100

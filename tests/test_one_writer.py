@@ -19,7 +19,7 @@ from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE
 from genepert_scale.io.lease import HOST, Holder, OutputBusyError, hold_lease
 from genepert_scale.io.store import atomic_output, hold_output
-from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk
+from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk
 
 #: Writes a pseudo-bulk store, then waits (holding the output's lease, its
 #: temporary complete but not yet renamed) for a line on stdin.
@@ -27,10 +27,10 @@ WRITER = textwrap.dedent(
     """
     import json, sys
     import xarray as xr
-    from genepert_scale.pp.pseudobulk import pseudobulk, write_pseudobulk
+    from genepert_scale.pp.aggregate import pseudobulk, write_pseudobulk
 
     screen, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    ds = pseudobulk(screen, n_top_genes=100, progress=False)
+    ds = pseudobulk(screen, n_top_genes=100, progress=False, as_xarray=True)
     original = xr.Dataset.to_zarr
 
     def write_then_wait(self, store, **kwargs):
@@ -96,7 +96,7 @@ def test_second_writer_fails_at_once_and_the_first_finishes(small_screen, tmp_pa
     finally:
         writer.kill()
     assert_same_pseudobulk(open_pseudobulk(str(out)), pseudobulk(screen, n_top_genes=100,
-                                                                 progress=False))
+                                                                 progress=False, as_xarray=True))
     assert debris(tmp_path, "pb.zarr") == []
 
 
@@ -120,7 +120,7 @@ def test_run_after_a_killed_one_takes_its_lease_and_removes_its_temporary(small_
         in done.stderr
     assert debris(tmp_path, "pb.zarr") == []
     assert_same_pseudobulk(open_pseudobulk(str(out)), pseudobulk(screen, n_top_genes=100,
-                                                                 progress=False))
+                                                                 progress=False, as_xarray=True))
 
 
 #: Holds the lease of an output (argv[1]) until a line comes on stdin.
@@ -243,7 +243,7 @@ def test_one_writer_and_no_debris_on_s3(small_screen):
         fs.invalidate_cache()
         assert [p.rsplit("/", 1)[-1] for p in fs.ls("runs")] == ["pb.zarr"]
         assert_same_pseudobulk(open_pseudobulk(out, options).load(),
-                               pseudobulk(screen, n_top_genes=100, progress=False))
+                               pseudobulk(screen, n_top_genes=100, progress=False, as_xarray=True))
 
 
 def test_lease_on_a_store_without_write_if_absent(caplog):

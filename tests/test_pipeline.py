@@ -29,7 +29,7 @@ from genepert_scale.cli.pipeline import (
     run_stages,
     select,
 )
-from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk
+from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk
 
 
 class Recorder:
@@ -148,7 +148,7 @@ def test_run_command_pseudobulk_stage(tmp_path, capsys):
     out = tmp_path / "out"
     config = write_config(tmp_path / "run.toml", screen=screen, out=str(out))
     assert "pseudobulk   ran" in _run(config, capsys)
-    expected = pseudobulk(screen, n_top_genes=100, block_rows=500, group_variance=True, progress=False)
+    expected = pseudobulk(screen, n_top_genes=100, block_rows=500, group_variance=True, progress=False, as_xarray=True)
     assert_same_pseudobulk(open_pseudobulk(str(out / "pseudobulk.zarr")), expected)
     assert "pseudobulk   skipped" in _run(config, capsys)
 
@@ -158,7 +158,7 @@ def test_run_command_pseudobulk_stage(tmp_path, capsys):
 
     make_screen(tmp_path / "data", seed=1)  # the input changes in place
     assert "pseudobulk   ran" in _run(config, capsys)
-    expected = pseudobulk(screen, n_top_genes=50, block_rows=500, group_variance=True, progress=False)
+    expected = pseudobulk(screen, n_top_genes=50, block_rows=500, group_variance=True, progress=False, as_xarray=True)
     assert_same_pseudobulk(open_pseudobulk(str(out / "pseudobulk.zarr")), expected)
 
 
@@ -172,7 +172,7 @@ def test_run_killed_during_pseudobulk_resumes(tmp_path, capsys):
         env=subprocess_env(), stderr=subprocess.PIPE, text=True,
     )
     for line in proc.stderr:
-        if "genepert_scale.pp.pseudobulk: pseudobulk" in line:  # the pass is starting
+        if "genepert_scale.pp.aggregate: pseudobulk" in line:  # the pass is starting
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -181,5 +181,5 @@ def test_run_killed_during_pseudobulk_resumes(tmp_path, capsys):
 
     assert "pseudobulk   ran" in _run(config, capsys)
     assert "pseudobulk   skipped" in _run(config, capsys)
-    expected = pseudobulk(screen, n_top_genes=100, block_rows=100, group_variance=True, progress=False)
+    expected = pseudobulk(screen, n_top_genes=100, block_rows=100, group_variance=True, progress=False, as_xarray=True)
     assert_same_pseudobulk(open_pseudobulk(str(out / "pseudobulk.zarr")), expected)

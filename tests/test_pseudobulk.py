@@ -14,7 +14,7 @@ import zarr
 from conftest import scanpy_pseudobulk
 from genepert_scale.errors import LabelError, ParameterError
 from genepert_scale.io.convert import convert_h5ad
-from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
+from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.pp.reduce import pass_stats
 from genepert_scale.io.screen import BLOCK_BUFFERS, BlockBuffers, BufferPool, open_screen, screen_from_group
 
@@ -47,7 +47,7 @@ def assert_matches_scanpy(ds, adata, *, key, control, n_top_genes, flavor="seura
 def test_synthetic_matches_scanpy(small_screen, flavor, n_top_genes):
     path, _ = small_screen
     ds = pseudobulk(path, control="non-targeting", n_top_genes=n_top_genes, flavor=flavor,
-                    progress=False)
+                    progress=False, as_xarray=True)
     assert ds.sizes["gene"] == n_top_genes
     assert "non-targeting" not in ds.perturbation.values
     assert_matches_scanpy(ds, ad.read_zarr(path), key="perturbation", control="non-targeting",
@@ -57,7 +57,7 @@ def test_synthetic_matches_scanpy(small_screen, flavor, n_top_genes):
 @pytest.mark.parametrize("flavor", ["seurat", "cell_ranger", "seurat_v3"])
 def test_papalexi_matches_scanpy(papalexi_path, flavor):
     ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=100, flavor=flavor,
-                    progress=False, block_rows=4096)
+                    progress=False, block_rows=4096, as_xarray=True)
     assert ds.sizes["perturbation"] == 25
     assert_matches_scanpy(ds, ad.read_h5ad(papalexi_path), key="perturbation", control="control",
                           n_top_genes=100, flavor=flavor)
@@ -69,16 +69,16 @@ def test_converted_papalexi_equals_h5ad(papalexi_path, tmp_path):
     original = ad.read_h5ad(papalexi_path)
     assert (back.X != original.X).nnz == 0
     assert back.obs.equals(original.obs)
-    from_zarr = pseudobulk(out, control="control", n_top_genes=None, progress=False)
-    from_h5ad = pseudobulk(str(papalexi_path), control="control", n_top_genes=None, progress=False)
+    from_zarr = pseudobulk(out, control="control", n_top_genes=None, progress=False, as_xarray=True)
+    from_h5ad = pseudobulk(str(papalexi_path), control="control", n_top_genes=None, progress=False, as_xarray=True)
     xr.testing.assert_equal(from_zarr.drop_attrs(), from_h5ad.drop_attrs())
 
 
 @pytest.mark.parametrize("block_rows", [97, 1000, 3000])
 def test_result_does_not_depend_on_chunking(small_screen, block_rows):
     path, _ = small_screen
-    reference = pseudobulk(path, n_top_genes=100, block_rows=512, progress=False)
-    other = pseudobulk(path, n_top_genes=100, block_rows=block_rows, progress=False)
+    reference = pseudobulk(path, n_top_genes=100, block_rows=512, progress=False, as_xarray=True)
+    other = pseudobulk(path, n_top_genes=100, block_rows=block_rows, progress=False, as_xarray=True)
     assert list(other.gene.values) == list(reference.gene.values)
     np.testing.assert_allclose(other["mean"], reference["mean"], rtol=1e-12, atol=1e-15)
 
@@ -116,19 +116,19 @@ def test_log1p_input_detected_and_not_normalized_again(small_screen, tmp_path):
     gears = tmp_path / "gears.h5ad"
     adata.write_h5ad(gears)
     ds = pseudobulk(str(gears), perturbation_key="condition", control="ctrl",
-                    n_top_genes=None, progress=False)
+                    n_top_genes=None, progress=False, as_xarray=True)
     assert ds.attrs["input_kind"] == "log1p"
-    reference = pseudobulk(path, n_top_genes=None, progress=False)
+    reference = pseudobulk(path, n_top_genes=None, progress=False, as_xarray=True)
     np.testing.assert_allclose(ds["mean"].values, reference["mean"].values, rtol=1e-5, atol=1e-7)
     assert list(ds.perturbation.values) == list(reference.perturbation.values)
 
 
 def test_min_cells_drops_and_reports(small_screen, caplog):
     path, _ = small_screen
-    full = pseudobulk(path, n_top_genes=None, progress=False)
+    full = pseudobulk(path, n_top_genes=None, progress=False, as_xarray=True)
     threshold = int(np.median(full.n_cells)) + 1
     with caplog.at_level(logging.WARNING):
-        ds = pseudobulk(path, n_top_genes=None, min_cells=threshold, progress=False)
+        ds = pseudobulk(path, n_top_genes=None, min_cells=threshold, progress=False, as_xarray=True)
     dropped = set(full.perturbation.values[full.n_cells.values < threshold])
     assert dropped and set(ds.perturbation.values) == set(full.perturbation.values) - dropped
     assert f"dropping {len(dropped)} perturbations" in caplog.text
@@ -138,7 +138,7 @@ def test_group_variance_matches_numpy(small_screen):
     import scanpy as sc
 
     path, _ = small_screen
-    ds = pseudobulk(path, n_top_genes=30, group_variance=True, progress=False)
+    ds = pseudobulk(path, n_top_genes=30, group_variance=True, progress=False, as_xarray=True)
     adata = ad.read_zarr(path)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
@@ -152,7 +152,7 @@ def test_group_variance_matches_numpy(small_screen):
 
 def test_written_store_opens_with_xarray(small_screen, tmp_path):
     path, _ = small_screen
-    ds = pseudobulk(path, n_top_genes=50, progress=False)
+    ds = pseudobulk(path, n_top_genes=50, progress=False, as_xarray=True)
     out = write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
     opened = xr.open_zarr(out)
     assert set(opened.dims) >= {"perturbation", "gene"}
@@ -172,8 +172,8 @@ def test_dense_x_is_read_in_row_blocks(tmp_path):
     sparse = dense.copy()
     sparse.X = sp.csr_matrix(x)
     sparse.write_h5ad(tmp_path / "sparse.h5ad")
-    a = pseudobulk(str(tmp_path / "dense.h5ad"), n_top_genes=None, block_rows=64, progress=False)
-    b = pseudobulk(str(tmp_path / "sparse.h5ad"), n_top_genes=None, block_rows=64, progress=False)
+    a = pseudobulk(str(tmp_path / "dense.h5ad"), n_top_genes=None, block_rows=64, progress=False, as_xarray=True)
+    b = pseudobulk(str(tmp_path / "sparse.h5ad"), n_top_genes=None, block_rows=64, progress=False, as_xarray=True)
     np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-12)
     # default block sizing counts a dense X's entries (it once tested `"indptr" in X`)
     for name in ("dense.h5ad", "sparse.h5ad"):
@@ -197,7 +197,7 @@ def test_blocks_are_read_into_reused_buffers(small_screen):
     grown, plain = rows.read(0, 1000, buffers), rows.read(0, 1000)  # more values: new memory
     assert not np.shares_memory(grown.data, block.data) and (grown != plain).nnz == 0
     # a pass leases buffers and frees them at its end
-    pseudobulk(small_screen[0], n_top_genes=100, block_rows=300, progress=False)
+    pseudobulk(small_screen[0], n_top_genes=100, block_rows=300, progress=False, as_xarray=True)
     assert len(BLOCK_BUFFERS) == 0
 
 
@@ -218,8 +218,8 @@ def test_buffer_pool_leases_one_set_per_task_and_frees_idle_ones():
 @pytest.mark.parametrize("chains", [2, 3])
 def test_result_does_not_depend_on_the_number_of_fold_chains(small_screen, chains):
     path, _ = small_screen
-    reference = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False, chains=1)
-    other = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False, chains=chains)
+    reference = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False, chains=1, as_xarray=True)
+    other = pseudobulk(path, n_top_genes=100, block_rows=300, progress=False, chains=chains, as_xarray=True)
     np.testing.assert_allclose(other["mean"].values, reference["mean"].values, rtol=1e-12)
     assert list(other.gene.values) == list(reference.gene.values)
 
@@ -296,7 +296,7 @@ def test_accumulator_rooms_follow_a_container_memory_limit(tmp_path, monkeypatch
 
 
 def test_genes_are_selected_only_from_the_moments_the_flavor_needs(small_screen):
-    from genepert_scale.pp.pseudobulk import PseudobulkParams, select_genes
+    from genepert_scale.pp.aggregate import PseudobulkParams, select_genes
 
     screen = open_screen(small_screen[0], block_rows=1000)
     codes = np.zeros(screen.n_obs, dtype=np.int32)
@@ -313,7 +313,7 @@ def test_obs_filter_equals_scanpy_on_the_kept_cells(papalexi_path, flavor, caplo
 
     with caplog.at_level(logging.WARNING, logger="genepert_scale"):
         ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=100, flavor=flavor,
-                        obs_filter="confident", progress=False, block_rows=4096)
+                        obs_filter="confident", progress=False, block_rows=4096, as_xarray=True)
     adata = ad.read_h5ad(papalexi_path)
     confident = adata.obs["confident"].to_numpy(bool)
     assert_matches_scanpy(ds, adata[confident].copy(), key="perturbation", control="control",
@@ -326,7 +326,7 @@ def test_obs_filter_equals_scanpy_on_the_kept_cells(papalexi_path, flavor, caplo
 
 def test_a_negated_obs_filter_keeps_the_other_cells(papalexi_path):
     ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=50,
-                    obs_filter="~confident", progress=False, block_rows=4096)
+                    obs_filter="~confident", progress=False, block_rows=4096, as_xarray=True)
     adata = ad.read_h5ad(papalexi_path)
     rejected = ~adata.obs["confident"].to_numpy(bool)
     counts = adata.obs["perturbation"][rejected].value_counts()
@@ -335,9 +335,9 @@ def test_a_negated_obs_filter_keeps_the_other_cells(papalexi_path):
 
 def test_an_obs_filter_must_be_a_boolean_column(papalexi_path):
     with pytest.raises(ParameterError, match=r"obs\['bio_rep'\] holds category values"):
-        pseudobulk(str(papalexi_path), control="control", obs_filter="bio_rep", progress=False)
+        pseudobulk(str(papalexi_path), control="control", obs_filter="bio_rep", progress=False, as_xarray=True)
     with pytest.raises(LabelError, match="obs has no column 'confidant'.*--obs-filter"):
-        pseudobulk(str(papalexi_path), control="control", obs_filter="confidant", progress=False)
+        pseudobulk(str(papalexi_path), control="control", obs_filter="confidant", progress=False, as_xarray=True)
 
 
 def test_cells_without_a_label_are_counted_and_reported(tmp_path, caplog):
@@ -350,7 +350,7 @@ def test_cells_without_a_label_are_counted_and_reported(tmp_path, caplog):
     labels = [None if i % 7 == 0 else LABELS[i % len(LABELS)] for i in range(x.shape[0])]
     path = write_screen(tmp_path / "s.zarr", x, labels=labels)
     with caplog.at_level(logging.WARNING, logger="genepert_scale"):
-        ds = pseudobulk(path, control=LABELS[0], n_top_genes=None, min_cells=1, progress=False)
+        ds = pseudobulk(path, control=LABELS[0], n_top_genes=None, min_cells=1, progress=False, as_xarray=True)
     missing = sum(label is None for label in labels)
     assert json.loads(ds.attrs["left_out_cells"])["no_label"] == missing
     assert f"{missing} of {x.shape[0]} cells have no label in obs['perturbation']" in caplog.text

@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE, StoreError
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 from genepert_scale.io.retry import RetryPolicy, is_transient
 
 
@@ -62,9 +62,9 @@ OPTIONS = {"n_top_genes": 100, "block_rows": 500, "progress": False}
 
 
 def test_first_reads_fail_same_result(flaky, screen):
-    expected = pseudobulk(screen, **OPTIONS)
+    expected = pseudobulk(screen, **OPTIONS, as_xarray=True)
     flaky.failures = {"/X/data/": 2, "/X/indptr/": 4, "/obs/perturbation/": 1}
-    ds = pseudobulk(f"flaky://{screen}", **OPTIONS)
+    ds = pseudobulk(f"flaky://{screen}", **OPTIONS, as_xarray=True)
     assert_same_pseudobulk(ds, expected)
     data_reads = [n for path, n in flaky.calls.items() if "/X/data/c" in path]
     assert data_reads and min(data_reads) >= 3  # two faults, then at least one success
@@ -73,13 +73,13 @@ def test_first_reads_fail_same_result(flaky, screen):
 def test_always_failing_key_names_url_and_key(flaky, screen):
     flaky.failures = {"/X/data/c": -1}
     with pytest.raises(StoreError, match=r"flaky://.*screen\.zarr key 'X/data/c/0' failed 5 times"):
-        pseudobulk(f"flaky://{screen}", **OPTIONS)
+        pseudobulk(f"flaky://{screen}", **OPTIONS, as_xarray=True)
 
 
 def test_permanent_error_is_not_retried(flaky, screen, caplog):
     flaky.failures, flaky.error = {"/X/data/c": -1}, PermissionError
     with pytest.raises(StoreError, match="key 'X/data/c/.' failed permanently.*PermissionError"):
-        pseudobulk(f"flaky://{screen}", **OPTIONS)
+        pseudobulk(f"flaky://{screen}", **OPTIONS, as_xarray=True)
     assert flaky.calls and not [r for r in caplog.records if "transient" in r.getMessage()]
 
 

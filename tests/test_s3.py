@@ -14,7 +14,7 @@ from cloud_helpers import assert_same_pseudobulk, make_screen, moto_s3, write_co
 from genepert_scale.cli.commands import main
 from genepert_scale.errors import INPUT_ERROR_EXIT_CODE
 from genepert_scale.cli.pipeline import read_record
-from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk
+from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk
 
 pytestmark = pytest.mark.s3
 
@@ -43,7 +43,7 @@ def test_run_reads_and_writes_s3(s3, tmp_path, capsys):
     assert "pseudobulk   ran        s3://screens/runs/one/pseudobulk.zarr" in capsys.readouterr().out
     remote = open_pseudobulk("s3://screens/runs/one/pseudobulk.zarr", options).load()
     assert_same_pseudobulk(remote, pseudobulk(local, n_top_genes=100, block_rows=500, group_variance=True,
-                                              progress=False))
+                                              progress=False, as_xarray=True))
     record = read_record("s3://screens/runs/one", "pseudobulk", options)
     assert record["inputs"] == {"screen": "s3://screens/screen.zarr"}
     assert not [p for p in fs.ls("screens/runs/one") if ".tmp-" in p]

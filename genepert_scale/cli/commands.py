@@ -209,6 +209,7 @@ def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
                    help="raw counts, log1p-normalised data, or detect")
     p.add_argument("--min-cells", type=int, default=1, help="drop perturbations with fewer cells")
     p.add_argument("--group-variance", action="store_true", help="also store per-perturbation variances")
+    p.add_argument("--layer", help="read this layer instead of X (e.g. counts)")
     p.add_argument("--obs-filter", metavar="COLUMN",
                    help="count only the cells where this boolean obs column is True (~COLUMN: False)")
     p.add_argument("--block-rows", type=int, help="rows per block of the pass (default: auto)")
@@ -238,15 +239,18 @@ def _convert(args: argparse.Namespace) -> int:
 
 def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
     """Run the pseudo-bulk step from parsed options and write ``out``."""
-    from ..pp.pseudobulk import pseudobulk, write_pseudobulk
+    from ..pp.aggregate import pseudobulk, write_pseudobulk
 
     options = _storage_options(args.storage_options)
     ds = pseudobulk(
         args.screen, perturbation_key=args.perturbation_key, control=args.control,
         n_top_genes=args.n_top_genes, flavor=args.flavor, target_sum=args.target_sum,
         input=args.input, min_cells=args.min_cells, group_variance=args.group_variance,
-        obs_filter=args.obs_filter, storage_options=options, block_rows=args.block_rows, progress=not args.no_progress,
+        obs_filter=args.obs_filter, layer=args.layer, storage_options=options,
+        block_rows=args.block_rows,
+        progress=not args.no_progress,
         memory_limit=None if args.memory_limit in (None, "auto") else args.memory_limit,
+        as_xarray=True,
     )
     return write_pseudobulk(ds, out, overwrite=args.overwrite, storage_options=options)
 

@@ -49,6 +49,7 @@ class PseudobulkConfig:
     min_cells: int = _key(1, int)
     group_variance: bool = _key(True, bool)
     obs_filter: str | None = _key(None, str)
+    layer: str | None = _key(None, str)
     block_rows: int | None = _key(None, int)
 
     @property

@@ -298,7 +298,7 @@ def select(stages: Sequence[Stage], until: str | None) -> list[Stage]:
 
 
 def _pseudobulk_params(config: RunConfig) -> dict[str, Any]:
-    from ..pp.pseudobulk import ENCODING_VERSION
+    from ..pp.aggregate import ENCODING_VERSION
 
     return {
         "perturbation_key": config.input.perturbation_key,
@@ -309,7 +309,7 @@ def _pseudobulk_params(config: RunConfig) -> dict[str, Any]:
 
 
 def _run_pseudobulk(run: StageRun) -> None:
-    from ..pp.pseudobulk import pseudobulk, write_pseudobulk
+    from ..pp.aggregate import pseudobulk, write_pseudobulk
 
     config = run.config
     pb = config.pseudobulk
@@ -317,10 +317,11 @@ def _run_pseudobulk(run: StageRun) -> None:
         run.inputs["screen"], perturbation_key=config.input.perturbation_key,
         control=config.input.control, n_top_genes=pb.n_top, flavor=pb.flavor,
         target_sum=pb.target_sum, input=pb.input, min_cells=pb.min_cells,
-        group_variance=pb.group_variance, obs_filter=pb.obs_filter,
+        group_variance=pb.group_variance, obs_filter=pb.obs_filter, layer=pb.layer,
         storage_options=config.input.storage_options,
         block_rows=pb.block_rows, progress=run.progress,
         memory_limit=None if config.cluster.memory_limit == "auto" else config.cluster.memory_limit,
+        as_xarray=True,
     )
     write_pseudobulk(ds, run.output, overwrite=True, storage_options=config.output.storage_options)
 
@@ -334,7 +335,7 @@ def _model_inputs(run: StageRun) -> tuple[Any, Any, dict[str, Any]]:
     """The pseudo-bulk Dataset, the embedding table and the options shared by
     the model stages."""
     from ..tl.embeddings import load_embeddings
-    from ..pp.pseudobulk import open_pseudobulk
+    from ..pp.aggregate import open_pseudobulk
 
     config = run.config
     pseudobulk = open_pseudobulk(run.inputs["pseudobulk"], config.output.storage_options)

@@ -9,6 +9,7 @@ means (log-normalised) and the layer ``delta`` the change vs control.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -26,19 +27,23 @@ from .store import atomic_output, filesystem, is_url
 
 log = logging.getLogger(__name__)
 
-def pseudobulk_to_anndata(ds: xr.Dataset) -> ad.AnnData:
+def pseudobulk_to_anndata(ds: xr.Dataset, *, perturbation_key: str | None = None) -> ad.AnnData:
     """The pseudo-bulk Dataset as AnnData, one row per perturbation and the control.
 
     Parameters
     ----------
     ds
-        A pseudo-bulk Dataset (:func:`genepert_scale.pp.pseudobulk.pseudobulk` or
-        :func:`~genepert_scale.pp.pseudobulk.open_pseudobulk`).
+        A pseudo-bulk Dataset (:func:`genepert_scale.pp.aggregate.pseudobulk` or
+        :func:`~genepert_scale.pp.aggregate.open_pseudobulk`).
+    perturbation_key
+        The ``obs`` column of the labels (the index too); default: the
+        screen's, from the run's parameters.
 
     Returns
     -------
     anndata.AnnData
-        ``obs``: ``condition``, ``n_cells``, ``is_control``; ``var``: genes with
+        ``obs``: the labels (``perturbation_key``), ``condition``, ``n_cells``,
+        ``is_control``; ``var``: genes with
         their HVG statistics; ``X``: group means; layers ``delta`` (and ``var``
         when the Dataset has group variances); ``uns["genepert_scale"]``: the
         control label, control mean, parameters and source. Built in memory
@@ -63,6 +68,10 @@ def pseudobulk_to_anndata(ds: xr.Dataset) -> ad.AnnData:
         obs={"n_cells": ds["n_cells"].values}, control_obs={"n_cells": uns["n_control_cells"]},
         layers=layers, control_layers=control_layers, uns=uns,
     )
+    key = perturbation_key or json.loads(ds.attrs.get("parameters", "{}")).get(
+        "perturbation_key", "perturbation")
+    if key not in adata.obs:
+        adata.obs.insert(0, key, pd.Categorical(adata.obs_names))
     hvg = [name for name in ds.data_vars if str(name).startswith("hvg_")]
     if hvg:
         table = ds[hvg].to_dataframe().loc[list(ds.gene.values)]
@@ -188,7 +197,7 @@ def export_pseudobulk(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Read a pseudo-bulk zarr store and write it as ``.h5ad``."""
-    from ..pp.pseudobulk import open_pseudobulk
+    from ..pp.aggregate import open_pseudobulk
 
     ds = open_pseudobulk(store, storage_options)
     adata = pseudobulk_to_anndata(ds)

@@ -8,12 +8,14 @@ never a chunk of ``X``.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anndata as ad
 import dask.array as da
 import h5py
 import numpy as np
@@ -26,7 +28,7 @@ from dask.system import CPU_COUNT
 from zarr.core.buffer.cpu import NDBuffer
 
 from .chunks import BlockBuffers, ChunkedVector
-from ..errors import GenePertInputError, LabelError, StoreError
+from ..errors import GenePertInputError, LabelError, ParameterError, StoreError
 from .integrity import (
     METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
 )
@@ -58,16 +60,22 @@ class Screen:
     Attributes
     ----------
     source
-        The path or URL it was opened from.
+        The path or URL it was opened from (``"AnnData"`` for one in memory).
     group
-        The root zarr or h5py group.
+        The root zarr or h5py group, ``None`` for an AnnData in memory.
     X
-        Cells × genes, a dask array whose blocks are CSR row blocks.
+        Cells × genes (``X`` or a layer), a dask array whose blocks are CSR
+        row blocks (or dense ones).
     var_names
         Gene names, in column order.
     csr
         A direct reader of ``X``'s rows for a CSR zarr store, ``None``
         otherwise (then read the blocks of ``X``).
+    obs
+        The ``obs`` table of an AnnData (a DataFrame, or anndata's lazy
+        table); a store's is read from ``group``, a column at a time.
+    x_key
+        Where the matrix is in the store: ``"X"`` or ``"layers/NAME"``.
     """
 
     source: str
@@ -75,6 +83,8 @@ class Screen:
     X: da.Array
     var_names: pd.Index
     csr: CsrRows | None = None
+    obs: Any = None
+    x_key: str = "X"
 
     @property
     def n_obs(self) -> int:
@@ -86,6 +96,8 @@ class Screen:
 
     @property
     def obs_columns(self) -> list[str]:
+        if self.obs is not None:
+            return list(map(str, self.obs.columns))
         obs = self.group["obs"]
         index = _index_key(obs)
         return [k for k in obs.keys() if k != index]
@@ -95,8 +107,21 @@ class Screen:
         """Cell names, read from the store at each access (a numpy string
         array; nothing in a pass needs them, and as Python strings a million
         cells' names would hold 100 MB)."""
+        if self.obs is not None:
+            return np.asarray(self.obs.index, dtype=str)
         with named_chunk_errors(self.group, self.source, ("obs",)):
             return _read_index(self.group["obs"])
+
+    @contextmanager
+    def naming_bad_chunks(self, elements: tuple[str, ...] | None = None) -> Iterator[None]:
+        """Name the bad chunk of a failed read of ``elements`` (default: the
+        matrix) in a store (:func:`.integrity.named_chunk_errors`); an
+        AnnData in memory has no chunks to name."""
+        if self.group is None:
+            yield
+            return
+        with named_chunk_errors(self.group, self.source, elements or (self.x_key,)):
+            yield
 
     def obs_column(self, key: str, option: str = "--perturbation-key") -> pd.Series:
         """Read one ``obs`` column (e.g. the perturbation labels), in cell order
@@ -109,7 +134,9 @@ class Screen:
                 f"{', '.join(columns) or '(none)'}. "
                 f"Pass the right one with {option}"
             )
-        with named_chunk_errors(self.group, self.source, (f"obs/{key}",)):
+        if self.obs is not None:
+            return pd.Series(_in_memory(self.obs[key]), name=key)
+        with self.naming_bad_chunks((f"obs/{key}",)):
             values = read_elem(self.group["obs"][key])
         return pd.Series(values, name=key)
 
@@ -212,6 +239,15 @@ class CsrRows:
         first, last = int(self.indptr[start]), int(self.indptr[stop])
         return first_bad_chunk([(a.path, a, first, last) for a in (self.indices, self.data)],
                                self.source)
+
+
+def _in_memory(column: Any) -> Any:
+    """The values of an ``obs`` column of an AnnData: a pandas column's
+    array (categories kept), or a lazy table's column (an xarray DataArray) read."""
+    if isinstance(column, pd.Series):
+        return column.array
+    values = column.data
+    return values.compute() if isinstance(values, da.Array) else values
 
 
 def _index_key(df_group) -> str:
@@ -327,6 +363,7 @@ def open_screen(
     block_rows: int | None = None,
     memory_limit: int | None = None,
     threads: int | None = None,
+    layer: str | None = None,
 ) -> Screen:
     """Open an AnnData screen lazily.
 
@@ -345,14 +382,17 @@ def open_screen(
     threads
         Threads computing blocks at once (default: the CPUs dask counts,
         ``dask.system.CPU_COUNT``).
+    layer
+        Read ``layers[layer]`` instead of ``X`` (raw counts often sit in
+        ``layers["counts"]``).
 
     Raises
     ------
     StoreError
-        If the path is missing, is not AnnData, or has no usable ``X``.
+        If the path is missing, is not AnnData, or has no usable ``X`` (or layer).
     """
     return screen_from_group(open_group(path, storage_options), str(path), block_rows=block_rows,
-                             memory_limit=memory_limit, threads=threads)
+                             memory_limit=memory_limit, threads=threads, layer=layer)
 
 
 def _x_encoding(x_group, path: str) -> str:
@@ -389,15 +429,22 @@ def screen_from_group(
     block_rows: int | None = None,
     memory_limit: int | None = None,
     threads: int | None = None,
+    layer: str | None = None,
 ) -> Screen:
-    """A :class:`Screen` over an already opened AnnData root group (zarr or h5py)."""
+    """A :class:`Screen` over an already opened AnnData root group (zarr or
+    h5py), of ``X`` or of ``layers[layer]``."""
     for key in ("X", "obs", "var"):
         if key not in group:
             raise StoreError(
                 f"{path} has no '{key}' element; is it an AnnData store "
                 "(written by anndata or 'genepert-scale convert')?"
             )
-    x_group = group["X"]
+    x_key = "X" if layer is None else f"layers/{layer}"
+    if layer is not None and not ("layers" in group and layer in group["layers"]):
+        held = list(group["layers"].keys()) if "layers" in group else []
+        raise StoreError(f"{path} has no layer {layer!r}; its layers: "
+                         f"{', '.join(held) or '(none)'}. Pass one of them, or no --layer for X")
+    x_group = group[x_key]
     encoding = _x_encoding(x_group, path)
     with named_chunk_errors(group, path, ("obs", "var")):
         var_names = pd.Index(_read_index(group["var"]), dtype=object)
@@ -417,7 +464,7 @@ def screen_from_group(
             f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
         )
     if encoding == "csr_matrix":
-        with named_chunk_errors(group, path, ("X/indptr",)):
+        with named_chunk_errors(group, path, (f"{x_key}/indptr",)):
             nnz = stored_values(x_group, encoding)
         _check_csr_lengths(x_group, nnz, shape[0], path)
     else:
@@ -429,4 +476,66 @@ def screen_from_group(
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
     direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)
     csr = CsrRows.of(x_group, shape[1], path) if direct else None
-    return Screen(str(path), group, X, var_names, csr)
+    return Screen(str(path), group, X, var_names, csr, x_key=x_key)
+
+
+def screen_from_anndata(
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    block_rows: int | None = None,
+    memory_limit: int | None = None,
+    threads: int | None = None,
+) -> Screen:
+    """A :class:`Screen` over an AnnData: in memory (dense or sparse ``X``),
+    dask-backed or lazy (``anndata.experimental.read_lazy``); a backed one is
+    opened from its file instead. The pass reads it in the same row blocks
+    as a store, through the same kernels.
+
+    Parameters
+    ----------
+    adata
+        The AnnData.
+    layer
+        Use ``adata.layers[layer]`` instead of ``X``.
+    block_rows, memory_limit, threads
+        As for :func:`open_screen`.
+    """
+    if adata.isbacked:
+        return open_screen(str(adata.filename), block_rows=block_rows, memory_limit=memory_limit,
+                           threads=threads, layer=layer)
+    if layer is not None and layer not in adata.layers:
+        raise StoreError(f"the AnnData has no layer {layer!r}; its layers: "
+                         f"{', '.join(adata.layers.keys()) or '(none)'}")
+    matrix = adata.X if layer is None else adata.layers[layer]
+    if matrix is None:
+        raise StoreError("the AnnData has no X; pass layer= to use one of its layers")
+    check_x_dtype(matrix.dtype, "the AnnData")
+    n_obs, n_vars = matrix.shape
+    if sp.issparse(matrix) and matrix.format != "csr":
+        matrix = sp.csr_matrix(matrix)  # already in memory: one CSR copy
+    nnz = matrix.nnz if sp.issparse(matrix) else n_obs * n_vars
+    rows = block_rows or block_rows_for(n_obs, nnz, memory_limit=memory_limit,
+                                        threads=threads or CPU_COUNT)
+    if isinstance(matrix, da.Array):
+        X = matrix.rechunk((rows, n_vars))
+    else:
+        X = da.from_array(matrix, chunks=(rows, n_vars), asarray=False)
+    var_names = pd.Index(np.asarray(adata.var_names, dtype=str), dtype=object)
+    check_unique_names(var_names, "var", "the AnnData")
+    return Screen("AnnData", None, X, var_names, obs=adata.obs)
+
+
+def open_data(data: Screen | str | ad.AnnData, **options: Any) -> Screen:
+    """A :class:`Screen` of ``data``: an opened one, a path or URL
+    (:func:`open_screen`) or an AnnData (:func:`screen_from_anndata`);
+    ``options`` are theirs (``storage_options`` only for paths)."""
+    if isinstance(data, Screen):
+        return data
+    if isinstance(data, ad.AnnData):
+        options.pop("storage_options", None)
+        return screen_from_anndata(data, **options)
+    if isinstance(data, str | os.PathLike):
+        return open_screen(os.fspath(data), **options)
+    raise ParameterError(f"cannot read a screen from {type(data).__name__}: give an AnnData, "
+                         "or the path or URL of an AnnData zarr store or .h5ad")

@@ -15,7 +15,7 @@ with the chunk step folded in):
   chunking, number of fold chains, combine order and scheduler;
 - combine: :func:`combine_into` adds the running statistics of the chains;
 - finish: :func:`finish` sums the per-gene moments in block order;
-- finalize: :mod:`.pseudobulk` divides sums by counts and selects genes.
+- finalize: :mod:`.aggregate` divides sums by counts and selects genes.
 
 The fold's loop over the CSR arrays is compiled with numba when it is
 importable (and ``GENEPERT_SCALE_NO_NUMBA`` is unset): the cells' totals in

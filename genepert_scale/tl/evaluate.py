@@ -32,7 +32,7 @@ from .embeddings import Features, MissingPolicy, perturbation_genes
 from ..errors import ParameterError
 from .metrics import DE_TOP, METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
 from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
-from ..pp.pseudobulk import open_pseudobulk
+from ..pp.aggregate import open_pseudobulk
 from .ridge import DEFAULT_ALPHAS, FoldFit, Rows, Solver, check_alphas, cross_validate
 from .splits import (
     DEFAULT_TEST_SHARE,

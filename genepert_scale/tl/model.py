@@ -32,7 +32,7 @@ from .embeddings import (
 from .data_embedding import pca_dims
 from .embedding_checks import check_dimension
 from ..errors import ParameterError
-from ..pp.pseudobulk import open_pseudobulk
+from ..pp.aggregate import open_pseudobulk
 from .splits import kfold
 from ..validate import check_folds
 from .ridge import (

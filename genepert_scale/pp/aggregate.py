@@ -16,11 +16,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+import anndata as ad
 import dask.array as da
 import dask.utils
 from dask import delayed
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import xarray as xr
 
 from .. import __version__
@@ -37,11 +39,12 @@ from .hvg import (
     seurat_v3_clip,
     seurat_v3_select,
 )
-from ..io.integrity import METADATA_ERRORS, named_chunk_errors
+from ..io.integrity import METADATA_ERRORS
 from .labels import assign_groups
 from .budget import PassPlan, plan_pass
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
-from ..io.screen import Screen, open_screen
+from ..io.interop import pseudobulk_to_anndata
+from ..io.screen import Screen, open_data
 from ..io.store import open_dataset, write_dataset
 from ..validate import (
     check_choice,
@@ -85,13 +88,10 @@ class PseudobulkParams:
 
 def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
     """The finite stored values of the first ``sample_rows`` cells (one small read)."""
-    x_group = screen.group["X"]
     rows = min(sample_rows, screen.n_obs)
-    with named_chunk_errors(screen.group, screen.source):
-        if x_group.attrs.get("encoding-type") == "csr_matrix":  # the first rows' values only
-            data = np.asarray(x_group["data"][: int(x_group["indptr"][rows])])
-        else:
-            data = np.asarray(screen.X[:rows].compute()).ravel()
+    with screen.naming_bad_chunks():
+        block = screen.csr.read(0, rows) if screen.csr else screen.X[:rows].compute()
+    data = block.data if sp.issparse(block) else np.asarray(block).ravel()
     return data[np.isfinite(data)]
 
 
@@ -134,7 +134,7 @@ def detect_input_kind(screen: Screen, sample_rows: int = 2000) -> kernels.InputK
 
 
 def pseudobulk(
-    screen: Screen | str,
+    data: Screen | str | ad.AnnData,
     *,
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
@@ -145,19 +145,25 @@ def pseudobulk(
     min_cells: int = 1,
     group_variance: bool = False,
     obs_filter: str | None = None,
+    layer: str | None = None,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
     memory_limit: int | str | None = None,
     split_every: int = SPLIT_EVERY,
     chains: int | None = None,
-    progress: bool = True,
-) -> xr.Dataset:
-    """Pseudo-bulk a screen in one streamed pass.
+    as_xarray: bool = False,
+    progress: bool = False,
+) -> ad.AnnData | xr.Dataset:
+    """Pseudo-bulk a screen: normalize + log1p, the HVGs scanpy selects, and
+    the mean of every perturbation and of the control cells, in streamed passes.
 
     Parameters
     ----------
-    screen
-        An opened :class:`Screen`, or the path/URL of an AnnData zarr store or ``.h5ad``.
+    data
+        The screen: an AnnData (in memory with dense or sparse ``X``, backed,
+        lazy or dask-backed), the path or URL of an AnnData zarr store or
+        ``.h5ad``, or an opened :class:`Screen`. Every form is read in row
+        blocks through the same kernels.
     perturbation_key
         ``obs`` column with the perturbation labels.
     control
@@ -180,6 +186,8 @@ def pseudobulk(
     obs_filter
         A boolean ``obs`` column: only its ``True`` cells count (``~COLUMN``:
         only its ``False`` ones), inside the same pass.
+    layer
+        Read ``layers[layer]`` (raw counts, say) instead of ``X``.
     storage_options
         fsspec options for URLs.
     block_rows
@@ -192,16 +200,25 @@ def pseudobulk(
     chains
         Running group-sum accumulators at once (see :func:`.reduce.pass_stats`);
         default from :func:`.budget.plan_pass` (one per thread, as memory allows).
+    as_xarray
+        Return the :class:`xarray.Dataset` that the store holds instead of an AnnData.
     progress
-        Show a progress bar.
+        Show a progress bar (the command line does).
 
     Returns
     -------
+    anndata.AnnData
+        One row per perturbation and the control row (:func:`.io.interop.pseudobulk_to_anndata`):
+        ``obs`` with the screen's labels (also the index), ``n_cells`` and
+        ``is_control``; ``X`` the mean log-normalised expression over the
+        selected genes; ``layers["delta"]``; ``var`` the selected genes with
+        scanpy's HVG columns; ``uns["genepert_scale"]`` the parameters and input.
     xarray.Dataset
-        Dims ``perturbation`` and ``gene``; variables ``mean``, ``delta``,
-        ``n_cells``, ``control_mean`` (and ``var``/``control_var``), plus the
-        HVG table over all screen genes (dim ``screen_gene``: ``highly_variable``
-        and scanpy's columns prefixed ``hvg_``).
+        With ``as_xarray``: dims ``perturbation`` and ``gene``; variables
+        ``mean``, ``delta``, ``n_cells``, ``control_mean`` (and
+        ``var``/``control_var``), plus the HVG table over all screen genes
+        (dim ``screen_gene``: ``highly_variable`` and scanpy's columns
+        prefixed ``hvg_``). Large outputs stay dask arrays until written.
     """
     check_choice("--flavor", flavor, FLAVORS)
     check_choice("--input", input, get_args(InputKindOption))
@@ -219,9 +236,8 @@ def pseudobulk(
     check_positive("--target-sum", target_sum)
     threading.Thread(target=kernels.warm_up, name="warm-up fold", daemon=True,
                      args=(HVG_MOMENTS[flavor], group_variance)).start()
-    if isinstance(screen, str):
-        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
-                             memory_limit=memory_limit, threads=threads)
+    screen = open_data(data, storage_options=storage_options, block_rows=block_rows,
+                       memory_limit=memory_limit, threads=threads, layer=layer)
     params = PseudobulkParams(
         perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
         flavor, target_sum, input, min_cells, group_variance, obs_filter,
@@ -271,7 +287,7 @@ def pseudobulk(
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
     ds.attrs["n_vars"] = screen.n_vars
-    return ds
+    return ds if as_xarray else pseudobulk_to_anndata(ds, perturbation_key=perturbation_key)
 
 
 def _leave_out_cells(codes: np.ndarray, screen: Screen, obs_filter: str | None,
@@ -353,7 +369,7 @@ def _group_means(
 def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:
     """Compute a pass over ``screen``, naming any bad chunk, and log its speed."""
     start = time.perf_counter()
-    with named_chunk_errors(screen.group, screen.source):
+    with screen.naming_bad_chunks():
         result = compute(graph, label=label, progress=progress)
     seconds = max(time.perf_counter() - start, 1e-9)
     log.info("%s: %d cells in %.1f s (%.0f cells/s)", label, screen.n_obs, seconds,
