@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 #: HVGs kept when ``n_top_genes`` is not given.
 DEFAULT_N_TOP_GENES = 5000
 
-NTopGenes = int | None | Literal["default"]
+NTopGenes = int | None | Literal["all", "default"]
 
 
 def check_unique_names(
@@ -122,7 +122,7 @@ def resolve_n_top_genes(n_top_genes: NTopGenes, n_genes: int, source: str) -> in
     are with a warning (data already reduced to HVGs must work). An explicit
     number larger than the genes is an error.
     """
-    if n_top_genes is None:
+    if n_top_genes is None or n_top_genes == "all":
         return None
     if n_top_genes == "default":
         if n_genes <= DEFAULT_N_TOP_GENES:

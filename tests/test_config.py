@@ -57,7 +57,7 @@ def test_every_key(tmp_path):
     assert config.input.url == "s3://bucket/screen.zarr"
     assert config.input.storage_options == {"anon": True}
     assert (config.input.perturbation_key, config.input.control) == ("gene", "ctrl")
-    assert config.pseudobulk.n_top is None and config.pseudobulk.flavor == "cell_ranger"
+    assert config.pseudobulk.n_top_genes == "all" and config.pseudobulk.flavor == "cell_ranger"
     assert config.pseudobulk.block_rows == 2048 and config.pseudobulk.group_variance
     assert config.embeddings.paths == (str(tmp_path / "genept.pickle"), "/abs/esm2.csv")
     assert config.embeddings.gene_map == str(tmp_path / "map.tsv")
@@ -73,7 +73,7 @@ def test_every_key(tmp_path):
 
 def test_defaults(tmp_path):
     config = _load(tmp_path, '[input]\nurl = "s.zarr"\n[output]\ndir = "s3://b/out"\n')
-    assert config.pseudobulk.n_top == "default" and config.input.control == "non-targeting"
+    assert config.pseudobulk.n_top_genes == "default" and config.input.control == "non-targeting"
     assert config.output.dir == "s3://b/out" and config.output.storage_options == {}
     assert config.cluster.client_options()["scheduler"] is None
     assert config.cluster.client_options()["slurm"] is None

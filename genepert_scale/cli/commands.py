@@ -14,9 +14,12 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
+from ..pp.params import N_TOP_WORDS, PARAMETERS, PseudobulkParams
 from ..cluster import dask_client, limit_heap_fragmentation
 from ..tl.embeddings import MISSING_POLICIES
 from ..errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
@@ -62,9 +65,9 @@ def _storage_options(text: str | None) -> dict:
     return value
 
 
-def _n_top_genes(text: str) -> int | str | None:
-    if text in ("all", "default"):
-        return None if text == "all" else text
+def _n_top_genes(text: str) -> int | str:
+    if text in N_TOP_WORDS:
+        return text
     try:
         return int(text)
     except ValueError as err:
@@ -196,23 +199,31 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
-    """Options of the pseudo-bulk step (shared by commands that run it)."""
+    """Options of the pseudo-bulk step (shared by commands that run it): one
+    per field of :class:`.pp.params.PseudobulkParams`, with its default,
+    choices and help, and the block size of the pass."""
     p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
-    p.add_argument("--perturbation-key", default="perturbation", help="obs column of perturbation labels")
-    p.add_argument("--control", default="non-targeting", help="label of control cells")
-    p.add_argument("--n-top-genes", type=_n_top_genes, default="default",
-                   help="number of HVGs, or 'all' (default: 5000, or all genes if fewer)")
-    p.add_argument("--flavor", choices=FLAVORS, default="seurat",
-                   help="scanpy HVG flavor (seurat_v3: raw counts, a second pass)")
-    p.add_argument("--target-sum", type=float, default=1e4)
-    p.add_argument("--input", choices=("auto", "counts", "log1p"), default="auto",
-                   help="raw counts, log1p-normalised data, or detect")
-    p.add_argument("--min-cells", type=int, default=1, help="drop perturbations with fewer cells")
-    p.add_argument("--group-variance", action="store_true", help="also store per-perturbation variances")
-    p.add_argument("--layer", help="read this layer instead of X (e.g. counts)")
-    p.add_argument("--obs-filter", metavar="COLUMN",
-                   help="count only the cells where this boolean obs column is True (~COLUMN: False)")
+    for spec in fields(PseudobulkParams):
+        flag, meta = "--" + spec.name.replace("_", "-"), spec.metadata
+        if isinstance(spec.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default,
+                           help=meta["help"])
+            continue
+        kind = _n_top_genes if spec.name == "n_top_genes" else _option_type(meta["types"])
+        p.add_argument(flag, type=kind, default=spec.default, choices=meta["choices"] or None,
+                       help=meta["help"])
     p.add_argument("--block-rows", type=int, help="rows per block of the pass (default: auto)")
+
+
+def _option_type(types: type | tuple[type, ...]) -> type:
+    """The command-line type of a parameter that takes ``types`` (the widest)."""
+    types = types if isinstance(types, tuple) else (types,)
+    return float if float in types else types[0]
+
+
+def pseudobulk_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The pseudo-bulk parameters among parsed options, by name."""
+    return {name: getattr(args, name) for name in PARAMETERS}
 
 
 @command("synth")
@@ -243,12 +254,8 @@ def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
 
     options = _storage_options(args.storage_options)
     ds = pseudobulk(
-        args.screen, perturbation_key=args.perturbation_key, control=args.control,
-        n_top_genes=args.n_top_genes, flavor=args.flavor, target_sum=args.target_sum,
-        input=args.input, min_cells=args.min_cells, group_variance=args.group_variance,
-        obs_filter=args.obs_filter, layer=args.layer, storage_options=options,
-        block_rows=args.block_rows,
-        progress=not args.no_progress,
+        args.screen, **pseudobulk_params(args), storage_options=options,
+        block_rows=args.block_rows, progress=not args.no_progress,
         memory_limit=None if args.memory_limit in (None, "auto") else args.memory_limit,
         as_xarray=True,
     )

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
 from ..tl.data_embedding import PCA_PREFIX
-from ..pp.hvg import FLAVORS
+from ..pp.params import N_TOP_WORDS, PseudobulkParams
 from ..io.store import is_url
 from ..validate import check_alphas
+
+#: The pseudo-bulk parameters given in ``[input]``, beside the screen.
+INPUT_PARAMETERS = ("perturbation_key", "control")
+
 
 def _key(default: Any, types: type | tuple[type, ...], choices: tuple = ()) -> Any:
     """A config key: its default, the TOML value types it takes, its choices."""
@@ -34,28 +38,20 @@ class InputConfig:
 
     url: str = _key("", str)
     storage_options: dict | None = _key(None, dict)
-    perturbation_key: str = _key("perturbation", str)
-    control: str = _key("non-targeting", str)
+    perturbation_key: str = _key(PseudobulkParams.perturbation_key, str)
+    control: str = _key(PseudobulkParams.control, str)
 
 
-@dataclass(frozen=True)
-class PseudobulkConfig:
-    """``[pseudobulk]``: options of the pseudo-bulk stage."""
-
-    n_top_genes: int | str = _key("default", (int, str))
-    flavor: str = _key("seurat", str, FLAVORS)
-    target_sum: float = _key(1e4, (int, float))
-    input: str = _key("auto", str, ("auto", "counts", "log1p"))
-    min_cells: int = _key(1, int)
-    group_variance: bool = _key(True, bool)
-    obs_filter: str | None = _key(None, str)
-    layer: str | None = _key(None, str)
-    block_rows: int | None = _key(None, int)
-
-    @property
-    def n_top(self) -> int | None:
-        """``n_top_genes`` as the engine takes it (``None``: all genes)."""
-        return None if self.n_top_genes == "all" else self.n_top_genes
+#: ``[pseudobulk]``: the pseudo-bulk parameters (:class:`.pp.params.PseudobulkParams`,
+#: their defaults and choices; the labels' column and control are in
+#: ``[input]``) and the block size of the pass.
+PseudobulkConfig = make_dataclass(
+    "PseudobulkConfig",
+    [(spec.name, spec.type, _key(spec.default, spec.metadata["types"], spec.metadata["choices"]))
+     for spec in fields(PseudobulkParams) if spec.name not in INPUT_PARAMETERS]
+    + [("block_rows", "int | None", _key(None, int))],
+    frozen=True,
+)
 
 
 @dataclass(frozen=True)
@@ -230,7 +226,7 @@ def _check(config: RunConfig) -> None:
     if not config.output.dir:
         raise ParameterError(f"{where}: [output] dir is required (directory or URL for outputs)")
     n_top = config.pseudobulk.n_top_genes
-    if isinstance(n_top, str) and n_top not in ("all", "default") or isinstance(n_top, int) and n_top < 1:
+    if isinstance(n_top, str) and n_top not in N_TOP_WORDS or isinstance(n_top, int) and n_top < 1:
         raise ParameterError(
             f"{where}: [pseudobulk] n_top_genes must be a positive integer, \"all\" or \"default\""
         )

@@ -298,30 +298,27 @@ def select(stages: Sequence[Stage], until: str | None) -> list[Stage]:
 
 
 def _pseudobulk_params(config: RunConfig) -> dict[str, Any]:
+    """The pseudo-bulk parameters of a run (:class:`.pp.params.PseudobulkParams`)
+    and its block size, by name."""
+    return {"perturbation_key": config.input.perturbation_key,
+            "control": config.input.control, **asdict(config.pseudobulk)}
+
+
+def _pseudobulk_fingerprint(config: RunConfig) -> dict[str, Any]:
     from ..pp.aggregate import ENCODING_VERSION
 
-    return {
-        "perturbation_key": config.input.perturbation_key,
-        "control": config.input.control,
-        **asdict(config.pseudobulk),
-        "encoding_version": ENCODING_VERSION,
-    }
+    return {**_pseudobulk_params(config), "encoding_version": ENCODING_VERSION}
 
 
 def _run_pseudobulk(run: StageRun) -> None:
     from ..pp.aggregate import pseudobulk, write_pseudobulk
 
     config = run.config
-    pb = config.pseudobulk
+    memory_limit = config.cluster.memory_limit
     ds = pseudobulk(
-        run.inputs["screen"], perturbation_key=config.input.perturbation_key,
-        control=config.input.control, n_top_genes=pb.n_top, flavor=pb.flavor,
-        target_sum=pb.target_sum, input=pb.input, min_cells=pb.min_cells,
-        group_variance=pb.group_variance, obs_filter=pb.obs_filter, layer=pb.layer,
-        storage_options=config.input.storage_options,
-        block_rows=pb.block_rows, progress=run.progress,
-        memory_limit=None if config.cluster.memory_limit == "auto" else config.cluster.memory_limit,
-        as_xarray=True,
+        run.inputs["screen"], **_pseudobulk_params(config),
+        storage_options=config.input.storage_options, progress=run.progress,
+        memory_limit=None if memory_limit == "auto" else memory_limit, as_xarray=True,
     )
     write_pseudobulk(ds, run.output, overwrite=True, storage_options=config.output.storage_options)
 
@@ -394,7 +391,7 @@ def default_until(config: RunConfig) -> str:
 
 #: The stages of ``genepert-scale run``, in order.
 STAGES: tuple[Stage, ...] = (
-    Stage("pseudobulk", "pseudobulk.zarr", ("screen",), _pseudobulk_params, _run_pseudobulk),
+    Stage("pseudobulk", "pseudobulk.zarr", ("screen",), _pseudobulk_fingerprint, _run_pseudobulk),
     Stage("evaluate", "evaluate", ("pseudobulk", "embeddings"), _model_params, _run_evaluate),
     Stage("fit", "model.zarr", ("pseudobulk", "embeddings"), _model_params, _run_fit),
     Stage("predict", "predictions.zarr", ("fit", "embeddings"),

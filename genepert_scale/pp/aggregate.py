@@ -13,8 +13,8 @@ import logging
 import operator
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from dataclasses import asdict
+from typing import Any, get_args
 
 import anndata as ad
 import dask.array as da
@@ -41,6 +41,7 @@ from .hvg import (
 )
 from ..io.integrity import METADATA_ERRORS
 from .labels import assign_groups
+from .params import InputKindOption, PseudobulkParams
 from .budget import PassPlan, plan_pass
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
 from ..io.interop import pseudobulk_to_anndata
@@ -65,25 +66,9 @@ HVG_MOMENTS = {"seurat": ("normalized",), "cell_ranger": ("log1p",), "seurat_v3"
 ENCODING_TYPE = "genepert_scale.pseudobulk"
 ENCODING_VERSION = "0.1.0"
 
-InputKindOption = Literal["auto", "counts", "log1p"]
 
 #: Bytes per chunk of a lazily computed output's rows (:func:`_group_means`).
 OUTPUT_CHUNK_BYTES = 32 * 2**20
-
-
-@dataclass(frozen=True)
-class PseudobulkParams:
-    """Parameters of a pseudo-bulk run, recorded in the output's attrs."""
-
-    perturbation_key: str = "perturbation"
-    control: str = "non-targeting"
-    n_top_genes: int | None = 5000
-    flavor: Flavor = "seurat"
-    target_sum: float = 1e4
-    input: InputKindOption = "auto"
-    min_cells: int = 1
-    group_variance: bool = False
-    obs_filter: str | None = None
 
 
 def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
@@ -143,7 +128,7 @@ def pseudobulk(
     target_sum: float = 1e4,
     input: InputKindOption = "auto",
     min_cells: int = 1,
-    group_variance: bool = False,
+    group_variance: bool = True,
     obs_filter: str | None = None,
     layer: str | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -169,9 +154,10 @@ def pseudobulk(
     control
         Label of control cells (they are not a row of the result).
     n_top_genes
-        Highly-variable genes to keep; ``None`` keeps all; ``"default"`` keeps
-        :data:`~.validate.DEFAULT_N_TOP_GENES`, or all genes (with a warning)
-        when there are fewer. An explicit number above the genes is an error.
+        Highly-variable genes to keep; ``"all"`` (or ``None``) keeps all;
+        ``"default"`` keeps :data:`~.validate.DEFAULT_N_TOP_GENES`, or all
+        genes (with a warning) when there are fewer. An explicit number above
+        the genes is an error.
     flavor
         scanpy HVG flavor: ``seurat``, ``cell_ranger`` or ``seurat_v3`` (raw
         counts only; a second pass, needs the ``seurat-v3`` extra).
@@ -182,7 +168,8 @@ def pseudobulk(
     min_cells
         Perturbations with fewer cells are dropped (and listed in the log and attrs).
     group_variance
-        Also compute per-perturbation variances (``var``, ``control_var``).
+        Also compute per-perturbation variances (``var``, ``control_var``),
+        which the t-test DE genes of the metrics need.
     obs_filter
         A boolean ``obs`` column: only its ``True`` cells count (``~COLUMN``:
         only its ``False`` ones), inside the same pass.
