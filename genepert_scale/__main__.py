@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
-import os
 import sys
 from typing import NoReturn
 
@@ -31,26 +29,8 @@ def main() -> int:
 
 
 def console() -> NoReturn:
-    """Run :func:`main` as a process: flush what it printed and logged, then
-    end the process with its exit code, without tearing the interpreter down.
-
-    By then every output is complete (renamed into place) and any cluster the
-    command started is closed. What is skipped is freeing, one by one, the
-    objects of the imported libraries and joining idle threads: 0.2–0.3 s of
-    a 1M-cell ``pseudobulk`` run of ~7 s (2-vCPU VM). Under a profiler or a
-    tracer (``cProfile``, coverage), which write their results at exit, and
-    after an exception, the process ends the usual way.
-    """
-    code = main()
-    if sys.gettrace() is not None or sys.getprofile() is not None:
-        raise SystemExit(code)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):  # none, a closed stream, a reader gone
-            pass
-    os._exit(code)
+    """Run :func:`main` as a process, ending with its exit code."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ def test_missing_column_is_a_clean_error_in_a_subprocess(small_screen):
 @pytest.mark.parametrize("command", [[sys.executable, "-m", "genepert_scale"], ["genepert-scale"]],
                          ids=["python -m", "console script"])
 def test_the_command_ends_with_its_exit_code_and_all_it_printed(tmp_path, command):
-    """The command ends its process without interpreter teardown (os._exit):
-    what it printed and logged must be out first, the code must be its own."""
+    """Both entry points end with the command's own exit code and everything
+    it printed and logged, even block-buffered."""
     if len(command) == 1:
         script = Path(sys.executable).with_name(command[0])
         if not script.exists():
@@ -70,7 +70,7 @@ def test_the_command_ends_with_its_exit_code_and_all_it_printed(tmp_path, comman
 
 
 def test_under_a_profiler_the_command_ends_the_usual_way(tmp_path):
-    """cProfile (like coverage) writes its results at exit, which os._exit would skip."""
+    """cProfile (like coverage) writes its results at exit."""
     stats = tmp_path / "synth.prof"
     done = subprocess.run(
         [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "genepert_scale", "synth",

@@ -256,17 +256,10 @@ def test_fold_accumulates_in_place_and_combine_into_adds_chains():
         np.testing.assert_array_equal(getattr(swapped, name), getattr(total, name))
 
 
-@pytest.mark.skipif(not kernels.USE_NUMBA, reason="numba not in use")
-def test_warm_up_loads_the_compiled_fold_for_float32_counts():
-    kernels.warm_up(("normalized",), with_group_sumsq=False)
-    assert any(str(sig[0]).startswith("array(float32") for sig in
-               kernels._numba_kernels._fold_rows.signatures)
-
-
 @pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")
 def test_the_fold_runs_interpreted_as_numba_debugging_runs_it(tmp_path):
-    # NUMBA_DISABLE_JIT runs the kernels as Python; the fold's cache-line
-    # prefetch, an LLVM intrinsic, is then a no-op, and the sums are the same
+    # NUMBA_DISABLE_JIT runs the kernels as Python; the row table's
+    # trailing_zeros, an LLVM intrinsic, has a Python stand-in, and the sums are the same
     script = """
 import sys
 import numpy as np

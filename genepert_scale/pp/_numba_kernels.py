@@ -7,7 +7,7 @@ Nothing value-sized is allocated: no normalized or logged copy of the data
 exists. The cells' total counts (their normalization scales), and which
 small counts each cell holds, are found first, in storage order, in one
 sequential sweep over the values. Then rows are visited in group order (the
-first cache lines of the next row asked for ahead of it), and everything a
+rows of a group one after another), and everything a
 value updates sits in one place, usually one cache line: its gene's row of a
 small work table that holds the current group's sums and the block's gene
 moments. When a group's rows end, its sums are added to the group's row of
@@ -68,67 +68,15 @@ def jit(func: Callable | None = None, *, reassociate: bool = False) -> Callable:
 
 
 if AVAILABLE and not numba.config.DISABLE_JIT:
-    # numba's own extension API; an import that fails here is an error, not a
+    # numba's own intrinsic; an import that fails here is an error, not a
     # silent fall back to the numpy loop
-    from llvmlite import ir
-    from numba.core import cgutils
     from numba.cpython.unsafe.numbers import trailing_zeros
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def _prefetch(typingctx, array, index):
-        """Ask the processor to load ``array[index]``'s cache line (LLVM's
-        ``prefetch``: read, keep in every cache level); never faults."""
-
-        def codegen(context, builder, signature, args):
-            array_type = signature.args[0]
-            view = context.make_array(array_type)(context, builder, args[0])
-            pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]],
-                                               wraparound=False)
-            pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
-            int32 = ir.IntType(32)
-            prefetch = builder.module.declare_intrinsic(  # named for the LLVM numba uses
-                "llvm.prefetch", [pointer.type],
-                ir.FunctionType(ir.VoidType(), [pointer.type, int32, int32, int32]))
-            builder.call(prefetch, [pointer, int32(0), int32(3), int32(1)])
-            return context.get_dummy_value()
-
-        return numba.types.void(array, index), codegen
-
 else:
-
-    def _prefetch(array: np.ndarray, index: int) -> None:
-        """Interpreted (``NUMBA_DISABLE_JIT``, or no numba): nothing to ask for."""
 
     def trailing_zeros(bits: np.uint64) -> int:
         """The lowest set bit's position (numba's intrinsic, interpreted)."""
         value = int(bits)
         return (value & -value).bit_length() - 1
-
-
-#: Cache lines of a row's values (and of its gene indices) asked for ahead of it.
-PREFETCH_LINES = 4
-#: Values in a 64-byte cache line, of 4-byte ones (a constant: numba reads an
-#: array's itemsize at run time, and a step computed from it made the fold
-#: ~4 % slower on one block).
-PREFETCH_STEP = 16
-
-
-@jit
-def _prefetch_row(data, indices, indptr, row):
-    # The first lines of `row`'s values and indices: rows are visited in
-    # group order, so each starts at a place the processor cannot guess;
-    # asked for one row ahead, they arrive while the current row is folded,
-    # and the processor's own prefetcher follows the rest of the row (the
-    # fold 1.09x faster, bit-identical: benchmarks/results/2026-12-01-vm-fold-ab-3.md;
-    # whole 1M runs 1.03x, benchmarks/results/2026-12-01-vm-ab-session10-prefetch.md).
-    # Lines are counted in 4-byte values (float32 counts, int32 indices): of
-    # wider ones, every other line is asked for.
-    start, stop, _ = _row_span(indptr, row, data.size)
-    stop = min(stop, start + np.uint64(PREFETCH_LINES * PREFETCH_STEP))
-    for k in range(start, stop, PREFETCH_STEP):
-        _prefetch(data, k)
-        _prefetch(indices, k)
 
 
 @jit
@@ -278,8 +226,6 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     for i in range(order.size):
         row = order[i]
         start, stop, _ = _row_span(indptr, row, data.size)
-        if i + 1 < order.size:
-            _prefetch_row(data, indices, indptr, order[i + 1])
         group = codes[row]
         if group != current:  # rows come in group order: the last group is complete
             if current >= 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import operator
-import threading
 import time
 from dataclasses import asdict
 from typing import Any, get_args
@@ -221,8 +220,6 @@ def pseudobulk(
             ) from err
     check_positive("--min-cells", min_cells, integer=True)
     check_positive("--target-sum", target_sum)
-    threading.Thread(target=kernels.warm_up, name="warm-up fold", daemon=True,
-                     args=(HVG_MOMENTS[flavor], group_variance)).start()
     screen = open_data(data, storage_options=storage_options, block_rows=block_rows,
                        memory_limit=memory_limit, threads=threads, layer=layer)
     params = PseudobulkParams(

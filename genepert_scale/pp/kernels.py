@@ -422,22 +422,6 @@ def finish(stats: PassStats) -> PassStats:
     return stats
 
 
-def warm_up(moments: tuple[str, ...], with_group_sumsq: bool) -> None:
-    """Load the compiled fold for the usual block types (``float32`` values,
-    ``int32`` indices) by folding a one-value block.
-
-    numba's first call of a signature loads and links its cached machine code
-    (0.2 s here), while every fold thread waits for it. Run in a background
-    thread while the screen is opened and its labels read, the wait is gone;
-    for other types it costs that spare thread the same time, nothing more.
-    """
-    if USE_NUMBA:
-        block = sp.csr_array((np.ones(1, np.float32), np.zeros(1, np.int32),
-                              np.array([0, 1], np.int32)), shape=(1, 1))
-        fold_block(None, block, np.zeros(1, np.int32), 1, moments=moments,
-                   with_group_sumsq=with_group_sumsq)
-
-
 def block_stats(
     block: sp.csr_array | sp.csr_matrix,
     codes: np.ndarray,
