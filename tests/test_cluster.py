@@ -100,6 +100,21 @@ def test_worker_killed_mid_pass_same_result(tmp_path, screen, local_pb):
     assert_same_pseudobulk(ds, local_pb)
 
 
+def test_worker_killed_mid_slab_pass_same_result(tmp_path, screen, local_pb, monkeypatch):
+    # genes first, then group slabs (lazy until computed): a worker dies in a slab's pass
+    from genepert_scale.pp import budget
+
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    with dask_processes(tmp_path, n_workers=2) as processes:
+        with dask_client(processes.address) as client:
+            client.register_plugin(KillOnTask("worker-0", "_read_and_fold", after=3))
+            ds = pseudobulk(screen, memory_limit=40_000, **PB_OPTIONS, as_xarray=True).compute()
+            survivors = {w["name"] for w in client.scheduler_info()["workers"].values()}
+        assert processes.workers["worker-0"].wait(timeout=30) == 1
+        assert survivors == {"worker-1"}
+    assert_same_budgeted(ds, local_pb)
+
+
 def test_local_threads_never_import_distributed(small_screen):
     """Without a cluster, computing does not import distributed (0.1 s a run)."""
     import subprocess

@@ -70,6 +70,17 @@ def test_first_reads_fail_same_result(flaky, screen):
     assert data_reads and min(data_reads) >= 3  # two faults, then at least one success
 
 
+def test_first_reads_fail_in_group_slabs_same_result(flaky, screen, monkeypatch):
+    from cloud_helpers import assert_same_budgeted
+    from genepert_scale.pp import budget
+
+    expected = pseudobulk(screen, **OPTIONS, as_xarray=True)
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    flaky.failures = {"/X/data/": 2, "/X/indices/": 1}
+    ds = pseudobulk(f"flaky://{screen}", memory_limit=60_000, **OPTIONS, as_xarray=True)
+    assert_same_budgeted(ds.compute(), expected)
+
+
 def test_always_failing_key_names_url_and_key(flaky, screen):
     flaky.failures = {"/X/data/c": -1}
     with pytest.raises(StoreError, match=r"flaky://.*screen\.zarr key 'X/data/c/0' failed 5 times"):
