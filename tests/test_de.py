@@ -129,7 +129,8 @@ def test_top_de_genes_is_lazy_on_dask_and_pads_with_no_gene():
 
 
 def test_missing_variance_is_a_clear_error(small_screen):
-    ds = pseudobulk(small_screen[0], n_top_genes=20, progress=False, as_xarray=True)
+    ds = pseudobulk(small_screen[0], n_top_genes=20, group_variance=False, progress=False,
+                    as_xarray=True)
     with pytest.raises(ParameterError, match="--group-variance"):
         welch_t(ds)
 
