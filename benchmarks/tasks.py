@@ -186,7 +186,6 @@ def scanpy_dask(screen: str, n_top_genes: int, block_rows: int) -> dict:
     pass, as ``sc.get.aggregate`` does not take dask arrays)."""
     import anndata as ad
     import dask
-    import dask.array as da
     import scanpy as sc
     import scipy.sparse as sp
     import zarr

@@ -10,7 +10,7 @@ samples and parameters only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import dask.utils
@@ -202,42 +202,6 @@ def check_alphas(alphas: float | Sequence[float], name: str = "--alpha") -> np.n
             f"{listing(bad.tolist(), quote=True) or 'no value'}"
         )
     return values
-
-
-def check_encoding(
-    attrs: Mapping[str, object],
-    *,
-    expected_type: str,
-    expected_version: str,
-    source: str,
-    remedy: str,
-) -> None:
-    """Raise unless a store's ``encoding_type``/``encoding_version`` attrs match.
-
-    Parameters
-    ----------
-    attrs
-        The store's attributes.
-    expected_type, expected_version
-        What this version of the code reads.
-    source
-        The store, for messages.
-    remedy
-        The command that writes a store of the right kind, e.g.
-        ``"'genepert-scale pseudobulk'"``.
-    """
-    found_type = attrs.get("encoding_type")
-    if found_type != expected_type:
-        raise StoreError(
-            f"{source} is not a {expected_type} store (encoding_type {found_type!r}); "
-            f"create one with {remedy}"
-        )
-    found_version = attrs.get("encoding_version")
-    if found_version != expected_version:
-        raise StoreError(
-            f"{source} has {expected_type} encoding version {found_version!r}, this version "
-            f"reads {expected_version!r}; write it again with {remedy}"
-        )
 
 
 def check_same_genes(expected: Sequence[str], found: Sequence[str], *, source: str, what: str) -> None:

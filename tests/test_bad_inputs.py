@@ -265,11 +265,12 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
      ParameterError, "got -1.0"),
     # encodings, gene sets, outputs
     ("pseudo-bulk of another version",
-     lambda tmp: lambda: open_pseudobulk(pb_store(tmp, encoding_version="0.0.1")),
-     StoreError, "encoding version '0.0.1', this version reads '0.1.0'"),
+     lambda tmp: lambda: open_pseudobulk(pb_store(tmp, **{"encoding-version": "0.0.1"})),
+     StoreError, "encoding-version '0.0.1'; this version reads '0.2.0': write it again"),
     ("not a pseudo-bulk store",
-     lambda tmp: lambda: open_pseudobulk(pb_store(tmp, encoding_type="something")),
-     StoreError, "is not a genepert_scale.pseudobulk store"),
+     lambda tmp: lambda: open_pseudobulk(pb_store(tmp, **{"encoding-type": "something"})),
+     StoreError, "is not a pseudo-bulk store (encoding-type 'something', expected "
+                 "'genepert_scale.pseudobulk')"),
     ("other gene set",
      lambda tmp: lambda: validate.check_same_genes(["A", "B"], ["A", "C"], source="m.zarr",
                                                    what="the model"),

@@ -19,7 +19,8 @@ from genepert_scale.cli.commands import main
 from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import EmbeddingError, INPUT_ERROR_EXIT_CODE
 from genepert_scale.tl.model import fit, predict, write_predictions
-from genepert_scale.pp.aggregate import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.io.encodings import PSEUDOBULK
+from genepert_scale.pp.aggregate import write_pseudobulk
 from genepert_scale.pl.report import FILES
 from genepert_scale.tl.ridge import load_model, save_model
 
@@ -46,7 +47,7 @@ def linear(tmp_path):
         {"delta": (("perturbation", "gene"), delta), "control_mean": ("gene", np.full(12, 2.0))},
         coords={"perturbation": np.array(genes[:30], dtype=object),
                 "gene": np.array([f"R{j}" for j in range(12)], dtype=object)},
-        attrs={"encoding_type": ENCODING_TYPE, "encoding_version": ENCODING_VERSION},
+        attrs=PSEUDOBULK.attrs(),
     )
     return write_pseudobulk(ds, str(tmp_path / "pb.zarr")), emb, unit, delta
 

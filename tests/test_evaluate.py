@@ -17,7 +17,8 @@ from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
 from genepert_scale.tl.evaluate import baseline_predictions, evaluate, knn_prediction
 from genepert_scale.tl.metrics import pearson_rows, perturbation_metrics
-from genepert_scale.pp.aggregate import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.io.encodings import PSEUDOBULK
+from genepert_scale.pp.aggregate import write_pseudobulk
 from genepert_scale.pl.report import FILES, write_report
 from genepert_scale.tl.splits import kfold
 
@@ -79,7 +80,7 @@ def small(tmp_path):
          "n_cells": ("perturbation", np.full(len(names), 50)), "control_mean": ("gene", np.ones(30))},
         coords={"perturbation": np.array(names, dtype=object),
                 "gene": np.array([f"R{j}" for j in range(30)], dtype=object)},
-        attrs={"encoding_type": ENCODING_TYPE, "encoding_version": ENCODING_VERSION},
+        attrs=PSEUDOBULK.attrs(),
     )
     pb = write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
     emb_path = tmp_path / "emb.pkl"

@@ -25,7 +25,8 @@ from genepert_scale.errors import ParameterError
 from genepert_scale.tl.evaluate import evaluate, feature_sets, make_split
 from genepert_scale.tl.metrics import METRICS
 from genepert_scale.tl.model import fit, predict, training_data, write_predictions
-from genepert_scale.pp.aggregate import ENCODING_TYPE, ENCODING_VERSION, write_pseudobulk
+from genepert_scale.io.encodings import PSEUDOBULK
+from genepert_scale.pp.aggregate import write_pseudobulk
 from genepert_scale.pl.report import FILES, write_report
 
 N_SINGLES, N_GENES = 24, 40
@@ -47,7 +48,7 @@ def pair_screen(delta_shift: dict[str, float] | None = None) -> xr.Dataset:
         {"delta": (("perturbation", "gene"), delta), "mean": (("perturbation", "gene"), delta + 1),
          "n_cells": ("perturbation", np.full(len(names), 40)), "control_mean": ("gene", np.ones(N_GENES))},
         coords={"perturbation": np.array(names, dtype=object), "gene": np.array(genes, dtype=object)},
-        attrs={"encoding_type": ENCODING_TYPE, "encoding_version": ENCODING_VERSION},
+        attrs=PSEUDOBULK.attrs(),
     )
 
 

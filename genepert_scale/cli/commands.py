@@ -23,7 +23,6 @@ from ..pp.params import N_TOP_WORDS, PARAMETERS, PseudobulkParams
 from ..cluster import dask_client, limit_heap_fragmentation
 from ..tl.embeddings import MISSING_POLICIES
 from ..errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
-from ..pp.hvg import FLAVORS
 from ..pp.labels import GEARS_CONTROL, parse_label
 from ..tl.ridge import DEFAULT_ALPHAS
 from ..tl.splits import SPLIT_KINDS

@@ -305,9 +305,9 @@ def _pseudobulk_params(config: RunConfig) -> dict[str, Any]:
 
 
 def _pseudobulk_fingerprint(config: RunConfig) -> dict[str, Any]:
-    from ..pp.aggregate import ENCODING_VERSION
+    from ..io.encodings import PSEUDOBULK
 
-    return {**_pseudobulk_params(config), "encoding_version": ENCODING_VERSION}
+    return {**_pseudobulk_params(config), "encoding_version": PSEUDOBULK.version}
 
 
 def _run_pseudobulk(run: StageRun) -> None:

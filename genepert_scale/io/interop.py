@@ -58,7 +58,7 @@ def pseudobulk_to_anndata(ds: xr.Dataset, *, perturbation_key: str | None = None
         control_layers["var"] = ds["control_var"].values
     uns = {
         key: ds.attrs[key]
-        for key in ("parameters", "source", "input_kind", "encoding_version")
+        for key in ("parameters", "source", "input_kind", "encoding-version")
         if key in ds.attrs
     }
     uns["n_control_cells"] = int(ds["n_control_cells"])

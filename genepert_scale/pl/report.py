@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from .. import __version__
 from ..tl.evaluate import RIDGE, Evaluation, novelty_table
 from .report_html import render_html
+from ..io.encodings import PREDICTIONS
 from ..io.store import atomic_output, local_directory, write_dataset
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def write_report(
         (root / "metrics.json").write_text(json.dumps(document, indent=2))
         evaluation.per_perturbation.to_csv(root / "per_perturbation.csv", index=False)
         evaluation.folds.to_csv(root / "folds.csv", index=False)
-        write_dataset(evaluation.predictions, str(root / "predictions.zarr"))
+        write_dataset(evaluation.predictions.assign_attrs(PREDICTIONS.attrs()),
+                      str(root / "predictions.zarr"))
         for name, data in images.items():
             (root / name).write_bytes(data)
         (root / "report.html").write_text(render_html(document, images), encoding="utf-8")

@@ -28,7 +28,7 @@ from .. import __version__
 
 from . import kernels
 from ..cluster import accumulator_rooms, cluster_threads, compute
-from ..errors import GenePertInputError, LabelError, ParameterError, StoreError, listing
+from ..errors import LabelError, ParameterError, StoreError, listing
 from .hvg import (
     FLAVORS,
     Flavor,
@@ -38,19 +38,18 @@ from .hvg import (
     seurat_v3_clip,
     seurat_v3_select,
 )
-from ..io.integrity import METADATA_ERRORS
 from .labels import assign_groups
 from .params import InputKindOption, PseudobulkParams
 from .budget import PassPlan, plan_pass
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
 from ..io.interop import pseudobulk_to_anndata
 from ..io.screen import Screen, open_data
-from ..io.store import open_dataset, write_dataset
+from ..io.encodings import PSEUDOBULK, open_checked
+from ..io.store import write_dataset
 from ..validate import (
     check_choice,
     NTopGenes,
     check_declared_input,
-    check_encoding,
     check_exact_sum_range,
     check_min_cells,
     check_positive,
@@ -62,8 +61,6 @@ log = logging.getLogger(__name__)
 #: The per-gene moments of the pass (:data:`.kernels.MOMENTS`) each HVG flavor needs.
 HVG_MOMENTS = {"seurat": ("normalized",), "cell_ranger": ("log1p",), "seurat_v3": ("raw",)}
 
-ENCODING_TYPE = "genepert_scale.pseudobulk"
-ENCODING_VERSION = "0.1.0"
 
 
 #: Bytes per chunk of a lazily computed output's rows (:func:`_group_means`).
@@ -498,8 +495,7 @@ def finalize(
         data_vars["var"] = (("perturbation", "gene"), _take_rows(variance, rows))
         data_vars["control_var"] = ("gene", variance[0])
     attrs = {
-        "encoding_type": ENCODING_TYPE,
-        "encoding_version": ENCODING_VERSION,
+        **PSEUDOBULK.attrs(),
         "genepert_scale_version": __version__,
         "parameters": json.dumps(asdict(params)),
         "input_kind": kind,
@@ -557,16 +553,5 @@ def write_pseudobulk(
 
 
 def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
-    """Open a pseudo-bulk store and check its encoding type and version."""
-    try:
-        ds = open_dataset(path, storage_options)
-    except GenePertInputError:
-        raise
-    except METADATA_ERRORS as err:
-        raise StoreError(
-            f"{path} is not a pseudo-bulk store ({err}); create one with "
-            "'genepert-scale pseudobulk'"
-        ) from err
-    check_encoding(ds.attrs, expected_type=ENCODING_TYPE, expected_version=ENCODING_VERSION,
-                   source=path, remedy="'genepert-scale pseudobulk'")
-    return ds
+    """Open a pseudo-bulk store (lazily), checking its encoding type and version."""
+    return open_checked(PSEUDOBULK, path, storage_options)

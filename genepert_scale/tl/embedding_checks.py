@@ -9,7 +9,7 @@ Readers call :func:`check_embedding_table` on what they read; fitting calls
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

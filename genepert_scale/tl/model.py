@@ -50,6 +50,7 @@ from .ridge import (
     wants_dual,
 )
 from ..io.interop import predictions_to_anndata, write_h5ad
+from ..io.encodings import PREDICTIONS
 from ..io.store import atomic_output, filesystem, write_dataset
 
 log = logging.getLogger(__name__)
@@ -314,7 +315,8 @@ def write_predictions(
                                        uns={"alpha": predictions.attrs.get("alpha")})
         return write_h5ad(adata, path, overwrite=overwrite, storage_options=storage_options)
     if suffix == "zarr":
-        write_dataset(predictions, path, overwrite=overwrite, storage_options=storage_options)
+        write_dataset(predictions.assign_attrs(PREDICTIONS.attrs()), path, overwrite=overwrite,
+                      storage_options=storage_options)
     else:
         with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp:
             fs, root = filesystem(tmp, storage_options)

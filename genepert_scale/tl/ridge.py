@@ -55,10 +55,10 @@ from dask.delayed import Delayed
 
 from .. import __version__
 from .. import validate
-from ..errors import GenePertInputError, ParameterError, StoreError
-from ..io.integrity import METADATA_ERRORS
+from ..errors import ParameterError
 from ..pp.reduce import SPLIT_EVERY, tree_reduce
-from ..io.store import open_dataset, write_dataset
+from ..io.encodings import MODEL, open_checked
+from ..io.store import write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ Solver = Literal["auto", "primal", "dual"]
 #: Squared errors per alpha kept between :func:`cv_error` calls, by (held-out
 #: folds, scored fold).
 FoldScores = dict[tuple[frozenset[int], int], np.ndarray]
-ENCODING_TYPE = "genepert_scale.ridge_model"
-ENCODING_VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -461,8 +459,7 @@ def save_model(
             "train_perturbation": np.asarray(model.train_perturbations, dtype=object),
         },
         attrs={
-            "encoding_type": ENCODING_TYPE,
-            "encoding_version": ENCODING_VERSION,
+            **MODEL.attrs(),
             "genepert_scale_version": __version__,
             "alpha": model.alpha,
             "metadata": json.dumps(model.metadata),
@@ -475,20 +472,7 @@ def save_model(
 
 def load_model(path: str, storage_options: dict[str, Any] | None = None) -> RidgeModel:
     """Read a model written by :func:`save_model`, checking its encoding."""
-    try:
-        ds = open_dataset(path, storage_options).load()
-    except GenePertInputError:
-        raise
-    except METADATA_ERRORS as err:
-        raise StoreError(f"{path} is not a model store ({err}); create one with 'genepert-scale fit'") from err
-    kind, version = ds.attrs.get("encoding_type"), ds.attrs.get("encoding_version")
-    if kind != ENCODING_TYPE:
-        raise StoreError(f"{path} is not a genepert_scale model (encoding_type {kind!r})")
-    if version != ENCODING_VERSION:
-        raise StoreError(
-            f"{path} has model encoding version {version}, this version reads "
-            f"{ENCODING_VERSION}; refit with 'genepert-scale fit'"
-        )
+    ds = open_checked(MODEL, path, storage_options).load()
     return RidgeModel(
         coef=ds["coef"].values,
         intercept=ds["intercept"].values,
