@@ -31,8 +31,10 @@ _CAPTIONS = {
                                     "median and worst held-out perturbation.",
     "novelty.png": "Pearson of delta against novelty (cosine distance to the nearest training "
                    "perturbation in embedding space); lines: mean per novelty quartile.",
-    "alpha_path.png": "Alpha path: training (dashed) and held-out MSE of the ridge per alpha and fold "
-                      "— underfitting at large alpha, overfitting where the two part.",
+    "alpha_path.png": "Alpha path of the ridge per fold. Left: training (dashed) and held-out MSE — "
+                      "underfitting at large alpha, overfitting where the two part. Right: inner-CV "
+                      "(dashed, what alpha is chosen from) and held-out Pearson delta; stars: the "
+                      "chosen alpha.",
 }
 
 
@@ -49,6 +51,8 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
         "<p>Mean ± standard deviation over folds of the per-fold means over held-out "
         "perturbations (one test set: the mean only).</p>",
         model_table(document["models"]),
+        "<h2>Alpha</h2>",
+        alpha_section(document["models"]),
         "<h2>Test subgroups</h2>",
         f"<p>{SUBGROUP_METRIC}: mean over the subgroup's test perturbations (GEARS' subgroups).</p>",
         subgroup_table(document.get("subgroups", {})),
@@ -78,6 +82,32 @@ def model_table(models: Mapping[str, Mapping[str, Any]]) -> str:
                 row[metric] = mean_std(metrics[metric].get("fold_mean"), metrics[metric].get("fold_std"))
         rows.append(row)
     return table(rows)
+
+
+def alpha_section(models: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per fitted model: the rule and grid, the alpha chosen per fold, and
+    the path of the inner-CV metric (rows: alphas; columns: folds; ``*``: chosen)."""
+    parts = []
+    for model, metrics in models.items():
+        alpha = metrics.get("alpha")
+        if not alpha or not metrics.get("folds"):
+            continue
+        rule = alpha.get("select_by")
+        parts.append(f"<h3>{html.escape(model)}</h3><p>Alpha chosen per fold by inner-CV "
+                     f"<code>{_text(rule)}</code> on the training folds, over "
+                     f"{len(alpha.get('grid') or [])} values; chosen: "
+                     f"{html.escape(', '.join(f'{a:g}' for a in alpha.get('chosen', [])))}.</p>")
+        rows: dict[float, dict[str, Any]] = {}
+        for fold in metrics["folds"]:
+            for step in fold["alpha_path"]:
+                row = rows.setdefault(step["alpha"], {"alpha": f"{step['alpha']:g}"})
+                value = step.get(f"inner_cv_{rule}")
+                mark = "*" if step["alpha"] == fold["alpha"] else ""
+                row[f"fold {fold['fold']} inner CV"] = "n/a" if value is None else f"{value:.4f}{mark}"
+                held_out = step.get("val_pearson_delta")
+                row[f"fold {fold['fold']} held-out r"] = "n/a" if held_out is None else f"{held_out:.4f}"
+        parts.append(table(list(rows.values())))
+    return "\n".join(parts) or "<p>(none)</p>"
 
 
 def subgroup_table(subgroups: Mapping[str, Mapping[str, Any]]) -> str:

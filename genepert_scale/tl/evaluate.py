@@ -3,7 +3,8 @@ split (K-fold, GEARS' simulation, or a custom file), metrics per held-out
 perturbation, and their summaries — overall, per GEARS subgroup, and against
 novelty (distance to the nearest training perturbation in embedding space).
 
-Ridge models of every fold come from fold statistics (:mod:`.ridge`); the
+Ridge models of every fold come from fold statistics (:mod:`.ridge`), alpha
+chosen by an inner CV on the training folds by ``select_by``; the
 baselines (mean and median of training deltas, control = no change, and
 cosine k-nearest neighbours in embedding space) and the metrics need the
 held-out and training deltas as rows, so evaluation holds the pseudo-bulk
@@ -33,7 +34,17 @@ from ..errors import ParameterError
 from .metrics import DE_TOP, METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
 from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
 from ..pp.pseudobulk import open_pseudobulk
-from .ridge import DEFAULT_ALPHAS, FoldFit, Rows, Solver, check_alphas, cross_validate
+from .ridge import (
+    DEFAULT_ALPHAS,
+    DEFAULT_SELECT_BY,
+    FoldFit,
+    Rows,
+    SelectBy,
+    Solver,
+    check_alphas,
+    check_select_by,
+    cross_validate,
+)
 from .splits import (
     DEFAULT_TEST_SHARE,
     UNUSED,
@@ -165,6 +176,7 @@ def evaluate(
     test_share: float | None = None,
     seed: int = 0,
     alphas: float | Sequence[float] = DEFAULT_ALPHAS,
+    select_by: SelectBy = DEFAULT_SELECT_BY,
     missing: MissingPolicy = "drop",
     gene_map: GeneMap = None,
     knn_k: Sequence[int] = KNN_K,
@@ -194,6 +206,10 @@ def evaluate(
         Seed of the split (and of ``missing="random"``).
     alphas
         A grid (alpha chosen per fold by inner CV on its training folds) or one alpha.
+    select_by
+        What the inner CV chooses alpha by: ``pearson_delta`` (the mean
+        per-perturbation Pearson of predicted vs true delta, the report's
+        lead metric) or ``mse``.
     missing, gene_map
         See :func:`.embeddings.featurize`; dropped perturbations are left out
         for every model.
@@ -203,6 +219,7 @@ def evaluate(
         See :func:`.model.fit`.
     """
     alphas = check_alphas(alphas)
+    select_by = check_select_by(select_by)
     ds = open_pseudobulk(pseudobulk, storage_options) if isinstance(pseudobulk, str) else pseudobulk
     plan = EmbeddingPlan(embeddings, storage_options)
     genes = [str(g) for g in ds["gene"].values]
@@ -225,7 +242,7 @@ def evaluate(
                                 the_split.n_groups, block_size=block_size, progress=progress)
         G = features.rows()
         rows = Rows(G[used], X[used], the_split.group[used])
-        for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds):
+        for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds, select_by=select_by):
             test, train = the_split.test_mask(fit.fold), the_split.train_mask(fit.fold)
             similarity = G[test] @ G[train].T  # shared by the kNN baselines and novelty
             preds = {RIDGE: G[test] @ fit.coef + fit.intercept,
@@ -256,7 +273,7 @@ def evaluate(
     folds_table = pd.DataFrame({"perturbation": names, "fold": fold, "group": the_split.group,
                                 "subgroup": subgroup, "novelty": novelty})
     parameters = {
-        **the_split.parameters, "alphas": list(alphas), "missing": missing,
+        **the_split.parameters, "alphas": list(alphas), "select_by": select_by, "missing": missing,
         "knn_k": list(knn_k), "solver": solver,
         "pseudobulk": pseudobulk if isinstance(pseudobulk, str) else None,
         "embedding": list(template.sources), "n_perturbations": data.n,
