@@ -144,9 +144,13 @@ def test_papalexi_end_to_end(tmp_path, capsys):
                 assert math.isfinite(metrics[metric]["mean"]), (model, metric)
     assert all(f["solver"] == "dual" for f in doc["models"]["genepert_ridge"]["folds"])  # 20 < 32 dims
     per = pd.read_csv(report / "per_perturbation.csv")
-    # constant predictions have no Pearson: control = 0, mean baseline = the centroid
-    varying = per[~per.model.isin(["control_baseline", "mean_baseline"])]
-    assert len(per) == 25 * 7 and np.isfinite(varying.drop(
+    # constant predictions have no Pearson: control = 0, mean baseline = the centroid, and so is
+    # matching_mean (no pairs: every single falls back on it); pca_ridge scores only the 9
+    # targets among the 299 measured genes
+    assert doc["baselines"]["matching_mean"]["n_fell_back"] == 25 and "additive" not in set(per.model)
+    assert doc["baselines"]["pca_ridge"]["n_covered"] == 9
+    varying = per[~per.model.isin(["control_baseline", "mean_baseline", "matching_mean", "pca_ridge"])]
+    assert len(per) == 25 * 9 and np.isfinite(varying.drop(
         columns=["perturbation", "model", "subgroup"]).to_numpy()).all()
     model = str(tmp_path / "model.zarr")
     assert main(["fit", pb, "--embeddings", emb, "--out", model, "--no-progress"]) == 0

@@ -99,9 +99,10 @@ def test_evaluate_matches_refit_and_metrics(small):
         ref = Ridge(alpha=fit.alpha).fit(G[~test], X[~test]).predict(G[test])
         np.testing.assert_allclose(pred[test], ref, rtol=1e-5, atol=1e-5)  # stored as float32
     table = result.per_perturbation
-    assert set(table.model) == {"genepert_ridge", "mean_baseline", "median_baseline", "control_baseline",
-                                "knn_1", "knn_5", "knn_10"}
-    assert len(table) == 7 * len(names) and "NOVEC" not in set(table.perturbation)
+    # pairs among the test perturbations: the additive baseline; no target is a measured gene: no pca_ridge
+    assert list(result.models) == ["genepert_ridge", "mean_baseline", "median_baseline", "control_baseline",
+                                   "matching_mean", "additive", "knn_1", "knn_5", "knn_10"]
+    assert len(table) == 9 * len(names) and "NOVEC" not in set(table.perturbation)
     ridge = table[table.model == "genepert_ridge"].set_index("perturbation").loc[names]
     direct = perturbation_metrics(pred.astype(np.float64), X)
     np.testing.assert_allclose(ridge["rmse_delta"], direct["rmse_delta"], rtol=1e-5)
@@ -146,6 +147,7 @@ def test_report_files(small, tmp_path):
     for model, metrics in doc["models"].items():
         for metric in ("pearson_delta", "pearson_delta_de20", "rmse_delta", "mae_delta"):
             assert {"mean", "std", "fold_mean", "fold_std", "n"} <= set(metrics[metric])
+    assert {"matching_mean", "additive", "pca_ridge"} == set(doc["baselines"])
     assert doc["missing"]["n_dropped_perturbations"] == 1
     per = pd.read_csv(tmp_path / "report" / "per_perturbation.csv")
     assert list(per.columns[:3]) == ["perturbation", "fold", "model"]

@@ -24,6 +24,7 @@ from ..pp.hvg import FLAVORS
 from ..pp.labels import GEARS_CONTROL, parse_label
 from ..tl.ridge import DEFAULT_ALPHAS, DEFAULT_SELECT_BY, SELECT_BY
 from ..tl.splits import SPLIT_KINDS
+from ..tl.data_embedding import PCA_BASELINE_K
 from ..io.store import check_output_free
 
 log = logging.getLogger("genepert_scale")
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or a fold number) or GEARS' JSON {train: [...], test: [...]}")
     p.add_argument("--test-share", type=float,
                    help="simulation split: share of genes (and fully seen pairs) held out (default 0.25)")
+    p.add_argument("--pca-baseline", type=int, default=PCA_BASELINE_K, metavar="K",
+                   help="K of the pca_ridge baseline (ridge on pca:K gene embeddings of each fold's "
+                        "training deltas, for perturbations of measured genes); 0: none (default: %(default)s)")
     p.add_argument("--out", required=True, help="report directory")
 
     p = sub.add_parser("compare", parents=[parent], help="merge several evaluation reports into one table")
@@ -272,7 +276,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..pl.report import write_report
 
     result = evaluate(args.pseudobulk, args.embeddings, split=args.split, split_file=args.split_file,
-                      test_share=args.test_share, **model_options(args))
+                      test_share=args.test_share, pca_baseline=args.pca_baseline or None,
+                      **model_options(args))
     print(summary_table(result.summary))
     written = write_report(result, args.out, overwrite=args.overwrite,
                            storage_options=_storage_options(args.storage_options))

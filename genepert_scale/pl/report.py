@@ -34,16 +34,20 @@ FILES = (
 
 def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
     """The content of ``metrics.json``: parameters, missing genes, and per
-    model the metric summaries; the ridge also gets ``alpha`` (the rule, the
-    grid and the alpha chosen per fold) and ``folds``: every fold's alpha and
-    alpha path (train, validation and inner-CV MSE and Pearson delta per alpha)."""
+    model the metric summaries. Every fitted model (the ridge,
+    ``pca_ridge``) also gets ``alpha`` (the rule, the grid and the alpha chosen
+    per fold) and ``folds``: every fold's alpha and alpha path (train,
+    validation and inner-CV MSE and Pearson delta per alpha). ``baselines``
+    says what the baselines scored or fell back on."""
     models = {model: dict(metrics) for model, metrics in evaluation.summary.items()}
-    models[RIDGE].update(alpha_document(evaluation.fold_fits, evaluation.parameters))
+    for model, fits in {RIDGE: evaluation.fold_fits, **evaluation.baseline_fits}.items():
+        models[model].update(alpha_document(fits, evaluation.parameters))
     return {
         "genepert_scale_version": __version__,
         "parameters": evaluation.parameters,
         "missing": evaluation.missing,
         "models": models,
+        "baselines": evaluation.baselines,
         "subgroups": evaluation.subgroups,
         "novelty": [
             {k: _json_value(v) for k, v in row.items()}

@@ -53,6 +53,11 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
         model_table(document["models"]),
         "<h2>Alpha</h2>",
         alpha_section(document["models"]),
+        "<h2>Baselines</h2>",
+        "<p>Baselines that do not score every perturbation alike: how many they scored, fell back "
+        "on, or why they are absent.</p>",
+        table([{"baseline": name, **{k: _plain(v) for k, v in notes.items()}}
+               for name, notes in document.get("baselines", {}).items()]),
         "<h2>Test subgroups</h2>",
         f"<p>{SUBGROUP_METRIC}: mean over the subgroup's test perturbations (GEARS' subgroups).</p>",
         subgroup_table(document.get("subgroups", {})),
