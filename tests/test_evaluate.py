@@ -143,11 +143,21 @@ def test_report_files(small, tmp_path):
     for f in folds:
         best = max(f["alpha_path"], key=lambda row: row["inner_cv_pearson_delta"])
         assert f["alpha"] == best["alpha"]
-    # the contract of DESIGN.md §3
+    # the contract of DESIGN.md §3, and the uncertainty of every model
     for model, metrics in doc["models"].items():
         for metric in ("pearson_delta", "pearson_delta_de20", "rmse_delta", "mae_delta"):
             assert {"mean", "std", "fold_mean", "fold_std", "n"} <= set(metrics[metric])
+        for metric in ("pearson_delta", "rmse_delta"):
+            assert len(metrics[metric]["ci95"]) == 2
+        if model != "genepert_ridge":
+            test = metrics["paired_test"]
+            assert test["reference"] == "genepert_ridge" and test["difference"] == f"genepert_ridge - {model}"
+            assert {"test", "n", "statistic", "pvalue", "mean_difference", "median_difference"} <= set(
+                test["pearson_delta"]) and "rmse_delta" in test
+    low, high = ridge["pearson_delta"]["ci95"]
+    assert low <= ridge["pearson_delta"]["mean"] <= high
     assert {"matching_mean", "additive", "pca_ridge"} == set(doc["baselines"])
+    assert doc["parameters"]["bootstrap"] == {"n_resamples": 2000, "seed": 0, "confidence": 0.95}
     assert doc["missing"]["n_dropped_perturbations"] == 1
     per = pd.read_csv(tmp_path / "report" / "per_perturbation.csv")
     assert list(per.columns[:3]) == ["perturbation", "fold", "model"]
@@ -206,7 +216,7 @@ def test_default_alpha_does_not_lose_to_the_mean_baseline_on_a_weak_signal():
     table = EmbeddingTable(pd.Index(names), unit, ({"path": "memory", "dim": d, "sha256": "-"},))
 
     def pearson(**options) -> tuple[float, float]:
-        result = evaluate(ds, table, n_folds=5, knn_k=(1,), progress=False, **options)
+        result = evaluate(ds, table, n_folds=5, knn_k=(1,), n_resamples=10, progress=False, **options)
         return tuple(result.summary[m]["pearson_delta"]["mean"] for m in ("genepert_ridge", "mean_baseline"))
 
     fixed, mean = pearson(alphas=1.0)

@@ -34,7 +34,9 @@ FILES = (
 
 def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
     """The content of ``metrics.json``: parameters, missing genes, and per
-    model the metric summaries. Every fitted model (the ridge,
+    model the metric summaries (with bootstrap ``ci95`` of ``pearson_delta``
+    and ``rmse_delta``) and, for every model but the ridge, its
+    ``paired_test`` against the ridge. Every fitted model (the ridge,
     ``pca_ridge``) also gets ``alpha`` (the rule, the grid and the alpha chosen
     per fold) and ``folds``: every fold's alpha and alpha path (train,
     validation and inner-CV MSE and Pearson delta per alpha). ``baselines``
@@ -42,6 +44,8 @@ def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
     models = {model: dict(metrics) for model, metrics in evaluation.summary.items()}
     for model, fits in {RIDGE: evaluation.fold_fits, **evaluation.baseline_fits}.items():
         models[model].update(alpha_document(fits, evaluation.parameters))
+    for model, tests in evaluation.paired_tests.items():
+        models[model]["paired_test"] = {"reference": RIDGE, "difference": f"{RIDGE} - {model}", **tests}
     return {
         "genepert_scale_version": __version__,
         "parameters": evaluation.parameters,

@@ -36,6 +36,8 @@ _CAPTIONS = {
                       "(dashed, what alpha is chosen from) and held-out Pearson delta; stars: the "
                       "chosen alpha.",
 }
+#: Metrics shown with a bootstrap interval and a paired test in the model table.
+UNCERTAIN = ("pearson_delta", "rmse_delta")
 
 
 def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
@@ -49,7 +51,10 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
         f"{_text(parameters.get('n_perturbations'))}, {_text(parameters.get('n_genes'))} genes.</p>",
         "<h2>Models</h2>",
         "<p>Mean ± standard deviation over folds of the per-fold means over held-out "
-        "perturbations (one test set: the mean only).</p>",
+        "perturbations (one test set: the mean only). <em>mean [95% CI]</em>: the mean over held-out "
+        "perturbations and its seeded percentile-bootstrap interval; <em>p vs ridge</em>: two-sided Wilcoxon "
+        "signed-rank test of the ridge against the model over the perturbations both score "
+        "(n pairs; the sign is that of the ridge's mean advantage, + where the ridge is better).</p>",
         model_table(document["models"]),
         "<h2>Alpha</h2>",
         alpha_section(document["models"]),
@@ -78,15 +83,36 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
 
 
 def model_table(models: Mapping[str, Mapping[str, Any]]) -> str:
-    """Models × metrics: ``fold_mean ± fold_std``."""
+    """Models × metrics: ``fold_mean ± fold_std``; for :data:`UNCERTAIN`
+    metrics also the bootstrap interval and the paired test against the ridge."""
     rows = []
     for model, metrics in models.items():
         row = {"model": model}
         for metric in METRICS:
             if metric in metrics:
                 row[metric] = mean_std(metrics[metric].get("fold_mean"), metrics[metric].get("fold_std"))
+            if metric in UNCERTAIN and metric in metrics:
+                row[f"{metric} mean [95% CI]"] = interval(metrics[metric].get("mean"), metrics[metric].get("ci95"))
+                row[f"{metric} p vs ridge"] = p_value(metrics.get("paired_test", {}).get(metric), metric)
         rows.append(row)
     return table(rows)
+
+
+def interval(mean: float | None, bounds: Sequence[float | None] | None) -> str:
+    """``mean [low, high]``: the mean over perturbations and its interval."""
+    if mean is None or not bounds or None in bounds:
+        return "n/a"
+    return f"{mean:.3f} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
+def p_value(test: Mapping[str, Any] | None, metric: str) -> str:
+    """``p (n=…, ±)``: the Wilcoxon p-value, the pairs, and whether the ridge did better."""
+    if not test:
+        return ""
+    if test.get("pvalue") is None:
+        return f"n/a (n={test.get('n', 0)})"
+    better = (test["mean_difference"] < 0) if metric.startswith("rmse") else (test["mean_difference"] > 0)
+    return f"{test['pvalue']:.2g} (n={test['n']}, {'+' if better else '-'})"
 
 
 def alpha_section(models: Mapping[str, Mapping[str, Any]]) -> str:

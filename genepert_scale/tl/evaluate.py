@@ -1,6 +1,7 @@
 """Evaluation over perturbations: GenePert's ridge against baselines on a
 split (K-fold, GEARS' simulation, or a custom file), metrics per held-out
-perturbation, and their summaries — overall, per GEARS subgroup, and
+perturbation, and their summaries — overall (with bootstrap confidence
+intervals and paired tests against the ridge), per GEARS subgroup, and
 against novelty (distance to the nearest training perturbation in embedding
 space).
 
@@ -56,6 +57,7 @@ from .ridge import (
     cross_validate,
     gram_stats,
 )
+from .uncertainty import N_RESAMPLES, UNCERTAINTY_METRICS, bootstrap_ci, paired_test
 from .splits import (
     DEFAULT_TEST_SHARE,
     UNUSED,
@@ -104,13 +106,17 @@ class Evaluation:
     fold_fits
         The ridge model of every fold with its alpha path.
     summary
-        Per model and metric: mean and std over perturbations, over folds.
+        Per model and metric: mean and std over perturbations, over folds,
+        and (:data:`.uncertainty.UNCERTAINTY_METRICS`) a bootstrap ``ci95`` of the mean.
     subgroups
         :func:`summarize` of the test perturbations of every GEARS subgroup.
     missing
         What happened to perturbations whose genes have no vector.
     parameters
         The run's parameters, split and embedding identity.
+    paired_tests
+        Per baseline and metric: the ridge against it over the same held-out
+        perturbations (:func:`paired_tests`).
     baselines
         Per baseline that does not score every perturbation the same way:
         how many it scored, fell back on, or why it does not apply.
@@ -126,6 +132,7 @@ class Evaluation:
     subgroups: dict[str, dict[str, dict[str, dict[str, float | None]]]]
     missing: dict[str, Any]
     parameters: dict[str, Any]
+    paired_tests: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     baseline_fits: dict[str, list[FoldFit]] = field(default_factory=dict, repr=False)
 
@@ -176,6 +183,7 @@ def evaluate(
     gene_map: GeneMap = None,
     knn_k: Sequence[int] = KNN_K,
     pca_baseline: int | None = PCA_BASELINE_K,
+    n_resamples: int = N_RESAMPLES,
     solver: Solver = "auto",
     block_size: int = BLOCK_SIZE,
     storage_options: dict[str, Any] | None = None,
@@ -199,7 +207,7 @@ def evaluate(
     split_file, test_share
         The file of a ``custom`` split; the held-out share of a ``simulation``.
     seed
-        Seed of the split (and of ``missing="random"``).
+        Seed of the split (and of ``missing="random"`` and the bootstrap).
     alphas
         A grid (alpha chosen per fold by inner CV on its training folds) or one alpha.
     select_by
@@ -216,6 +224,8 @@ def evaluate(
         embeddings of each fold's training deltas, for the perturbations of
         measured genes); ``None`` or 0: none. It is left out when the
         embeddings are already data-derived.
+    n_resamples
+        Bootstrap resamples of the confidence intervals.
     solver, block_size, storage_options, progress
         See :func:`.model.fit`.
     """
@@ -292,12 +302,15 @@ def evaluate(
         "n_test_perturbations": int(tested.sum()), "n_genes": len(data.genes),
         "embedding_dim": data.features.dim,
         "subgroup_sizes": {str(k): int(v) for k, v in pd.Series(subgroup[tested]).value_counts().items()},
+        "bootstrap": {"n_resamples": n_resamples, "seed": seed, "confidence": 0.95},
     }
     baselines = baseline_notes(names[tested], fell_back[tested], per_perturbation, with_pairs, pca,
                                plan.data_derived)
     by_subgroup = {str(name): summarize(table) for name, table in per_perturbation.groupby("subgroup")}
-    return Evaluation(per_perturbation, predictions, folds_table, fits, summarize(per_perturbation),
-                      by_subgroup, data.features.summary(), parameters, baselines,
+    return Evaluation(per_perturbation, predictions, folds_table, fits,
+                      summarize(per_perturbation, ci_seed=seed, n_resamples=n_resamples),
+                      by_subgroup, data.features.summary(), parameters,
+                      paired_tests(per_perturbation), baselines,
                       {PCA_RIDGE: pca.fits} if PCA_RIDGE in models else {})
 
 
@@ -479,11 +492,21 @@ def metrics_table(
     return pd.concat(tables, ignore_index=True)
 
 
-def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, float | None]]]:
+def summarize(
+    per_perturbation: pd.DataFrame,
+    *,
+    ci_seed: int | None = None,
+    n_resamples: int = N_RESAMPLES,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Per model and metric: ``mean``/``std`` over perturbations,
     ``fold_mean``/``fold_std`` over the per-fold means (NaN values, e.g. the
-    Pearson of a constant prediction, are left out; all-NaN gives ``None``)."""
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    Pearson of a constant prediction, are left out; all-NaN gives ``None``).
+
+    With ``ci_seed``, the :data:`.uncertainty.UNCERTAINTY_METRICS` also get
+    ``ci95``: the seeded percentile-bootstrap 95 % interval of ``mean`` over
+    the perturbations (:func:`.uncertainty.bootstrap_ci`).
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for model, table in per_perturbation.groupby("model", sort=False):
         fold_means = table.groupby("fold")[list(METRICS)].mean()
         out[str(model)] = {
@@ -496,7 +519,26 @@ def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, f
             }
             for metric in METRICS
         }
+        if ci_seed is not None:
+            for metric in UNCERTAINTY_METRICS:
+                low, high = bootstrap_ci(table[metric].to_numpy(), n_resamples=n_resamples, seed=ci_seed)
+                out[str(model)][metric]["ci95"] = [_number(low), _number(high)]
     return out
+
+
+def paired_tests(
+    per_perturbation: pd.DataFrame, reference: str = RIDGE
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per other model and :data:`.uncertainty.UNCERTAINTY_METRICS`: the
+    ``reference`` model against it over the same held-out perturbations
+    (:func:`.uncertainty.paired_test`; differences are reference − model)."""
+    wide = {metric: per_perturbation.pivot(index="perturbation", columns="model", values=metric)
+            for metric in UNCERTAINTY_METRICS}
+    return {
+        str(model): {metric: paired_test(wide[metric][reference].to_numpy(), wide[metric][model].to_numpy())
+                     for metric in UNCERTAINTY_METRICS}
+        for model in dict.fromkeys(per_perturbation["model"]) if model != reference
+    }
 
 
 def novelty_table(per_perturbation: pd.DataFrame, metric: str = "pearson_delta",
