@@ -74,11 +74,18 @@ def test_fit_predict_api(linear, tmp_path, caplog):
         predict(path, other, ["G31"])
 
 
-def test_fit_chooses_alpha_by_cv(linear):
+@pytest.mark.parametrize("select_by", ["pearson_delta", "mse"])
+def test_fit_chooses_alpha_by_cv(linear, select_by):
     pb, emb, *_ = linear
-    model = fit(pb, emb, alphas=[0.01, 100.0], n_folds=3, progress=False)
-    assert model.alpha == 0.01  # nearly noiseless: the small penalty validates better
+    model = fit(pb, emb, alphas=[0.01, 100.0], n_folds=3, select_by=select_by, progress=False)
+    assert model.alpha == 0.01  # nearly noiseless: the small penalty validates better by either rule
+    assert model.metadata["select_by"] == select_by
     assert len(model.metadata["cv_mse"]) == 2 and model.metadata["cv_mse"][0] < model.metadata["cv_mse"][1]
+    pearson = model.metadata["cv_pearson_delta"]
+    if select_by == "pearson_delta":
+        assert len(pearson) == 2 and pearson[0] > pearson[1]
+    else:  # by mse, fit needs the statistics only, not the rows the Pearson needs
+        assert pearson == [None, None]
 
 
 @pytest.mark.parametrize("suffix", ["zarr", "h5ad", "csv"])
@@ -138,9 +145,13 @@ def test_papalexi_end_to_end(tmp_path, capsys):
                 assert math.isfinite(metrics[metric]["mean"]), (model, metric)
     assert all(f["solver"] == "dual" for f in doc["models"]["genepert_ridge"]["folds"])  # 20 < 32 dims
     per = pd.read_csv(report / "per_perturbation.csv")
-    # constant predictions have no Pearson: control = 0, mean baseline = the centroid
-    varying = per[~per.model.isin(["control_baseline", "mean_baseline"])]
-    assert len(per) == 25 * 7 and np.isfinite(varying.drop(
+    # constant predictions have no Pearson: control = 0, mean baseline = the centroid, and so is
+    # matching_mean (no pairs: every single falls back on it); pca_ridge scores only the 9
+    # targets among the 299 measured genes
+    assert doc["baselines"]["matching_mean"]["n_fell_back"] == 25 and "additive" not in set(per.model)
+    assert doc["baselines"]["pca_ridge"]["n_covered"] == 9
+    varying = per[~per.model.isin(["control_baseline", "mean_baseline", "matching_mean", "pca_ridge"])]
+    assert len(per) == 25 * 9 and np.isfinite(varying.drop(
         columns=["perturbation", "model", "subgroup"]).to_numpy()).all()
     model = str(tmp_path / "model.zarr")
     assert main(["fit", pb, "--embeddings", emb, "--out", model, "--no-progress"]) == 0
@@ -156,10 +167,12 @@ def test_cli_evaluate_concatenates_sources(linear, tmp_path):
     second = write_embedding(tmp_path / "second.pkl", [f"G{i}" for i in range(30)], dim=3, seed=9)
     out = tmp_path / "report"
     assert main(["evaluate", pb, "--embeddings", emb, "--embeddings", second, "--folds", "3",
-                 "--alpha", "1", "10", "--out", str(out), "--no-progress"]) == 0
+                 "--alpha", "1", "10", "--select-by", "mse", "--out", str(out), "--no-progress"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["parameters"]["embedding_dim"] == 9 and len(doc["parameters"]["embedding"]) == 2
-    assert doc["parameters"]["alphas"] == [1.0, 10.0]
+    assert doc["parameters"]["alphas"] == [1.0, 10.0] and doc["parameters"]["select_by"] == "mse"
+    assert doc["models"]["genepert_ridge"]["alpha"]["select_by"] == "mse"
+    assert {f["select_by"] for f in doc["models"]["genepert_ridge"]["folds"]} == {"mse"}
     assert main(["evaluate", pb, "--embeddings", emb, "--folds", "3", "--out", str(out)]) == INPUT_ERROR_EXIT_CODE
 
 

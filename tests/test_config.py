@@ -6,6 +6,7 @@ import pytest
 
 from genepert_scale.cli.config import load_config
 from genepert_scale.errors import ParameterError
+from genepert_scale.tl.ridge import DEFAULT_ALPHAS
 
 FULL = """
 [input]
@@ -32,6 +33,7 @@ gene_map = "map.tsv"
 folds = 10
 seed = 3
 alphas = [1, 10.0]
+select_by = "mse"
 
 [predict]
 perturbations = ["A", "A+B"]
@@ -63,6 +65,7 @@ def test_every_key(tmp_path):
     assert config.embeddings.gene_map == str(tmp_path / "map.tsv")
     assert config.embeddings.storage_options == {"key": "k"}  # from the command line
     assert config.evaluate.alphas == (1.0, 10.0) and config.evaluate.folds == 10
+    assert config.evaluate.select_by == "mse"
     assert config.predict.perturbations == ("A", "A+B")
     assert config.output.dir == str(tmp_path / "results")
     assert config.cluster.client_options() == {
@@ -77,6 +80,7 @@ def test_defaults(tmp_path):
     assert config.output.dir == "s3://b/out" and config.output.storage_options == {}
     assert config.cluster.client_options()["scheduler"] is None
     assert config.cluster.client_options()["slurm"] is None
+    assert config.evaluate.alphas == DEFAULT_ALPHAS and config.evaluate.select_by == "pearson_delta"
 
 
 @pytest.mark.parametrize(
@@ -90,6 +94,7 @@ def test_defaults(tmp_path):
         ("[pseudobulk]\nn_top_genes = \"many\"\n", "n_top_genes must be a positive integer"),
         ("[evaluate]\nfolds = 1\n", "folds must be at least 2"),
         ("[evaluate]\nalphas = [1, -2]\n", "alphas must be positive"),
+        ('[evaluate]\nselect_by = "r2"\n', "select_by = 'r2' must be one of pearson_delta, mse"),
         ('[cluster]\nkind = "local"\n', "kind = 'local' needs workers"),
         ('[cluster]\nkind = "yarn"\n', "kind = 'yarn' must be one of"),
         ("[output\n", "not valid TOML"),

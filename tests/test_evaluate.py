@@ -15,7 +15,8 @@ from sklearn.linear_model import Ridge
 
 from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
-from genepert_scale.tl.evaluate import baseline_predictions, evaluate, knn_prediction
+from genepert_scale.tl.baselines import knn_prediction
+from genepert_scale.tl.evaluate import baseline_predictions, evaluate
 from genepert_scale.tl.metrics import pearson_rows, perturbation_metrics
 from genepert_scale.io.encodings import PSEUDOBULK
 from genepert_scale.pp.aggregate import write_pseudobulk
@@ -100,9 +101,10 @@ def test_evaluate_matches_refit_and_metrics(small):
         ref = Ridge(alpha=fit.alpha).fit(G[~test], X[~test]).predict(G[test])
         np.testing.assert_allclose(pred[test], ref, rtol=1e-5, atol=1e-5)  # stored as float32
     table = result.per_perturbation
-    assert set(table.model) == {"genepert_ridge", "mean_baseline", "median_baseline", "control_baseline",
-                                "knn_1", "knn_5", "knn_10"}
-    assert len(table) == 7 * len(names) and "NOVEC" not in set(table.perturbation)
+    # pairs among the test perturbations: the additive baseline; no target is a measured gene: no pca_ridge
+    assert list(result.models) == ["genepert_ridge", "mean_baseline", "median_baseline", "control_baseline",
+                                   "matching_mean", "additive", "knn_1", "knn_5", "knn_10"]
+    assert len(table) == 9 * len(names) and "NOVEC" not in set(table.perturbation)
     ridge = table[table.model == "genepert_ridge"].set_index("perturbation").loc[names]
     direct = perturbation_metrics(pred.astype(np.float64), X)
     np.testing.assert_allclose(ridge["rmse_delta"], direct["rmse_delta"], rtol=1e-5)
@@ -131,9 +133,33 @@ def test_report_files(small, tmp_path):
     for name in FILES:
         assert (tmp_path / "report" / name).exists(), name
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    folds = doc["models"]["genepert_ridge"]["folds"]
-    assert len(folds) == 3 and {"alpha", "alpha_path"} <= set(folds[0])
-    assert {"train_mse", "val_mse", "inner_cv_mse"} <= set(folds[0]["alpha_path"][0])
+    ridge = doc["models"]["genepert_ridge"]
+    folds = ridge["folds"]
+    assert len(folds) == 3 and {"alpha", "alpha_path", "select_by", "solver"} <= set(folds[0])
+    assert set(folds[0]["alpha_path"][0]) == {"alpha", "train_mse", "val_mse", "val_pearson_delta",
+                                              "inner_cv_mse", "inner_cv_pearson_delta"}
+    assert len(folds[0]["alpha_path"]) == 13 and doc["parameters"]["select_by"] == "pearson_delta"
+    assert ridge["alpha"] == {"select_by": "pearson_delta", "grid": doc["parameters"]["alphas"],
+                              "chosen": [f["alpha"] for f in folds]}
+    # the chosen alpha is the best inner-CV Pearson of its fold's path
+    for f in folds:
+        best = max(f["alpha_path"], key=lambda row: row["inner_cv_pearson_delta"])
+        assert f["alpha"] == best["alpha"]
+    # the contract of DESIGN.md §3, and the uncertainty of every model
+    for model, metrics in doc["models"].items():
+        for metric in ("pearson_delta", "pearson_delta_de20", "rmse_delta", "mae_delta"):
+            assert {"mean", "std", "fold_mean", "fold_std", "n"} <= set(metrics[metric])
+        for metric in ("pearson_delta", "rmse_delta"):
+            assert len(metrics[metric]["ci95"]) == 2
+        if model != "genepert_ridge":
+            test = metrics["paired_test"]
+            assert test["reference"] == "genepert_ridge" and test["difference"] == f"genepert_ridge - {model}"
+            assert {"test", "n", "statistic", "pvalue", "mean_difference", "median_difference"} <= set(
+                test["pearson_delta"]) and "rmse_delta" in test
+    low, high = ridge["pearson_delta"]["ci95"]
+    assert low <= ridge["pearson_delta"]["mean"] <= high
+    assert {"matching_mean", "additive", "pca_ridge"} == set(doc["baselines"])
+    assert doc["parameters"]["bootstrap"] == {"n_resamples": 2000, "seed": 0, "confidence": 0.95}
     assert doc["missing"]["n_dropped_perturbations"] == 1
     per = pd.read_csv(tmp_path / "report" / "per_perturbation.csv")
     assert list(per.columns[:3]) == ["perturbation", "fold", "model"]
@@ -169,3 +195,33 @@ def test_ttest_de_metrics_use_welch_genes_from_the_pass(small_screen):
                        progress=False).per_perturbation
     assert without["mse_de20"].isna().all()
     assert without["pearson_delta"].equals(result.per_perturbation["pearson_delta"])
+
+
+def test_default_alpha_does_not_lose_to_the_mean_baseline_on_a_weak_signal():
+    """A shared profile, a weak linear signal and noise: where a fixed alpha
+    beats the mean of the training deltas, the default grid and rule do too,
+    and choosing by Pearson scores at least as well as by MSE."""
+    from genepert_scale.tl.embeddings import EmbeddingTable
+
+    rng = np.random.default_rng(0)
+    n, d, q = 60, 16, 80
+    names = [f"P{i}" for i in range(n)]
+    unit = normalize_rows(rng.normal(size=(n, d)))
+    delta = 2 * rng.normal(size=q) + 0.6 * unit @ rng.normal(size=(d, q)) + rng.normal(size=(n, q))
+    ds = xr.Dataset(
+        {"delta": (("perturbation", "gene"), delta), "control_mean": ("gene", np.ones(q)),
+         "n_cells": ("perturbation", np.full(n, 20))},
+        coords={"perturbation": np.array(names, dtype=object),
+                "gene": np.array([f"R{j}" for j in range(q)], dtype=object)},
+        attrs=PSEUDOBULK.attrs(),
+    )
+    table = EmbeddingTable(pd.Index(names), unit, ({"path": "memory", "dim": d, "sha256": "-"},))
+
+    def pearson(**options) -> tuple[float, float]:
+        result = evaluate(ds, table, n_folds=5, knn_k=(1,), n_resamples=10, progress=False, **options)
+        return tuple(result.summary[m]["pearson_delta"]["mean"] for m in ("genepert_ridge", "mean_baseline"))
+
+    fixed, mean = pearson(alphas=1.0)
+    default, _ = pearson()
+    by_mse, _ = pearson(select_by="mse")
+    assert fixed > mean and default > mean and default >= by_mse

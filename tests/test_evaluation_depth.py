@@ -173,7 +173,8 @@ def test_report_html_and_compare(screen, tmp_path, capsys):
     for name in COMPARE_FILES:
         assert (out / name).exists(), name
     table = pd.read_csv(out / "compare.csv")
-    assert len(table) == 3 * 7 and set(table.run) == {"file", "pca", "both"}
+    # 7 models, plus matching_mean and additive (pairs); pca_ridge only beside a file embedding
+    assert len(table) == 10 + 9 + 9 and set(table.run) == {"file", "pca", "both"}
     assert table.loc[table.run == "both", "embedding"].iloc[0].endswith("emb.pkl + pca:4")
     assert np.isfinite(table.query("model == 'genepert_ridge'")["pearson_delta_mean"]).all()
     assert (out / "compare.md").read_text().startswith("| run | embedding | model |")

@@ -1,4 +1,5 @@
-"""Ridge solvers against scikit-learn, statistics by blocks, CV by fold statistics."""
+"""Ridge solvers against scikit-learn, statistics by blocks, CV by fold statistics,
+alpha chosen by inner-CV Pearson or MSE against refitting every alpha."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dask
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import pearsonr
 from sklearn.linear_model import Ridge
 
 from genepert_scale.errors import ParameterError, StoreError
@@ -14,6 +16,7 @@ from genepert_scale.tl.ridge import (
     Rows,
     accumulate,
     check_alphas,
+    DEFAULT_ALPHAS,
     cross_validate,
     cv_error,
     dual_path,
@@ -22,10 +25,12 @@ from genepert_scale.tl.ridge import (
     primal_path,
     ridge_path,
     save_model,
+    select_alpha,
     squared_error,
 )
 
 ALPHAS = (0.1, 1.0, 10.0, 100.0)
+ALPHAS_WIDE = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def rel(a, b) -> float:
@@ -104,33 +109,98 @@ def test_path_errors_of_every_alpha_equal_those_of_explicit_coefficients(n, d):
         np.testing.assert_allclose(path.squared_errors(stats, ALPHAS), direct, rtol=1e-8)
 
 
+def row_pearson(pred, true):
+    """Pearson of every row pair, one row at a time (scipy)."""
+    return np.array([pearsonr(p, t).statistic for p, t in zip(pred, true)])
+
+
+@pytest.mark.parametrize("n,d", [(60, 12), (15, 40)], ids=["primal", "dual"])
+def test_row_pearson_of_every_alpha_equals_that_of_explicit_predictions(n, d):
+    G, X = problem(n + 10, d, 30, seed=4)
+    path = primal_path(gram_stats(G[:n], X[:n])) if n >= d else dual_path(G[:n], X[:n])
+    got = path.row_pearson(G[n:], X[n:], DEFAULT_ALPHAS)
+    for j, alpha in enumerate(DEFAULT_ALPHAS):
+        theta, b = path.coef(alpha)
+        np.testing.assert_allclose(got[:, j], row_pearson(G[n:] @ theta + b, X[n:]), rtol=1e-9, atol=1e-12)
+
+
+def test_row_pearson_of_a_constant_row_is_nan():
+    G, X = problem(30, 4, 5)
+    X_test = np.vstack([X[:2], np.full((1, 5), 2.0)])
+    got = primal_path(gram_stats(G, X)).row_pearson(G[:3], X_test, ALPHAS)
+    assert np.isnan(got[2]).all() and np.isfinite(got[:2]).all()
+
+
+def test_default_grid_is_log_spaced_from_1e_3_to_1e3():
+    assert len(DEFAULT_ALPHAS) == 13 and DEFAULT_ALPHAS[0] == 1e-3 and DEFAULT_ALPHAS[-1] == 1e3
+    np.testing.assert_allclose(np.diff(np.log10(DEFAULT_ALPHAS)), 0.5, atol=2e-3)
+
+
+@pytest.mark.parametrize("select_by", ["pearson_delta", "mse"])
 @pytest.mark.parametrize("n,d", [(80, 10), (30, 40)], ids=["primal", "dual"])
-def test_cross_validation_equals_refitting_every_fold(n, d):
+def test_cross_validation_equals_refitting_every_alpha_on_every_inner_fold(n, d, select_by):
+    """The oracle: scikit-learn's Ridge refitted for every alpha on every
+    inner fold; inner MSE pooled over values, inner Pearson the mean over the
+    inner held-out perturbations of their per-perturbation Pearson."""
     G, X = problem(n, d, 6, seed=3)
+    X[:, :3] += np.random.default_rng(8).normal(scale=4.0, size=(n, 3))  # so the two rules can differ
     k = 4
     fold = np.arange(n) % k
     fold_stats = blocked_stats(G, X, 5, n_groups=k, group_of_row=fold)
-    rows = Rows(G, X, fold)
-    fits = cross_validate(fold_stats, ALPHAS, rows=rows)
+    fits = cross_validate(fold_stats, ALPHAS_WIDE, rows=Rows(G, X, fold), select_by=select_by)
     for fit in fits:
         train, test = fold != fit.fold, fold == fit.fold
-        # inner CV: every other fold held out from the remaining ones, pooled
-        inner = []
-        for alpha in ALPHAS:
-            sse = 0.0
+        inner_mse, inner_pearson = [], []
+        for alpha in ALPHAS_WIDE:
+            sse, r = 0.0, []
             for j in set(range(k)) - {fit.fold}:
                 t = train & (fold != j)
-                theta, b = sklearn_fit(G[t], X[t], alpha)
-                sse += np.sum((X[fold == j] - G[fold == j] @ theta - b) ** 2)
-            inner.append(sse / (train.sum() * X.shape[1]))
-        np.testing.assert_allclose(fit.path["inner_cv_mse"], inner, rtol=1e-8)
-        assert fit.alpha == ALPHAS[int(np.argmin(inner))]
+                pred = Ridge(alpha=alpha).fit(G[t], X[t]).predict(G[fold == j])
+                sse += np.sum((X[fold == j] - pred) ** 2)
+                r.extend(row_pearson(pred, X[fold == j]))
+            inner_mse.append(sse / (train.sum() * X.shape[1]))
+            inner_pearson.append(np.mean(r))
+        np.testing.assert_allclose(fit.path["inner_cv_mse"], inner_mse, rtol=1e-8)
+        np.testing.assert_allclose(fit.path["inner_cv_pearson_delta"], inner_pearson, rtol=1e-8)
+        chosen = np.argmax(inner_pearson) if select_by == "pearson_delta" else np.argmin(inner_mse)
+        assert fit.alpha == ALPHAS_WIDE[int(chosen)] and fit.select_by == select_by
         theta, b = sklearn_fit(G[train], X[train], fit.alpha)
         assert rel(fit.coef, theta) < 1e-8 and rel(fit.intercept, b) < 1e-8
-        for alpha, row in zip(ALPHAS, fit.path.itertuples()):
+        for alpha, row in zip(ALPHAS_WIDE, fit.path.itertuples()):
             theta, b = sklearn_fit(G[train], X[train], alpha)
             assert row.train_mse == pytest.approx(np.mean((X[train] - G[train] @ theta - b) ** 2), rel=1e-8)
             assert row.val_mse == pytest.approx(np.mean((X[test] - G[test] @ theta - b) ** 2), rel=1e-8)
+            assert row.val_pearson_delta == pytest.approx(
+                np.mean(row_pearson(G[test] @ theta + b, X[test])), rel=1e-8)
+
+
+def test_the_two_rules_choose_differently_where_mse_rewards_shrinking():
+    """Noisy targets: MSE gains by shrinking every prediction towards the
+    mean (larger alpha) where the per-row pattern, which Pearson scores, is
+    followed better at a smaller alpha."""
+    rng = np.random.default_rng(0)
+    n, d, q = 40, 8, 50
+    G = rng.normal(size=(n, d))
+    X = G @ rng.normal(size=(d, q)) + rng.normal(scale=3.0, size=(n, q)) + rng.normal(size=q)
+    fold = np.arange(n) % 4
+    fold_stats = blocked_stats(G, X, 10, n_groups=4, group_of_row=fold)
+    rows = Rows(G, X, fold)
+    by = {rule: select_alpha(fold_stats, ALPHAS_WIDE, select_by=rule, rows=rows)
+          for rule in ("mse", "pearson_delta")}
+    assert by["pearson_delta"][0] < by["mse"][0]
+    for rule, (alpha, cv) in by.items():
+        best = np.argmax(cv[rule]) if rule == "pearson_delta" else np.argmin(cv[rule])
+        assert alpha == ALPHAS_WIDE[int(best)]
+
+
+def test_pearson_selection_needs_rows_and_a_known_rule():
+    G, X = problem(40, 5, 3)
+    stats = blocked_stats(G, X, 8, 4, np.arange(40) % 4)
+    with pytest.raises(ParameterError, match="needs the feature and delta rows"):
+        select_alpha(stats, ALPHAS)
+    with pytest.raises(ParameterError, match="select_by"):
+        select_alpha(stats, ALPHAS, select_by="r2", rows=Rows(G, X, np.arange(40) % 4))
+    assert select_alpha(stats, ALPHAS, select_by="mse")[0] in ALPHAS
 
 
 def test_fixed_alpha_skips_inner_cv():

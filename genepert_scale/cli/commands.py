@@ -24,8 +24,9 @@ from ..cluster import dask_client, limit_heap_fragmentation
 from ..tl.embeddings import MISSING_POLICIES
 from ..errors import INPUT_ERROR_EXIT_CODE, GenePertInputError, ParameterError
 from ..pp.labels import GEARS_CONTROL, parse_label
-from ..tl.ridge import DEFAULT_ALPHAS
+from ..tl.ridge import DEFAULT_ALPHAS, DEFAULT_SELECT_BY, SELECT_BY
 from ..tl.splits import SPLIT_KINDS
+from ..tl.data_embedding import PCA_BASELINE_K
 from ..io.store import check_output_free, hold_output
 
 log = logging.getLogger("genepert_scale")
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or a fold number) or GEARS' JSON {train: [...], test: [...]}")
     p.add_argument("--test-share", type=float,
                    help="simulation split: share of genes (and fully seen pairs) held out (default 0.25)")
+    p.add_argument("--pca-baseline", type=int, default=PCA_BASELINE_K, metavar="K",
+                   help="K of the pca_ridge baseline (ridge on pca:K gene embeddings of each fold's "
+                        "training deltas, for perturbations of measured genes); 0: none (default: %(default)s)")
     p.add_argument("--out", required=True, help="report directory")
 
     p = sub.add_parser("compare", parents=[parent], help="merge several evaluation reports into one table")
@@ -188,7 +192,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="gene embedding table (path or URL), or pca:K (evaluate: top-K principal "
                         "components of each fold's training pseudo-bulk); repeat to concatenate")
     p.add_argument("--alpha", type=float, nargs="+",
-                   help="one alpha, or a grid chosen by cross-validation (default: 0.1 1 10 100)")
+                   help="one alpha, or a grid chosen by cross-validation "
+                        "(default: 13 values, log-spaced from 1e-3 to 1e3)")
+    p.add_argument("--select-by", choices=SELECT_BY, default=DEFAULT_SELECT_BY,
+                   help="what the cross-validation chooses alpha by: the mean per-perturbation Pearson "
+                        "of predicted vs true delta (the report's lead metric), or the MSE "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds (and of --missing random)")
     p.add_argument("--missing", choices=MISSING_POLICIES, default="drop",
                    help="perturbations whose genes have no vector: drop (reported), random, zero or error")
@@ -271,7 +280,7 @@ def model_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`.model.fit` / :func:`.evaluate.evaluate` from parsed options."""
     return {
         "alphas": args.alpha or DEFAULT_ALPHAS, "n_folds": args.folds, "seed": args.seed,
-        "missing": args.missing, "gene_map": args.gene_map, "solver": args.solver,
+        "select_by": args.select_by, "missing": args.missing, "gene_map": args.gene_map, "solver": args.solver,
         "storage_options": _storage_options(args.storage_options), "progress": not args.no_progress,
     }
 
@@ -282,7 +291,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..pl.report import write_report
 
     result = evaluate(args.pseudobulk, args.embeddings, split=args.split, split_file=args.split_file,
-                      test_share=args.test_share, **model_options(args))
+                      test_share=args.test_share, pca_baseline=args.pca_baseline or None,
+                      **model_options(args))
     print(summary_table(result.summary))
     written = write_report(result, args.out, overwrite=args.overwrite,
                            storage_options=_storage_options(args.storage_options))

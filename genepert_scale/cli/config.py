@@ -21,6 +21,7 @@ from ..errors import ParameterError
 from ..tl.data_embedding import PCA_PREFIX
 from ..pp.params import N_TOP_WORDS, PseudobulkParams
 from ..io.store import is_url
+from ..tl.ridge import DEFAULT_ALPHAS, DEFAULT_SELECT_BY, SELECT_BY
 from ..validate import check_alphas
 
 #: The pseudo-bulk parameters given in ``[input]``, beside the screen.
@@ -66,11 +67,13 @@ class EmbeddingsConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """``[evaluate]``: cross-validation and the ridge penalty grid."""
+    """``[evaluate]``: cross-validation, the ridge penalty grid and what alpha
+    is chosen by (``select_by``: ``pearson_delta`` or ``mse``)."""
 
     folds: int = _key(5, int)
     seed: int = _key(0, int)
-    alphas: tuple[float, ...] = _key((0.1, 1.0, 10.0, 100.0), list)
+    alphas: tuple[float, ...] = _key(DEFAULT_ALPHAS, list)
+    select_by: str = _key(DEFAULT_SELECT_BY, str, SELECT_BY)
 
 
 @dataclass(frozen=True)

@@ -339,7 +339,8 @@ def _model_inputs(run: StageRun) -> tuple[Any, Any, dict[str, Any]]:
     table = load_embeddings(run.inputs["embeddings"], storage_options=config.embeddings.storage_options)
     options = {
         "alphas": config.evaluate.alphas, "n_folds": config.evaluate.folds,
-        "seed": config.evaluate.seed, "missing": config.embeddings.missing,
+        "seed": config.evaluate.seed, "select_by": config.evaluate.select_by,
+        "missing": config.embeddings.missing,
         "gene_map": config.embeddings.gene_map, "progress": run.progress,
         "storage_options": config.embeddings.storage_options,  # for a gene_map URL
     }

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from .. import __version__
 from ..tl.evaluate import RIDGE, Evaluation, novelty_table
+from ..tl.ridge import FoldFit
 from .report_html import render_html
 from ..io.encodings import PREDICTIONS
 from ..io.store import atomic_output, local_directory, write_dataset
@@ -34,30 +35,51 @@ FILES = (
 
 def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
     """The content of ``metrics.json``: parameters, missing genes, and per
-    model the metric summaries; the ridge also gets every fold's alpha and
-    its alpha path (train and validation MSE, inner-CV MSE per alpha)."""
+    model the metric summaries (with bootstrap ``ci95`` of ``pearson_delta``
+    and ``rmse_delta``) and, for every model but the ridge, its
+    ``paired_test`` against the ridge. Every fitted model (the ridge,
+    ``pca_ridge``) also gets ``alpha`` (the rule, the grid and the alpha chosen
+    per fold) and ``folds``: every fold's alpha and alpha path (train,
+    validation and inner-CV MSE and Pearson delta per alpha). ``baselines``
+    says what the baselines scored or fell back on."""
     models = {model: dict(metrics) for model, metrics in evaluation.summary.items()}
-    models[RIDGE]["folds"] = [
-        {
-            "fold": fit.fold,
-            "alpha": fit.alpha,
-            "solver": fit.solver,
-            "alpha_path": [
-                {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-                for row in fit.path.to_dict(orient="records")
-            ],
-        }
-        for fit in evaluation.fold_fits
-    ]
+    for model, fits in {RIDGE: evaluation.fold_fits, **evaluation.baseline_fits}.items():
+        models[model].update(alpha_document(fits, evaluation.parameters))
+    for model, tests in evaluation.paired_tests.items():
+        models[model]["paired_test"] = {"reference": RIDGE, "difference": f"{RIDGE} - {model}", **tests}
     return {
         "genepert_scale_version": __version__,
         "parameters": evaluation.parameters,
         "missing": evaluation.missing,
         "models": models,
+        "baselines": evaluation.baselines,
         "subgroups": evaluation.subgroups,
         "novelty": [
             {k: _json_value(v) for k, v in row.items()}
             for row in novelty_table(evaluation.per_perturbation).to_dict(orient="records")
+        ],
+    }
+
+
+def alpha_document(fits: list[FoldFit], parameters: dict[str, Any]) -> dict[str, Any]:
+    """``alpha`` (``select_by``, ``grid``, ``chosen`` per fold) and ``folds``
+    (every fold's alpha, solver and alpha path) of a fitted model."""
+    return {
+        "alpha": {
+            "select_by": parameters.get("select_by"),
+            "grid": parameters.get("alphas"),
+            "chosen": [fit.alpha for fit in fits],
+        },
+        "folds": [
+            {
+                "fold": fit.fold,
+                "alpha": fit.alpha,
+                "select_by": fit.select_by,
+                "solver": fit.solver,
+                "alpha_path": [{k: _json_value(v) for k, v in row.items()}
+                               for row in fit.path.to_dict(orient="records")],
+            }
+            for fit in fits
         ],
     }
 
@@ -136,16 +158,28 @@ def plot_best_worst(evaluation: Evaluation) -> Figure:
 
 
 def plot_alpha_path(evaluation: Evaluation) -> Figure:
-    """Train and validation MSE of the ridge against alpha, per fold."""
-    fig = Figure(figsize=(5.5, 4), layout="constrained")
-    ax = fig.add_subplot()
+    """The ridge's alpha path per fold: MSE (training dashed, held-out
+    solid) and Pearson delta (inner CV on the training folds dashed,
+    held-out solid), the chosen alpha marked."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    mse_ax, pearson_ax = fig.subplots(1, 2)
     for fit in evaluation.fold_fits:
-        line = ax.plot(fit.path["alpha"], fit.path["val_mse"], marker="o", label=f"fold {fit.fold} validation")
-        ax.plot(fit.path["alpha"], fit.path["train_mse"], ls="--", color=line[0].get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("MSE of delta (dashed: training)")
-    ax.legend(fontsize="small")
+        path = fit.path
+        chosen = path["alpha"] == fit.alpha
+        line = mse_ax.plot(path["alpha"], path["val_mse"], marker="o", ms=3, label=f"fold {fit.fold}")
+        color = line[0].get_color()
+        mse_ax.plot(path["alpha"], path["train_mse"], ls="--", color=color)
+        pearson_ax.plot(path["alpha"], path["val_pearson_delta"], marker="o", ms=3, color=color,
+                        label=f"fold {fit.fold} (alpha {fit.alpha:g})")
+        pearson_ax.plot(path["alpha"], path["inner_cv_pearson_delta"], ls="--", color=color)
+        for ax, column in ((mse_ax, "val_mse"), (pearson_ax, "val_pearson_delta")):
+            ax.plot(path.loc[chosen, "alpha"], path.loc[chosen, column], marker="*", ms=12, color=color, ls="")
+    for ax, label in ((mse_ax, "MSE of delta (dashed: training)"),
+                      (pearson_ax, "Pearson delta (dashed: inner CV)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("alpha (star: chosen)")
+        ax.set_ylabel(label)
+    pearson_ax.legend(fontsize="x-small")
     return fig
 
 

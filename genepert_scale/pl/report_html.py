@@ -31,9 +31,13 @@ _CAPTIONS = {
                                     "median and worst held-out perturbation.",
     "novelty.png": "Pearson of delta against novelty (cosine distance to the nearest training "
                    "perturbation in embedding space); lines: mean per novelty quartile.",
-    "alpha_path.png": "Alpha path: training (dashed) and held-out MSE of the ridge per alpha and fold "
-                      "— underfitting at large alpha, overfitting where the two part.",
+    "alpha_path.png": "Alpha path of the ridge per fold. Left: training (dashed) and held-out MSE — "
+                      "underfitting at large alpha, overfitting where the two part. Right: inner-CV "
+                      "(dashed, what alpha is chosen from) and held-out Pearson delta; stars: the "
+                      "chosen alpha.",
 }
+#: Metrics shown with a bootstrap interval and a paired test in the model table.
+UNCERTAIN = ("pearson_delta", "rmse_delta")
 
 
 def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
@@ -47,8 +51,18 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
         f"{_text(parameters.get('n_perturbations'))}, {_text(parameters.get('n_genes'))} genes.</p>",
         "<h2>Models</h2>",
         "<p>Mean ± standard deviation over folds of the per-fold means over held-out "
-        "perturbations (one test set: the mean only).</p>",
+        "perturbations (one test set: the mean only). <em>mean [95% CI]</em>: the mean over held-out "
+        "perturbations and its seeded percentile-bootstrap interval; <em>p vs ridge</em>: two-sided Wilcoxon "
+        "signed-rank test of the ridge against the model over the perturbations both score "
+        "(n pairs; the sign is that of the ridge's mean advantage, + where the ridge is better).</p>",
         model_table(document["models"]),
+        "<h2>Alpha</h2>",
+        alpha_section(document["models"]),
+        "<h2>Baselines</h2>",
+        "<p>Baselines that do not score every perturbation alike: how many they scored, fell back "
+        "on, or why they are absent.</p>",
+        table([{"baseline": name, **{k: _plain(v) for k, v in notes.items()}}
+               for name, notes in document.get("baselines", {}).items()]),
         "<h2>Test subgroups</h2>",
         f"<p>{SUBGROUP_METRIC}: mean over the subgroup's test perturbations (GEARS' subgroups).</p>",
         subgroup_table(document.get("subgroups", {})),
@@ -69,15 +83,62 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
 
 
 def model_table(models: Mapping[str, Mapping[str, Any]]) -> str:
-    """Models × metrics: ``fold_mean ± fold_std``."""
+    """Models × metrics: ``fold_mean ± fold_std``; for :data:`UNCERTAIN`
+    metrics also the bootstrap interval and the paired test against the ridge."""
     rows = []
     for model, metrics in models.items():
         row = {"model": model}
         for metric in METRICS:
             if metric in metrics:
                 row[metric] = mean_std(metrics[metric].get("fold_mean"), metrics[metric].get("fold_std"))
+            if metric in UNCERTAIN and metric in metrics:
+                row[f"{metric} mean [95% CI]"] = interval(metrics[metric].get("mean"), metrics[metric].get("ci95"))
+                row[f"{metric} p vs ridge"] = p_value(metrics.get("paired_test", {}).get(metric), metric)
         rows.append(row)
     return table(rows)
+
+
+def interval(mean: float | None, bounds: Sequence[float | None] | None) -> str:
+    """``mean [low, high]``: the mean over perturbations and its interval."""
+    if mean is None or not bounds or None in bounds:
+        return "n/a"
+    return f"{mean:.3f} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
+def p_value(test: Mapping[str, Any] | None, metric: str) -> str:
+    """``p (n=…, ±)``: the Wilcoxon p-value, the pairs, and whether the ridge did better."""
+    if not test:
+        return ""
+    if test.get("pvalue") is None:
+        return f"n/a (n={test.get('n', 0)})"
+    better = (test["mean_difference"] < 0) if metric.startswith("rmse") else (test["mean_difference"] > 0)
+    return f"{test['pvalue']:.2g} (n={test['n']}, {'+' if better else '-'})"
+
+
+def alpha_section(models: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per fitted model: the rule and grid, the alpha chosen per fold, and
+    the path of the inner-CV metric (rows: alphas; columns: folds; ``*``: chosen)."""
+    parts = []
+    for model, metrics in models.items():
+        alpha = metrics.get("alpha")
+        if not alpha or not metrics.get("folds"):
+            continue
+        rule = alpha.get("select_by")
+        parts.append(f"<h3>{html.escape(model)}</h3><p>Alpha chosen per fold by inner-CV "
+                     f"<code>{_text(rule)}</code> on the training folds, over "
+                     f"{len(alpha.get('grid') or [])} values; chosen: "
+                     f"{html.escape(', '.join(f'{a:g}' for a in alpha.get('chosen', [])))}.</p>")
+        rows: dict[float, dict[str, Any]] = {}
+        for fold in metrics["folds"]:
+            for step in fold["alpha_path"]:
+                row = rows.setdefault(step["alpha"], {"alpha": f"{step['alpha']:g}"})
+                value = step.get(f"inner_cv_{rule}")
+                mark = "*" if step["alpha"] == fold["alpha"] else ""
+                row[f"fold {fold['fold']} inner CV"] = "n/a" if value is None else f"{value:.4f}{mark}"
+                held_out = step.get("val_pearson_delta")
+                row[f"fold {fold['fold']} held-out r"] = "n/a" if held_out is None else f"{held_out:.4f}"
+        parts.append(table(list(rows.values())))
+    return "\n".join(parts) or "<p>(none)</p>"
 
 
 def subgroup_table(subgroups: Mapping[str, Mapping[str, Any]]) -> str:

@@ -22,6 +22,9 @@ from .embeddings import EmbeddingTable, Features, Source, join_sources, read_sou
 from ..errors import ParameterError
 
 PCA_PREFIX = "pca:"
+#: ``K`` of the evaluation's ``pca_ridge`` baseline (Ahlmann-Eltze et al.'s
+#: 10 components), at most ``min(genes − 1, training perturbations)``.
+PCA_BASELINE_K = 10
 
 
 def pca_dims(spec: str) -> int | None:

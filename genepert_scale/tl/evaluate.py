@@ -1,16 +1,20 @@
 """Evaluation over perturbations: GenePert's ridge against baselines on a
 split (K-fold, GEARS' simulation, or a custom file), metrics per held-out
-perturbation, and their summaries — overall, per GEARS subgroup, and against
-novelty (distance to the nearest training perturbation in embedding space).
+perturbation, and their summaries — overall (with bootstrap confidence
+intervals and paired tests against the ridge), per GEARS subgroup, and
+against novelty (distance to the nearest training perturbation in embedding
+space).
 
-Ridge models of every fold come from fold statistics (:mod:`.ridge`); the
-baselines (mean and median of training deltas, control = no change, and
-cosine k-nearest neighbours in embedding space) and the metrics need the
-held-out and training deltas as rows, so evaluation holds the pseudo-bulk
-deltas (perturbations × genes) and feature rows in memory — the size of the
-pseudo-bulk, not of the screen. A data-derived embedding (``pca:K``) is
-rebuilt in every fold from its training perturbations, so test data never
-shapes the features.
+Ridge models of every fold come from fold statistics (:mod:`.ridge`), alpha
+chosen by an inner CV on the training folds by ``select_by``; the baselines
+(:mod:`.baselines`: mean and median of training deltas, control = no
+change, Systema's matching mean, the additive model of pairs, cosine
+k-nearest neighbours in embedding space, and ridge on ``pca:K`` gene
+embeddings) and the metrics need the held-out and training deltas as rows,
+so evaluation holds the pseudo-bulk deltas (perturbations × genes) and
+feature rows in memory — the size of the pseudo-bulk, not of the screen. A
+data-derived embedding (``pca:K``) is rebuilt in every fold from its
+training perturbations, so test data never shapes the features.
 """
 
 from __future__ import annotations
@@ -26,14 +30,33 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .data_embedding import EmbeddingPlan, with_table
+from .baselines import (
+    KNN_K,
+    additive_prediction,
+    baseline_predictions,
+    is_combination,
+    matching_mean_prediction,
+)
+from .data_embedding import PCA_BASELINE_K, PCA_PREFIX, EmbeddingPlan, with_table
 from ..pp.de import top_de_genes
-from .embeddings import Features, MissingPolicy, perturbation_genes
+from .embeddings import Features, MissingPolicy, encode, perturbation_genes
 from ..errors import ParameterError
 from .metrics import DE_TOP, METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
 from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
 from ..pp.aggregate import open_pseudobulk
-from .ridge import DEFAULT_ALPHAS, FoldFit, Rows, Solver, check_alphas, cross_validate
+from .ridge import (
+    DEFAULT_ALPHAS,
+    DEFAULT_SELECT_BY,
+    FoldFit,
+    Rows,
+    SelectBy,
+    Solver,
+    check_alphas,
+    check_select_by,
+    cross_validate,
+    gram_stats,
+)
+from .uncertainty import N_RESAMPLES, UNCERTAINTY_METRICS, bootstrap_ci, paired_test
 from .splits import (
     DEFAULT_TEST_SHARE,
     UNUSED,
@@ -49,33 +72,10 @@ from .splits import (
 log = logging.getLogger(__name__)
 
 RIDGE = "genepert_ridge"
-KNN_K = (1, 5, 10)
+#: The linear data-derived baseline: ridge on ``pca:K`` gene embeddings.
+PCA_RIDGE = "pca_ridge"
 #: Quantile bins of the novelty table.
 NOVELTY_BINS = 4
-
-
-def knn_prediction(similarity: np.ndarray, X_train: np.ndarray, k: int) -> np.ndarray:
-    """Mean delta of the ``k`` training perturbations most cosine-similar to
-    each test perturbation (``similarity = G_test @ G_train.T``, rows of unit norm)."""
-    k = min(k, similarity.shape[1])
-    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-    return X_train[nearest].mean(axis=1)
-
-
-def baseline_predictions(
-    similarity: np.ndarray, X_train: np.ndarray, knn_k: Sequence[int] = KNN_K
-) -> dict[str, np.ndarray]:
-    """Predictions of every baseline for the test rows (``similarity``: test ×
-    train cosine similarities, ``G_test @ G_train.T``)."""
-    n = similarity.shape[0]
-    out = {
-        "mean_baseline": np.tile(X_train.mean(axis=0), (n, 1)),
-        "median_baseline": np.tile(np.median(X_train, axis=0), (n, 1)),
-        "control_baseline": np.zeros((n, X_train.shape[1])),
-    }
-    for k in knn_k:
-        out[f"knn_{k}"] = knn_prediction(similarity, X_train, k)
-    return out
 
 
 def nearest_distance(similarity: np.ndarray) -> np.ndarray:
@@ -105,13 +105,22 @@ class Evaluation:
     fold_fits
         The ridge model of every fold with its alpha path.
     summary
-        Per model and metric: mean and std over perturbations, over folds.
+        Per model and metric: mean and std over perturbations, over folds,
+        and (:data:`.uncertainty.UNCERTAINTY_METRICS`) a bootstrap ``ci95`` of the mean.
     subgroups
         :func:`summarize` of the test perturbations of every GEARS subgroup.
     missing
         What happened to perturbations whose genes have no vector.
     parameters
         The run's parameters, split and embedding identity.
+    paired_tests
+        Per baseline and metric: the ridge against it over the same held-out
+        perturbations (:func:`paired_tests`).
+    baselines
+        Per baseline that does not score every perturbation the same way:
+        how many it scored, fell back on, or why it does not apply.
+    baseline_fits
+        Per fitted baseline (``pca_ridge``): its model of every fold.
     """
 
     per_perturbation: pd.DataFrame
@@ -122,6 +131,9 @@ class Evaluation:
     subgroups: dict[str, dict[str, dict[str, dict[str, float | None]]]]
     missing: dict[str, Any]
     parameters: dict[str, Any]
+    paired_tests: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline_fits: dict[str, list[FoldFit]] = field(default_factory=dict, repr=False)
 
     @property
     def models(self) -> list[str]:
@@ -165,9 +177,12 @@ def evaluate(
     test_share: float | None = None,
     seed: int = 0,
     alphas: float | Sequence[float] = DEFAULT_ALPHAS,
+    select_by: SelectBy = DEFAULT_SELECT_BY,
     missing: MissingPolicy = "drop",
     gene_map: GeneMap = None,
     knn_k: Sequence[int] = KNN_K,
+    pca_baseline: int | None = PCA_BASELINE_K,
+    n_resamples: int = N_RESAMPLES,
     solver: Solver = "auto",
     block_size: int = BLOCK_SIZE,
     storage_options: dict[str, Any] | None = None,
@@ -191,18 +206,30 @@ def evaluate(
     split_file, test_share
         The file of a ``custom`` split; the held-out share of a ``simulation``.
     seed
-        Seed of the split (and of ``missing="random"``).
+        Seed of the split (and of ``missing="random"`` and the bootstrap).
     alphas
         A grid (alpha chosen per fold by inner CV on its training folds) or one alpha.
+    select_by
+        What the inner CV chooses alpha by: ``pearson_delta`` (the mean
+        per-perturbation Pearson of predicted vs true delta, the report's
+        lead metric) or ``mse``.
     missing, gene_map
         See :func:`.embeddings.featurize`; dropped perturbations are left out
         for every model.
     knn_k
         Neighbour counts of the ``knn_k`` baselines.
+    pca_baseline
+        ``K`` of the ``pca_ridge`` baseline (ridge on ``pca:K`` gene
+        embeddings of each fold's training deltas, for the perturbations of
+        measured genes); ``None`` or 0: none. It is left out when the
+        embeddings are already data-derived.
+    n_resamples
+        Bootstrap resamples of the confidence intervals.
     solver, block_size, storage_options, progress
         See :func:`.model.fit`.
     """
     alphas = check_alphas(alphas)
+    select_by = check_select_by(select_by)
     ds = open_pseudobulk(pseudobulk, storage_options) if isinstance(pseudobulk, str) else pseudobulk
     plan = EmbeddingPlan(embeddings, storage_options)
     genes = [str(g) for g in ds["gene"].values]
@@ -214,10 +241,18 @@ def evaluate(
     data = dataclasses.replace(data, delta=da.from_array(X, chunks=(block_size, -1)))  # read once
     the_split = make_split(split, names, n_folds=n_folds, seed=seed, split_file=split_file,
                            test_share=test_share, storage_options=storage_options)
-    models = [RIDGE, "mean_baseline", "median_baseline", "control_baseline", *(f"knn_{k}" for k in knn_k)]
-    prediction = np.zeros((len(models), *X.shape), dtype=np.float32)
+    fold = the_split.fold
+    tested = fold != UNUSED
+    with_pairs = any(is_combination(p) for p in names[tested])
+    pca = None if plan.data_derived else pca_ridge(names, list(data.genes), X, the_split, pca_baseline,
+                                                     alphas=alphas, select_by=select_by, solver=solver)
+    models = [RIDGE, "mean_baseline", "median_baseline", "control_baseline", "matching_mean",
+              *(["additive"] if with_pairs else []), *([PCA_RIDGE] if pca and pca.fits else []),
+              *(f"knn_{k}" for k in knn_k)]
+    prediction = np.full((len(models), *X.shape), np.nan, dtype=np.float32)
     centroid, novelty = np.zeros_like(X), np.full(len(names), np.nan)
     subgroup = np.full(len(names), "", dtype=object)
+    fell_back = np.zeros(len(names), dtype=bool)
     used = the_split.group != UNUSED
     fits = []
     for features, folds in feature_sets(plan, data, X, the_split):
@@ -225,18 +260,21 @@ def evaluate(
                                 the_split.n_groups, block_size=block_size, progress=progress)
         G = features.rows()
         rows = Rows(G[used], X[used], the_split.group[used])
-        for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds):
+        for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds, select_by=select_by):
             test, train = the_split.test_mask(fit.fold), the_split.train_mask(fit.fold)
             similarity = G[test] @ G[train].T  # shared by the kNN baselines and novelty
             preds = {RIDGE: G[test] @ fit.coef + fit.intercept,
                      **baseline_predictions(similarity, X[train], knn_k)}
+            preds["matching_mean"], fell_back[test] = matching_mean_prediction(names[test], names[train], X[train])
+            if with_pairs:
+                preds["additive"] = additive_prediction(names[test], names[train], X[train])
+            if PCA_RIDGE in models:
+                preds[PCA_RIDGE] = pca.prediction[test]
             prediction[:, test] = [preds[model] for model in models]
             centroid[test] = X[train].mean(axis=0)
             novelty[test] = nearest_distance(similarity)
             subgroup[test] = subgroups(names, test, train)[test]
             fits.append(fit)
-    fold = the_split.fold
-    tested = fold != UNUSED
     per_perturbation = metrics_table(
         prediction[:, tested], X[tested], models, names[tested], fold[tested],
         centroid=centroid[tested], exclude=target_genes(names[tested], genes),
@@ -256,17 +294,129 @@ def evaluate(
     folds_table = pd.DataFrame({"perturbation": names, "fold": fold, "group": the_split.group,
                                 "subgroup": subgroup, "novelty": novelty})
     parameters = {
-        **the_split.parameters, "alphas": list(alphas), "missing": missing,
+        **the_split.parameters, "alphas": list(alphas), "select_by": select_by, "missing": missing,
         "knn_k": list(knn_k), "solver": solver,
         "pseudobulk": pseudobulk if isinstance(pseudobulk, str) else None,
         "embedding": list(template.sources), "n_perturbations": data.n,
         "n_test_perturbations": int(tested.sum()), "n_genes": len(data.genes),
         "embedding_dim": data.features.dim,
         "subgroup_sizes": {str(k): int(v) for k, v in pd.Series(subgroup[tested]).value_counts().items()},
+        "bootstrap": {"n_resamples": n_resamples, "seed": seed, "confidence": 0.95},
     }
+    baselines = baseline_notes(names[tested], fell_back[tested], per_perturbation, with_pairs, pca,
+                               plan.data_derived)
     by_subgroup = {str(name): summarize(table) for name, table in per_perturbation.groupby("subgroup")}
-    return Evaluation(per_perturbation, predictions, folds_table, fits, summarize(per_perturbation),
-                      by_subgroup, data.features.summary(), parameters)
+    return Evaluation(per_perturbation, predictions, folds_table, fits,
+                      summarize(per_perturbation, ci_seed=seed, n_resamples=n_resamples),
+                      by_subgroup, data.features.summary(), parameters,
+                      paired_tests(per_perturbation), baselines,
+                      {PCA_RIDGE: pca.fits} if PCA_RIDGE in models else {})
+
+
+@dataclass(frozen=True)
+class PcaRidge:
+    """The ``pca_ridge`` baseline's held-out predictions (NaN rows: not
+    scored), its model of every fold, and what it covered."""
+
+    prediction: np.ndarray = field(repr=False)
+    fits: list[FoldFit] = field(repr=False)
+    notes: dict[str, Any]
+
+
+def pca_ridge(
+    names: np.ndarray,
+    genes: Sequence[str],
+    X: np.ndarray,
+    split: Split,
+    k: int | None,
+    *,
+    alphas: Sequence[float],
+    select_by: SelectBy,
+    solver: Solver,
+) -> PcaRidge:
+    """The linear data-derived baseline (Ahlmann-Eltze, Huber & Anders,
+    Nat. Methods 2025): ridge from ``pca:K`` gene embeddings, rebuilt in every
+    fold from its training deltas (:class:`.data_embedding.EmbeddingPlan`),
+    alpha chosen as for the GenePert ridge.
+
+    Only perturbations whose genes are all measured (``genes``) have such
+    features: the others neither train nor are scored. ``K`` is at most
+    ``min(genes − 1, training perturbations)``; a fold is skipped (its test
+    perturbations not scored) when fewer than two of its inner-CV groups
+    hold covered training perturbations.
+    """
+    position = {g: j for j, g in enumerate(genes)}
+    members = [tuple(position.get(g, -1) for g in perturbation_genes(p)) for p in names]
+    covered = np.array([min(m) >= 0 for m in members])
+    prediction = np.full(X.shape, np.nan)
+    test_groups = [f for f in split.test_groups if split.test_mask(f).any()]
+    k = min(k or 0, len(genes) - 1, *(int(split.train_mask(f).sum()) for f in test_groups))
+    notes: dict[str, Any] = {"embedding": f"{PCA_PREFIX}{k}", "k": k,
+                             "n_covered": int(covered.sum()), "folds_skipped": []}
+    if k < 1 or not covered.any():
+        notes["reason"] = ("no perturbation targets a measured gene" if not covered.any()
+                           else "turned off, or too few genes or training perturbations for one component")
+        return PcaRidge(prediction, [], notes)
+    plan = EmbeddingPlan(f"{PCA_PREFIX}{k}")
+    group = np.where(covered, split.group, UNUSED)
+    fits = []
+    for f in test_groups:
+        training_groups = {g for g in group[split.train_mask(f)] if g != UNUSED}
+        if len(training_groups) < 2 or not (split.test_mask(f) & covered).any():
+            notes["folds_skipped"].append(int(f))
+            continue
+        table = plan.table(genes, X[split.train_mask(f)])
+        G = encode(table.vectors, [m for m, c in zip(members, covered) if c])
+        Xc, gc = X[covered], group[covered]
+        stats = [gram_stats(G[gc == g], Xc[gc == g]) for g in range(split.n_groups)]
+        used = gc != UNUSED
+        (fit,) = cross_validate(stats, alphas, rows=Rows(G[used], Xc[used], gc[used]), solver=solver,
+                                folds=[f], select_by=select_by)
+        test = gc == f
+        prediction[np.flatnonzero(covered)[test]] = G[test] @ fit.coef + fit.intercept
+        fits.append(fit)
+    return PcaRidge(prediction, fits, notes)
+
+
+def baseline_notes(
+    names: np.ndarray,
+    fell_back: np.ndarray,
+    per_perturbation: pd.DataFrame,
+    with_pairs: bool,
+    pca: PcaRidge | None,
+    data_derived: bool,
+) -> dict[str, dict[str, Any]]:
+    """What ``metrics.json`` says of the baselines that do not score every
+    test perturbation alike: ``matching_mean`` (how many fell back on the
+    mean baseline), ``additive`` and ``pca_ridge`` (how many were scored, or
+    why the baseline is absent)."""
+    def scored(model: str) -> int:
+        table = per_perturbation[per_perturbation.model == model]
+        return int(table["rmse_delta"].notna().sum())
+
+    n = len(names)
+    notes: dict[str, dict[str, Any]] = {
+        "matching_mean": {"n_scored": n, "n_fell_back": int(fell_back.sum()),
+                          "fell_back": "no training perturbation shares a gene: the mean baseline"},
+    }
+    n_pairs = int(sum(is_combination(p) for p in names))
+    notes["additive"] = (
+        {"applies": True, "n_combinations": n_pairs, "n_scored": scored("additive"),
+         "n_not_scored": n - scored("additive"),
+         "not_scored": "single-gene perturbations, and combinations with a gene not perturbed alone in training"}
+        if with_pairs else {"applies": False, "reason": "no combination among the test perturbations"}
+    )
+    if data_derived:
+        notes[PCA_RIDGE] = {"applies": False, "reason": "the embeddings are data-derived already"}
+    elif pca is not None:
+        applies = bool(pca.fits)
+        notes[PCA_RIDGE] = {"applies": applies, **pca.notes,
+                            **({"n_scored": scored(PCA_RIDGE), "n_not_scored": n - scored(PCA_RIDGE),
+                                "not_scored": "perturbations of genes that are not measured, and "
+                                              "test perturbations of skipped folds"} if applies else {})}
+        if not applies and "reason" not in notes[PCA_RIDGE]:
+            notes[PCA_RIDGE]["reason"] = "no fold had covered training perturbations in two inner-CV groups"
+    return notes
 
 
 def feature_sets(
@@ -320,17 +470,20 @@ def metrics_table(
     ``centroid`` (the perturbed centroid's delta per row), ``de_genes`` and
     ``ttest_genes`` (top DE gene indices per row) and ``exclude`` (genes left out of the
     discrimination score per row) are passed to :mod:`.metrics`; set-level
-    metrics compare every row with all rows of ``true``.
+    metrics compare every row with all rows of ``true``. A prediction row
+    with a NaN is one the model does not score: every metric of it is NaN.
     """
     tables = []
     for model, pred in zip(models, prediction):
-        pred = pred.astype(np.float64)
+        scored = np.isfinite(pred).all(axis=1)
+        pred = np.where(scored[:, None], pred.astype(np.float64), 0.0)
         table = pd.DataFrame({
             **perturbation_metrics(pred, true, de_genes=de_genes, ttest_genes=ttest_genes,
                                    centroid=centroid),
             "discrimination_score": discrimination_score(pred, true, exclude=exclude),
             "centroid_accuracy": centroid_accuracy(pred, true),
         })
+        table.loc[~scored] = np.nan
         table.insert(0, "model", model)
         table.insert(0, "fold", fold)
         table.insert(0, "perturbation", names)
@@ -338,11 +491,21 @@ def metrics_table(
     return pd.concat(tables, ignore_index=True)
 
 
-def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, float | None]]]:
+def summarize(
+    per_perturbation: pd.DataFrame,
+    *,
+    ci_seed: int | None = None,
+    n_resamples: int = N_RESAMPLES,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Per model and metric: ``mean``/``std`` over perturbations,
     ``fold_mean``/``fold_std`` over the per-fold means (NaN values, e.g. the
-    Pearson of a constant prediction, are left out; all-NaN gives ``None``)."""
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    Pearson of a constant prediction, are left out; all-NaN gives ``None``).
+
+    With ``ci_seed``, the :data:`.uncertainty.UNCERTAINTY_METRICS` also get
+    ``ci95``: the seeded percentile-bootstrap 95 % interval of ``mean`` over
+    the perturbations (:func:`.uncertainty.bootstrap_ci`).
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for model, table in per_perturbation.groupby("model", sort=False):
         fold_means = table.groupby("fold")[list(METRICS)].mean()
         out[str(model)] = {
@@ -355,7 +518,26 @@ def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, f
             }
             for metric in METRICS
         }
+        if ci_seed is not None:
+            for metric in UNCERTAINTY_METRICS:
+                low, high = bootstrap_ci(table[metric].to_numpy(), n_resamples=n_resamples, seed=ci_seed)
+                out[str(model)][metric]["ci95"] = [_number(low), _number(high)]
     return out
+
+
+def paired_tests(
+    per_perturbation: pd.DataFrame, reference: str = RIDGE
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per other model and :data:`.uncertainty.UNCERTAINTY_METRICS`: the
+    ``reference`` model against it over the same held-out perturbations
+    (:func:`.uncertainty.paired_test`; differences are reference − model)."""
+    wide = {metric: per_perturbation.pivot(index="perturbation", columns="model", values=metric)
+            for metric in UNCERTAINTY_METRICS}
+    return {
+        str(model): {metric: paired_test(wide[metric][reference].to_numpy(), wide[metric][model].to_numpy())
+                     for metric in UNCERTAINTY_METRICS}
+        for model in dict.fromkeys(per_perturbation["model"]) if model != reference
+    }
 
 
 def novelty_table(per_perturbation: pd.DataFrame, metric: str = "pearson_delta",

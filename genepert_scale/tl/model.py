@@ -37,12 +37,15 @@ from .splits import kfold
 from ..validate import check_folds
 from .ridge import (
     DEFAULT_ALPHAS,
+    DEFAULT_SELECT_BY,
     GramStats,
     RidgeModel,
     Rows,
+    SelectBy,
     Solver,
     accumulate,
     check_alphas,
+    check_select_by,
     load_model,
     ridge_path,
     select_alpha,
@@ -166,10 +169,12 @@ def fold_statistics(
     return compute(graph, label="ridge statistics", progress=progress)
 
 
-def dual_rows(data: TrainingData, fold: np.ndarray, solver: Solver) -> Rows | None:
-    """Feature and delta rows for the dual solver, loaded only when it may be
-    used: fewer perturbations than dimensions, so the rows are smaller than ``GᵀG``."""
-    if not wants_dual(data.n, data.features.dim, solver):
+def model_rows(data: TrainingData, fold: np.ndarray, solver: Solver, by_pearson: bool) -> Rows | None:
+    """Feature and delta rows, loaded only when they are needed: for the dual
+    solver (fewer perturbations than dimensions, so the rows are smaller than
+    ``GᵀG``), or to choose alpha by ``pearson_delta`` (``by_pearson``; the
+    rows are the pseudo-bulk's size, perturbations × genes)."""
+    if not (by_pearson or wants_dual(data.n, data.features.dim, solver)):
         return None
     return Rows(data.features.rows(), np.asarray(data.delta.compute(), dtype=np.float64), fold)
 
@@ -181,6 +186,7 @@ def fit(
     alphas: float | Sequence[float] = DEFAULT_ALPHAS,
     n_folds: int = 5,
     seed: int = 0,
+    select_by: SelectBy = DEFAULT_SELECT_BY,
     missing: MissingPolicy = "drop",
     gene_map: GeneMap = None,
     solver: Solver = "auto",
@@ -201,6 +207,10 @@ def fit(
         ``n_folds``-fold CV over perturbations, from fold statistics.
     n_folds, seed
         Folds of that CV and their seed (also the seed of ``missing="random"``).
+    select_by
+        What that CV chooses alpha by: ``pearson_delta`` (the mean
+        per-perturbation Pearson of predicted vs true delta; reads the deltas
+        into memory) or ``mse``.
     missing, gene_map
         See :func:`.embeddings.featurize`.
     solver
@@ -213,6 +223,7 @@ def fit(
         Show a progress bar.
     """
     alphas = check_alphas(alphas)
+    select_by = check_select_by(select_by)
     data = training_data(pseudobulk, embeddings, missing=missing, gene_map=gene_map, seed=seed,
                          storage_options=storage_options)
     if len(alphas) > 1:  # the grid is searched by CV: it needs folds
@@ -220,8 +231,8 @@ def fit(
     folds = n_folds if len(alphas) > 1 else 1
     fold = kfold(data.n, folds, seed) if folds > 1 else np.zeros(data.n, dtype=np.int64)
     fold_stats = fold_statistics(data, fold, folds, block_size=block_size, progress=progress)
-    rows = dual_rows(data, fold, solver)
-    alpha, cv = select_alpha(fold_stats, alphas, rows=rows, solver=solver)
+    rows = model_rows(data, fold, solver, by_pearson=len(alphas) > 1 and select_by == "pearson_delta")
+    alpha, cv = select_alpha(fold_stats, alphas, select_by=select_by, rows=rows, solver=solver)
     path = ridge_path(sum_stats(list(fold_stats)), rows, solver)
     coef, intercept = path.coef(alpha)
     log.info("fit: %d perturbations, d=%d, %d genes, alpha %g (%s solver)",
@@ -233,7 +244,9 @@ def fit(
         "seed": seed,
         "solver": path.solver,
         "alpha_grid": list(alphas),
-        "cv_mse": [None if np.isnan(v) else float(v) for v in cv],
+        "select_by": select_by,
+        "cv_mse": [None if np.isnan(v) else float(v) for v in cv["mse"]],
+        "cv_pearson_delta": [None if np.isnan(v) else float(v) for v in cv["pearson_delta"]],
         "n_folds": folds,
         "source": pseudobulk if isinstance(pseudobulk, str) else None,
     }

@@ -5,7 +5,7 @@ Small pure solver functions in the manner of scikit-learn's ``_ridge.py``:
 :func:`gram_stats` (chunk), :func:`sum_stats` (combine) and a
 :class:`RidgePath` (finalize: one eigendecomposition, then a solution for
 every alpha); :func:`accumulate` builds the dask reduction over perturbation
-blocks; :func:`cv_error` and :func:`cross_validate` get every fold's model
+blocks; :func:`inner_cv` and :func:`cross_validate` get every fold's model
 from per-fold statistics; :class:`RidgeModel` is the fitted model and its
 zarr encoding.
 
@@ -36,6 +36,13 @@ without its rows::
     ‖X − Gθ − 1bᵀ‖² = Σ‖x‖² − 2⟨θ, GᵀX⟩ − 2 bᵀΣx + ⟨θ, GᵀGθ⟩ + 2 bᵀθᵀΣg + n‖b‖²
 
 so train and validation errors along the alpha path come from statistics.
+
+The Pearson correlation of a row's prediction with its target (over genes,
+GenePert's ``pearson_delta``) is not a sum over rows, so choosing alpha by it
+needs the held-out rows themselves — but still no refit: with ``a = (g − ḡ)E``
+(the row in the eigenbasis), ``w_α = 1/(s+α)`` and ``C`` the projected
+targets, the prediction is ``x̄ + (a∘w_α)C`` for every alpha
+(:meth:`RidgePath.row_pearson`).
 """
 
 from __future__ import annotations
@@ -62,11 +69,21 @@ from ..io.store import write_dataset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+#: The alpha grid searched by default: 13 points, log-spaced from 1e-3 to 1e3.
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(f"{a:.3g}") for a in np.logspace(-3, 3, 13))
 Solver = Literal["auto", "primal", "dual"]
-#: Squared errors per alpha kept between :func:`cv_error` calls, by (held-out
-#: folds, scored fold).
-FoldScores = dict[tuple[frozenset[int], int], np.ndarray]
+#: What the inner CV chooses alpha by: the mean per-perturbation Pearson of
+#: predicted vs true delta (the metric the report leads with), or the MSE.
+SelectBy = Literal["pearson_delta", "mse"]
+SELECT_BY: tuple[str, ...] = ("pearson_delta", "mse")
+DEFAULT_SELECT_BY: SelectBy = "pearson_delta"
+#: Whether a larger value of a selection metric is better.
+GREATER_IS_BETTER = {"pearson_delta": True, "mse": False}
+#: Validation sums of one scored row set, per metric: (sum, count) per alpha;
+#: pooled over row sets, the metric is ``Σ sum / Σ count`` (:func:`pool`).
+Sums = dict[str, tuple[np.ndarray, np.ndarray]]
+#: :data:`Sums` kept between :func:`inner_cv` calls, by (held-out folds, scored fold).
+FoldScores = dict[tuple[frozenset[int], int], Sums]
 
 
 @dataclass(frozen=True)
@@ -194,6 +211,57 @@ class RidgePath:
             errors.append(max(float(sxx - 2 * w @ cross + w @ fit @ w), 0.0))
         return np.array(errors)
 
+    def row_pearson(self, G: np.ndarray, X: np.ndarray, alphas: Sequence[float]) -> np.ndarray:
+        """Pearson correlation over genes of every row's prediction with its
+        target, for every alpha (rows × alphas), without forming any θ.
+
+        Parameters
+        ----------
+        G, X
+            Feature and target rows (the rows scored, not the training rows).
+        alphas
+            The penalties.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``r[i, j]``: the Pearson of row ``i``'s prediction under
+            ``alphas[j]`` with ``X[i]``; NaN where either is constant.
+
+        Notes
+        -----
+        A row's prediction is ``p = x̄ + u C`` with ``u = a∘w``, ``a = (g −
+        ḡ)E`` and ``w = 1/(s+α)``. Centred over genes (``·_c``; ``C_c = C −
+        C1 1ᵀ/q``), and since a centred vector is orthogonal to ``1``::
+
+            p_c·x_c = x̄_c·x_c + u (C x_c)
+            ‖p_c‖²  = ‖x̄_c‖² + 2 u (C x̄_c) + u (CCᵀ − C1(C1)ᵀ/q) uᵀ
+
+        so ``C X_cᵀ`` is formed once and each alpha costs ``O(n k²)`` (``k``
+        eigenvalues), not a prediction of ``n × q`` values.
+        """
+        G = np.asarray(G, dtype=np.float64)
+        X = np.asarray(X, dtype=np.float64)
+        q = X.shape[1]
+        a = (G - self.g_mean) @ self.basis
+        x_c = X - X.mean(axis=1, keepdims=True)
+        m_c = self.x_mean - self.x_mean.mean()
+        c_one = self.projected.sum(axis=1)
+        gram_c = self.projected_gram - np.outer(c_one, c_one) / q
+        c_x = x_c @ self.projected.T
+        c_m = self.projected @ m_c
+        m_x, m_m = x_c @ m_c, m_c @ m_c
+        x_norm = np.linalg.norm(x_c, axis=1)
+        out = np.empty((len(G), len(alphas)))
+        for j, alpha in enumerate(alphas):
+            u = a / (self.eigenvalues + alpha)
+            dot = m_x + np.einsum("ij,ij->i", u, c_x)
+            norm2 = m_m + 2 * u @ c_m + np.einsum("ij,ij->i", u @ gram_c, u)
+            denom = np.sqrt(np.maximum(norm2, 0.0)) * x_norm
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[:, j] = np.where(denom > 0, dot / denom, np.nan)
+        return out
+
     @functools.cached_property
     def projected_gram(self) -> np.ndarray:
         """``CCᵀ`` of the projected targets (shared by every row set)."""
@@ -272,9 +340,15 @@ class Rows:
     fold: np.ndarray
 
     def without(self, folds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of every fold but ``folds``."""
         if not folds:
             return self.G, self.X
         keep = ~np.isin(self.fold, list(folds))
+        return self.G[keep], self.X[keep]
+
+    def of(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of ``fold``."""
+        keep = self.fold == fold
         return self.G[keep], self.X[keep]
 
 
@@ -286,7 +360,37 @@ def training_stats(total: GramStats, fold_stats: Sequence[GramStats], exclude: S
     return out
 
 
-def cv_error(
+def validation_sums(
+    path: RidgePath,
+    stats: GramStats,
+    alphas: Sequence[float],
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Sums:
+    """:data:`Sums` of every alpha's solution on one row set: ``mse`` from
+    its statistics (squared errors, number of values) and, when its ``rows``
+    ``(G, X)`` are given, ``pearson_delta`` (per-row Pearson summed, number of
+    rows where it is defined)."""
+    q = stats.gtx.shape[1]
+    sums = {"mse": (path.squared_errors(stats, alphas), np.full(len(alphas), float(stats.n * q)))}
+    if rows is not None:
+        r = path.row_pearson(*rows, alphas)
+        sums["pearson_delta"] = (np.nansum(r, axis=0), np.sum(~np.isnan(r), axis=0).astype(float))
+    return sums
+
+
+def pool(parts: Sequence[Sums]) -> dict[str, np.ndarray]:
+    """Each metric of several row sets pooled: ``Σ sum / Σ count`` per alpha
+    (NaN where nothing was counted)."""
+    out = {}
+    for metric in parts[0]:
+        total = np.sum([part[metric][0] for part in parts], axis=0)
+        count = np.sum([part[metric][1] for part in parts], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[metric] = np.where(count > 0, total / np.where(count > 0, count, 1), np.nan)
+    return out
+
+
+def inner_cv(
     fold_stats: Sequence[GramStats],
     alphas: Sequence[float],
     *,
@@ -294,16 +398,19 @@ def cv_error(
     rows: Rows | None = None,
     solver: Solver = "auto",
     scores: FoldScores | None = None,
-) -> np.ndarray:
-    """K-fold validation MSE per alpha over the folds not in ``exclude``.
+) -> dict[str, np.ndarray]:
+    """K-fold validation metrics per alpha over the folds not in ``exclude``.
 
     Each remaining fold is held out in turn from a model trained on the other
-    remaining folds; errors are pooled over all their rows and targets.
+    remaining folds, and scored (:func:`validation_sums`); the scores are
+    pooled over all its rows (:func:`pool`): ``mse`` always,
+    ``pearson_delta`` (the mean over held-out rows of the per-row Pearson)
+    when ``rows`` are given.
 
-    ``scores`` carries squared errors between calls, keyed by (held-out
-    folds, scored fold): the model trained without folds ``{k, j}`` scores
-    both ``j`` (for ``exclude=(k,)``) and ``k`` (for ``exclude=(j,)``), so
-    nested CV decomposes each pair of folds once, not twice.
+    ``scores`` carries the sums between calls, keyed by (held-out folds,
+    scored fold): the model trained without folds ``{k, j}`` scores both
+    ``j`` (for ``exclude=(k,)``) and ``k`` (for ``exclude=(j,)``), so nested
+    CV decomposes each pair of folds once, not twice.
     """
     folds = [k for k in range(len(fold_stats)) if k not in set(exclude)]
     if len(folds) < 2:
@@ -314,7 +421,7 @@ def cv_error(
     total = sum_stats(list(fold_stats))
     shared = scores is not None
     scores = scores if shared else {}
-    sse = np.zeros(len(alphas))
+    parts = []
     for j in folds:
         held_out = (*exclude, j)
         key = frozenset(held_out)
@@ -322,13 +429,13 @@ def cv_error(
             train = training_stats(total, fold_stats, held_out)
             path = ridge_path(train, rows, solver, held_out=held_out)
             for scored in held_out if shared else (j,):
-                scores[key, scored] = path.squared_errors(fold_stats[scored], alphas)
-        sse += scores.pop((key, j))
-    n = sum(fold_stats[j].n for j in folds)
-    return sse / (n * fold_stats[0].gtx.shape[1])
+                scored_rows = None if rows is None else rows.of(scored)
+                scores[key, scored] = validation_sums(path, fold_stats[scored], alphas, scored_rows)
+        parts.append(scores.pop((key, j)))
+    return pool(parts)
 
 
-def select_alpha(
+def cv_error(
     fold_stats: Sequence[GramStats],
     alphas: Sequence[float],
     *,
@@ -336,13 +443,62 @@ def select_alpha(
     rows: Rows | None = None,
     solver: Solver = "auto",
     scores: FoldScores | None = None,
-) -> tuple[float, np.ndarray]:
-    """The alpha of the grid with the smallest :func:`cv_error` (same
-    arguments), and the errors; a single alpha is taken as is (errors NaN)."""
+) -> np.ndarray:
+    """K-fold validation MSE per alpha (:func:`inner_cv`'s ``mse``), pooled
+    over all rows and targets of the folds not in ``exclude``."""
+    return inner_cv(fold_stats, alphas, exclude=exclude, rows=rows, solver=solver, scores=scores)["mse"]
+
+
+def check_select_by(select_by: str) -> SelectBy:
+    """``select_by``, checked against :data:`SELECT_BY`."""
+    if select_by not in SELECT_BY:
+        raise ParameterError(f"select_by {select_by!r}: use one of {', '.join(SELECT_BY)}")
+    return select_by  # type: ignore[return-value]
+
+
+def best_alpha(alphas: Sequence[float], cv: dict[str, np.ndarray], select_by: SelectBy) -> float:
+    """The alpha of the grid with the best ``cv[select_by]`` (ties: the
+    smallest alpha); by ``mse`` where ``select_by`` is undefined everywhere
+    (e.g. Pearson on one gene)."""
+    values = cv[select_by]
+    if np.isnan(values).all():
+        log.warning("inner-CV %s is undefined for every alpha; alpha is chosen by mse", select_by)
+        return best_alpha(alphas, cv, "mse")
+    index = np.nanargmax(values) if GREATER_IS_BETTER[select_by] else np.nanargmin(values)
+    return alphas[int(index)]
+
+
+def select_alpha(
+    fold_stats: Sequence[GramStats],
+    alphas: Sequence[float],
+    *,
+    select_by: SelectBy = DEFAULT_SELECT_BY,
+    exclude: Sequence[int] = (),
+    rows: Rows | None = None,
+    solver: Solver = "auto",
+    scores: FoldScores | None = None,
+) -> tuple[float, dict[str, np.ndarray]]:
+    """The alpha of the grid chosen by :func:`inner_cv` (same arguments) on
+    ``select_by``, and the inner-CV metrics per alpha (``mse`` and
+    ``pearson_delta``, NaN where not computed); a single alpha is taken as is.
+
+    Raises
+    ------
+    ParameterError
+        If ``select_by`` is ``pearson_delta`` and the rows are not given.
+    """
+    select_by = check_select_by(select_by)
+    undefined = {metric: np.full(len(alphas), np.nan) for metric in SELECT_BY}
     if len(alphas) == 1:
-        return alphas[0], np.full(1, np.nan)
-    cv = cv_error(fold_stats, alphas, exclude=exclude, rows=rows, solver=solver, scores=scores)
-    return alphas[int(np.nanargmin(cv))], cv
+        return alphas[0], undefined
+    if select_by == "pearson_delta" and rows is None:
+        raise ParameterError(
+            "choosing alpha by pearson_delta needs the feature and delta rows (rows=Rows(G, X, fold)); "
+            "pass them, or choose by mse"
+        )
+    cv = {**undefined, **inner_cv(fold_stats, alphas, exclude=exclude, rows=rows, solver=solver,
+                                  scores=scores)}
+    return best_alpha(alphas, cv, select_by), cv
 
 
 @dataclass(frozen=True)
@@ -350,8 +506,9 @@ class FoldFit:
     """The model of one outer fold and its alpha path.
 
     ``path`` has columns ``alpha``, ``train_mse`` (on the training folds),
-    ``val_mse`` (on the held-out fold) and ``inner_cv_mse`` (NaN when alpha
-    was fixed).
+    ``val_mse`` and ``val_pearson_delta`` (on the held-out fold; the Pearson
+    needs the rows), ``inner_cv_mse`` and ``inner_cv_pearson_delta`` (what
+    alpha was chosen from, by ``select_by``; NaN when alpha was fixed).
     """
 
     fold: int
@@ -360,6 +517,7 @@ class FoldFit:
     intercept: np.ndarray
     solver: str
     path: pd.DataFrame = field(repr=False)
+    select_by: SelectBy = DEFAULT_SELECT_BY
 
 
 def cross_validate(
@@ -369,32 +527,37 @@ def cross_validate(
     rows: Rows | None = None,
     solver: Solver = "auto",
     folds: Sequence[int] | None = None,
+    select_by: SelectBy = DEFAULT_SELECT_BY,
 ) -> list[FoldFit]:
     """Fit the model of every outer fold (or of ``folds``) from fold statistics.
 
     Fold ``k`` trains on ``total − S_k``. With several alphas, the alpha is
-    chosen by an inner K-fold CV on the training folds only (:func:`cv_error`
-    with ``exclude=(k,)``); the held-out fold never takes part.
+    chosen by an inner K-fold CV on the training folds only
+    (:func:`select_alpha` by ``select_by`` with ``exclude=(k,)``); the
+    held-out fold never takes part. ``rows`` (needed to choose by
+    ``pearson_delta``) also give the held-out Pearson of every alpha.
     """
     alphas = check_alphas(alphas)
     total = sum_stats(list(fold_stats))
-    scores: dict[tuple[frozenset[int], int], np.ndarray] = {}  # shared by the inner CVs
+    scores: FoldScores = {}  # shared by the inner CVs
     fits = []
     for k in range(len(fold_stats)) if folds is None else folds:
-        held_out = fold_stats[k]
-        best, inner = select_alpha(fold_stats, alphas, exclude=(k,), rows=rows, solver=solver,
-                                   scores=scores)
+        best, inner = select_alpha(fold_stats, alphas, select_by=select_by, exclude=(k,), rows=rows,
+                                   solver=solver, scores=scores)
         train = training_stats(total, fold_stats, (k,))
         path = ridge_path(train, rows, solver, held_out=(k,))
-        q = held_out.gtx.shape[1]
+        held_out = pool([validation_sums(path, fold_stats[k], alphas, None if rows is None else rows.of(k))])
         table = pd.DataFrame({
             "alpha": alphas,
-            "train_mse": path.squared_errors(train, alphas) / (train.n * q),
-            "val_mse": path.squared_errors(held_out, alphas) / (held_out.n * q),
-            "inner_cv_mse": inner,
+            "train_mse": pool([validation_sums(path, train, alphas)])["mse"],
+            "val_mse": held_out["mse"],
+            "val_pearson_delta": held_out.get("pearson_delta", np.full(len(alphas), np.nan)),
+            "inner_cv_mse": inner["mse"],
+            "inner_cv_pearson_delta": inner["pearson_delta"],
         })
-        fits.append(FoldFit(k, best, *path.coef(best), path.solver, table))
-        log.info("fold %d: alpha %g (%s solver, %d training rows)", k, best, path.solver, train.n)
+        fits.append(FoldFit(k, best, *path.coef(best), path.solver, table, select_by))
+        log.info("fold %d: alpha %g by inner-CV %s (%s solver, %d training rows)",
+                 k, best, select_by, path.solver, train.n)
     return fits
 
 
