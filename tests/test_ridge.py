@@ -246,5 +246,5 @@ def test_load_model_rejects_other_stores(tmp_path):
     import xarray as xr
 
     xr.Dataset({"a": ("x", [1.0])}).to_zarr(tmp_path / "other.zarr", consolidated=False)
-    with pytest.raises(StoreError, match="not a genepert_scale model"):
+    with pytest.raises(StoreError, match="is not a model store .encoding-type None"):
         load_model(str(tmp_path / "other.zarr"))
