@@ -149,3 +149,16 @@ def test_one_context_is_modelled_at_a_time(two_lines, tmp_path):
     from genepert_scale.pp.aggregate import open_pseudobulk
 
     assert open_pseudobulk(str(tmp_path / "pb.zarr")).context.dims == ("perturbation",)
+
+
+def test_the_anndata_form_has_a_control_row_per_context(two_lines):
+    path, _ = two_lines
+    pb = pseudobulk(path, n_top_genes="all", context_key="line")
+    controls = pb.obs[pb.obs["is_control"]]
+    assert list(controls["context"]) == ["K562", "RPE1"]
+    assert list(controls.index) == ["K562/non-targeting", "RPE1/non-targeting"]
+    ds = pseudobulk(path, n_top_genes="all", context_key="line", as_xarray=True)
+    rows = pb[~pb.obs["is_control"].to_numpy()]
+    np.testing.assert_allclose(rows.layers["delta"], ds.delta.values.astype(np.float32))
+    assert list(rows.obs["perturbation"]) == list(ds.perturbation.values)
+    assert list(rows.obs["context"]) == list(ds.context.values)
