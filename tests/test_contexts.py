@@ -162,3 +162,46 @@ def test_the_anndata_form_has_a_control_row_per_context(two_lines):
     np.testing.assert_allclose(rows.layers["delta"], ds.delta.values.astype(np.float32))
     assert list(rows.obs["perturbation"]) == list(ds.perturbation.values)
     assert list(rows.obs["context"]) == list(ds.context.values)
+
+
+def normalized(adata: ad.AnnData, gene: str) -> np.ndarray:
+    """Each cell's ``gene`` on the 1e4-normalised scale, before log1p (float64)."""
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    column = np.asarray(x[:, adata.var_names.get_loc(gene)].todense()).ravel()
+    return column * 1e4 / np.where(totals == 0, 1, totals)
+
+
+@pytest.mark.parametrize("batch_key", [None, "bio_rep"])
+def test_knockdown_on_the_real_screen(papalexi_path, batch_key):
+    adata = ad.read_h5ad(papalexi_path)
+    ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=100, block_rows=4096,
+                    batch_key=batch_key, as_xarray=True)
+    label, rep = adata.obs["perturbation"].astype(str), adata.obs["bio_rep"].astype(str)
+    measured = [p for p in ds.perturbation.values if p in adata.var_names]
+    assert len(measured) == 9
+    for name, value in zip(ds.perturbation.values, ds.knockdown.values):
+        if name not in measured:
+            assert np.isnan(value)
+            continue
+        expression = normalized(adata, name)
+        cells = (label == name).to_numpy()
+        if batch_key is None:
+            reference = expression[(label == "control").to_numpy()].mean()
+        else:
+            weights = rep[cells].value_counts(normalize=True)
+            reference = sum(w * expression[((label == "control") & (rep == b)).to_numpy()].mean()
+                            for b, w in weights.items())
+        np.testing.assert_allclose(value, 1 - expression[cells].mean() / reference, rtol=1e-9)
+
+
+def test_min_knockdown_drops_and_lists_the_weak(papalexi_path):
+    full = pseudobulk(str(papalexi_path), control="control", n_top_genes=50, block_rows=4096,
+                      as_xarray=True)
+    weak = full.perturbation.values[full.knockdown.values < 0.5]
+    assert weak.size
+    ds = pseudobulk(str(papalexi_path), control="control", n_top_genes=50, block_rows=4096,
+                    min_knockdown=0.5, as_xarray=True)
+    assert set(full.perturbation.values) - set(ds.perturbation.values) == set(weak)
+    assert sorted(json.loads(ds.attrs["low_knockdown_perturbations"])) == sorted(weak)
+    assert np.isnan(ds.knockdown.values).sum() == 16  # no measured target: kept

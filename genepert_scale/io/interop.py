@@ -79,7 +79,9 @@ def pseudobulk_to_anndata(ds: xr.Dataset, *, perturbation_key: str | None = None
     adata = _with_control_row(
         ds["mean"].values, ds["control_mean"].values,
         perturbations=ds.perturbation.values, genes=ds.gene.values, control=control,
-        obs={"n_cells": ds["n_cells"].values}, control_obs={"n_cells": uns["n_control_cells"]},
+        obs={"n_cells": ds["n_cells"].values,
+             **({"knockdown": ds["knockdown"].values} if "knockdown" in ds else {})},
+        control_obs={"n_cells": uns["n_control_cells"]},
         layers=layers, control_layers=control_layers, uns=uns,
     )
     if key not in adata.obs:

@@ -39,6 +39,7 @@ from .hvg import (
     seurat_v3_select,
 )
 from .groups import GroupTable, group_cells
+from .knockdown import knockdown as knockdown_of, targets_of
 from .labels import assign_groups
 from .params import InputKindOption, PseudobulkParams
 from .budget import PassPlan, plan_pass
@@ -130,6 +131,8 @@ def pseudobulk(
     layer: str | None = None,
     context_key: str | None = None,
     batch_key: str | None = None,
+    knockdown: bool = True,
+    min_knockdown: float | None = None,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
     memory_limit: int | str | None = None,
@@ -181,6 +184,12 @@ def pseudobulk(
     batch_key
         ``obs`` column of each cell's batch (GEM group, lane, replicate):
         controls are matched by batch (:mod:`.groups`).
+    knockdown
+        Measure each perturbation's knockdown of its target gene(s) (from its
+        label), where they are measured (:mod:`.knockdown`); stored per row.
+    min_knockdown
+        Drop perturbations whose knockdown is below this (listed in the log
+        and attrs; those without a measured target are kept).
     storage_options
         fsspec options for URLs.
     block_rows
@@ -234,7 +243,8 @@ def pseudobulk(
         n_top_genes=resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
         flavor=flavor, target_sum=target_sum, input=input, min_cells=min_cells,
         group_variance=group_variance, obs_filter=obs_filter, layer=layer,
-        context_key=context_key, batch_key=batch_key,
+        context_key=context_key, batch_key=batch_key, knockdown=knockdown,
+        min_knockdown=min_knockdown,
     )
     kind = resolve_input_kind(screen, input)
     if flavor == "seurat_v3" and kind != "counts":
@@ -257,11 +267,13 @@ def pseudobulk(
         plan = PassPlan(chains, plan.slabs)
     log.info("pass plan: %s", plan.describe())
     one_pass = not plan.genes_first
+    targets = targets_of(groups, list(screen.var_names), control) if knockdown else None
     graph = pass_stats(
         screen, codes if one_pass else np.minimum(codes, -1), len(groups) if one_pass else 1,
         kind=kind, target_sum=target_sum, with_group_sumsq=group_variance and one_pass,
         moments=HVG_MOMENTS[flavor], split_every=split_every,
         chains=plan.chains if one_pass else cluster_threads(),
+        targets=targets, target_codes=codes,
     )
     stats = _timed_pass(graph, screen, "streamed pass" if one_pass else "moments pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
@@ -277,7 +289,10 @@ def pseudobulk(
     else:
         means, squares = _group_means(screen, codes, plan, kernels.gene_columns(keep), kind,
                                       target_sum, group_variance, progress)
-    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind, left_out=left_out)
+    knocked = None if targets is None else knockdown_of(stats.target_sums, targets, groups,
+                                                         n_cells)
+    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind, left_out=left_out,
+                  knockdown=knocked)
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
     ds.attrs["n_vars"] = screen.n_vars
@@ -461,6 +476,7 @@ def finalize(
     *,
     kind: kernels.InputKind,
     left_out: dict[str, int] | None = None,
+    knockdown: np.ndarray | None = None,
 ) -> xr.Dataset:
     """The *finalize* step: group means over the selected genes, delta, as a Dataset.
 
@@ -487,6 +503,9 @@ def finalize(
         Cells that counted in no group, by reason; the cells of dropped
         perturbations are added (``dropped_perturbations``) and the whole
         recorded in attrs (``left_out_cells``).
+    knockdown
+        Each group's knockdown (:mod:`.knockdown`), stored per row; rows
+        below ``params.min_knockdown`` are dropped.
 
     Notes
     -----
@@ -507,6 +526,11 @@ def finalize(
     left_out = {**(left_out or {}),
                 "dropped_perturbations": int(n[perturbed & (n < params.min_cells)].sum())}
     rows = np.flatnonzero(perturbed & (n >= params.min_cells))
+    rows, weak = _knocked_down(rows, knockdown, params.min_knockdown)
+    if weak.size:
+        left_out["low_knockdown"] = int(n[weak].sum())
+        log.warning("dropping %d perturbations with knockdown below %g: %s", weak.size,
+                    params.min_knockdown, listing(_row_names(groups, weak), 20))
     pooled = groups.reference[[controls[groups.context[controls] == c][0]
                                for c in groups.contexts]][:, controls]
     n_controls = pooled.astype(bool) @ n[controls]
@@ -519,6 +543,7 @@ def finalize(
         "delta": (("perturbation", "gene"),
                   _minus_weighted(selected, groups.reference[rows][:, controls], control_means)),
         "n_cells": ("perturbation", n[rows]),
+        **({} if knockdown is None else {"knockdown": ("perturbation", knockdown[rows])}),
         **_per_context({"control_mean": context_means,
                         "n_control_cells": n_controls}, per_context),
         "highly_variable": ("screen_gene", keep),
@@ -541,6 +566,7 @@ def finalize(
         "input_kind": kind,
         "control": params.control,
         "dropped_perturbations": json.dumps(small),
+        "low_knockdown_perturbations": json.dumps(_row_names(groups, weak)),
         "left_out_cells": json.dumps(left_out),
         "batches_without_controls": json.dumps([list(pair) for pair in groups.unmatched]),
     }
@@ -553,6 +579,15 @@ def finalize(
         coords["context"] = ("perturbation", groups.context[rows])
         coords[CONTROL_CONTEXT] = np.asarray(groups.contexts, dtype=object)
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _knocked_down(rows: np.ndarray, knockdown: np.ndarray | None,
+                  min_knockdown: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` without those whose knockdown is below ``min_knockdown``, and those."""
+    if knockdown is None or min_knockdown is None:
+        return rows, rows[:0]
+    weak = knockdown[rows] < min_knockdown  # NaN: no measured target, kept
+    return rows[~weak], rows[weak]
 
 
 #: The dimension of per-context control statistics (``control_mean`` and

@@ -52,6 +52,11 @@ class PseudobulkParams:
         "with the controls of its own context", str)
     batch_key: str | None = param(
         None, "obs column of the cells' batch (GEM group, lane): controls matched by batch", str)
+    knockdown: bool = param(
+        True, "measure each perturbation's knockdown of its target gene(s), where measured", bool)
+    min_knockdown: float | None = param(
+        None, "drop perturbations whose knockdown is below this (0-1; NaN ones are kept)",
+        (int, float))
 
 
 #: The names of the parameters, in order.
