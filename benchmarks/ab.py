@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from run import (
@@ -73,10 +74,11 @@ def describe(revision: str | None) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()[:100]
 
 
-def pseudobulk_argv(screen: Path, out: Path) -> list[str]:
-    """The command line of one timed run: the CLI's defaults, as ``run.py``'s ``ours``."""
+def pseudobulk_argv(screen: Path, out: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one timed run: the CLI's defaults, as ``run.py``'s
+    ``ours``, and ``extra`` options (those one side needs for the same work)."""
     return [sys.executable, "-m", "genepert_scale", "pseudobulk", str(screen), "--out", str(out),
-            "--overwrite", "--no-progress"]
+            "--overwrite", "--no-progress", *extra]
 
 
 def same_outputs(a: Path, b: Path) -> dict[str, bool]:
@@ -129,6 +131,9 @@ def ab_parser(description: str, *, repeats: int, stem: str) -> argparse.Argument
     parser.add_argument("--tag", default=None,
                         help=f"results file name (default <date>-<machine>-{stem}, "
                              "numbered if taken)")
+    parser.add_argument("--head-args", default="",
+                        help="extra pseudobulk options of the B side, for the same work as A "
+                             "(e.g. '--no-group-variance' where B's defaults do more)")
     return parser
 
 
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = ScreenSpec(args.cells, args.genes, args.perturbations)
     screen = ensure_screen(spec, args.cache, dict(os.environ))
     sides = {"base": args.base, "head": args.head}
+    extra = {"base": (), "head": tuple(shlex.split(args.head_args))}
     labels = {side: describe(rev) for side, rev in sides.items()}
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="gps-ab-") as scratch:
@@ -150,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             src = export_src(revision, scratch / side)
             envs[side] = dict(os.environ, PYTHONPATH=str(src))
             outs[side] = scratch / f"{side}.zarr"
-            measure(pseudobulk_argv(screen, outs[side]), envs[side])  # numba's cache, untimed
+            measure(pseudobulk_argv(screen, outs[side], extra[side]), envs[side])  # numba's cache
         for repeat in range(args.repeats):
             for side in sides:
                 warm_page_cache(screen)
-                wall, cpu, rss, code, _ = measure(pseudobulk_argv(screen, outs[side]), envs[side])
+                wall, cpu, rss, code, _ = measure(pseudobulk_argv(screen, outs[side], extra[side]),
+                                                  envs[side])
                 runs[side].append({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss,
                                    "returncode": code})
                 print(f"{side} #{repeat}: {wall:6.2f} s wall {cpu:6.2f} s cpu {rss:6.0f} MiB",

@@ -135,7 +135,7 @@ def tool_argv(tool: str, screen: Path, n_top_genes: int, scratch: Path) -> list[
     if tool == "ours":
         return [sys.executable, "-m", "genepert_scale", "pseudobulk", str(screen),
                 "--n-top-genes", str(n_top_genes), "--out", str(scratch / "pb.zarr"),
-                "--overwrite", "--no-progress"]
+                "--overwrite", "--no-progress", "--no-group-variance"]  # means, as the peers
     if tool == "scanpy_memory":
         return [sys.executable, TASKS, "scanpy-memory", str(screen), "--n-top-genes", str(n_top_genes)]
     if tool == "scanpy_dask":

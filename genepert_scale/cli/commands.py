@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the steps that fit ridge models (evaluate, fit)."""
+    p.add_argument("--context", help="the context to model, of a pseudo-bulk made with "
+                                     "--context-key (one at a time)")
     p.add_argument("--embeddings", action="append", required=True,
                    help="gene embedding table (path or URL), or pca:K (evaluate: top-K principal "
                         "components of each fold's training pseudo-bulk); repeat to concatenate")
@@ -285,14 +287,24 @@ def model_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _pseudobulk_input(args: argparse.Namespace) -> Any:
+    """The pseudo-bulk to model: its path, or with ``--context`` that context's rows."""
+    if args.context is None:
+        return args.pseudobulk
+    from ..pp.aggregate import one_context, open_pseudobulk
+
+    store = open_pseudobulk(args.pseudobulk, _storage_options(args.storage_options))
+    return one_context(store, args.context, args.pseudobulk)
+
+
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> int:
     from ..tl.evaluate import evaluate
     from ..pl.report import write_report
 
-    result = evaluate(args.pseudobulk, args.embeddings, split=args.split, split_file=args.split_file,
-                      test_share=args.test_share, pca_baseline=args.pca_baseline or None,
-                      **model_options(args))
+    result = evaluate(_pseudobulk_input(args), args.embeddings, split=args.split,
+                      split_file=args.split_file, test_share=args.test_share,
+                      pca_baseline=args.pca_baseline or None, **model_options(args))
     print(summary_table(result.summary))
     written = write_report(result, args.out, overwrite=args.overwrite,
                            storage_options=_storage_options(args.storage_options))
@@ -316,7 +328,7 @@ def _fit(args: argparse.Namespace) -> int:
     from ..tl.model import fit
     from ..tl.ridge import save_model
 
-    model = fit(args.pseudobulk, args.embeddings, **model_options(args))
+    model = fit(_pseudobulk_input(args), args.embeddings, **model_options(args))
     print(save_model(model, args.out, overwrite=args.overwrite,
                      storage_options=_storage_options(args.storage_options)))
     return 0

@@ -43,12 +43,26 @@ def pseudobulk_to_anndata(ds: xr.Dataset, *, perturbation_key: str | None = None
     -------
     anndata.AnnData
         ``obs``: the labels (``perturbation_key``), ``condition``, ``n_cells``,
-        ``is_control``; ``var``: genes with
+        ``is_control`` (and ``context``, with one control row per context and
+        names ``CONTEXT/LABEL``, for a store with contexts); ``var``: genes with
         their HVG statistics; ``X``: group means; layers ``delta`` (and ``var``
         when the Dataset has group variances); ``uns["genepert_scale"]``: the
         control label, control mean, parameters and source. Built in memory
         (perturbations x genes).
     """
+    from ..pp.aggregate import CONTROL_CONTEXT, one_context
+
+    key = perturbation_key or json.loads(ds.attrs.get("parameters", "{}")).get(
+        "perturbation_key", "perturbation")
+    if CONTROL_CONTEXT in ds.dims:  # one control row per context, names CONTEXT/LABEL
+        contexts = [str(c) for c in ds[CONTROL_CONTEXT].values]
+        parts = [_context_rows(pseudobulk_to_anndata(one_context(ds, c), perturbation_key=key), c)
+                 for c in contexts]
+        adata = ad.concat(parts, merge="same", uns_merge="first")
+        adata.obs["context"] = pd.Categorical(adata.obs["context"], categories=contexts)
+        adata.uns["genepert_scale"]["control_mean"] = {c: p.uns["genepert_scale"]["control_mean"]
+                                                       for c, p in zip(contexts, parts)}
+        return adata
     ds = ds.compute()
     control = str(ds.attrs.get("control", GEARS_CONTROL))
     layers = {"delta": ds["delta"].values}
@@ -65,17 +79,24 @@ def pseudobulk_to_anndata(ds: xr.Dataset, *, perturbation_key: str | None = None
     adata = _with_control_row(
         ds["mean"].values, ds["control_mean"].values,
         perturbations=ds.perturbation.values, genes=ds.gene.values, control=control,
-        obs={"n_cells": ds["n_cells"].values}, control_obs={"n_cells": uns["n_control_cells"]},
+        obs={"n_cells": ds["n_cells"].values,
+             **({"knockdown": ds["knockdown"].values} if "knockdown" in ds else {})},
+        control_obs={"n_cells": uns["n_control_cells"]},
         layers=layers, control_layers=control_layers, uns=uns,
     )
-    key = perturbation_key or json.loads(ds.attrs.get("parameters", "{}")).get(
-        "perturbation_key", "perturbation")
     if key not in adata.obs:
         adata.obs.insert(0, key, pd.Categorical(adata.obs_names))
     hvg = [name for name in ds.data_vars if str(name).startswith("hvg_")]
     if hvg:
         table = ds[hvg].to_dataframe().loc[list(ds.gene.values)]
         adata.var = table.rename(columns=lambda c: c.removeprefix("hvg_")).set_axis(adata.var_names)
+    return adata
+
+
+def _context_rows(adata: ad.AnnData, context: str) -> ad.AnnData:
+    """``adata``'s rows as one context's: ``obs["context"]``, names ``CONTEXT/LABEL``."""
+    adata.obs.insert(1, "context", context)
+    adata.obs_names = [f"{context}/{name}" for name in adata.obs_names]
     return adata
 
 

@@ -38,6 +38,8 @@ from .hvg import (
     seurat_v3_clip,
     seurat_v3_select,
 )
+from .groups import GroupTable, group_cells
+from .knockdown import knockdown as knockdown_of, targets_of
 from .labels import assign_groups
 from .params import InputKindOption, PseudobulkParams
 from .budget import PassPlan, plan_pass
@@ -127,6 +129,10 @@ def pseudobulk(
     group_variance: bool = True,
     obs_filter: str | None = None,
     layer: str | None = None,
+    context_key: str | None = None,
+    batch_key: str | None = None,
+    knockdown: bool = True,
+    min_knockdown: float | None = None,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
     memory_limit: int | str | None = None,
@@ -171,6 +177,19 @@ def pseudobulk(
         only its ``False`` ones), inside the same pass.
     layer
         Read ``layers[layer]`` (raw counts, say) instead of ``X``.
+    context_key
+        ``obs`` column of each cell's context (cell line, cell type): groups
+        are (context, perturbation) pairs, each compared with the control
+        cells of its own context; the genes are still selected over all cells.
+    batch_key
+        ``obs`` column of each cell's batch (GEM group, lane, replicate):
+        controls are matched by batch (:mod:`.groups`).
+    knockdown
+        Measure each perturbation's knockdown of its target gene(s) (from its
+        label), where they are measured (:mod:`.knockdown`); stored per row.
+    min_knockdown
+        Drop perturbations whose knockdown is below this (listed in the log
+        and attrs; those without a measured target are kept).
     storage_options
         fsspec options for URLs.
     block_rows
@@ -220,8 +239,12 @@ def pseudobulk(
     screen = open_data(data, storage_options=storage_options, block_rows=block_rows,
                        memory_limit=memory_limit, threads=threads, layer=layer)
     params = PseudobulkParams(
-        perturbation_key, control, resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
-        flavor, target_sum, input, min_cells, group_variance, obs_filter,
+        perturbation_key=perturbation_key, control=control,
+        n_top_genes=resolve_n_top_genes(n_top_genes, screen.n_vars, screen.source),
+        flavor=flavor, target_sum=target_sum, input=input, min_cells=min_cells,
+        group_variance=group_variance, obs_filter=obs_filter, layer=layer,
+        context_key=context_key, batch_key=batch_key, knockdown=knockdown,
+        min_knockdown=min_knockdown,
     )
     kind = resolve_input_kind(screen, input)
     if flavor == "seurat_v3" and kind != "counts":
@@ -232,9 +255,7 @@ def pseudobulk(
     check_exact_sum_range(
         screen.n_obs, np.log1p(target_sum) if kind == "counts" else kernels.LOG1P_MAX, screen.source
     )
-    labels = screen.obs_column(perturbation_key)
-    codes, groups = assign_groups(labels.array, control, column=perturbation_key)
-    left_out = _leave_out_cells(codes, screen, obs_filter, perturbation_key)
+    codes, groups, left_out = _groups_of(screen, params)
     log.info(
         "pseudobulk %s: %d cells x %d genes, %d groups, input %s, %d blocks of %d rows",
         screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
@@ -246,16 +267,20 @@ def pseudobulk(
         plan = PassPlan(chains, plan.slabs)
     log.info("pass plan: %s", plan.describe())
     one_pass = not plan.genes_first
+    targets = targets_of(groups, list(screen.var_names), control) if knockdown else None
     graph = pass_stats(
         screen, codes if one_pass else np.minimum(codes, -1), len(groups) if one_pass else 1,
         kind=kind, target_sum=target_sum, with_group_sumsq=group_variance and one_pass,
         moments=HVG_MOMENTS[flavor], split_every=split_every,
         chains=plan.chains if one_pass else cluster_threads(),
+        targets=targets, target_codes=codes,
     )
     stats = _timed_pass(graph, screen, "streamed pass" if one_pass else "moments pass", progress)
     _raise_on_bad_values(stats.check, screen, kind)
     n_cells = np.bincount(codes[codes >= 0], minlength=len(groups))
-    check_min_cells(dict(zip(groups[1:], n_cells[1:].tolist())), min_cells, screen.source)
+    perturbed = np.flatnonzero(~groups.is_control)
+    check_min_cells(dict(zip(_row_names(groups, perturbed), n_cells[perturbed].tolist())),
+                    min_cells, screen.source)
     hvg = select_genes(stats, screen, params, codes != kernels.NOT_COUNTED,
                        split_every=split_every, progress=progress)
     keep = hvg["highly_variable"].to_numpy()
@@ -264,11 +289,33 @@ def pseudobulk(
     else:
         means, squares = _group_means(screen, codes, plan, kernels.gene_columns(keep), kind,
                                       target_sum, group_variance, progress)
-    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind, left_out=left_out)
+    knocked = None if targets is None else knockdown_of(stats.target_sums, targets, groups,
+                                                         n_cells)
+    ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind, left_out=left_out,
+                  knockdown=knocked)
     ds.attrs["source"] = screen.source
     ds.attrs["n_obs"] = screen.n_obs
     ds.attrs["n_vars"] = screen.n_vars
     return ds if as_xarray else pseudobulk_to_anndata(ds, perturbation_key=perturbation_key)
+
+
+def _groups_of(screen: Screen, params: PseudobulkParams
+               ) -> tuple[np.ndarray, GroupTable, dict[str, int]]:
+    """Each cell's group (:func:`.groups.group_cells`), the groups, and the
+    cells left out of every group, by reason (see :func:`_leave_out_cells`)."""
+    labels = screen.obs_column(params.perturbation_key)
+    codes, names = assign_groups(labels.array, params.control, column=params.perturbation_key)
+    left_out = _leave_out_cells(codes, screen, params.obs_filter, params.perturbation_key)
+    context, batch = (screen.obs_column(key, option=option) if key else None for key, option in
+                      ((params.context_key, "--context-key"), (params.batch_key, "--batch-key")))
+    counted = codes >= 0
+    codes, groups = group_cells(codes, names, context, batch)
+    if context is not None or batch is not None:
+        left_out["no_context_or_batch"] = missing = int(np.count_nonzero(counted & (codes < 0)))
+        if missing:
+            log.warning("%d of %d cells have no context or batch and are left out",
+                        missing, codes.size)
+    return codes, groups, left_out
 
 
 def _leave_out_cells(codes: np.ndarray, screen: Screen, obs_filter: str | None,
@@ -420,30 +467,32 @@ def _raise_on_bad_values(check: kernels.ValueCheck, screen: Screen, kind: str) -
 
 
 def finalize(
-    means: np.ndarray,
-    squares: np.ndarray | None,
+    means: np.ndarray | da.Array,
+    squares: np.ndarray | da.Array | None,
     n_cells: np.ndarray,
-    groups: list[str],
+    groups: GroupTable,
     hvg: pd.DataFrame,
     params: PseudobulkParams,
     *,
     kind: kernels.InputKind,
     left_out: dict[str, int] | None = None,
+    knockdown: np.ndarray | None = None,
 ) -> xr.Dataset:
     """The *finalize* step: group means over the selected genes, delta, as a Dataset.
 
     Parameters
     ----------
     means
-        Mean ``log1p`` expression of every group (the control first) over the
-        selected genes, ``(groups, selected genes)`` (:func:`.kernels.slab_means`).
+        Mean ``log1p`` expression of every group over the selected genes,
+        ``(groups, selected genes)`` (:func:`.kernels.slab_means`).
     squares
-        Mean squares of the same, or ``None`` without group variances; both
+        Mean squares of the same, or ``None`` without group variances; they
         are turned into variances in place.
     n_cells
         Cells per group.
     groups
-        Group names, the control first.
+        The groups (:func:`.groups.group_cells`): which are controls, and
+        which control groups each is compared with.
     hvg
         HVG table indexed by every screen gene, with a ``highly_variable`` column.
     params
@@ -454,29 +503,49 @@ def finalize(
         Cells that counted in no group, by reason; the cells of dropped
         perturbations are added (``dropped_perturbations``) and the whole
         recorded in attrs (``left_out_cells``).
+    knockdown
+        Each group's knockdown (:mod:`.knockdown`), stored per row; rows
+        below ``params.min_knockdown`` are dropped.
+
+    Notes
+    -----
+    ``delta`` of a row is its mean minus its reference, the control groups
+    weighted by :attr:`.GroupTable.reference` (its context's control, per
+    batch); ``control_mean`` is each context's pooled control. With one
+    control group the weights are ones, and ``delta`` is ``mean - control_mean``
+    exactly.
     """
-    if n_cells[0] == 0:
-        raise LabelError(f"no control cells ({params.control!r}) in the screen; "
-                         "pass the control label with --control")
     n = n_cells
     keep = hvg["highly_variable"].to_numpy()
-    small = [g for g, count in zip(groups[1:], n[1:]) if count < params.min_cells]
+    controls = np.flatnonzero(groups.is_control)
+    perturbed = ~groups.is_control
+    small = _row_names(groups, np.flatnonzero(perturbed & (n < params.min_cells)))
     if small:
-        log.warning(
-            "dropping %d perturbations with fewer than %d cells: %s",
-            len(small), params.min_cells, listing(small, 20),
-        )
-    dropped_cells = int(n[1:][n[1:] < params.min_cells].sum())
-    left_out = {**(left_out or {}), "dropped_perturbations": dropped_cells}
-    rows = np.flatnonzero(n >= params.min_cells)
-    rows = rows[rows > 0]
+        log.warning("dropping %d perturbations with fewer than %d cells: %s",
+                    len(small), params.min_cells, listing(small, 20))
+    left_out = {**(left_out or {}),
+                "dropped_perturbations": int(n[perturbed & (n < params.min_cells)].sum())}
+    rows = np.flatnonzero(perturbed & (n >= params.min_cells))
+    rows, weak = _knocked_down(rows, knockdown, params.min_knockdown)
+    if weak.size:
+        left_out["low_knockdown"] = int(n[weak].sum())
+        log.warning("dropping %d perturbations with knockdown below %g: %s", weak.size,
+                    params.min_knockdown, listing(_row_names(groups, weak), 20))
+    pooled = groups.reference[[controls[groups.context[controls] == c][0]
+                               for c in groups.contexts]][:, controls]
+    n_controls = pooled.astype(bool) @ n[controls]
+    control_means = _take_rows(means, controls)
+    context_means = _weighted(pooled, control_means)
     selected = _take_rows(means, rows)
+    per_context = "context" if params.context_key else None
     data_vars = {
         "mean": (("perturbation", "gene"), selected),
-        "delta": (("perturbation", "gene"), selected - means[0]),
+        "delta": (("perturbation", "gene"),
+                  _minus_weighted(selected, groups.reference[rows][:, controls], control_means)),
         "n_cells": ("perturbation", n[rows]),
-        "control_mean": ("gene", means[0]),
-        "n_control_cells": ((), int(n[0])),
+        **({} if knockdown is None else {"knockdown": ("perturbation", knockdown[rows])}),
+        **_per_context({"control_mean": context_means,
+                        "n_control_cells": n_controls}, per_context),
         "highly_variable": ("screen_gene", keep),
         **{
             f"hvg_{column}": ("screen_gene", hvg[column].to_numpy(dtype=np.float64))
@@ -484,16 +553,12 @@ def finalize(
             if column != "highly_variable"
         },
     }
-    if squares is not None:
-        factor = (n / np.maximum(n - 1, 1))[:, None]
-        if isinstance(squares, da.Array):
-            variance = da.map_blocks(_variance_of_copy, squares, means,
-                                     da.from_array(factor, chunks=(squares.chunks[0], 1)),
-                                     dtype=np.float64)
-        else:
-            variance = _variance(squares, means, factor)
-        data_vars["var"] = (("perturbation", "gene"), _take_rows(variance, rows))
-        data_vars["control_var"] = ("gene", variance[0])
+    if squares is not None:  # the controls' pooled squares first: variances are made in place
+        control_var = _pooled_variance(pooled, _take_rows(squares, controls), context_means,
+                                       n_controls)
+        data_vars["var"] = (("perturbation", "gene"),
+                            _take_rows(_group_variance(squares, means, n), rows))
+        data_vars.update(_per_context({"control_var": control_var}, per_context))
     attrs = {
         **PSEUDOBULK.attrs(),
         "genepert_scale_version": __version__,
@@ -501,17 +566,91 @@ def finalize(
         "input_kind": kind,
         "control": params.control,
         "dropped_perturbations": json.dumps(small),
+        "low_knockdown_perturbations": json.dumps(_row_names(groups, weak)),
         "left_out_cells": json.dumps(left_out),
+        "batches_without_controls": json.dumps([list(pair) for pair in groups.unmatched]),
     }
-    return xr.Dataset(
-        data_vars,
-        coords={
-            "perturbation": np.array([groups[i] for i in rows], dtype=object),
-            "gene": np.asarray(hvg.index[keep], dtype=object),
-            "screen_gene": np.asarray(hvg.index, dtype=object),
-        },
-        attrs=attrs,
-    )
+    coords = {
+        "perturbation": groups.perturbation[rows],
+        "gene": np.asarray(hvg.index[keep], dtype=object),
+        "screen_gene": np.asarray(hvg.index, dtype=object),
+    }
+    if per_context:
+        coords["context"] = ("perturbation", groups.context[rows])
+        coords[CONTROL_CONTEXT] = np.asarray(groups.contexts, dtype=object)
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _knocked_down(rows: np.ndarray, knockdown: np.ndarray | None,
+                  min_knockdown: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` without those whose knockdown is below ``min_knockdown``, and those."""
+    if knockdown is None or min_knockdown is None:
+        return rows, rows[:0]
+    weak = knockdown[rows] < min_knockdown  # NaN: no measured target, kept
+    return rows[~weak], rows[weak]
+
+
+#: The dimension of per-context control statistics (``control_mean`` and
+#: ``n_control_cells`` of a store with contexts); each row's is its ``context``.
+CONTROL_CONTEXT = "control_context"
+
+
+def _per_context(variables: dict[str, Any], per_context: str | None) -> dict[str, tuple]:
+    """Per-context variables as the store holds them: over :data:`CONTROL_CONTEXT`
+    with contexts, else the one context's (a gene vector, a count)."""
+    out = {}
+    for name, value in variables.items():
+        extra = tuple(["gene"] if getattr(value, "ndim", 0) == 2 else [])
+        out[name] = ((CONTROL_CONTEXT, *extra), value) if per_context else (
+            extra, value[0] if extra else int(value[0]))
+    return out
+
+
+def _row_names(groups: GroupTable, rows: np.ndarray) -> list[str]:
+    """Names of groups for messages: ``CONTEXT/PERTURBATION`` with contexts."""
+    return [f"{groups.context[g]}/{groups.perturbation[g]}" if groups.context[g]
+            else str(groups.perturbation[g]) for g in rows]
+
+
+def _weighted(weights: sp.csr_matrix, values: np.ndarray | da.Array) -> np.ndarray | da.Array:
+    """``weights @ values`` (``values`` small: the control groups' rows)."""
+    if isinstance(values, da.Array):
+        return da.map_blocks(lambda block: weights @ block, values.rechunk(values.shape),
+                             chunks=((weights.shape[0],), (values.shape[1],)), dtype=np.float64)
+    return weights @ values
+
+
+def _minus_weighted(rows: np.ndarray | da.Array, weights: sp.csr_matrix,
+                    values: np.ndarray | da.Array) -> np.ndarray | da.Array:
+    """``rows - weights @ values``, block by block for a dask ``rows``."""
+    if not isinstance(rows, da.Array):
+        return rows - weights @ values
+
+    def block(part: np.ndarray, small: np.ndarray, block_info=None) -> np.ndarray:
+        first, last = block_info[0]["array-location"][0]
+        return part - weights[first:last] @ small
+
+    return da.map_blocks(block, rows, da.asarray(values).rechunk(values.shape), dtype=np.float64)
+
+
+def _group_variance(squares, means, n: np.ndarray):
+    """Every group's variance from its mean squares (in place for numpy)."""
+    factor = (n / np.maximum(n - 1, 1))[:, None]
+    if isinstance(squares, da.Array):
+        return da.map_blocks(_variance_of_copy, squares, means,
+                             da.from_array(factor, chunks=(squares.chunks[0], 1)),
+                             dtype=np.float64)
+    return _variance(squares, means, factor)
+
+
+def _pooled_variance(pooled: sp.csr_matrix, control_squares, context_means, n: np.ndarray):
+    """Each context's control variance, from its control groups' mean squares
+    pooled by cells (taken before they become variances)."""
+    squares = _weighted(pooled, control_squares)
+    factor = (n / np.maximum(n - 1, 1))[:, None]
+    if isinstance(squares, da.Array):
+        return da.map_blocks(_variance_of_copy, squares, context_means, factor, dtype=np.float64)
+    return _variance(squares.copy(), context_means, factor)
 
 
 def _variance(squares: np.ndarray, means: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -550,6 +689,33 @@ def write_pseudobulk(
     log.info("wrote pseudo-bulk %s (%d perturbations x %d genes)",
              path, ds.sizes["perturbation"], ds.sizes["gene"])
     return path
+
+
+def one_context(ds: xr.Dataset, context: str | None = None,
+                source: str = "the pseudo-bulk") -> xr.Dataset:
+    """The rows of one ``context`` of a store with contexts, in the layout of
+    a store without (``control_mean`` over genes, ``attrs["context"]``);
+    a store without contexts as it is.
+
+    Raises
+    ------
+    ParameterError
+        If the store has several contexts and none (or an unknown one) is
+        given, or a context is given for a store without contexts.
+    """
+    if CONTROL_CONTEXT not in ds.dims:
+        if context is not None:
+            raise ParameterError(f"{source} has no contexts (it was made without "
+                                 "--context-key); drop --context")
+        return ds
+    contexts = [str(c) for c in ds[CONTROL_CONTEXT].values]
+    if context not in contexts:
+        asked = "none was chosen" if context is None else f"not {context!r}"
+        raise ParameterError(f"{source} holds the contexts {listing(contexts, 20)}, {asked}; "
+                             "model one context at a time with --context NAME")
+    rows = np.flatnonzero(ds["context"].values == context)
+    one = ds.isel(perturbation=rows).sel({CONTROL_CONTEXT: context})
+    return one.drop_vars([CONTROL_CONTEXT, "context"]).assign_attrs(context=context)
 
 
 def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from . import _numba_kernels
+from . import _numba_kernels, knockdown
 
 InputKind = Literal["counts", "log1p"]
 
@@ -117,6 +117,8 @@ class PassStats:
         Per-gene moments of each folded block (by field name), by block
         index, until :func:`finish` sums them in block order — so the float
         sums do not depend on how blocks were spread over chains.
+    target_sums
+        The knockdown record (:func:`.knockdown.block_target_sums`), or ``None``.
     """
 
     n_cells: int
@@ -131,6 +133,7 @@ class PassStats:
     gene_raw_sumsq: np.ndarray | None
     check: ValueCheck
     block_moments: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    target_sums: tuple[np.ndarray, np.ndarray] | None = None
 
 
 #: The per-gene moment pairs a fold can sum (each costs a little per stored
@@ -445,6 +448,7 @@ def combine_into(parts: list[PassStats]) -> PassStats:
             if mine is not None:
                 np.add(mine, getattr(part, name), out=mine)
         total.block_moments.update(part.block_moments)
+        total.target_sums = knockdown.add_into(total.target_sums, part.target_sums)
     return total
 
 

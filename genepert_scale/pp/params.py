@@ -47,6 +47,16 @@ class PseudobulkParams:
     obs_filter: str | None = param(
         None, "count only the cells where this boolean obs column is True (~COLUMN: False)", str)
     layer: str | None = param(None, "read this layer instead of X (e.g. counts)", str)
+    context_key: str | None = param(
+        None, "obs column of the cells' context (cell line): each perturbation is compared "
+        "with the controls of its own context", str)
+    batch_key: str | None = param(
+        None, "obs column of the cells' batch (GEM group, lane): controls matched by batch", str)
+    knockdown: bool = param(
+        True, "measure each perturbation's knockdown of its target gene(s), where measured", bool)
+    min_knockdown: float | None = param(
+        None, "drop perturbations whose knockdown is below this (0-1; NaN ones are kept)",
+        (int, float))
 
 
 #: The names of the parameters, in order.

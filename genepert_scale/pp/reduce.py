@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from dask import delayed
 from dask.delayed import Delayed
 
-from . import kernels
+from . import kernels, knockdown
 from ..io.screen import BLOCK_BUFFERS, BlockBuffers, CsrRows, Screen
 
 #: Inputs per combine task of the tree reduction.
@@ -63,6 +64,8 @@ def pass_stats(
     gene_map: np.ndarray | None = None,
     split_every: int = SPLIT_EVERY,
     after: Delayed | None = None,
+    targets: knockdown.Targets | None = None,
+    target_codes: np.ndarray | None = None,
 ) -> Delayed:
     """The lazy one-pass statistics of a screen (a :class:`kernels.PassStats`).
 
@@ -85,6 +88,10 @@ def pass_stats(
         A task that the first fold of every chain waits for (none by default):
         it bounds how many passes hold their accumulators at once
         (:func:`slab_means`).
+    targets, target_codes
+        Also take the knockdown record of these targets
+        (:func:`.knockdown.block_target_sums`), with the cells' group codes
+        ``target_codes`` (default ``codes``).
 
     Notes
     -----
@@ -106,7 +113,10 @@ def pass_stats(
         accs[c] = fold(accs[c], block, codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
                        target_sum=target_sum, with_group_sumsq=with_group_sumsq,
                        moments=moments, gene_map=gene_map, block_index=i,
-                       after=after if i < len(accs) else None)
+                       after=after if i < len(accs) else None,
+                       record=None if targets is None else (
+                           targets, (codes if target_codes is None else target_codes)
+                           [bounds[i] : bounds[i + 1]]))
     # each chain's end frees the idle block buffers before the chains are combined
     accs = [delayed(_free_buffers, pure=True, name="pass-free-buffers")(acc) for acc in accs]
     total = tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
@@ -147,12 +157,21 @@ def block_refs(screen: Screen) -> tuple[np.ndarray, list[BlockRef]]:
     return bounds, refs
 
 
-def _read_and_fold(acc, block: BlockRef, codes, n_groups, after=None,
+def _read_and_fold(acc, block: BlockRef, codes, n_groups, after=None, record=None,
                    **kwargs) -> kernels.PassStats:
     """Read a block (into pooled buffers) and :func:`kernels.fold_block` it
-    into ``acc`` (``after``: a task it waits for, see :func:`pass_stats`)."""
+    into ``acc`` (``after``: a task it waits for, see :func:`pass_stats`),
+    and add its knockdown ``record`` (targets and codes) when asked."""
     with BLOCK_BUFFERS.lease() as buffers:
-        return kernels.fold_block(acc, block.read(buffers), codes, n_groups, **kwargs)
+        data = block.read(buffers)
+        acc = kernels.fold_block(acc, data, codes, n_groups, **kwargs)
+        if record is not None:
+            sums = knockdown.block_target_sums(
+                sp.csr_array(data), record[1], record[0],
+                normalize=kwargs.get("kind", "counts") == "counts",
+                target_sum=kwargs.get("target_sum", 1e4))
+            acc.target_sums = knockdown.add_into(acc.target_sums, sums)
+        return acc
 
 
 def _free_buffers(result: Any) -> Any:

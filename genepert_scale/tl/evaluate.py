@@ -43,7 +43,7 @@ from .embeddings import Features, MissingPolicy, encode, perturbation_genes
 from ..errors import ParameterError
 from .metrics import DE_TOP, METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
 from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
-from ..pp.aggregate import open_pseudobulk
+from ..pp.aggregate import one_context, open_pseudobulk
 from .ridge import (
     DEFAULT_ALPHAS,
     DEFAULT_SELECT_BY,
@@ -230,7 +230,8 @@ def evaluate(
     """
     alphas = check_alphas(alphas)
     select_by = check_select_by(select_by)
-    ds = open_pseudobulk(pseudobulk, storage_options) if isinstance(pseudobulk, str) else pseudobulk
+    ds = one_context(open_pseudobulk(pseudobulk, storage_options)
+                     if isinstance(pseudobulk, str) else pseudobulk)
     plan = EmbeddingPlan(embeddings, storage_options)
     genes = [str(g) for g in ds["gene"].values]
     template = plan.table(genes)

@@ -32,7 +32,7 @@ from .embeddings import (
 from .data_embedding import pca_dims
 from .embedding_checks import check_dimension
 from ..errors import ParameterError
-from ..pp.aggregate import open_pseudobulk
+from ..pp.aggregate import one_context, open_pseudobulk
 from .splits import kfold
 from ..validate import check_folds
 from .ridge import (
@@ -126,7 +126,8 @@ def training_data(
     storage_options: dict[str, Any] | None = None,
 ) -> TrainingData:
     """Open a pseudo-bulk (store or Dataset) and featurize its perturbations."""
-    ds = open_pseudobulk(pseudobulk, storage_options) if isinstance(pseudobulk, str) else pseudobulk
+    ds = one_context(open_pseudobulk(pseudobulk, storage_options)
+                     if isinstance(pseudobulk, str) else pseudobulk)
     table = as_table(embeddings, storage_options)
     names = [str(p) for p in ds["perturbation"].values]
     features = featurize(
