@@ -101,7 +101,7 @@ def fold(module: ModuleType, block, codes, n_groups: int, moments, group_sum=Non
     if group_sum is None:
         group_sum = np.zeros((n_groups, block.shape[1]), np.int64)
     start = time.perf_counter()
-    sums, _ = module.fold_rows(
+    sums, *_ = module.fold_rows(
         block.data, block.indices, block.indptr, codes, normalize=True, target_sum=1e4,
         log1p_max=kernels.LOG1P_MAX, group_sum=group_sum, sum_bits=kernels.SUM_BITS,
         group_sumsq=None, square_bits=kernels.SQUARE_BITS, moments=moments,

@@ -103,3 +103,19 @@ def test_the_rooms_import_on_first_use():
             "gps.tl.fit; assert 'genepert_scale.tl.model' in sys.modules; "
             "assert not hasattr(gps, 'nothing')")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_public_names_stay_functions_when_their_modules_are_imported():
+    import genepert_scale.pl.report  # noqa: F401 - the module named like a function once was
+    import genepert_scale.tl.evaluate  # noqa: F401
+
+    assert callable(gps.tl.evaluate) and callable(gps.pl.write_report)
+    assert gps.tl.evaluate.__module__ == "genepert_scale.tl.evaluate"
+
+
+def test_models_take_the_anndata_form(small_screen):
+    pb = gps.pp.pseudobulk(small_screen[0], n_top_genes=50)
+    ds = gps.pp.pseudobulk(small_screen[0], n_top_genes=50, as_xarray=True)
+    from_anndata = gps.tl.fit(pb, small_screen[1], alphas=[1.0], progress=False)
+    from_dataset = gps.tl.fit(ds, small_screen[1], alphas=[1.0], progress=False)
+    np.testing.assert_allclose(from_anndata.coef, from_dataset.coef, rtol=1e-5, atol=1e-7)

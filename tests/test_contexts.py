@@ -205,3 +205,23 @@ def test_min_knockdown_drops_and_lists_the_weak(papalexi_path):
     assert set(full.perturbation.values) - set(ds.perturbation.values) == set(weak)
     assert sorted(json.loads(ds.attrs["low_knockdown_perturbations"])) == sorted(weak)
     assert np.isnan(ds.knockdown.values).sum() == 16  # no measured target: kept
+
+
+def test_the_compiled_knockdown_record_equals_numpy():
+    from genepert_scale.pp import knockdown
+    from genepert_scale.pp.groups import group_cells
+
+    rng = np.random.default_rng(2)
+    x = sp.random(300, 12, density=0.4, format="csr", random_state=3, dtype=np.float32)
+    x.data = np.floor(x.data * 40)
+    labels = rng.choice(["ctrl", "G1", "G2+G5", "G7", "G3+NOPE"], 300)
+    codes = np.array([["ctrl", "G1", "G2+G5", "G3+NOPE", "G7"].index(v) for v in labels], np.int32)
+    codes[:7] = -1
+    grouped, groups = group_cells(codes, ["ctrl", "G1", "G2+G5", "G3+NOPE", "G7"])
+    targets = knockdown.targets_of(groups, [f"G{i}" for i in range(12)], "ctrl")
+    scales = knockdown.row_scales(x.data, x.indptr, 1e4)
+    compiled, numpy = (knockdown.block_target_sums(sp.csr_array(x), grouped, targets, scales,
+                                                   True, use_numba=flag) for flag in (True, False))
+    for a, b in zip(compiled, numpy):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert compiled[0][groups.perturbation == "G3+NOPE", 1] == 0  # an unmeasured target

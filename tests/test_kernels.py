@@ -268,7 +268,7 @@ data = np.array([1, 3, 2, 70, 5, 1, 4], np.float32)
 indices = np.array([0, 2, 1, 3, 0, 4, 2], np.int32)
 indptr = np.array([0, 2, 4, 4, 7], np.int32)
 group_sum = np.zeros((2, 5), np.int64)
-moments, checks = K.fold_rows(data, indices, indptr, np.array([1, 0, 1, 0], np.int32),
+moments, checks, _ = K.fold_rows(data, indices, indptr, np.array([1, 0, 1, 0], np.int32),
                               normalize=True, target_sum=1e4, log1p_max=30.0,
                               group_sum=group_sum, sum_bits=32, group_sumsq=None,
                               square_bits=24, moments=("normalized",))

@@ -100,6 +100,44 @@ def _context_rows(adata: ad.AnnData, context: str) -> ad.AnnData:
     return adata
 
 
+def anndata_to_pseudobulk(adata: ad.AnnData) -> xr.Dataset:
+    """The Dataset of a pseudo-bulk in its AnnData form (:func:`pseudobulk_to_anndata`,
+    one context), so that models take either form.
+
+    Raises
+    ------
+    ParameterError
+        If ``adata`` is not of that form (no ``is_control`` or ``delta``), or
+        holds several contexts (take the Dataset with ``as_xarray=True`` and
+        choose one with ``one_context``).
+    """
+    meta = adata.uns.get("genepert_scale", {})
+    if "is_control" not in adata.obs or "delta" not in adata.layers:
+        raise ParameterError("this AnnData is not a pseudo-bulk of genepert_scale (no "
+                             "obs['is_control'] or layers['delta']); make one with "
+                             "gps.pp.pseudobulk")
+    if "context" in adata.obs and adata.obs["context"].nunique() > 1:
+        raise ParameterError("this pseudo-bulk holds several contexts; model one at a time: "
+                             "gps.pp.pseudobulk(..., as_xarray=True) and one_context(ds, NAME)")
+    control = adata.obs["is_control"].to_numpy()
+    rows = ~control
+    key = json.loads(meta.get("parameters", "{}")).get("perturbation_key", "perturbation")
+    names = adata.obs[key] if key in adata.obs else adata.obs_names
+    data = {"mean": (("perturbation", "gene"), np.asarray(adata.X[rows], np.float64)),
+            "delta": (("perturbation", "gene"),
+                      np.asarray(adata.layers["delta"][rows], np.float64)),
+            "n_cells": ("perturbation", adata.obs["n_cells"].to_numpy()[rows]),
+            "control_mean": ("gene", np.asarray(adata.X[control][0], np.float64)),
+            "n_control_cells": ((), int(adata.obs["n_cells"].to_numpy()[control][0]))}
+    if "var" in adata.layers:
+        data["var"] = (("perturbation", "gene"), np.asarray(adata.layers["var"][rows], np.float64))
+        data["control_var"] = ("gene", np.asarray(adata.layers["var"][control][0], np.float64))
+    attrs = {k: meta[k] for k in ("parameters", "source", "input_kind") if k in meta}
+    return xr.Dataset(data, coords={"perturbation": np.asarray(names[rows], dtype=object),
+                                    "gene": np.asarray(adata.var_names, dtype=object)},
+                      attrs={**attrs, "control": meta.get("control", "")})
+
+
 def predictions_to_anndata(
     pred_delta: xr.DataArray,
     control_mean: xr.DataArray | np.ndarray,

@@ -10,7 +10,7 @@ _PUBLIC = {
     "best_worst": (".report", "plot_best_worst"),
     "alpha_path": (".report", "plot_alpha_path"),
     "novelty": (".report", "plot_novelty"),
-    "report": (".report", "write_report"),
+    "write_report": (".report", "write_report"),
     "compare_runs": (".compare", "compare_runs"),
 }
 

@@ -194,7 +194,7 @@ def _copy_pair(out, moments, column):
 @jit
 def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p_max,
                group_sum, sum_scale, group_sumsq, square_scale, norm_moments, log_moments,
-               raw_moments, gene_map, checks):
+               raw_moments, gene_map, scales, present, checks):
     # group_sumsq and the moments are arrays or None: numba compiles one
     # version per combination and prunes the branches of the absent ones.
     # Everything a value updates is in its gene's row of `work` (one cache
@@ -220,7 +220,6 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     width = raw_col + (2 if raw_moments is not None else 0)
     work = np.zeros((group_sum.shape[1], _padded_width(width)), np.int64)
     moments = work.view(np.float64)
-    scales, present = _row_scales(data, indptr, normalize, target_sum, checks)
     n_genes = np.uint64(group_sum.shape[1] if gene_map is None else gene_map.size)
     current = -1
     for i in range(order.size):
@@ -327,6 +326,9 @@ def fold_rows(
         and sums of squares, ``(n_genes, 2)``; only these are computed.
     checks
         Counts of suspicious inputs, in ``kernels.CHECKS`` order.
+    scales
+        Each row's normalisation scale (``target_sum`` / its total; 1 for
+        log1p input).
 
     Raises
     ------
@@ -351,8 +353,43 @@ def fold_rows(
     # rows not counted (codes below -1) are not visited; with a gene map,
     # neither are rows in no group (they add nothing)
     order = order[np.searchsorted(codes[order], -1 if gene_map is None else 0):]
+    scales, present = _row_scales(data, indptr, normalize, float(target_sum), checks)
     _fold_rows(data, indices, indptr, codes, order, normalize, float(target_sum),
                float(log1p_max), group_sum, float(2.0**sum_bits), group_sumsq,
                float(2.0**square_bits), *(sums.get(kind) for kind in MOMENT_KINDS),
-               None if gene_map is None else gene_map.astype(np.int64, copy=False), checks)
-    return sums, checks
+               None if gene_map is None else gene_map.astype(np.int64, copy=False),
+               scales, present, checks)
+    return sums, checks, scales
+
+
+@jit
+def target_sums(data, indices, indptr, codes, scales, normalize, group_genes, control_index,
+                slot_of_gene, own, of_controls):
+    """Add each row's normalised expression of its group's target genes
+    (``group_genes``, -1: none) into ``own``, and of every followed gene
+    (``slot_of_gene``) into its control group's row of ``of_controls``: the
+    knockdown record of :mod:`.knockdown`, one sweep over the block's rows."""
+    for row in range(indptr.size - 1):
+        group = codes[row]
+        if group < 0:
+            continue
+        start, stop, _ = _row_span(indptr, row, data.size)
+        control = control_index[group]
+        for k in range(start, stop):
+            gene = indices[k]
+            if gene < 0 or gene >= slot_of_gene.size:
+                continue
+            if control >= 0:
+                slot = slot_of_gene[gene]
+                if slot >= 0:
+                    of_controls[control, slot] += _normalized(data[k], scales[row], normalize)
+                continue
+            for j in range(group_genes.shape[1]):
+                if group_genes[group, j] == gene:
+                    own[group, j] += _normalized(data[k], scales[row], normalize)
+
+
+@jit
+def _normalized(raw, scale, normalize):
+    # as the fold takes it: a count times its row's scale, or expm1 of log1p data
+    return np.float64(raw) * scale if normalize else math.expm1(np.float64(raw))

@@ -28,7 +28,7 @@ from .. import __version__
 
 from . import kernels
 from ..cluster import accumulator_rooms, cluster_threads, compute
-from ..errors import LabelError, ParameterError, StoreError, listing
+from ..errors import ParameterError, StoreError, listing
 from .hvg import (
     FLAVORS,
     Flavor,
@@ -44,7 +44,7 @@ from .labels import assign_groups
 from .params import InputKindOption, PseudobulkParams
 from .budget import PassPlan, plan_pass
 from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
-from ..io.interop import pseudobulk_to_anndata
+from ..io.interop import anndata_to_pseudobulk, pseudobulk_to_anndata
 from ..io.screen import Screen, open_data
 from ..io.encodings import PSEUDOBULK, open_checked
 from ..io.store import write_dataset
@@ -716,6 +716,15 @@ def one_context(ds: xr.Dataset, context: str | None = None,
     rows = np.flatnonzero(ds["context"].values == context)
     one = ds.isel(perturbation=rows).sel({CONTROL_CONTEXT: context})
     return one.drop_vars([CONTROL_CONTEXT, "context"]).assign_attrs(context=context)
+
+
+def pseudobulk_dataset(data: xr.Dataset | ad.AnnData | str,
+                       storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """The one-context Dataset that models read, from a store's path, a
+    Dataset or the AnnData form (:func:`one_context`)."""
+    if isinstance(data, ad.AnnData):
+        return anndata_to_pseudobulk(data)
+    return one_context(open_pseudobulk(data, storage_options) if isinstance(data, str) else data)
 
 
 def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:

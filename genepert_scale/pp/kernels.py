@@ -319,6 +319,8 @@ def fold_block(
     moments: tuple[str, ...] = DEFAULT_MOMENTS,
     block_index: int = 0,
     gene_map: np.ndarray | None = None,
+    targets: knockdown.Targets | None = None,
+    target_codes: np.ndarray | None = None,
     use_numba: bool | None = None,
 ) -> PassStats:
     """The *fold*: normalize + ``log1p`` one block and add it into ``acc``.
@@ -351,21 +353,27 @@ def fold_block(
         -1 (:func:`gene_columns`). No moments can be asked for then, and the
         values of rows in no group are neither read nor checked (a pass
         that already checked them, :mod:`.reduce`).
+    targets, target_codes
+        Also add the block's knockdown record (:mod:`.knockdown`) of these
+        targets, the rows grouped by ``target_codes`` (default ``codes``).
     use_numba
         Force the compiled (``True``) or numpy (``False``) loop; default :data:`USE_NUMBA`.
     """
     block = block if isinstance(block, sp.csr_array | sp.csr_matrix) else sp.csr_array(block)
     n_genes = block.shape[1]
     codes = np.asarray(codes)
+    target_codes = codes if target_codes is None else np.asarray(target_codes)
     counted = int(np.count_nonzero(codes != NOT_COUNTED))
-    if not (USE_NUMBA if use_numba is None else use_numba) and counted < codes.size:
-        block, codes = block[codes != NOT_COUNTED], codes[codes != NOT_COUNTED]
+    compiled = USE_NUMBA if use_numba is None else use_numba
+    if not compiled and counted < codes.size:
+        kept = codes != NOT_COUNTED
+        block, codes, target_codes = block[kept], codes[kept], target_codes[kept]
     data, indices, indptr = block.data, block.indices, block.indptr
     if acc is None:
         n_columns = n_genes if gene_map is None else int(gene_map.max(initial=-1)) + 1
         acc = new_stats(n_groups, n_columns, with_group_sumsq)
-    if USE_NUMBA if use_numba is None else use_numba:
-        pairs, counts = _numba_kernels.fold_rows(
+    if compiled:
+        pairs, counts, scales = _numba_kernels.fold_rows(
             data, indices, indptr, codes, normalize=kind == "counts", target_sum=target_sum,
             log1p_max=LOG1P_MAX, group_sum=acc.group_sum, sum_bits=SUM_BITS,
             group_sumsq=acc.group_sumsq, square_bits=SQUARE_BITS, moments=moments,
@@ -377,11 +385,17 @@ def fold_block(
     else:
         data, indices, indptr, outside = in_range(data, indices, indptr, n_genes)
         check = check_values(data, kind, block_index, outside)
+        scales = knockdown.row_scales(data, indptr, target_sum)
         logged, sums = _moments_numpy(data, indices, indptr, n_genes, kind, target_sum, moments)
         _scatter_numpy(acc.group_sum, logged, indices, indptr, codes, SUM_BITS, gene_map)
         if acc.group_sumsq is not None:
             _scatter_numpy(acc.group_sumsq, logged * logged, indices, indptr, codes,
                            SQUARE_BITS, gene_map)
+    if targets is not None:
+        record = knockdown.block_target_sums(sp.csr_array((data, indices, indptr), block.shape),
+                                             target_codes, targets, scales, kind == "counts",
+                                             compiled)
+        acc.target_sums = knockdown.add_into(acc.target_sums, record)
     acc.n_cells += counted
     acc.check = acc.check.combine(check)
     np.add(acc.group_n, np.bincount(codes[codes >= 0], minlength=n_groups), out=acc.group_n)

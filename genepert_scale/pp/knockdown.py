@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from . import _numba_kernels
 from .groups import GroupTable
 from .labels import parse_label
 
@@ -36,14 +37,15 @@ class Targets:
     ----------
     slot_of_gene
         For each screen gene, its slot among the followed genes, or -1.
-    group_slots
-        ``(groups, MAX_TARGETS)`` slots of each group's targets (-1: none);
-        control groups follow every slot.
+    group_genes, group_slots
+        ``(groups, MAX_TARGETS)`` genes (screen columns) of each group's
+        targets and their slots (-1: none); control groups follow every slot.
     control_index
         Each group's position among the control groups, -1 for the others.
     """
 
     slot_of_gene: np.ndarray
+    group_genes: np.ndarray
     group_slots: np.ndarray
     control_index: np.ndarray
 
@@ -63,50 +65,60 @@ def targets_of(groups: GroupTable, genes: list[str], control: str) -> Targets | 
         return None
     slot_of_gene = np.full(len(genes), -1, np.int32)
     slot_of_gene[followed] = np.arange(len(followed), dtype=np.int32)
-    group_slots = np.full((len(groups), MAX_TARGETS), -1, np.int32)
+    group_genes = np.full((len(groups), MAX_TARGETS), -1, np.int32)
     for g, row in enumerate(wanted):
-        group_slots[g, : len(row)] = slot_of_gene[row]
+        group_genes[g, : len(row)] = row
+    group_slots = np.where(group_genes >= 0, slot_of_gene[np.maximum(group_genes, 0)], -1)
     control_index = np.where(groups.is_control, np.cumsum(groups.is_control) - 1, -1)
-    return Targets(slot_of_gene, group_slots, control_index)
+    return Targets(slot_of_gene, group_genes, group_slots, control_index)
 
 
 def block_target_sums(block: sp.csr_array, codes: np.ndarray, targets: Targets,
-                      normalize: bool, target_sum: float) -> Sums:
+                      scales: np.ndarray, normalize: bool, use_numba: bool) -> Sums:
     """The *chunk*: over one CSR row block, the normalised expression of the
-    followed genes summed by group (:data:`Sums`)."""
-    data, indices, indptr = block.data, block.indices, block.indptr
-    n_groups = targets.group_slots.shape[0]
-    own = np.zeros((n_groups, MAX_TARGETS))
+    followed genes summed by group (:data:`Sums`), each value a count times
+    its row's ``scales`` entry (the fold's), or ``expm1`` of log1p data.
+
+    Perturbed cells add their own targets' values only (a scan of their
+    rows); control cells add every followed gene's.
+    """
+    own = np.zeros((targets.group_slots.shape[0], MAX_TARGETS))
     of_controls = np.zeros((int(targets.control_index.max()) + 1, targets.n_slots))
-    slots = targets.slot_of_gene[indices]
-    entries = np.flatnonzero(slots >= 0)
-    rows = np.searchsorted(indptr, entries, side="right") - 1
-    group = codes[rows]
-    entries, rows, group = entries[group >= 0], rows[group >= 0], group[group >= 0]
-    values = data[entries].astype(np.float64)
-    if normalize:
-        values *= target_sum / _row_totals(data, indptr)[rows]
+    args = (block.data, block.indices, block.indptr, codes, scales)
+    if use_numba:
+        _numba_kernels.target_sums(*args, normalize, targets.group_genes,
+                                   targets.control_index, targets.slot_of_gene, own, of_controls)
     else:
-        values = np.expm1(values)
-    slot = slots[entries]
-    for k in range(MAX_TARGETS):
-        mine = targets.group_slots[group, k] == slot
-        np.add.at(own[:, k], group[mine], values[mine])
-    control = targets.control_index[group]
-    np.add.at(of_controls, (control[control >= 0], slot[control >= 0]), values[control >= 0])
+        _target_sums_numpy(*args, normalize, targets, own, of_controls)
     return own, of_controls
 
 
-def _row_totals(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """Each row's summed counts, exact in float64 (1 for an empty row, as the
-    normalisation takes it)."""
+def _target_sums_numpy(data, indices, indptr, codes, scales, normalize: bool,
+                       targets: Targets, own: np.ndarray, of_controls: np.ndarray) -> None:
+    """The numpy twin of :func:`._numba_kernels.target_sums` (the fallback and
+    the tests' oracle)."""
+    rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+    group = codes[rows]
+    values = data.astype(np.float64) * scales[rows] if normalize else np.expm1(data)
+    counted = group >= 0
+    for k in range(MAX_TARGETS):
+        mine = counted & (targets.group_genes[np.maximum(group, 0), k] == indices)
+        np.add.at(own[:, k], group[mine], values[mine])
+    control = np.where(counted, targets.control_index[np.maximum(group, 0)], -1)
+    slot = targets.slot_of_gene[indices]
+    kept = (control >= 0) & (slot >= 0)
+    np.add.at(of_controls, (control[kept], slot[kept]), values[kept])
+
+
+def row_scales(data: np.ndarray, indptr: np.ndarray, target_sum: float) -> np.ndarray:
+    """Each row's normalisation scale, ``target_sum`` over its total counts
+    (exact in float64; an empty row's total taken as 1), as the fold's."""
     if not data.size:
-        return np.ones(indptr.size - 1)
-    starts = np.minimum(indptr[:-1], data.size - 1)
-    totals = np.add.reduceat(data, starts, dtype=np.float64)
+        return np.full(indptr.size - 1, float(target_sum))
+    totals = np.add.reduceat(data, np.minimum(indptr[:-1], data.size - 1), dtype=np.float64)
     totals[np.diff(indptr) == 0] = 0.0
     totals[totals == 0] = 1.0
-    return totals
+    return target_sum / totals
 
 
 def add_into(total: Sums | None, part: Sums | None) -> Sums | None:

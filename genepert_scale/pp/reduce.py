@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 from dask import delayed
 from dask.delayed import Delayed
 
@@ -114,9 +113,8 @@ def pass_stats(
                        target_sum=target_sum, with_group_sumsq=with_group_sumsq,
                        moments=moments, gene_map=gene_map, block_index=i,
                        after=after if i < len(accs) else None,
-                       record=None if targets is None else (
-                           targets, (codes if target_codes is None else target_codes)
-                           [bounds[i] : bounds[i + 1]]))
+                       targets=targets, target_codes=None if target_codes is None
+                       else target_codes[bounds[i] : bounds[i + 1]])
     # each chain's end frees the idle block buffers before the chains are combined
     accs = [delayed(_free_buffers, pure=True, name="pass-free-buffers")(acc) for acc in accs]
     total = tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
@@ -157,21 +155,12 @@ def block_refs(screen: Screen) -> tuple[np.ndarray, list[BlockRef]]:
     return bounds, refs
 
 
-def _read_and_fold(acc, block: BlockRef, codes, n_groups, after=None, record=None,
+def _read_and_fold(acc, block: BlockRef, codes, n_groups, after=None,
                    **kwargs) -> kernels.PassStats:
     """Read a block (into pooled buffers) and :func:`kernels.fold_block` it
-    into ``acc`` (``after``: a task it waits for, see :func:`pass_stats`),
-    and add its knockdown ``record`` (targets and codes) when asked."""
+    into ``acc`` (``after``: a task it waits for, see :func:`pass_stats`)."""
     with BLOCK_BUFFERS.lease() as buffers:
-        data = block.read(buffers)
-        acc = kernels.fold_block(acc, data, codes, n_groups, **kwargs)
-        if record is not None:
-            sums = knockdown.block_target_sums(
-                sp.csr_array(data), record[1], record[0],
-                normalize=kwargs.get("kind", "counts") == "counts",
-                target_sum=kwargs.get("target_sum", 1e4))
-            acc.target_sums = knockdown.add_into(acc.target_sums, sums)
-        return acc
+        return kernels.fold_block(acc, block.read(buffers), codes, n_groups, **kwargs)
 
 
 def _free_buffers(result: Any) -> Any:

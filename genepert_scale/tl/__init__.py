@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import importlib
 
+# ``evaluate`` is the name of a function and of the module holding it: the
+# function is bound here, so that importing the module later cannot replace it
+from .evaluate import evaluate as evaluate
+
 
 _PUBLIC = {
-    "evaluate": (".evaluate", "evaluate"),
     "fit": (".model", "fit"),
     "predict": (".model", "predict"),
     "load_embeddings": (".embeddings", "load_embeddings"),
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = sorted({*_PUBLIC, "evaluate"})
 
 
 def __getattr__(name: str):

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anndata as ad
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -43,7 +44,7 @@ from .embeddings import Features, MissingPolicy, encode, perturbation_genes
 from ..errors import ParameterError
 from .metrics import DE_TOP, METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
 from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
-from ..pp.aggregate import one_context, open_pseudobulk
+from ..pp.aggregate import pseudobulk_dataset
 from .ridge import (
     DEFAULT_ALPHAS,
     DEFAULT_SELECT_BY,
@@ -168,7 +169,7 @@ def make_split(
 
 
 def evaluate(
-    pseudobulk: xr.Dataset | str,
+    pseudobulk: xr.Dataset | ad.AnnData | str,
     embeddings: Embeddings,
     *,
     split: SplitKind = "kfold",
@@ -193,7 +194,8 @@ def evaluate(
     Parameters
     ----------
     pseudobulk
-        A pseudo-bulk store (path/URL) or Dataset.
+        A pseudo-bulk: a store (path/URL), its Dataset, or its AnnData form
+        (:func:`.pp.pseudobulk`); one context of it (:func:`.pp.aggregate.one_context`).
     embeddings
         Embedding path(s)/URL(s) and ``pca:K`` sources (several are
         concatenated), or a table.
@@ -230,8 +232,7 @@ def evaluate(
     """
     alphas = check_alphas(alphas)
     select_by = check_select_by(select_by)
-    ds = one_context(open_pseudobulk(pseudobulk, storage_options)
-                     if isinstance(pseudobulk, str) else pseudobulk)
+    ds = pseudobulk_dataset(pseudobulk, storage_options)
     plan = EmbeddingPlan(embeddings, storage_options)
     genes = [str(g) for g in ds["gene"].values]
     template = plan.table(genes)

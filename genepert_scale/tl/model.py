@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anndata as ad
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -32,7 +33,7 @@ from .embeddings import (
 from .data_embedding import pca_dims
 from .embedding_checks import check_dimension
 from ..errors import ParameterError
-from ..pp.aggregate import one_context, open_pseudobulk
+from ..pp.aggregate import pseudobulk_dataset
 from .splits import kfold
 from ..validate import check_folds
 from .ridge import (
@@ -117,7 +118,7 @@ def as_gene_map(gene_map: GeneMap, storage_options: dict[str, Any] | None = None
 
 
 def training_data(
-    pseudobulk: xr.Dataset | str,
+    pseudobulk: xr.Dataset | ad.AnnData | str,
     embeddings: Embeddings,
     *,
     missing: MissingPolicy = "drop",
@@ -126,8 +127,7 @@ def training_data(
     storage_options: dict[str, Any] | None = None,
 ) -> TrainingData:
     """Open a pseudo-bulk (store or Dataset) and featurize its perturbations."""
-    ds = one_context(open_pseudobulk(pseudobulk, storage_options)
-                     if isinstance(pseudobulk, str) else pseudobulk)
+    ds = pseudobulk_dataset(pseudobulk, storage_options)
     table = as_table(embeddings, storage_options)
     names = [str(p) for p in ds["perturbation"].values]
     features = featurize(
@@ -181,7 +181,7 @@ def model_rows(data: TrainingData, fold: np.ndarray, solver: Solver, by_pearson:
 
 
 def fit(
-    pseudobulk: xr.Dataset | str,
+    pseudobulk: xr.Dataset | ad.AnnData | str,
     embeddings: Embeddings,
     *,
     alphas: float | Sequence[float] = DEFAULT_ALPHAS,
@@ -200,7 +200,8 @@ def fit(
     Parameters
     ----------
     pseudobulk
-        A pseudo-bulk store (path/URL) or Dataset.
+        A pseudo-bulk: a store (path/URL), its Dataset, or its AnnData form
+        (:func:`.pp.pseudobulk`); one context of it (:func:`.pp.aggregate.one_context`).
     embeddings
         Embedding path(s)/URL(s) (several are concatenated) or a table.
     alphas
