@@ -136,8 +136,8 @@ def _row_scales(data, indptr, normalize, target_sum, checks):
     # In storage order: one sequential sweep over the block, which the
     # processor prefetches, instead of a sum at the start of each row visited
     # in group order (the fold 1.13x faster, bit-identical:
-    # benchmarks/results/2026-12-01-vm-fold-ab.md). Rows with invalid
-    # offsets are counted here, once.
+    # benchmarks/results/2026-12-01-ab-one-block-row-totals.md). Rows with
+    # invalid offsets are counted here, once.
     scales = np.empty(indptr.size - 1)
     present = np.empty(indptr.size - 1, np.uint64)
     for row in range(scales.size):
@@ -165,8 +165,8 @@ def _padded_width(width):
     # numba aligns arrays to 32 bytes: rows of 1, 2 or 4 int64 never straddle
     # two 64-byte cache lines, a row of 3 would a third of the time, so it
     # gets 4 (the default pass: 1M cells 1.07x faster, bit-identical,
-    # benchmarks/results/2026-12-01-vm-ab-aligned.md). Wider rows cannot be
-    # kept inside one line by padding and stay as they are.
+    # benchmarks/results/2026-12-01-ab-work-table-aligned.md). Wider rows
+    # cannot be kept inside one line by padding and stay as they are.
     return 4 if width == 3 else width
 
 
@@ -205,7 +205,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     # The value loop indexes with unsigned integers: numba wraps negative
     # signed indices around, a compare and a select per access that also keep
     # LLVM from vectorising (the fold 1.17x faster, bit-identical:
-    # benchmarks/results/2026-12-01-vm-fold-ab-2.md).
+    # benchmarks/results/2026-12-01-ab-one-block-unsigned-index.md).
     # Gene indices are checked against the genes and row offsets against the
     # values instead: whatever the store holds, every index stays inside the
     # arrays (fold_rows checks the arguments' shapes).
@@ -235,8 +235,8 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
         # The row's table: log1p of the counts it holds, and only those. A
         # row of the 1M-cell benchmark screen holds ~26 of the ~56 counts
         # below its largest one (the fold 1.16x faster, bit-identical:
-        # 2026-12-01-vm-fold-ab-4.md; whole runs 1.09x:
-        # 2026-12-01-vm-ab-session10-table.md, in benchmarks/results/).
+        # 2026-12-01-ab-one-block-row-log1p-table.md; whole runs 1.09x:
+        # 2026-12-01-ab-row-log1p-table.md, in benchmarks/results/).
         while todo:
             held = trailing_zeros(todo)
             todo &= todo - np.uint64(1)
