@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import attach
 
-
-_PUBLIC = {
+__getattr__, __dir__, __all__ = attach(__name__, {
     "read_pseudobulk": ("..pp.aggregate", "open_pseudobulk"),
     "write_pseudobulk": ("..pp.aggregate", "write_pseudobulk"),
     "read_model": ("..tl.ridge", "load_model"),
@@ -15,18 +14,4 @@ _PUBLIC = {
     "export_pseudobulk": (".interop", "export_pseudobulk"),
     "convert_h5ad": (".convert", "convert_h5ad"),
     "open_screen": (".screen", "open_screen"),
-}
-
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    """The public names, imported on first use (so that ``import genepert_scale`` stays light)."""
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attribute = _PUBLIC[name]
-    return getattr(importlib.import_module(module, __name__), attribute)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+})
