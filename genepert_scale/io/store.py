@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anndata as ad
+import dask.array as da
 import fsspec
 import numpy as np
 import xarray as xr
@@ -134,6 +135,8 @@ def write_dataset(
     *,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    chunks_at_once: int | None = None,
+    along: str = "perturbation",
 ) -> str:
     """Write an :class:`xarray.Dataset` as a consolidated zarr store, atomically.
 
@@ -142,21 +145,57 @@ def write_dataset(
     (:data:`.integrity.COMPLETE_CHUNKS_ATTR`), so a chunk lost later is an
     error when read (:func:`open_dataset`), never NaN. ``xarray.open_zarr``
     reads the result.
+
+    With ``chunks_at_once``, the dask arrays along ``along`` are computed and
+    written that many of their chunks at a time (:func:`_write_in_waves`), so
+    that what one chunk's computation holds is released before the next.
     """
     encoding = {
         name: {"compressors": compressors(ds[name].dtype.itemsize)}
         for name in ds.data_vars
         if ds[name].ndim and ds[name].dtype.kind in "fiu"
     }
+    lazy = [name for name in ds.data_vars
+            if along in ds[name].dims and isinstance(ds[name].data, da.Array)]
     with (
         atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp,
         quiet_zarr_warnings(),
     ):
-        ds.assign_attrs({COMPLETE_CHUNKS_ATTR: True}).to_zarr(
-            zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True,
-            encoding=encoding, write_empty_chunks=True,
-        )
+        store = zarr_store(tmp, storage_options, mode="w")
+        ds = ds.assign_attrs({COMPLETE_CHUNKS_ATTR: True})
+        if chunks_at_once and lazy:
+            _write_in_waves(ds, store, encoding, lazy, along, chunks_at_once)
+        else:
+            ds.to_zarr(store, mode="w", consolidated=True, encoding=encoding,
+                       write_empty_chunks=True)
     return path
+
+
+#: Bytes per stored chunk of an array written in waves.
+WAVE_CHUNK_BYTES = 32 * 2**20
+
+
+def _write_in_waves(ds: xr.Dataset, store: Any, encoding: dict[str, dict], lazy: list[str],
+                    along: str, chunks_at_once: int) -> None:
+    """Write ``ds``: its metadata and in-memory arrays first, then its dask
+    arrays ``lazy`` (which share their chunks along ``along``) as region
+    writes of ``chunks_at_once`` dask chunks each, one after another (a
+    stored chunk a region cuts is read and rewritten: the writes never overlap)."""
+    for name in lazy:
+        rows = max(1, WAVE_CHUNK_BYTES // max(ds[name].dtype.itemsize
+                                              * int(np.prod(ds[name].shape[1:])), 1))
+        encoding[name] = {**encoding.get(name, {}),
+                          "chunks": (min(rows, ds.sizes[along]), *ds[name].shape[1:])}
+    ds.to_zarr(store, mode="w", consolidated=True, encoding=encoding, write_empty_chunks=True,
+               compute=False, safe_chunks=False)
+    parts = ds[lazy]
+    parts = parts.drop_vars([name for name in parts.coords if along not in parts[name].dims])
+    bounds = np.cumsum((0, *parts[lazy[0]].chunks[parts[lazy[0]].dims.index(along)]))
+    for first in range(0, bounds.size - 1, chunks_at_once):
+        region = slice(int(bounds[first]), int(bounds[min(first + chunks_at_once,
+                                                             bounds.size - 1)]))
+        parts.isel({along: region}).to_zarr(store, region={along: region}, safe_chunks=False,
+                                            write_empty_chunks=True)
 
 
 def open_dataset(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:

@@ -47,7 +47,7 @@ from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
 from ..io.interop import anndata_to_pseudobulk, pseudobulk_to_anndata
 from ..io.screen import Screen, open_data
 from ..io.encodings import PSEUDOBULK, open_checked
-from ..io.store import write_dataset
+from ..io.store import WAVE_CHUNK_BYTES, write_dataset
 from ..validate import (
     check_choice,
     NTopGenes,
@@ -65,8 +65,7 @@ HVG_MOMENTS = {"seurat": ("normalized",), "cell_ranger": ("log1p",), "seurat_v3"
 
 
 
-#: Bytes per chunk of a lazily computed output's rows (:func:`_group_means`).
-OUTPUT_CHUNK_BYTES = 32 * 2**20
+
 
 
 def _sample_values(screen: Screen, sample_rows: int = 2000) -> np.ndarray:
@@ -365,12 +364,12 @@ def _group_means(
     progress: bool,
 ) -> tuple[Any, Any]:
     """Group means (and mean squares) over the genes of ``gene_map``, by the
-    slabs of ``plan`` (:func:`.reduce.slab_means`), as dask arrays of
-    :data:`OUTPUT_CHUNK_BYTES` row chunks.
+    slabs of ``plan`` (:func:`.reduce.slab_means`), as dask arrays.
 
-    One slab is computed here, and its outputs (rows taken, delta) are
-    computed chunk by chunk from it as they are written. Several slabs stay
-    lazy, computed as the output is written (:func:`write_pseudobulk`): the
+    One slab is computed here, in row chunks of :data:`.io.store.WAVE_CHUNK_BYTES`
+    from which its outputs (rows taken, delta) are computed as they are
+    written. Several slabs stay lazy, a chunk per slab, computed as the
+    output is written, a few slabs at a time (:func:`write_pseudobulk`): the
     whole ``(groups × genes)`` output is never in memory.
     """
     one_slab = len(plan.slabs) == 1
@@ -378,19 +377,24 @@ def _group_means(
                        with_group_sumsq=group_variance, chains=plan.chains if one_slab else 1,
                        concurrent=1 if one_slab else plan.chains)
     n_selected = int(gene_map.max()) + 1
-    chunks = (max(1, OUTPUT_CHUNK_BYTES // (8 * n_selected)), n_selected)
+    chunks = (max(1, WAVE_CHUNK_BYTES // (8 * n_selected)), n_selected)
     if one_slab:
         means, squares = _timed_pass(parts, screen, "group-sum pass", progress)[0]
         return (da.from_array(means, chunks=chunks),
                 None if squares is None else da.from_array(squares, chunks=chunks))
 
+    first = _timed_pass(parts[:1], screen, "group-sum pass of the first slab (the controls)",
+                        progress)[0]
+
     def stacked(item: int) -> da.Array:
         slabs = [da.from_delayed(delayed(operator.getitem, pure=True)(part, item),
-                                 (stop - first, n_selected), np.float64)
-                 for part, (first, stop) in zip(parts, plan.slabs)]
-        return da.concatenate(slabs).rechunk(chunks)
+                                 (stop - start, n_selected), np.float64)
+                 for part, (start, stop) in zip(parts[1:], plan.slabs[1:])]
+        # a chunk per slab: written a few slabs at a time (write_pseudobulk)
+        return da.concatenate([da.from_array(first[item], chunks=first[item].shape), *slabs])
 
-    log.info("group sums in %d slabs: computed as the output is written", len(plan.slabs))
+    log.info("group sums in %d slabs: the first computed, the others as the output is written",
+             len(plan.slabs))
     return stacked(0), stacked(1) if group_variance else None
 
 
@@ -534,8 +538,8 @@ def finalize(
     pooled = groups.reference[[controls[groups.context[controls] == c][0]
                                for c in groups.contexts]][:, controls]
     n_controls = pooled.astype(bool) @ n[controls]
-    control_means = _take_rows(means, controls)
-    context_means = _weighted(pooled, control_means)
+    control_means = _in_memory(_take_rows(means, controls))
+    context_means = pooled @ control_means
     selected = _take_rows(means, rows)
     per_context = "context" if params.context_key else None
     data_vars = {
@@ -554,8 +558,8 @@ def finalize(
         },
     }
     if squares is not None:  # the controls' pooled squares first: variances are made in place
-        control_var = _pooled_variance(pooled, _take_rows(squares, controls), context_means,
-                                       n_controls)
+        control_var = _pooled_variance(pooled, _in_memory(_take_rows(squares, controls)),
+                                       context_means, n_controls)
         data_vars["var"] = (("perturbation", "gene"),
                             _take_rows(_group_variance(squares, means, n), rows))
         data_vars.update(_per_context({"control_var": control_var}, per_context))
@@ -612,25 +616,23 @@ def _row_names(groups: GroupTable, rows: np.ndarray) -> list[str]:
             else str(groups.perturbation[g]) for g in rows]
 
 
-def _weighted(weights: sp.csr_matrix, values: np.ndarray | da.Array) -> np.ndarray | da.Array:
-    """``weights @ values`` (``values`` small: the control groups' rows)."""
-    if isinstance(values, da.Array):
-        return da.map_blocks(lambda block: weights @ block, values.rechunk(values.shape),
-                             chunks=((weights.shape[0],), (values.shape[1],)), dtype=np.float64)
-    return weights @ values
+def _in_memory(rows: np.ndarray | da.Array) -> np.ndarray:
+    """The control groups' rows as numpy: they are in the first slab, which
+    :func:`_group_means` computes before the others (a slice of it, no pass)."""
+    return rows.compute() if isinstance(rows, da.Array) else rows
 
 
 def _minus_weighted(rows: np.ndarray | da.Array, weights: sp.csr_matrix,
-                    values: np.ndarray | da.Array) -> np.ndarray | da.Array:
+                    values: np.ndarray) -> np.ndarray | da.Array:
     """``rows - weights @ values``, block by block for a dask ``rows``."""
     if not isinstance(rows, da.Array):
         return rows - weights @ values
 
-    def block(part: np.ndarray, small: np.ndarray, block_info=None) -> np.ndarray:
+    def block(part: np.ndarray, block_info=None) -> np.ndarray:
         first, last = block_info[0]["array-location"][0]
-        return part - weights[first:last] @ small
+        return part - weights[first:last] @ values
 
-    return da.map_blocks(block, rows, da.asarray(values).rechunk(values.shape), dtype=np.float64)
+    return da.map_blocks(block, rows, dtype=np.float64)
 
 
 def _group_variance(squares, means, n: np.ndarray):
@@ -643,14 +645,12 @@ def _group_variance(squares, means, n: np.ndarray):
     return _variance(squares, means, factor)
 
 
-def _pooled_variance(pooled: sp.csr_matrix, control_squares, context_means, n: np.ndarray):
+def _pooled_variance(pooled: sp.csr_matrix, control_squares: np.ndarray,
+                     context_means: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Each context's control variance, from its control groups' mean squares
     pooled by cells (taken before they become variances)."""
-    squares = _weighted(pooled, control_squares)
     factor = (n / np.maximum(n - 1, 1))[:, None]
-    if isinstance(squares, da.Array):
-        return da.map_blocks(_variance_of_copy, squares, context_means, factor, dtype=np.float64)
-    return _variance(squares.copy(), context_means, factor)
+    return _variance(pooled @ control_squares, context_means, factor)
 
 
 def _variance(squares: np.ndarray, means: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -668,13 +668,11 @@ def _variance_of_copy(squares: np.ndarray, means: np.ndarray, factor: np.ndarray
 
 
 def _take_rows(matrix: np.ndarray | da.Array, rows: np.ndarray) -> np.ndarray | da.Array:
-    """``matrix[rows]``, as a view when ``rows`` is a contiguous range; a dask
-    array keeps its row chunks' size (as zarr needs: all equal but the last)."""
+    """``matrix[rows]``, as a view when ``rows`` is a contiguous range (a dask
+    array keeps a chunk for each of its chunks)."""
     if rows.size and rows[-1] - rows[0] + 1 == rows.size:
-        taken = matrix[rows[0] : rows[-1] + 1]
-    else:
-        taken = matrix[rows]
-    return taken.rechunk(matrix.chunksize) if isinstance(taken, da.Array) else taken
+        return matrix[rows[0] : rows[-1] + 1]
+    return matrix[rows]
 
 
 def write_pseudobulk(
@@ -684,8 +682,11 @@ def write_pseudobulk(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """Write a pseudo-bulk Dataset to a zarr store, atomically."""
-    write_dataset(ds, path, overwrite=overwrite, storage_options=storage_options)
+    """Write a pseudo-bulk Dataset to a zarr store, atomically; a lazy one
+    (group slabs) as many slabs at a time as there are threads, each slab's
+    rows written before the next slabs are computed."""
+    write_dataset(ds, path, overwrite=overwrite, storage_options=storage_options,
+                  chunks_at_once=cluster_threads())
     log.info("wrote pseudo-bulk %s (%d perturbations x %d genes)",
              path, ds.sizes["perturbation"], ds.sizes["gene"])
     return path

@@ -8,9 +8,11 @@ perturbation's reference is the mean of its batches' controls weighted by
 its own cells in each batch: ``delta_p = Σ_b (n_pb / n_p)(mean_pb − control_b)``,
 so batch effects cancel (as Replogle et al. match controls by GEM group).
 
-Groups are ordered by context; within one, its control groups (one per
-batch) come first, then its perturbations by name. Without contexts or
-batches there is one control group, first, as in a screen of one population.
+Groups are ordered with every control group first (by context, then batch),
+then the perturbations by context and name: a pass that holds only some
+groups at a time (group slabs) finds all the controls in its first slab.
+Without contexts or batches there is one control group, first, as in a
+screen of one population.
 """
 
 from __future__ import annotations
@@ -102,14 +104,15 @@ def group_cells(
     counted = (codes >= 0) & (context_codes >= 0) & (batch_codes >= 0)
     control = codes == 0
     n_names, n_batches = len(names), len(batches)
-    key = ((context_codes.astype(np.int64) * 2 + ~control) * n_names + codes) * n_batches
-    key += np.where(control, batch_codes, 0)
+    n_contexts = len(contexts)
+    key = (((~control).astype(np.int64) * n_contexts + context_codes) * n_names + codes)
+    key = key * n_batches + np.where(control, batch_codes, 0)
     unique, inverse = np.unique(key[counted], return_inverse=True)
     grouped = np.where(codes < 0, codes, -1).astype(np.int32)
     grouped[counted] = inverse
     rest, group_batch = np.divmod(unique, n_batches)
     rest, perturbation = np.divmod(rest, n_names)
-    group_context, perturbed = np.divmod(rest, 2)
+    perturbed, group_context = np.divmod(rest, n_contexts)
     table = GroupTable(
         perturbation=np.array([names[p] for p in perturbation], dtype=object),
         context=np.array([contexts[c] for c in group_context], dtype=object),
