@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-baseline", type=int, default=PCA_BASELINE_K, metavar="K",
                    help="K of the pca_ridge baseline (ridge on pca:K gene embeddings of each fold's "
                         "training deltas, for perturbations of measured genes); 0: none (default: %(default)s)")
+    p.add_argument("--exclude-targets", action="store_true",
+                   help="leave each perturbation's own target genes out of its metrics "
+                        "(the Virtual Cell Challenge's convention)")
     p.add_argument("--out", required=True, help="report directory")
 
     p = sub.add_parser("compare", parents=[parent], help="merge several evaluation reports into one table")
@@ -304,7 +307,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(_pseudobulk_input(args), args.embeddings, split=args.split,
                       split_file=args.split_file, test_share=args.test_share,
-                      pca_baseline=args.pca_baseline or None, **model_options(args))
+                      pca_baseline=args.pca_baseline or None, exclude_targets=args.exclude_targets,
+                      **model_options(args))
     print(summary_table(result.summary))
     written = write_report(result, args.out, overwrite=args.overwrite,
                            storage_options=_storage_options(args.storage_options))
