@@ -20,6 +20,7 @@ training perturbations, so test data never shapes the features.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +104,9 @@ class Evaluation:
         ``model``, ``subgroup``, ``novelty`` and every metric.
     predictions
         Held-out predictions ``prediction`` (model × perturbation × gene), the
-        true ``delta`` and the ``fold`` of every test perturbation.
+        true ``delta`` and the ``fold`` of every test perturbation, the
+        ``control_mean``, and in attrs (``pseudobulk_run``, JSON) what the
+        pseudo-bulk records of its run (:func:`.pp.params.recorded_run`).
     folds
         The split: ``perturbation``, ``fold`` (−1: training only, or left
         out), ``group`` (of the ridge statistics; ``fold`` for test
@@ -303,9 +306,11 @@ def evaluate(
             "prediction": (("model", "perturbation", "gene"), prediction[:, tested]),
             "delta": (("perturbation", "gene"), X[tested].astype(np.float32)),
             "fold": ("perturbation", fold[tested]),
+            "control_mean": ("gene", data.control_mean),
         },
         coords={"model": np.asarray(models, dtype=object), "perturbation": names[tested],
                 "gene": np.asarray(data.genes, dtype=object)},
+        attrs={"pseudobulk_run": json.dumps(data.run)},
     )
     folds_table = pd.DataFrame({"perturbation": names, "fold": fold, "group": the_split.group,
                                 "subgroup": subgroup, "novelty": novelty})
@@ -315,7 +320,7 @@ def evaluate(
         "pseudobulk": pseudobulk if isinstance(pseudobulk, str) else None,
         "embedding": list(template.sources), "n_perturbations": data.n,
         "n_test_perturbations": int(tested.sum()), "n_genes": len(data.genes),
-        "embedding_dim": data.features.dim,
+        "embedding_dim": data.features.dim, "pseudobulk_run": data.run,
         "subgroup_sizes": {str(k): int(v) for k, v in pd.Series(subgroup[tested]).value_counts().items()},
         "bootstrap": {"n_resamples": n_resamples, "seed": seed, "confidence": 0.95},
     }
