@@ -15,6 +15,7 @@ _PUBLIC = {
     "export_pseudobulk": (".interop", "export_pseudobulk"),
     "convert_h5ad": (".convert", "convert_h5ad"),
     "open_screen": (".screen", "open_screen"),
+    "export_cell_eval": (".celleval", "export_cell_eval"),
 }
 
 __all__ = sorted(_PUBLIC)
