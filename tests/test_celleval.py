@@ -134,6 +134,29 @@ def test_another_screen_or_model_is_refused(evaluated, tmp_path):
         export_cell_eval(evaluation, screen, str(tmp_path / "b"), model="nope")
 
 
+def test_one_context_exports_its_own_cells(tmp_path):
+    from genepert_scale.pp.aggregate import one_context
+
+    adata = labelled_screen(seed=4, n_cells=1600)
+    adata.obs["line"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 3 == 0, "L2", "L1"))
+    screen = str(tmp_path / "screen.zarr")
+    adata.write_zarr(screen)
+    both = pseudobulk(screen, perturbation_key="condition", control="ctrl", n_top_genes=20,
+                      context_key="line", as_xarray=True)
+    emb = tmp_path / "emb.pkl"
+    rng = np.random.default_rng(1)
+    emb.write_bytes(pickle.dumps({f"G{i}": list(rng.normal(size=6)) for i in range(N_GENES)}))
+    result = evaluate(one_context(both, "L1"), str(emb), n_folds=3, alphas=0.1, knn_k=(1,),
+                      pca_baseline=None, progress=False)
+    evaluation = write_report(result, str(tmp_path / "evaluation"))
+    out = export_cell_eval(evaluation, screen, str(tmp_path / "export"))
+    real = ad.read_h5ad(f"{out}/real.h5ad")
+    in_line = adata.obs_names[(adata.obs["line"] == "L1").to_numpy()]
+    assert list(real.obs_names) == list(in_line)
+    info = real.uns["genepert_scale"]
+    assert info["context"] == "L1" and info["max_delta_difference"] < 1e-5  # its own controls
+
+
 def cell_eval_command() -> list[str]:
     """``cell-eval`` beside this Python, or its module."""
     executable = shutil.which("cell-eval", path=str(sys.executable).rsplit("/", 1)[0])
