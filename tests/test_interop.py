@@ -77,7 +77,8 @@ def test_predictions_export_reads_back_with_scanpy(pb, tmp_path):
     assert list(back.obs["condition"]) == ["ctrl", "GENEA+ctrl", "GENEB+GENEC"]
     assert list(back.obs["fold"].iloc[1:]) == [0, 3]
     expected = pb.control_mean.sel(gene=genes).values + delta.values
-    np.testing.assert_allclose(back[names].X, expected, rtol=1e-6)
+    np.testing.assert_allclose(back[names].X, np.maximum(expected, 0), rtol=1e-6)  # clipped at zero
+    assert back.uns["genepert_scale"]["clipped"]["n_values"] == (expected < 0).sum()
     np.testing.assert_allclose(back[names].layers["delta"], delta.values, rtol=1e-6)
     assert back.uns["genepert_scale"]["model"] == "genepert_ridge"
 

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-baseline", type=int, default=PCA_BASELINE_K, metavar="K",
                    help="K of the pca_ridge baseline (ridge on pca:K gene embeddings of each fold's "
                         "training deltas, for perturbations of measured genes); 0: none (default: %(default)s)")
+    p.add_argument("--exclude-targets", action="store_true",
+                   help="leave each perturbation's own target genes out of its metrics "
+                        "(the Virtual Cell Challenge's convention)")
     p.add_argument("--out", required=True, help="report directory")
 
     p = sub.add_parser("compare", parents=[parent], help="merge several evaluation reports into one table")
@@ -174,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write a pseudo-bulk store as AnnData (.h5ad)")
     p.add_argument("pseudobulk", help="pseudo-bulk zarr store")
     p.add_argument("out", help="output .h5ad")
+
+    p = sub.add_parser("export-cell-eval", parents=[parent],
+                       help="write an evaluation's held-out predictions and the screen's cells as the "
+                            "pred.h5ad and real.h5ad that cell-eval scores")
+    p.add_argument("evaluation", help="directory written by 'evaluate --out'")
+    p.add_argument("screen", help="the screen its pseudo-bulk was made from (zarr store or .h5ad)")
+    p.add_argument("--model", default="genepert_ridge", help="the model to export (default: %(default)s)")
+    p.add_argument("--block-rows", type=int, help="rows per block read from the screen (default: auto)")
+    p.add_argument("--out", required=True, help="output directory: pred.h5ad, real.h5ad")
 
     p = sub.add_parser("embed-text", parents=[parent],
                        help="embed gene summaries with a sentence-transformers model (text extra)")
@@ -304,7 +317,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(_pseudobulk_input(args), args.embeddings, split=args.split,
                       split_file=args.split_file, test_share=args.test_share,
-                      pca_baseline=args.pca_baseline or None, **model_options(args))
+                      pca_baseline=args.pca_baseline or None, exclude_targets=args.exclude_targets,
+                      **model_options(args))
     print(summary_table(result.summary))
     written = write_report(result, args.out, overwrite=args.overwrite,
                            storage_options=_storage_options(args.storage_options))
@@ -434,6 +448,22 @@ def _export_pseudobulk(args: argparse.Namespace) -> int:
 
     print(export_pseudobulk(args.pseudobulk, args.out, overwrite=args.overwrite,
                             storage_options=_storage_options(args.storage_options)))
+    return 0
+
+
+@command("export-cell-eval")
+def _export_cell_eval(args: argparse.Namespace) -> int:
+    from ..io.celleval import PRED, REAL, export_cell_eval, read_held_out
+
+    options = _storage_options(args.storage_options)
+    out = export_cell_eval(args.evaluation, args.screen, args.out, model=args.model,
+                           overwrite=args.overwrite, storage_options=options,
+                           block_rows=args.block_rows,
+                           memory_limit=None if args.memory_limit in (None, "auto") else args.memory_limit)
+    held = read_held_out(args.evaluation, args.model, options)
+    print(f"{out}\nscore it with: cell-eval run -ap {out}/{PRED} -ar {out}/{REAL} "
+          f"--control-pert {shlex.quote(held.control)} --pert-col {shlex.quote(held.perturbation_key)} "
+          "--profile anndata")
     return 0
 
 

@@ -14,4 +14,5 @@ __getattr__, __dir__, __all__ = attach(__name__, {
     "export_pseudobulk": (".interop", "export_pseudobulk"),
     "convert_h5ad": (".convert", "convert_h5ad"),
     "open_screen": (".screen", "open_screen"),
+    "export_cell_eval": (".celleval", "export_cell_eval"),
 })

@@ -5,6 +5,9 @@ GEARS-style evaluation).
 Both put one row per perturbation, the control first, with a GEARS-style
 ``condition`` column (``A+ctrl``, ``A+B``, ``ctrl``); ``X`` holds expression
 means (log-normalised) and the layer ``delta`` the change vs control.
+Predictions keep the screen's labels (``obs[perturbation_key]`` and the
+index, the control row named by the screen's control label) and never hold
+negative expression.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def predictions_to_anndata(
     control_mean: xr.DataArray | np.ndarray,
     *,
     control: str = GEARS_CONTROL,
+    perturbation_key: str = "perturbation",
     uns: dict[str, Any] | None = None,
 ) -> ad.AnnData:
     """Predicted deltas as AnnData: predicted expression and delta per perturbation.
@@ -155,15 +159,24 @@ def predictions_to_anndata(
     control_mean
         Control mean per gene; a DataArray is aligned on ``gene``.
     control
-        Name of the control row (``obs_names``); its ``condition`` is ``ctrl``.
+        The screen's control label: the name of the control row.
+    perturbation_key
+        The screen's label column: ``obs[perturbation_key]`` holds the labels
+        (the index too), so that tools comparing with the screen's cells
+        (cell-eval) find the same labels. When it is ``condition``, GEARS'
+        column is named ``gears_condition``.
     uns
         Extra entries for ``uns["genepert_scale"]`` (model, alpha, ...).
 
     Returns
     -------
     anndata.AnnData
-        ``X`` = control mean + predicted delta (the control row: the control
-        mean), layer ``delta``, ``obs`` with ``condition`` and ``is_control``.
+        ``X`` = control mean + predicted delta, clipped at zero (log-expression
+        is never negative; ``uns["genepert_scale"]["clipped"]`` counts the
+        values raised to zero and gives the lowest one before), the control row
+        first (the control mean); layer ``delta`` the model's delta as
+        predicted; ``obs`` with the labels, GEARS' ``condition`` and
+        ``is_control``.
     """
     if set(pred_delta.dims) != {"perturbation", "gene"}:
         raise ParameterError(
@@ -171,6 +184,28 @@ def predictions_to_anndata(
         )
     pred_delta = pred_delta.transpose("perturbation", "gene")
     genes = pred_delta.gene.values
+    base = _aligned_control_mean(control_mean, genes)
+    delta = np.asarray(pred_delta.values, dtype=np.float64)
+    expression, clipped = clip_at_zero(base + delta)
+    obs = {
+        str(name): coord.values
+        for name, coord in pred_delta.coords.items()
+        if coord.dims == ("perturbation",) and name != "perturbation"
+    }
+    adata = _with_control_row(
+        expression, base, perturbations=pred_delta.perturbation.values, genes=genes,
+        control=control, obs=obs, control_obs={},
+        layers={"delta": delta}, control_layers={"delta": np.zeros(len(genes))},
+        uns={**(uns or {}), "perturbation_key": perturbation_key, "clipped": clipped},
+    )
+    if perturbation_key == "condition":
+        adata.obs = adata.obs.rename(columns={"condition": "gears_condition"})
+    adata.obs.insert(0, perturbation_key, pd.Categorical(adata.obs_names))
+    return adata
+
+
+def _aligned_control_mean(control_mean: xr.DataArray | np.ndarray, genes: np.ndarray) -> np.ndarray:
+    """The control mean of ``genes``, float64; a DataArray is aligned on ``gene``."""
     if isinstance(control_mean, xr.DataArray):
         missing = np.setdiff1d(genes, control_mean.gene.values)
         if missing.size:
@@ -181,18 +216,25 @@ def predictions_to_anndata(
     base = np.asarray(control_mean, dtype=np.float64)
     if base.shape != (len(genes),):
         raise ParameterError(f"control mean has shape {base.shape}, expected ({len(genes)},)")
-    delta = np.asarray(pred_delta.values, dtype=np.float64)
-    obs = {
-        str(name): coord.values
-        for name, coord in pred_delta.coords.items()
-        if coord.dims == ("perturbation",) and name != "perturbation"
-    }
-    return _with_control_row(
-        base + delta, base, perturbations=pred_delta.perturbation.values, genes=genes,
-        control=control, obs=obs, control_obs={},
-        layers={"delta": delta}, control_layers={"delta": np.zeros(len(genes))},
-        uns=dict(uns or {}),
-    )
+    return base
+
+
+def clip_at_zero(expression: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Predicted log-expression clipped at zero, and what was clipped.
+
+    Returns
+    -------
+    clipped
+        ``max(expression, 0)``, a new array.
+    record
+        ``n_values`` (values raised to zero), ``of`` (all values) and
+        ``min_before`` (the lowest value before, ``None`` when nothing was clipped).
+    """
+    negative = expression < 0
+    n = int(np.count_nonzero(negative))
+    record = {"n_values": n, "of": int(expression.size),
+              "min_before": float(expression[negative].min()) if n else None}
+    return np.maximum(expression, 0.0), record
 
 
 def _with_control_row(

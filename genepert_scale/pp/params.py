@@ -10,6 +10,8 @@ made from it, and a run records it in the output's attrs.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -61,3 +63,35 @@ class PseudobulkParams:
 
 #: The names of the parameters, in order.
 PARAMETERS = tuple(f.name for f in fields(PseudobulkParams))
+
+
+def recorded_run(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a pseudo-bulk's attrs say of the run that made it, for the steps
+    downstream (``fit``, ``evaluate``, ``export-cell-eval``) to carry along.
+
+    Parameters
+    ----------
+    attrs
+        The attrs of a pseudo-bulk Dataset or store (``parameters`` as JSON,
+        ``input_kind``, ``control``, ``source``; ``context`` for one context
+        of a store with contexts).
+
+    Returns
+    -------
+    dict
+        ``perturbation_key`` and ``control`` (the screen's label column and
+        control label), ``input_kind``, ``context``, ``source`` and every
+        :class:`PseudobulkParams` field under ``parameters``; a value the
+        attrs lack is ``None`` (``perturbation_key``: ``"perturbation"``).
+    """
+    text = attrs.get("parameters")
+    parameters = json.loads(text) if isinstance(text, str) else dict(text or {})
+    control = attrs.get("control", parameters.get("control"))
+    return {
+        "perturbation_key": str(parameters.get("perturbation_key") or "perturbation"),
+        "control": None if control is None else str(control),
+        "input_kind": attrs.get("input_kind"),
+        "context": attrs.get("context"),
+        "source": attrs.get("source"),
+        "parameters": parameters,
+    }

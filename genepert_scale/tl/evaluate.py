@@ -20,6 +20,7 @@ training perturbations, so test data never shapes the features.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,14 @@ from .data_embedding import PCA_BASELINE_K, PCA_PREFIX, EmbeddingPlan, with_tabl
 from ..pp.de import top_de_genes
 from .embeddings import Features, MissingPolicy, encode, perturbation_genes
 from ..errors import ParameterError
-from .metrics import DE_TOP, METRICS, centroid_accuracy, discrimination_score, perturbation_metrics
+from .metrics import (
+    DE_TOP,
+    METRICS,
+    centroid_accuracy,
+    discrimination_score,
+    perturbation_metrics,
+    without_genes,
+)
 from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
 from ..pp.aggregate import pseudobulk_dataset
 from .ridge import (
@@ -97,7 +105,9 @@ class Evaluation:
         ``model``, ``subgroup``, ``novelty`` and every metric.
     predictions
         Held-out predictions ``prediction`` (model × perturbation × gene), the
-        true ``delta`` and the ``fold`` of every test perturbation.
+        true ``delta`` and the ``fold`` of every test perturbation, the
+        ``control_mean``, and in attrs (``pseudobulk_run``, JSON) what the
+        pseudo-bulk records of its run (:func:`.pp.params.recorded_run`).
     folds
         The split: ``perturbation``, ``fold`` (−1: training only, or left
         out), ``group`` (of the ridge statistics; ``fold`` for test
@@ -184,6 +194,7 @@ def evaluate(
     knn_k: Sequence[int] = KNN_K,
     pca_baseline: int | None = PCA_BASELINE_K,
     n_resamples: int = N_RESAMPLES,
+    exclude_targets: bool = False,
     solver: Solver = "auto",
     block_size: int = BLOCK_SIZE,
     storage_options: dict[str, Any] | None = None,
@@ -227,6 +238,11 @@ def evaluate(
         embeddings are already data-derived.
     n_resamples
         Bootstrap resamples of the confidence intervals.
+    exclude_targets
+        Leave each perturbation's own target genes (those of its label that
+        are measured) out of its metrics, as the Virtual Cell Challenge does:
+        their knock-down is no prediction of the response. The
+        discrimination score leaves them out always.
     solver, block_size, storage_options, progress
         See :func:`.model.fit`.
     """
@@ -277,10 +293,12 @@ def evaluate(
             novelty[test] = nearest_distance(similarity)
             subgroup[test] = subgroups(names, test, train)[test]
             fits.append(fit)
+    targets = target_genes(names[tested], genes)
+    left_out = targets if exclude_targets else None
     per_perturbation = metrics_table(
         prediction[:, tested], X[tested], models, names[tested], fold[tested],
-        centroid=centroid[tested], exclude=target_genes(names[tested], genes),
-        ttest_genes=ttest_de_genes(ds, names[tested]),
+        centroid=centroid[tested], exclude=targets, left_out=left_out,
+        ttest_genes=ttest_de_genes(ds, names[tested], left_out),
     )
     per_perturbation.insert(3, "subgroup", np.tile(subgroup[tested], len(models)))
     per_perturbation.insert(4, "novelty", np.tile(novelty[tested], len(models)))
@@ -289,19 +307,21 @@ def evaluate(
             "prediction": (("model", "perturbation", "gene"), prediction[:, tested]),
             "delta": (("perturbation", "gene"), X[tested].astype(np.float32)),
             "fold": ("perturbation", fold[tested]),
+            "control_mean": ("gene", data.control_mean),
         },
         coords={"model": np.asarray(models, dtype=object), "perturbation": names[tested],
                 "gene": np.asarray(data.genes, dtype=object)},
+        attrs={"pseudobulk_run": json.dumps(data.run)},
     )
     folds_table = pd.DataFrame({"perturbation": names, "fold": fold, "group": the_split.group,
                                 "subgroup": subgroup, "novelty": novelty})
     parameters = {
         **the_split.parameters, "alphas": list(alphas), "select_by": select_by, "missing": missing,
-        "knn_k": list(knn_k), "solver": solver,
+        "knn_k": list(knn_k), "solver": solver, "exclude_targets": exclude_targets,
         "pseudobulk": pseudobulk if isinstance(pseudobulk, str) else None,
         "embedding": list(template.sources), "n_perturbations": data.n,
         "n_test_perturbations": int(tested.sum()), "n_genes": len(data.genes),
-        "embedding_dim": data.features.dim,
+        "embedding_dim": data.features.dim, "pseudobulk_run": data.run,
         "subgroup_sizes": {str(k): int(v) for k, v in pd.Series(subgroup[tested]).value_counts().items()},
         "bootstrap": {"n_resamples": n_resamples, "seed": seed, "confidence": 0.95},
     }
@@ -434,15 +454,19 @@ def feature_sets(
         yield with_table(data.features, table), [k]
 
 
-def ttest_de_genes(ds: xr.Dataset, perturbations: np.ndarray) -> np.ndarray | None:
+def ttest_de_genes(ds: xr.Dataset, perturbations: np.ndarray,
+                   exclude: np.ndarray | None = None) -> np.ndarray | None:
     """Top-20 DE genes of each perturbation by the Welch t-test against the
     control (GEARS' definition), when the pseudo-bulk has group variances
-    (``pseudobulk --group-variance``); else ``None``."""
+    (``pseudobulk --group-variance``); else ``None``. With ``exclude``
+    (perturbations × genes), the top 20 among the genes it does not mark."""
     if "var" not in ds:
         log.info("pseudo-bulk has no group variances: t-test DE metrics are left empty "
                  "(rerun pseudobulk with --group-variance)")
         return None
-    return top_de_genes(ds, DE_TOP).sel(perturbation=list(perturbations)).values
+    extra = 0 if exclude is None else int(exclude.sum(axis=1).max(initial=0))
+    ranked = top_de_genes(ds, DE_TOP + extra).sel(perturbation=list(perturbations)).values
+    return without_genes(ranked, exclude, DE_TOP)
 
 
 def target_genes(perturbations: Sequence[str], genes: Sequence[str]) -> np.ndarray:
@@ -463,6 +487,7 @@ def metrics_table(
     *,
     centroid: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
+    left_out: np.ndarray | None = None,
     de_genes: np.ndarray | None = None,
     ttest_genes: np.ndarray | None = None,
 ) -> pd.DataFrame:
@@ -470,10 +495,12 @@ def metrics_table(
     and every metric of the prediction (model × perturbation × gene).
 
     ``centroid`` (the perturbed centroid's delta per row), ``de_genes`` and
-    ``ttest_genes`` (top DE gene indices per row) and ``exclude`` (genes left out of the
-    discrimination score per row) are passed to :mod:`.metrics`; set-level
-    metrics compare every row with all rows of ``true``. A prediction row
-    with a NaN is one the model does not score: every metric of it is NaN.
+    ``ttest_genes`` (top DE gene indices per row), ``exclude`` (genes left out of the
+    discrimination score per row) and ``left_out`` (genes left out of every
+    metric of the row: ``exclude_targets``) are passed to :mod:`.metrics`;
+    set-level metrics compare every row with all rows of ``true``. A
+    prediction row with a NaN is one the model does not score: every metric
+    of it is NaN.
     """
     tables = []
     for model, pred in zip(models, prediction):
@@ -481,9 +508,9 @@ def metrics_table(
         pred = np.where(scored[:, None], pred.astype(np.float64), 0.0)
         table = pd.DataFrame({
             **perturbation_metrics(pred, true, de_genes=de_genes, ttest_genes=ttest_genes,
-                                   centroid=centroid),
-            "discrimination_score": discrimination_score(pred, true, exclude=exclude),
-            "centroid_accuracy": centroid_accuracy(pred, true),
+                                   centroid=centroid, exclude=left_out),
+            "discrimination_score": discrimination_score(pred, true, exclude=_union(exclude, left_out)),
+            "centroid_accuracy": centroid_accuracy(pred, true, exclude=left_out),
         })
         table.loc[~scored] = np.nan
         table.insert(0, "model", model)
@@ -491,6 +518,12 @@ def metrics_table(
         table.insert(0, "perturbation", names)
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
+
+
+def _union(*masks: np.ndarray | None) -> np.ndarray | None:
+    """The union of the boolean masks given (``None``: no mask)."""
+    given = [m for m in masks if m is not None]
+    return np.logical_or.reduce(given) if given else None
 
 
 def summarize(

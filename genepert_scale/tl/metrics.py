@@ -14,6 +14,12 @@ All functions take matrices of perturbations × genes and return one value per
 row. The "top DE genes" of a perturbation are indices passed in ``de_genes``
 (e.g. from a Welch t-test against the control); by default the genes with the
 largest true ``|delta|`` (:func:`top_delta_genes`).
+
+An ``exclude`` mask (perturbations × genes) leaves genes out of a row's
+metrics — a perturbation's own target genes, whose knock-down gives the
+answer away (the Virtual Cell Challenge's convention): every per-row metric
+is then computed on the row's other genes, and its top DE genes are chosen
+among them.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..pp.de import mse_de, pearson_delta_de
+from ..pp.de import NO_GENE, mse_de, pearson_delta_de
 
 #: Genes of the ``_de20`` metrics.
 DE_TOP = 20
@@ -41,19 +47,57 @@ _FLOAT32_NOISE = 1e-5
 _BLOCK_ELEMENTS = 1 << 24
 
 
-def pearson_rows(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row pair; NaN where a row is constant."""
-    a = pred - pred.mean(axis=1, keepdims=True)
-    b = true - true.mean(axis=1, keepdims=True)
+def pearson_rows(pred: np.ndarray, true: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Pearson correlation of each row pair, over the genes ``keep`` marks
+    (rows × genes; default all); NaN where a row is constant there."""
+    if keep is None:
+        a = pred - pred.mean(axis=1, keepdims=True)
+        b = true - true.mean(axis=1, keepdims=True)
+    else:
+        a, b = _centred(pred, keep), _centred(true, keep)
     denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, np.sum(a * b, axis=1) / denom, np.nan)
 
 
-def top_delta_genes(true: np.ndarray, k: int = DE_TOP) -> np.ndarray:
+def _centred(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``values`` minus each row's mean over ``keep``, zero outside ``keep``."""
+    return np.where(keep, values - _row_mean(values, keep)[:, None], 0.0)
+
+
+def _row_mean(values: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """Each row's mean over the genes ``keep`` marks (all: ``None``); NaN for none."""
+    if keep is None:
+        return np.mean(values, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(keep, values, 0.0).sum(axis=1) / keep.sum(axis=1)
+
+
+def top_delta_genes(true: np.ndarray, k: int = DE_TOP, exclude: np.ndarray | None = None) -> np.ndarray:
     """Indices of the ``k`` genes with the largest true ``|delta|`` of every row
-    (ties: lower gene index first)."""
-    return np.argsort(-np.abs(true), axis=1, kind="stable")[:, :k]
+    (ties: lower gene index first), among the genes ``exclude`` does not mark;
+    a row with fewer such genes ends in :data:`.de.NO_GENE`."""
+    if exclude is None:
+        return np.argsort(-np.abs(true), axis=1, kind="stable")[:, :k]
+    order = np.argsort(np.where(exclude, np.inf, -np.abs(true)), axis=1, kind="stable")[:, :k]
+    return np.where(np.take_along_axis(exclude, order, axis=1), NO_GENE, order)
+
+
+def without_genes(genes: np.ndarray, exclude: np.ndarray | None, k: int | None = None) -> np.ndarray:
+    """Rows of gene indices without the genes ``exclude`` marks (rows × genes):
+    the others keep their order, :data:`.de.NO_GENE` fills the end; the first
+    ``k`` columns (default all)."""
+    genes = np.asarray(genes, dtype=np.intp)
+    if exclude is not None:
+        hit = (genes >= 0) & np.take_along_axis(exclude, np.maximum(genes, 0), axis=1)
+        genes = np.where(hit, NO_GENE, genes)
+    order = np.argsort(genes < 0, axis=1, kind="stable")
+    return np.take_along_axis(genes, order, axis=1)[:, :k]
+
+
+def _on_genes(values: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    """``values[i, genes[i]]`` of every row (any value where ``genes`` is :data:`.de.NO_GENE`)."""
+    return np.take_along_axis(values, np.maximum(genes, 0), axis=1)
 
 
 def perturbation_metrics(
@@ -63,6 +107,7 @@ def perturbation_metrics(
     de_genes: np.ndarray | None = None,
     ttest_genes: np.ndarray | None = None,
     centroid: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Metrics of every row (perturbation) of a prediction.
 
@@ -81,6 +126,12 @@ def perturbation_metrics(
         Delta of the perturbed centroid (the mean of the training
         perturbations' means, minus the control), per row (perturbations ×
         genes) or one row for all. Without it the ``_centroid`` metrics are NaN.
+    exclude
+        Boolean mask (perturbations × genes) of genes left out of each row's
+        metrics (its target genes, say): every metric is computed on the
+        row's other genes, the DE genes of ``de_genes`` and ``ttest_genes``
+        lose the excluded ones, and the default DE genes are chosen among
+        the others.
 
     Returns
     -------
@@ -110,39 +161,50 @@ def perturbation_metrics(
     baseline) is constant there and gets NaN — also when it equals ``c`` only
     to float32 precision (relative spread below ``1e-5``).
     """
-    de = top_delta_genes(true) if de_genes is None else np.asarray(de_genes, dtype=np.intp)
-    pred_de, true_de = np.take_along_axis(pred, de, axis=1), np.take_along_axis(true, de, axis=1)
+    keep = None if exclude is None or not np.any(exclude) else ~np.asarray(exclude, dtype=bool)
+    exclude = None if keep is None else ~keep
+    if de_genes is None:
+        de = top_delta_genes(true, exclude=exclude)
+    else:
+        de = without_genes(de_genes, exclude) if keep is not None else np.asarray(de_genes, dtype=np.intp)
+    de_keep = None if keep is None else de >= 0
+    pred_de, true_de = _on_genes(pred, de), _on_genes(true, de)
     error = pred - true
     out = {
-        "pearson_delta": pearson_rows(pred, true),
-        "pearson_delta_de20": pearson_rows(pred_de, true_de),
-        "rmse_delta": np.sqrt(np.mean(error**2, axis=1)),
-        "mae_delta": np.mean(np.abs(error), axis=1),
+        "pearson_delta": pearson_rows(pred, true, keep),
+        "pearson_delta_de20": pearson_rows(pred_de, true_de, de_keep),
+        "rmse_delta": np.sqrt(_row_mean(error**2, keep)),
+        "mae_delta": _row_mean(np.abs(error), keep),
         "pearson_delta_de20_ttest": np.full(len(pred), np.nan),
         "mse_de20": np.full(len(pred), np.nan),
         "pearson_delta_centroid": np.full(len(pred), np.nan),
         "pearson_delta_centroid_de20": np.full(len(pred), np.nan),
-        "direction_de20": np.mean(np.sign(pred_de) == np.sign(true_de), axis=1),
+        "direction_de20": _row_mean(np.sign(pred_de) == np.sign(true_de), de_keep),
     }
     if ttest_genes is not None:
-        out["pearson_delta_de20_ttest"] = pearson_delta_de(pred, true, ttest_genes)
-        out["mse_de20"] = mse_de(pred, true, ttest_genes)
+        ttest = without_genes(ttest_genes, exclude)
+        out["pearson_delta_de20_ttest"] = pearson_delta_de(pred, true, ttest)
+        out["mse_de20"] = mse_de(pred, true, ttest)
     if centroid is not None:
         c = np.broadcast_to(np.asarray(centroid, dtype=np.float64), true.shape)
-        c_de = np.take_along_axis(c, de, axis=1)
-        at_centroid = _flat(pred - c, c)
-        out["pearson_delta_centroid"] = np.where(at_centroid, np.nan, pearson_rows(pred - c, true - c))
+        c_de = _on_genes(c, de)
+        at_centroid = _flat(pred - c, c, keep)
+        out["pearson_delta_centroid"] = np.where(at_centroid, np.nan, pearson_rows(pred - c, true - c, keep))
         out["pearson_delta_centroid_de20"] = np.where(
-            at_centroid, np.nan, pearson_rows(pred_de - c_de, true_de - c_de))
+            at_centroid, np.nan, pearson_rows(pred_de - c_de, true_de - c_de, de_keep))
     return out
 
 
-def _flat(shifted: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Rows of ``shifted`` that are constant up to float32 rounding of ``scale``
-    (predictions are stored as float32, so the mean baseline differs from
-    its float64 centroid by rounding noise, not by a signal)."""
-    spread = np.linalg.norm(shifted - shifted.mean(axis=1, keepdims=True), axis=1)
-    return spread <= _FLOAT32_NOISE * np.linalg.norm(scale, axis=1)
+def _flat(shifted: np.ndarray, scale: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Rows of ``shifted`` that are constant (over the genes ``keep`` marks)
+    up to float32 rounding of ``scale`` (predictions are stored as float32, so
+    the mean baseline differs from its float64 centroid by rounding noise,
+    not by a signal)."""
+    if keep is None:
+        spread = np.linalg.norm(shifted - shifted.mean(axis=1, keepdims=True), axis=1)
+        return spread <= _FLOAT32_NOISE * np.linalg.norm(scale, axis=1)
+    spread = np.linalg.norm(_centred(shifted, keep), axis=1)
+    return spread <= _FLOAT32_NOISE * np.linalg.norm(np.where(keep, scale, 0.0), axis=1)
 
 
 def discrimination_score(
@@ -187,8 +249,18 @@ def discrimination_score(
     return 1.0 - rank / len(true)
 
 
-def centroid_accuracy(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+def centroid_accuracy(pred: np.ndarray, true: np.ndarray, *,
+                      exclude: np.ndarray | None = None) -> np.ndarray:
     """Systema's centroid accuracy of every row.
+
+    Parameters
+    ----------
+    pred, true
+        Predicted and true deltas, perturbations × genes (row ``i`` of both
+        is the same perturbation).
+    exclude
+        Boolean mask (perturbations × genes): genes left out of row ``i``'s
+        distances (default: none, as Systema).
 
     Returns
     -------
@@ -209,7 +281,7 @@ def centroid_accuracy(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     n = len(true)
     if n < 2:
         return np.full(n, np.nan)
-    distance = _distances(pred, true, "l2", None)
+    distance = _distances(pred, true, "l2", exclude)
     own = np.diagonal(distance)[:, None]
     return np.sum(distance > own, axis=1) / (n - 1)
 

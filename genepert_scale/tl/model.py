@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anndata as ad
@@ -34,6 +34,8 @@ from .data_embedding import pca_dims
 from .embedding_checks import check_dimension
 from ..errors import ParameterError
 from ..pp.aggregate import pseudobulk_dataset
+from ..pp.labels import GEARS_CONTROL
+from ..pp.params import recorded_run
 from .splits import kfold
 from ..validate import check_folds
 from .ridge import (
@@ -82,6 +84,9 @@ class TrainingData:
         Control pseudo-bulk per gene.
     embedding
         The embedding table.
+    run
+        What the pseudo-bulk records of its run (:func:`.pp.params.recorded_run`:
+        the screen's label column and control label, input kind, parameters).
     """
 
     features: Features
@@ -89,6 +94,7 @@ class TrainingData:
     genes: pd.Index
     control_mean: np.ndarray
     embedding: EmbeddingTable
+    run: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -139,7 +145,7 @@ def training_data(
         delta = da.from_array(np.asarray(delta), chunks=(BLOCK_SIZE, -1))
     return TrainingData(
         features, delta[rows], pd.Index([str(g) for g in ds["gene"].values]),
-        np.asarray(ds["control_mean"].values, dtype=np.float64), table,
+        np.asarray(ds["control_mean"].values, dtype=np.float64), table, recorded_run(ds.attrs),
     )
 
 
@@ -251,6 +257,7 @@ def fit(
         "cv_pearson_delta": [None if np.isnan(v) else float(v) for v in cv["pearson_delta"]],
         "n_folds": folds,
         "source": pseudobulk if isinstance(pseudobulk, str) else None,
+        **{key: data.run[key] for key in ("perturbation_key", "control") if data.run.get(key)},
     }
     return RidgeModel(coef, intercept, alpha, data.genes, data.control_mean,
                       pd.Index(data.features.perturbations), metadata)
@@ -272,7 +279,9 @@ def predict(
     -------
     xarray.Dataset
         Dims ``perturbation``, ``gene``; ``delta`` (predicted change) and
-        ``mean`` (control mean + delta).
+        ``mean`` (control mean + delta); attrs ``perturbation_key`` and
+        ``control``: the screen's label column and control label, when the
+        model records them.
 
     Raises
     ------
@@ -302,7 +311,9 @@ def predict(
         },
         coords={"perturbation": np.asarray(features.perturbations, dtype=object),
                 "gene": np.asarray(model.genes, dtype=object)},
-        attrs={"alpha": model.alpha, "dropped_perturbations": ",".join(features.dropped)},
+        attrs={"alpha": model.alpha, "dropped_perturbations": ",".join(features.dropped),
+               **{key: model.metadata[key] for key in ("perturbation_key", "control")
+                  if key in model.metadata}},
     )
 
 
@@ -318,16 +329,24 @@ def write_predictions(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write predictions by suffix: ``.zarr`` (the Dataset), ``.h5ad``
-    (:func:`.interop.predictions_to_anndata`: ``X`` = predicted expression,
-    layer ``delta``, obs with GEARS' ``condition``, ``A+ctrl`` / ``A+B``, and
-    a control row; var = genes) or ``.csv`` (delta, perturbations × genes);
-    local paths or URLs."""
+    (:func:`.interop.predictions_to_anndata`: ``X`` = predicted expression
+    clipped at zero, layer ``delta``, the screen's labels in
+    ``obs[perturbation_key]`` and the index, GEARS' ``condition`` (``A+ctrl`` /
+    ``A+B``) beside them, and a control row named by the screen's control
+    label; var = genes) or ``.csv`` (delta, perturbations × genes); local
+    paths or URLs. Predictions of a model that records no labels (fitted
+    on a pseudo-bulk without them) use ``perturbation`` and ``ctrl``."""
     suffix = str(path).rstrip("/").lower().rsplit(".", 1)[-1]
     if suffix not in ("zarr", "h5ad", "csv"):
         raise ParameterError(f"prediction output {path}: use a .zarr, .h5ad or .csv name")
     if suffix == "h5ad":
-        adata = predictions_to_anndata(predictions["delta"], predictions["control_mean"],
-                                       uns={"alpha": predictions.attrs.get("alpha")})
+        attrs = predictions.attrs
+        adata = predictions_to_anndata(
+            predictions["delta"], predictions["control_mean"],
+            control=attrs.get("control") or GEARS_CONTROL,
+            perturbation_key=attrs.get("perturbation_key") or "perturbation",
+            uns={"alpha": attrs.get("alpha")},
+        )
         return write_h5ad(adata, path, overwrite=overwrite, storage_options=storage_options)
     if suffix == "zarr":
         write_dataset(predictions.assign_attrs(PREDICTIONS.attrs()), path, overwrite=overwrite,
