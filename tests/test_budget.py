@@ -105,3 +105,35 @@ def test_slabs_stay_lazy_until_written(small_screen, unbudgeted, monkeypatch, tm
     assert all(isinstance(ds[name].data, da.Array) for name in ("mean", "delta", "var"))
     write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
     assert_same_budgeted(open_pseudobulk(str(tmp_path / "pb.zarr")).compute(), unbudgeted)
+
+
+def test_slabs_written_in_waves_with_groups_dropped_between_them(tmp_path, monkeypatch):
+    # rows taken around dropped groups leave the slabs' chunks off the stored chunks' grid
+    import genepert_scale.io.store as store
+    from factories import write_screen
+    from genepert_scale.pp.aggregate import open_pseudobulk, write_pseudobulk
+
+    rng = np.random.default_rng(4)
+    labels = ["non-targeting"] * 60 + [f"P{i % 90}" for i in range(900)]
+    labels += [f"RARE{i}" for i in range(10)]  # one cell each: dropped by min_cells
+    x = rng.poisson(3, (len(labels), 40)).astype(np.float32)
+    path = write_screen(tmp_path / "s.zarr", x, labels=list(rng.permutation(labels)))
+    expected = pseudobulk(path, control="non-targeting", n_top_genes="all", min_cells=2,
+                          as_xarray=True)
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    monkeypatch.setattr(store, "WAVE_CHUNK_BYTES", 40 * 8 * 7)  # stored chunks of 7 rows
+    ds = pseudobulk(path, control="non-targeting", n_top_genes="all", min_cells=2,
+                    memory_limit=120_000, as_xarray=True)
+    write_pseudobulk(ds, str(tmp_path / "pb.zarr"))
+    assert_same_budgeted(open_pseudobulk(str(tmp_path / "pb.zarr")).compute(), expected)
+
+
+@pytest.mark.parametrize(("start", "stop", "stored"), [(0, 45, 7), (45, 91, 7), (3, 4, 7), (14, 28, 7)])
+def test_a_regions_chunks_never_share_a_stored_chunk(start, stop, stored):
+    from genepert_scale.io.store import region_chunks
+
+    chunks = region_chunks(start, stop, stored)
+    edges = np.cumsum((start, *chunks))
+    assert edges[-1] == stop and all(n > 0 for n in chunks)
+    assert all(edge % stored == 0 for edge in edges[1:-1])
+    assert all(size <= stored for size in chunks)

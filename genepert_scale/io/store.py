@@ -171,6 +171,14 @@ def write_dataset(
     return path
 
 
+def region_chunks(start: int, stop: int, stored: int) -> tuple[int, ...]:
+    """Dask chunks of rows ``start:stop`` that never share a stored chunk of
+    ``stored`` rows: cut at every multiple of ``stored`` inside, so that
+    parallel writes of one region never read and rewrite the same chunk."""
+    edges = sorted({start, stop, *range(-(-start // stored) * stored, stop, stored)})
+    return tuple(int(n) for n in np.diff(edges))
+
+
 #: Bytes per stored chunk of an array written in waves.
 WAVE_CHUNK_BYTES = 32 * 2**20
 
@@ -180,7 +188,8 @@ def _write_in_waves(ds: xr.Dataset, store: Any, encoding: dict[str, dict], lazy:
     """Write ``ds``: its metadata and in-memory arrays first, then its dask
     arrays ``lazy`` (which share their chunks along ``along``) as region
     writes of ``chunks_at_once`` dask chunks each, one after another (a
-    stored chunk a region cuts is read and rewritten: the writes never overlap)."""
+    stored chunk a region cuts is read and rewritten by the next: inside a region
+    each stored chunk is written by one task)."""
     for name in lazy:
         rows = max(1, WAVE_CHUNK_BYTES // max(ds[name].dtype.itemsize
                                               * int(np.prod(ds[name].shape[1:])), 1))
@@ -191,11 +200,13 @@ def _write_in_waves(ds: xr.Dataset, store: Any, encoding: dict[str, dict], lazy:
     parts = ds[lazy]
     parts = parts.drop_vars([name for name in parts.coords if along not in parts[name].dims])
     bounds = np.cumsum((0, *parts[lazy[0]].chunks[parts[lazy[0]].dims.index(along)]))
+    stored = encoding[lazy[0]]["chunks"][0]
     for first in range(0, bounds.size - 1, chunks_at_once):
-        region = slice(int(bounds[first]), int(bounds[min(first + chunks_at_once,
-                                                             bounds.size - 1)]))
-        parts.isel({along: region}).to_zarr(store, region={along: region}, safe_chunks=False,
-                                            write_empty_chunks=True)
+        start, stop = int(bounds[first]), int(bounds[min(first + chunks_at_once, bounds.size - 1)])
+        part = parts.isel({along: slice(start, stop)}).chunk(
+            {along: region_chunks(start, stop, stored)})
+        part.to_zarr(store, region={along: slice(start, stop)}, safe_chunks=False,
+                     write_empty_chunks=True)
 
 
 def open_dataset(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
