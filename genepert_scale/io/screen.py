@@ -30,7 +30,6 @@ from ..errors import GenePertInputError, LabelError, StoreError
 from .integrity import (
     METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
 )
-from .names import distinct_by_hash
 from .store import exists, is_url, zarr_store
 from ..validate import check_case_collisions, check_unique_names, check_x_dtype
 
@@ -396,19 +395,14 @@ def screen_from_group(
     encoding = _x_encoding(x_group, path)
     with named_chunk_errors(group, path, ("obs", "var")):
         var_names = pd.Index(_read_index(group["var"]), dtype=object)
-        index = group["obs"][_index_key(group["obs"])]
-        if distinct_by_hash(index, path):
-            n_obs = index.shape[0]
-        else:  # the names themselves (also an index stored as a group, e.g. categorical)
-            obs_names = _read_index(group["obs"])
-            check_unique_names(obs_names, "obs", path)
-            n_obs = len(obs_names)
+        obs_names = _read_index(group["obs"])
+    check_unique_names(obs_names, "obs", path)
     check_unique_names(var_names, "var", path)
     check_case_collisions(var_names, path)
     shape = tuple(x_group.attrs["shape"]) if encoding == "csr_matrix" else x_group.shape
-    if shape != (n_obs, len(var_names)):
+    if shape != (len(obs_names), len(var_names)):
         raise StoreError(
-            f"{path}: X has shape {shape} but obs has {n_obs} cells and "
+            f"{path}: X has shape {shape} but obs has {len(obs_names)} cells and "
             f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
         )
     if encoding == "csr_matrix":
