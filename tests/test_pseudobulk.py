@@ -200,6 +200,17 @@ def test_blocks_are_read_into_reused_buffers(small_screen):
     assert len(BLOCK_BUFFERS) == 0
 
 
+def test_block_buffers_are_reused_and_grow_with_head_room():
+    buffers = BlockBuffers()
+    first = buffers.get("X/data", 100, np.dtype("float32"))
+    assert np.shares_memory(buffers.get("X/data", 80, np.dtype("float32")), first)
+    grown = buffers.get("X/data", 120, np.dtype("float32"))
+    assert not np.shares_memory(grown, first) and grown.size == 120
+    assert grown.base.size == int(120 * BlockBuffers.GROWTH)
+    assert buffers.get("X/data", 140, np.dtype("float32")).base is grown.base
+    assert buffers.get("X/data", 10, np.dtype("int64")).dtype == np.int64  # another dtype: new
+
+
 def test_buffer_pool_leases_one_set_per_task_and_frees_idle_ones():
     pool = BufferPool()
     with pool.lease() as a, pool.lease() as b:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -23,9 +23,8 @@ import zarr
 from anndata.experimental import read_elem_lazy
 from anndata.io import read_elem
 from dask.system import CPU_COUNT
-from zarr.core.buffer.cpu import NDBuffer
+from zarr.buffer.cpu import NDBuffer
 
-from .chunks import BlockBuffers, ChunkedVector
 from ..errors import GenePertInputError, LabelError, StoreError
 from .integrity import (
     METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
@@ -112,6 +111,30 @@ class Screen:
         return pd.Series(values, name=key)
 
 
+class BlockBuffers:
+    """Arrays that blocks are read into, reused from block to block.
+
+    Reading into fresh arrays costs a page fault per 4 KiB page (large arrays
+    are new memory maps each time): about a fifth of a pass's CPU time on a
+    local store. One set serves one task at a time (:meth:`BufferPool.lease`).
+    """
+
+    #: Head-room when an array grows, so that slightly larger blocks do not
+    #: each reallocate it.
+    GROWTH = 1.25
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
+        """A writable array of ``size`` elements of ``dtype``, kept under ``name``."""
+        array = self._arrays.get(name)
+        if array is None or array.dtype != dtype or array.size < size:
+            grown = size if array is None else int(size * self.GROWTH)
+            array = self._arrays[name] = np.empty(grown, dtype)
+        return array[:size]
+
+
 class BufferPool:
     """The idle :class:`BlockBuffers` of this process: each running task
     leases one set, so a process holds at most one per thread reading blocks."""
@@ -152,23 +175,19 @@ class CsrRows:
     """Row slices of a CSR matrix stored in a zarr group (its ``data``,
     ``indices`` and ``indptr`` arrays, opened once), read with one slice of
     each array — the same reads as anndata's lazy blocks, without the
-    per-block wrapping. Each array is decoded by :class:`.ChunkedVector`
-    where its layout allows (``chunked``, by array path), by zarr otherwise."""
+    per-block wrapping — and decoded by zarr straight into reused buffers
+    (:class:`BlockBuffers`)."""
 
     data: Any
     indices: Any
     indptr: Any
     n_vars: int
     source: str = ""
-    chunked: dict[str, ChunkedVector] = field(default_factory=dict)
 
     @classmethod
     def of(cls, x_group, n_vars: int, source: str = "") -> CsrRows:
-        data, indices, indptr = x_group["data"], x_group["indices"], x_group["indptr"]
-        vectors = {array.path: ChunkedVector.of(array, source)
-                   for array in (data, indices, indptr)}
-        return cls(data, indices, indptr, n_vars, source,
-                   {path: vector for path, vector in vectors.items() if vector is not None})
+        """The rows of the CSR matrix in ``x_group`` (``n_vars`` columns)."""
+        return cls(x_group["data"], x_group["indices"], x_group["indptr"], n_vars, source)
 
     def read(self, start: int, stop: int, buffers: BlockBuffers | None = None) -> sp.csr_array:
         """Rows ``start:stop`` as a CSR array (``indptr`` from zero).
@@ -194,10 +213,17 @@ class CsrRows:
         return sp.csr_array((data, indices, offsets), shape=(stop - start, self.n_vars))
 
     def _read_slice(self, array, first: int, last: int, buffers: BlockBuffers) -> np.ndarray:
-        """``array[first:last]``, read into ``buffers``."""
-        vector = self.chunked.get(array.path)
-        if vector is not None:
-            return vector.read_into(first, last, buffers)
+        """``array[first:last]``, read into ``buffers``.
+
+        A range beyond the array's end is an error (``indptr`` points past the
+        values stored), not a shorter read.
+        """
+        if not 0 <= first <= last <= array.shape[0]:
+            raise StoreError(
+                f"{self.source}: values {first}-{last} of array {array.path!r} were asked "
+                f"for, it holds {array.shape[0]}; the store is inconsistent (X's indptr "
+                "and its data or indices disagree). Write it again"
+            )
         out = buffers.get(array.path, last - first, array.dtype)
         array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
         return out
