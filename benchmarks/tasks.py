@@ -35,7 +35,9 @@ def read_floor(screen: str, threads: int) -> dict:
     """Decode every chunk of ``X/data`` and ``X/indices`` once, the way ours reads them.
 
     The reader is ours' (``genepert_scale.io.screen.CsrRows``): zarr's
-    ``get_basic_selection`` straight into reused buffers; ``threads`` threads each decode chunk-aligned slabs of
+    ``get_basic_selection`` straight into reused buffers, through zarrs' codec
+    pipeline where ours uses it (``genepert_scale.io.codecs``);
+    ``threads`` threads each decode chunk-aligned slabs of
     :data:`FLOOR_CHUNKS_PER_READ` chunks into their own buffer, so each chunk
     is decoded exactly once and nothing is done with the values.
     """
@@ -62,11 +64,14 @@ def read_floor(screen: str, threads: int) -> dict:
 
 
 def _x_arrays(screen: str, names: tuple[str, ...]) -> list:
-    """``X``'s arrays ``names`` as ours opens them."""
+    """``X``'s arrays ``names`` as ours opens them: for zarrs' pipeline where
+    ours uses it, for zarr's own otherwise."""
     import zarr
 
+    from genepert_scale.io.codecs import zarrs_arrays
+
     x = zarr.open_group(screen, mode="r")["X"]
-    return [x[name] for name in names]
+    return zarrs_arrays(screen, "X", names) or [x[name] for name in names]
 
 
 def _read_into(array, start: int, stop: int, buffers: dict) -> np.ndarray:
@@ -115,7 +120,7 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     group's values are summed in a scratch row, then added to its table row
     in one sweep, as ours does); the tables are summed at the end. This is
     ``genepert-scale pseudobulk``'s pass stripped to what cannot be removed,
-    imported with numpy, zarr and numba only. Its
+    imported with numpy, zarr, numba and ``genepert_scale.io.codecs`` only. Its
     time over the read floor bounds how close to the floor a pass that sums
     groups into dense tables can get on this machine.
     """

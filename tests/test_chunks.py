@@ -1,6 +1,6 @@
-"""Reading X's CSR rows (screen.CsrRows) through zarr's public API: every
-stored layout reads the same values, and a missing, corrupt or mis-sized chunk
-is named."""
+"""Reading X's CSR rows (screen.CsrRows) through zarr's public API, with zarr's
+own codec pipeline and with zarrs' (codecs.py): every stored layout reads the
+same values, and a missing, corrupt or mis-sized chunk is named."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import scipy.sparse as sp
 import zarr
 from zarr.buffer.cpu import Buffer
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
-from zarr.storage import MemoryStore
+from zarr.storage import LocalStore, MemoryStore
 
 from factories import write_screen
-from genepert_scale.errors import StoreError
+from genepert_scale.errors import ParameterError, StoreError
+from genepert_scale.io import codecs
 from genepert_scale.io.integrity import StrictStore, strict_group
 from genepert_scale.io.screen import open_screen, screen_from_group
 
@@ -37,6 +38,17 @@ LAYOUTS = {
     "v2 uncompressed": {"zarr_format": 2, "compressors": None},
     "v2 delta filter": {"zarr_format": 2, "filters": "delta"},
 }
+
+zarrs_installed = pytest.mark.skipif(not codecs.zarrs_installed(), reason="zarrs is not installed")
+PIPELINES = ["zarr", pytest.param("zarrs", marks=zarrs_installed)]
+
+
+@pytest.fixture(params=PIPELINES)
+def pipeline(request, monkeypatch) -> str:
+    """Decode X with zarr's own codec pipeline, or with zarrs'."""
+    monkeypatch.setenv(codecs.ENV_VAR, "1" if request.param == "zarrs" else "0")
+    return request.param
+
 
 def matrix() -> np.ndarray:
     x = sp.random(N_OBS, N_VARS, density=0.3, format="csr", random_state=0, dtype=np.float32)
@@ -66,14 +78,27 @@ def read_all(path: str) -> None:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS)
-def test_every_layout_reads_the_stored_rows(tmp_path, layout):
+def test_every_layout_reads_the_stored_rows(tmp_path, layout, pipeline):
     path = screen_with_x(tmp_path / "s.zarr", layout)
     rows = open_screen(path).csr
     for start, stop in ROWS:
         np.testing.assert_array_equal(rows.read(start, stop).toarray(), matrix()[start:stop])
 
 
-def test_other_stores_are_read_through_the_store(tmp_path):
+def test_zarrs_reads_a_complete_local_store_directly(tmp_path, pipeline):
+    path = screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 blosc-lz4 + crc32c (ours)"])
+    rows = open_screen(path).csr
+    assert isinstance(rows.data.store, StrictStore)
+    if pipeline == "zarrs":
+        assert set(rows.zarrs) == {"X/data", "X/indices", "X/indptr"}
+        assert all(isinstance(array.store, LocalStore) for array in rows.zarrs.values())
+    else:
+        assert rows.zarrs == {}
+    group = strict_group(LocalStore(path, read_only=True), path)
+    assert screen_from_group(group, path).csr.zarrs == {}  # a group given: read through its store
+
+
+def test_other_stores_are_read_through_the_store(tmp_path, pipeline):
     screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 blosc-lz4 + crc32c (ours)"])
     contents = {file.relative_to(tmp_path / "s.zarr").as_posix(): Buffer.from_bytes(file.read_bytes())
                 for file in (tmp_path / "s.zarr").rglob("*") if file.is_file()}
@@ -86,7 +111,7 @@ def test_other_stores_are_read_through_the_store(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["v3 blosc-lz4 + crc32c (ours)", "v3 sharded"])
-def test_a_missing_chunk_is_named(tmp_path, layout):
+def test_a_missing_chunk_is_named(tmp_path, layout, pipeline):
     path = screen_with_x(tmp_path / "s.zarr", LAYOUTS[layout])
     (tmp_path / "s.zarr" / "X" / "data" / "c" / "1").unlink()  # a chunk, or the second shard
     first = CHUNK * (4 if "sharded" in layout else 1)
@@ -106,14 +131,31 @@ def damage(path: str, index: int) -> None:
 
 
 @pytest.mark.parametrize("layout", ["v3 blosc-lz4 + crc32c (ours)", "v3 zstd (zarr default)"])
-def test_a_damaged_chunk_is_named(tmp_path, layout):
+def test_a_damaged_chunk_is_named(tmp_path, layout, pipeline):
     path = screen_with_x(tmp_path / "s.zarr", LAYOUTS[layout])
     damage(path, 2)
     with pytest.raises(StoreError, match=r"chunk 2 of array 'X/data' \(first index 128\) cannot be decoded"):
         read_all(path)
 
 
-def test_a_chunk_of_the_wrong_size_is_named_not_a_short_read(tmp_path):
+@pytest.mark.parametrize("where", ["cut by the block", "the last"])
+def test_a_damaged_chunk_read_in_part_is_named(tmp_path, where, pipeline):
+    """A block that reads part of a chunk still checks the whole chunk's CRC32C
+    (zarrs checks none when it decodes part of a chunk)."""
+    path = screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 blosc-lz4 + crc32c (ours)"])
+    indptr = zarr.open_array(f"{path}/X/indptr", mode="r")[:]
+    if where == "the last":
+        index, rows = (int(indptr[-1]) - 1) // CHUNK, (N_OBS - 1, N_OBS)
+    else:  # rows that end inside chunk 2
+        index, rows = 2, (0, int(np.searchsorted(indptr, 2 * CHUNK + 1)))
+        assert 2 * CHUNK < indptr[rows[1]] < 3 * CHUNK
+    damage(path, index)
+    with pytest.raises(StoreError, match=rf"chunk {index} of array 'X/data' \(first index "
+                                         rf"{index * CHUNK}\) cannot be decoded"):
+        open_screen(path).csr.read(*rows)
+
+
+def test_a_chunk_of_the_wrong_size_is_named_not_a_short_read(tmp_path, pipeline):
     path = screen_with_x(tmp_path / "s.zarr", {"compressors": [BloscCodec(cname="lz4")]})
     short = numcodecs.Blosc(cname="lz4").encode(np.ones(CHUNK // 2, dtype="float32"))
     (tmp_path / "s.zarr" / "X" / "data" / "c" / "1").write_bytes(short)
@@ -121,7 +163,7 @@ def test_a_chunk_of_the_wrong_size_is_named_not_a_short_read(tmp_path):
         read_all(path)
 
 
-def test_row_offsets_beyond_the_values_are_an_error_not_a_short_read(tmp_path):
+def test_row_offsets_beyond_the_values_are_an_error_not_a_short_read(tmp_path, pipeline):
     path = screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 uncompressed"])
     indptr = zarr.open_array(f"{path}/X/indptr", mode="r+")
     held = int(indptr[N_OBS])
@@ -130,3 +172,19 @@ def test_row_offsets_beyond_the_values_are_an_error_not_a_short_read(tmp_path):
     with pytest.raises(StoreError, match=rf"values \d+-{held + 10} of array 'X/indices' were asked "
                                          rf"for, it holds {held}"):
         rows.read(90, 100)
+
+
+def test_the_environment_variable_turns_zarrs_off_and_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv(codecs.ENV_VAR, "0")
+    assert not codecs.zarrs_enabled()
+    assert codecs.zarrs_arrays(str(tmp_path), "X", ("data",)) is None
+    monkeypatch.setenv(codecs.ENV_VAR, "maybe")
+    with pytest.raises(ParameterError, match="GENEPERT_SCALE_ZARRS='maybe': set it to 0"):
+        codecs.zarrs_enabled()
+    monkeypatch.delenv(codecs.ENV_VAR)
+    assert codecs.zarrs_enabled() == (codecs.BY_DEFAULT and codecs.zarrs_installed())
+
+
+@pytest.mark.parametrize("path", ["s3://bucket/s.zarr", "https://host/s.zarr", "missing.zarr"])
+def test_zarrs_reads_only_local_directories(path):
+    assert codecs.local_root(path) is None

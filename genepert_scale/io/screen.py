@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -26,6 +26,7 @@ from dask.system import CPU_COUNT
 from zarr.buffer.cpu import NDBuffer
 
 from ..errors import GenePertInputError, LabelError, StoreError
+from .codecs import zarrs_arrays
 from .integrity import (
     METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
 )
@@ -175,19 +176,39 @@ class CsrRows:
     """Row slices of a CSR matrix stored in a zarr group (its ``data``,
     ``indices`` and ``indptr`` arrays, opened once), read with one slice of
     each array — the same reads as anndata's lazy blocks, without the
-    per-block wrapping — and decoded by zarr straight into reused buffers
-    (:class:`BlockBuffers`)."""
+    per-block wrapping — and decoded straight into reused buffers
+    (:class:`BlockBuffers`).
+
+    Attributes
+    ----------
+    data, indices, indptr
+        The arrays, read through the group's store (zarr's codec pipeline).
+    n_vars
+        Columns of the matrix.
+    source
+        Path or URL of the store, for messages.
+    zarrs
+        The same arrays opened for zarrs' codec pipeline, by path
+        (:func:`.codecs.zarrs_arrays`); empty where zarrs is not used.
+    """
 
     data: Any
     indices: Any
     indptr: Any
     n_vars: int
     source: str = ""
+    zarrs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, x_group, n_vars: int, source: str = "") -> CsrRows:
-        """The rows of the CSR matrix in ``x_group`` (``n_vars`` columns)."""
-        return cls(x_group["data"], x_group["indices"], x_group["indptr"], n_vars, source)
+    def of(cls, x_group, n_vars: int, source: str = "", *, zarrs: bool = False) -> CsrRows:
+        """The rows of the CSR matrix in ``x_group`` (``n_vars`` columns) of
+        the store at ``source``; with ``zarrs``, decoded by zarrs' codec
+        pipeline where it can (``x_group`` must then be the store at
+        ``source`` as :func:`open_group` opens it)."""
+        names = ("data", "indices", "indptr")
+        fast = zarrs_arrays(source, x_group.path, names) if zarrs else None
+        return cls(*(x_group[name] for name in names), n_vars, source,
+                   {array.path: array for array in fast or ()})
 
     def read(self, start: int, stop: int, buffers: BlockBuffers | None = None) -> sp.csr_array:
         """Rows ``start:stop`` as a CSR array (``indptr`` from zero).
@@ -213,20 +234,34 @@ class CsrRows:
         return sp.csr_array((data, indices, offsets), shape=(stop - start, self.n_vars))
 
     def _read_slice(self, array, first: int, last: int, buffers: BlockBuffers) -> np.ndarray:
-        """``array[first:last]``, read into ``buffers``.
+        """``array[first:last]``, a view of the whole chunks holding it, read into ``buffers``.
 
-        A range beyond the array's end is an error (``indptr`` points past the
+        Whole chunks are read so that each is decoded whole and its checksum
+        checked: zarrs decodes a chunk it reads in part without checking its
+        CRC32C. For the same reason the array's last chunk, always read in
+        part (the array ends inside it), is read by zarr's own pipeline. A
+        range beyond the array's end is an error (``indptr`` points past the
         values stored), not a shorter read.
         """
-        if not 0 <= first <= last <= array.shape[0]:
+        length = array.shape[0]
+        if not 0 <= first <= last <= length:
             raise StoreError(
                 f"{self.source}: values {first}-{last} of array {array.path!r} were asked "
-                f"for, it holds {array.shape[0]}; the store is inconsistent (X's indptr "
+                f"for, it holds {length}; the store is inconsistent (X's indptr "
                 "and its data or indices disagree). Write it again"
             )
-        out = buffers.get(array.path, last - first, array.dtype)
-        array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
-        return out
+        if first == last:
+            return buffers.get(array.path, 0, array.dtype)
+        size = array.chunks[0]
+        lo, hi = first - first % size, min(-(-last // size) * size, length)
+        out = buffers.get(array.path, hi - lo, array.dtype)
+        fast = self.zarrs.get(array.path)
+        split = hi if fast is None else min(max(length - length % size, lo), hi)
+        for reader, start, stop in ((fast or array, lo, split), (array, split, hi)):
+            if stop > start:
+                view = out[start - lo : stop - lo]
+                reader.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(view))
+        return out[first - lo : last - lo]
 
     def _bad_chunk(self, start: int, stop: int) -> GenePertInputError | None:
         """The error naming the first bad chunk under rows ``start:stop``, if any."""
@@ -376,7 +411,7 @@ def open_screen(
         If the path is missing, is not AnnData, or has no usable ``X``.
     """
     return screen_from_group(open_group(path, storage_options), str(path), block_rows=block_rows,
-                             memory_limit=memory_limit, threads=threads)
+                             memory_limit=memory_limit, threads=threads, zarrs=True)
 
 
 def _x_encoding(x_group, path: str) -> str:
@@ -409,8 +444,13 @@ def screen_from_group(
     block_rows: int | None = None,
     memory_limit: int | None = None,
     threads: int | None = None,
+    zarrs: bool = False,
 ) -> Screen:
-    """A :class:`Screen` over an already opened AnnData root group (zarr or h5py)."""
+    """A :class:`Screen` over an already opened AnnData root group (zarr or
+    h5py), read through the group's store; ``zarrs`` (for a group that
+    :func:`open_group` opened from ``path``): a CSR ``X`` through zarrs' codec
+    pipeline where it can (:mod:`.codecs`). See :func:`open_screen` for the
+    other parameters."""
     for key in ("X", "obs", "var"):
         if key not in group:
             raise StoreError(
@@ -443,5 +483,5 @@ def screen_from_group(
     )
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
     direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)
-    csr = CsrRows.of(x_group, shape[1], path) if direct else None
+    csr = CsrRows.of(x_group, shape[1], path, zarrs=zarrs) if direct else None
     return Screen(str(path), group, X, var_names, csr)
