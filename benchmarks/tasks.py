@@ -187,6 +187,8 @@ def scanpy_memory(screen: str, n_top_genes: int) -> dict:
     import scanpy as sc
 
     adata = ad.read_zarr(screen)
+    if adata.X.indptr.dtype != adata.X.indices.dtype:  # anndata 0.13 and scanpy 1.12 disagree
+        adata.X.indices = adata.X.indices.astype(adata.X.indptr.dtype)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes)

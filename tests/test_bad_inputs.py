@@ -231,7 +231,7 @@ TABLE: list[tuple[str, Case, type[Exception], str]] = [
     ("not a zarr store", lambda tmp: (tmp / "x.zarr").write_text("hello") and run(str(tmp / "x.zarr")),
      StoreError, "is not a zarr group"),
     ("root metadata damaged", ours_then(misspell_root_metadata), StoreError,
-     "is not a zarr group (GroupMetadata.__init__() got an unexpected keyword argument"),
+     "is not a zarr group ("),  # zarr words what is wrong differently from release to release
     ("not anndata",
      lambda tmp: zarr.open_group(tmp / "g.zarr", mode="w").create_array("a", shape=(2,), dtype="f4")
      and run(str(tmp / "g.zarr")), StoreError, "has no 'X' element; is it an AnnData store"),
@@ -399,6 +399,8 @@ def test_a_damaged_chunk_of_cell_names_is_named(tmp_path):
     from genepert_scale.io.screen import open_screen
 
     path = named_screen(tmp_path / "u.zarr", pd.Index([f"cell{i}" for i in range(50)]))
-    (tmp_path / "u.zarr" / "obs" / "_index" / "c" / "0").write_bytes(b"not zstd")
+    # c/0, or values/c/0 where anndata stores the names as a nullable string array
+    (chunk,) = (Path(path) / "obs" / "_index").rglob("c/0")
+    chunk.write_bytes(b"not zstd")
     with pytest.raises(StoreError, match="obs/_index"):
         open_screen(path)

@@ -12,6 +12,7 @@ import xarray as xr
 import zarr
 
 from conftest import scanpy_pseudobulk
+from factories import read_for_scanpy
 from genepert_scale.io.convert import convert_h5ad
 from genepert_scale.pp.pseudobulk import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.pp.reduce import pass_stats
@@ -105,7 +106,7 @@ def test_log1p_input_detected_and_not_normalized_again(small_screen, tmp_path):
     import scanpy as sc
 
     path, _ = small_screen
-    adata = ad.read_zarr(path)
+    adata = read_for_scanpy(path)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     adata.obs["condition"] = [
@@ -138,7 +139,7 @@ def test_group_variance_matches_numpy(small_screen):
 
     path, _ = small_screen
     ds = pseudobulk(path, n_top_genes=30, group_variance=True, progress=False)
-    adata = ad.read_zarr(path)
+    adata = read_for_scanpy(path)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     x = adata[:, list(ds.gene.values)].X.toarray()
