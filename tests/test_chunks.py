@@ -102,7 +102,7 @@ def test_other_stores_are_read_through_the_store(tmp_path, pipeline):
     screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 blosc-lz4 + crc32c (ours)"])
     contents = {file.relative_to(tmp_path / "s.zarr").as_posix(): Buffer.from_bytes(file.read_bytes())
                 for file in (tmp_path / "s.zarr").rglob("*") if file.is_file()}
-    screen = screen_from_group(strict_group(MemoryStore(contents), "memory"), "memory")
+    screen = screen_from_group(strict_group(MemoryStore(contents, read_only=True), "memory"), "memory")
     np.testing.assert_array_equal(screen.csr.read(0, N_OBS).toarray(), matrix())
     assert isinstance(screen.csr.data.store, StrictStore)
     del contents["X/data/c/2"]

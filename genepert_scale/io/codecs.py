@@ -27,6 +27,7 @@ pipeline; every chunk's checksum is checked as without zarrs.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -91,6 +92,7 @@ def zarrs_arrays(path: str, element: str, names: tuple[str, ...]) -> list[Any] |
     root = local_root(path) if zarrs_enabled() else None
     if root is None:
         return None
+    importlib.import_module("zarrs")  # zarrs 0.2.0 registers its pipeline with zarr on import
     with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}), warnings.catch_warnings():
         # a codec zarrs lacks: it says so, and hands those reads to zarr's pipeline
         warnings.filterwarnings("ignore", "Array is unsupported by ZarrsCodecPipeline")
