@@ -42,7 +42,7 @@ def console() -> NoReturn:
     after an exception, the process ends the usual way.
     """
     code = main()
-    if sys.gettrace() is not None or sys.getprofile() is not None:
+    if _observed():
         raise SystemExit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -51,6 +51,19 @@ def console() -> NoReturn:
         except (AttributeError, OSError, ValueError):  # none, a closed stream, a reader gone
             pass
     os._exit(code)
+
+
+def _observed() -> bool:
+    """Whether a tracer, profiler or coverage tool watches this process: set
+    with ``sys.settrace``/``sys.setprofile``, or, from Python 3.12, registered
+    with ``sys.monitoring`` (where ``cProfile`` and coverage's ``sysmon`` core
+    register)."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return True
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(
+        monitoring.get_tool(tool) is not None for tool in range(6)  # its tool ids: 0-5
+    )
 
 
 if __name__ == "__main__":
