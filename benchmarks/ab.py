@@ -90,7 +90,8 @@ def same_outputs(a: Path, b: Path) -> dict[str, bool]:
     with xr.open_zarr(a) as x, xr.open_zarr(b) as y:
         names = sorted(set(x.variables) | set(y.variables))
         return {name: name in x and name in y and x[name].shape == y[name].shape
-                and bool(np.array_equal(x[name].values, y[name].values, equal_nan=True))
+                and bool(np.array_equal(x[name].values, y[name].values,
+                                        equal_nan=x[name].dtype.kind in "fc"))  # numpy 2.0: not for strings
                 for name in names}
 
 

@@ -293,9 +293,10 @@ def markdown(report: dict) -> str:
         + "; wall time includes interpreter start, CPU = user + system, peak RSS = max over "
         "runs; failed runs are left out of every figure.",
         "`floor` decodes every chunk of X once with the reader ours uses "
-        "(`genepert_scale.io.chunks`: chunk files read and decoded by numcodecs straight into "
-        "a buffer, in as many threads as cores); `zarr_floor` does the same through "
-        "zarr-python's own array reads (its asynchronous codec pipeline). "
+        "(zarr's `get_basic_selection` straight into reused buffers, through zarrs' codec "
+        "pipeline where ours uses it: `genepert_scale.io.codecs`; in as many threads as "
+        "cores); `zarr_floor` does the same through zarr-python's plain array reads (its "
+        "own codec pipeline, a new array per read). "
         "`group_sum_floor` is the floor plus the "
         "least compute of a one-pass group mean into dense tables: each stored value added, as it is, to its "
         "group's row of a dense int64 (groups × genes) table (through a scratch row per "

@@ -32,10 +32,11 @@ FLOOR_CHUNKS_PER_READ = 16
 
 
 def read_floor(screen: str, threads: int) -> dict:
-    """Decode every chunk of ``X/data`` and ``X/indices`` once, the fastest way we have.
+    """Decode every chunk of ``X/data`` and ``X/indices`` once, the way ours reads them.
 
-    The reader is ``genepert_scale.io.chunks.ChunkedVector`` (chunk files read and
-    decoded by numcodecs straight into a buffer, the reader of ``ours``);
+    The reader is ours' (``genepert_scale.io.screen.CsrRows``): zarr's
+    ``get_basic_selection`` straight into reused buffers, through zarrs' codec
+    pipeline where ours uses it (``genepert_scale.io.codecs``);
     ``threads`` threads each decode chunk-aligned slabs of
     :data:`FLOOR_CHUNKS_PER_READ` chunks into their own buffer, so each chunk
     is decoded exactly once and nothing is done with the values.
@@ -43,29 +44,46 @@ def read_floor(screen: str, threads: int) -> dict:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import zarr
-
-    from genepert_scale.io.chunks import BlockBuffers, ChunkedVector
-
-    x = zarr.open_group(screen, mode="r")["X"]
+    data, indices, indptr = _x_arrays(screen, ("data", "indices", "indptr"))
     slabs = []
-    for name in ("indices", "data"):
-        vector = ChunkedVector.of(x[name], screen)
-        step = vector.chunk_size * FLOOR_CHUNKS_PER_READ
-        slabs += [(vector, start, min(start + step, x[name].shape[0]))
-                  for start in range(0, x[name].shape[0], step)]
+    for array in (indices, data):
+        step = array.chunks[0] * FLOOR_CHUNKS_PER_READ
+        slabs += [(array, start, min(start + step, array.shape[0]))
+                  for start in range(0, array.shape[0], step)]
 
     local = threading.local()  # each thread's buffers, reused as in ours
 
     def decode(slab) -> int:
-        vector, start, stop = slab
-        buffers = local.__dict__.setdefault("buffers", BlockBuffers())
-        return vector.read_into(start, stop, buffers).size
+        array, start, stop = slab
+        return _read_into(array, start, stop, local.__dict__).size
 
     with ThreadPoolExecutor(threads) as pool:
         n_values = sum(pool.map(decode, slabs))
-    n_values += np.asarray(x["indptr"][:]).size
+    n_values += np.asarray(indptr[:]).size
     return {"values": int(n_values), "threads": threads}
+
+
+def _x_arrays(screen: str, names: tuple[str, ...]) -> list:
+    """``X``'s arrays ``names`` as ours opens them: for zarrs' pipeline where
+    ours uses it, for zarr's own otherwise."""
+    import zarr
+
+    from genepert_scale.io.codecs import zarrs_arrays
+
+    x = zarr.open_group(screen, mode="r")["X"]
+    return zarrs_arrays(screen, "X", names) or [x[name] for name in names]
+
+
+def _read_into(array, start: int, stop: int, buffers: dict) -> np.ndarray:
+    """``array[start:stop]`` decoded into ``buffers[array.path]`` (grown when too small), as ours."""
+    from zarr.buffer.cpu import NDBuffer
+
+    buffer = buffers.get(array.path)
+    if buffer is None or buffer.size < stop - start:
+        buffer = buffers[array.path] = np.empty(stop - start, array.dtype)
+    out = buffer[: stop - start]
+    array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+    return out
 
 
 def zarr_read_floor(screen: str) -> dict:
@@ -96,13 +114,13 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     Every stored value is added once, as it is, to its group's row of a dense
     ``(groups × genes)`` int64 table: no normalization, ``log1p``, gene moments,
     checks or output. Blocks of ``block_rows`` rows (ours' size, passed by
-    ``run.py``) are read with the floor's reader into reused buffers
-    (``chunks.BlockBuffers``, as in ours) and folded by
+    ``run.py``) are read with the floor's reader into reused buffers (as in
+    ours) and folded by
     ``threads`` threads, each into its own table, rows in group order (each
     group's values are summed in a scratch row, then added to its table row
     in one sweep, as ours does); the tables are summed at the end. This is
     ``genepert-scale pseudobulk``'s pass stripped to what cannot be removed,
-    imported with numpy, zarr, numba and ``genepert_scale.io.chunks`` only. Its
+    imported with numpy, zarr, numba and ``genepert_scale.io.codecs`` only. Its
     time over the read floor bounds how close to the floor a pass that sums
     groups into dense tables can get on this machine.
     """
@@ -111,8 +129,6 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
 
     import numba
     import zarr
-
-    from genepert_scale.io.chunks import BlockBuffers, ChunkedVector
 
     @numba.njit(nogil=True, cache=True)
     def add_rows(data, indices, indptr, codes, table):  # pragma: no cover - compiled
@@ -138,7 +154,7 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
     codes = np.asarray(root["obs"][KEY]["codes"][:]).astype(np.int64)
     n_groups = int(codes.max()) + 1
     indptr = np.asarray(x["indptr"][:])
-    vectors = [ChunkedVector.of(x[name], screen) for name in ("data", "indices")]
+    arrays = _x_arrays(screen, ("data", "indices"))
     local = threading.local()
 
     def fold(start: int) -> np.ndarray | None:
@@ -147,8 +163,8 @@ def group_sum_floor(screen: str, block_rows: int, threads: int) -> dict:
         fresh = not hasattr(local, "table")
         if fresh:
             local.table = np.zeros((n_groups, n_genes), np.int64)
-            local.buffers = BlockBuffers()
-        block = [vector.read_into(first, last, local.buffers) for vector in vectors]
+            local.buffers = {}
+        block = [_read_into(array, first, last, local.buffers) for array in arrays]
         add_rows(*block, indptr[start : stop + 1], codes[start:stop], local.table)
         return local.table if fresh else None
 
@@ -171,6 +187,8 @@ def scanpy_memory(screen: str, n_top_genes: int) -> dict:
     import scanpy as sc
 
     adata = ad.read_zarr(screen)
+    if adata.X.indptr.dtype != adata.X.indices.dtype:  # anndata 0.13 and scanpy 1.12 disagree
+        adata.X.indices = adata.X.indices.astype(adata.X.indptr.dtype)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes)

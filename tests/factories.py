@@ -13,6 +13,17 @@ import scipy.sparse as sp
 LABELS = ("non-targeting", "A", "B", "C")
 
 
+def read_for_scanpy(path: str) -> ad.AnnData:
+    """A zarr screen read into memory by anndata, ``X``'s row offsets in the
+    dtype of its column indices: anndata 0.13 keeps the int64 ``indptr`` and
+    int32 ``indices`` our stores hold, which scanpy 1.12's compiled kernels
+    refuse ("indptr and indices must have the same dtype")."""
+    adata = ad.read_zarr(path)
+    if sp.issparse(adata.X) and adata.X.indptr.dtype != adata.X.indices.dtype:
+        adata.X.indices = adata.X.indices.astype(adata.X.indptr.dtype)
+    return adata
+
+
 def counts(n_obs: int = 60, n_vars: int = 8, seed: int = 0) -> np.ndarray:
     """Poisson counts, every cell non-empty."""
     x = np.random.default_rng(seed).poisson(3.0, size=(n_obs, n_vars)).astype(np.float32)

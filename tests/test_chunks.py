@@ -1,158 +1,190 @@
-"""Decoding zarr chunks straight into buffers (chunks.ChunkedVector) against zarr's own reads."""
+"""Reading X's CSR rows (screen.CsrRows) through zarr's public API, with zarr's
+own codec pipeline and with zarrs' (codecs.py): every stored layout reads the
+same values, and a missing, corrupt or mis-sized chunk is named."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numcodecs
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import zarr
+from zarr.buffer.cpu import Buffer
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.storage import LocalStore, MemoryStore
 
-from genepert_scale.io.chunks import ChunkedVector
-from genepert_scale.errors import StoreError
+from factories import write_screen
+from genepert_scale.errors import ParameterError, StoreError
+from genepert_scale.io import codecs
+from genepert_scale.io.integrity import StrictStore, strict_group
+from genepert_scale.io.screen import open_screen, screen_from_group
 
-N, CHUNK = 1000, 128
-#: Ranges inside one chunk, across several, from 0, to the (partial) last chunk.
-RANGES = [(0, 1000), (0, 128), (5, 9), (100, 300), (128, 384), (130, 1000), (999, 1000), (7, 7)]
+CHUNK = 64
+N_OBS, N_VARS = 300, 40
+#: Row ranges: all, from 0, inside one chunk of values, across chunks, the end, empty.
+ROWS = [(0, 300), (0, 7), (31, 97), (63, 65), (290, 300), (5, 5)]
 
-V3_CODECS = {
-    "blosc-lz4 + crc32c (ours)": [BloscCodec(cname="lz4", shuffle="shuffle"), Crc32cCodec()],
-    "zstd (zarr default)": [ZstdCodec()],
-    "gzip": [GzipCodec()],
-    "uncompressed": [],
+LAYOUTS = {
+    "v3 blosc-lz4 + crc32c (ours)": {"compressors": [BloscCodec(cname="lz4"), Crc32cCodec()]},
+    "v3 zstd (zarr default)": {"compressors": [ZstdCodec()]},
+    "v3 gzip": {"compressors": [GzipCodec()]},
+    "v3 uncompressed": {"compressors": []},
+    "v3 sharded": {"shards": (4 * CHUNK,)},
+    "v3 big-endian": {"serializer": BytesCodec(endian="big")},
+    "v2 blosc": {"zarr_format": 2, "compressors": numcodecs.Blosc()},
+    "v2 zstd": {"zarr_format": 2, "compressors": numcodecs.Zstd()},
+    "v2 uncompressed": {"zarr_format": 2, "compressors": None},
+    "v2 delta filter": {"zarr_format": 2, "filters": "delta"},
 }
 
-
-def write(path, values, **kwargs):
-    array = zarr.create_array(str(path), shape=values.shape, chunks=(CHUNK,), dtype=values.dtype,
-                              **kwargs)
-    array[:] = values
-    return zarr.open_array(str(path), mode="r")
+zarrs_installed = pytest.mark.skipif(not codecs.zarrs_installed(), reason="zarrs is not installed")
+PIPELINES = ["zarr", pytest.param("zarrs", marks=zarrs_installed)]
 
 
-def assert_reads_like_zarr(array, source):
-    vector = ChunkedVector.of(array, source)
-    assert vector is not None
-    values = array[:]
-    scratch = np.empty(CHUNK, array.dtype)
-    for first, last in RANGES:
-        out = np.full(last - first, -1, array.dtype)
-        vector.read(first, last, out, scratch)
-        np.testing.assert_array_equal(out, values[first:last])
+@pytest.fixture(params=PIPELINES)
+def pipeline(request, monkeypatch) -> str:
+    """Decode X with zarr's own codec pipeline, or with zarrs'."""
+    monkeypatch.setenv(codecs.ENV_VAR, "1" if request.param == "zarrs" else "0")
+    return request.param
 
 
-@pytest.mark.parametrize("codecs", V3_CODECS.values(), ids=V3_CODECS)
-@pytest.mark.parametrize("dtype", ["float32", "int32", "int64"])
-def test_v3_chunks_decode_to_zarrs_values(tmp_path, codecs, dtype):
-    values = np.random.default_rng(0).integers(0, 50, N).astype(dtype)
-    array = write(tmp_path / "a.zarr", values, compressors=codecs)
-    assert_reads_like_zarr(array, str(tmp_path / "a.zarr"))
+def matrix() -> np.ndarray:
+    x = sp.random(N_OBS, N_VARS, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    return np.ceil(x.toarray() * 9)
 
 
-@pytest.mark.parametrize("compressor", [numcodecs.Blosc(), numcodecs.Zstd(), None],
-                         ids=["blosc", "zstd", "none"])
-def test_v2_chunks_decode_to_zarrs_values(tmp_path, compressor):
-    values = np.random.default_rng(1).random(N).astype("float32")
-    array = write(tmp_path / "a.zarr", values, zarr_format=2, compressors=compressor)
-    assert_reads_like_zarr(array, f"file://{tmp_path / 'a.zarr'}")
-
-
-def test_other_stores_are_read_through_the_store(tmp_path):
-    store = zarr.storage.MemoryStore()
-    array = zarr.create_array(store, shape=(N,), chunks=(CHUNK,), dtype="int32",
-                              compressors=[BloscCodec(cname="lz4"), Crc32cCodec()])
-    array[:] = np.arange(N, dtype="int32")
-    assert ChunkedVector.of(array, "memory").local_root is None
-    assert_reads_like_zarr(array, "memory")
-    del store._store_dict["c/3"]
-    with pytest.raises(StoreError, match=r"memory: chunk '3' of array '' is missing"):
-        ChunkedVector.of(array, "memory").read(0, N, np.empty(N, "int32"), np.empty(CHUNK, "int32"))
-
-
-@pytest.mark.parametrize("layout", [
-    {"shards": (512,)},
-    {"serializer": BytesCodec(endian="big")},
-    {"zarr_format": 2, "filters": [numcodecs.Delta(dtype="float32")]},
-], ids=["sharded", "big-endian", "v2 filters"])
-def test_layouts_numcodecs_cannot_decode_are_left_to_zarr(tmp_path, layout):
-    array = write(tmp_path / "a.zarr", np.arange(N, dtype="float32"), **layout)
-    assert ChunkedVector.of(array, str(tmp_path / "a.zarr")) is None
-
-
-def test_a_missing_or_damaged_chunk_is_named(tmp_path):
-    path = tmp_path / "a.zarr"
-    array = write(path, np.arange(N, dtype="float32"),
-                  compressors=[BloscCodec(cname="lz4"), Crc32cCodec()])
-    vector = ChunkedVector.of(array, str(path))
-    out, scratch = np.empty(N, "float32"), np.empty(CHUNK, "float32")
-    chunk = path / "c" / "2"
-    damaged = bytearray(chunk.read_bytes())
-    damaged[20] ^= 0xFF
-    chunk.write_bytes(bytes(damaged))
-    with pytest.raises(StoreError, match=r"chunk 2 of array '' \(first index 256\) cannot be decoded"):
-        vector.read(0, N, out, scratch)
-    chunk.unlink()
-    with pytest.raises(StoreError, match=r"chunk '2' of array '' is missing \(key 'c/2'\)"):
-        vector.read(0, N, out, scratch)
-    vector.read(0, 2 * CHUNK, out[: 2 * CHUNK], scratch)  # the chunks before it still read
-
-
-def test_a_chunk_of_the_wrong_size_is_an_error_not_a_short_read(tmp_path):
-    path = tmp_path / "a.zarr"
-    array = write(path, np.arange(N, dtype="float32"), compressors=[BloscCodec(cname="lz4")])
-    short = numcodecs.Blosc(cname="lz4").encode(np.arange(CHUNK // 2, dtype="float32"))
-    (path / "c" / "1").write_bytes(short)
-    vector = ChunkedVector.of(array, str(path))
-    with pytest.raises(StoreError, match=r"chunk 1 .*decodes to 256 bytes, a chunk has 512"):
-        vector.read(0, N, np.empty(N, "float32"), np.empty(CHUNK, "float32"))
-
-
-def test_a_range_beyond_the_array_is_an_error_not_padding(tmp_path):
-    path = tmp_path / "a.zarr"
-    array = write(path, np.arange(N, dtype="float32"), compressors=[BloscCodec(cname="lz4")])
-    vector = ChunkedVector.of(array, str(path))
-    out, scratch = np.empty(20, "float32"), np.empty(CHUNK, "float32")
-    with pytest.raises(StoreError, match=r"values 990-1010 of array '' were asked for, it holds 1000"):
-        vector.read(990, 1010, out, scratch)  # inside the stored (padded) last chunk
-
-
-def test_a_local_read_that_fails_is_tried_again_through_the_store(tmp_path, monkeypatch):
-    import builtins
-
-    path = tmp_path / "a.zarr"
-    array = write(path, np.arange(N, dtype="int32"), compressors=[BloscCodec(cname="lz4")])
-    vector = ChunkedVector.of(array, str(path))
-    assert vector.local_root is not None
-    real_open, failed = builtins.open, []
-
-    def flaky_open(file, *args, **kwargs):
-        if str(file).endswith("/c/3") and not failed:
-            failed.append(file)
-            raise OSError(5, "Input/output error")
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", flaky_open)
-    out = np.empty(N, "int32")
-    vector.read(0, N, out, np.empty(CHUNK, "int32"))
-    assert failed and np.array_equal(out, np.arange(N))
-
-
-def test_a_csr_screen_decodes_data_indices_and_indptr_by_chunk(tmp_path):
-    import scipy.sparse as sp
-
-    from factories import write_screen
-    from genepert_scale.io.screen import open_screen
-
-    x = sp.random(300, 40, density=0.3, format="csr", random_state=0, dtype=np.float32).toarray()
-    path = write_screen(tmp_path / "s.zarr", np.ceil(x * 9))
+def screen_with_x(path, layout: dict, chunk: int = CHUNK) -> str:
+    """A screen whose ``X`` arrays are stored in ``layout``, ``chunk`` values a chunk."""
+    x_format = layout.get("zarr_format", 3)
+    path = write_screen(path, matrix(), zarr_format=x_format)
     group = zarr.open_group(f"{path}/X", mode="r+")
     for name in ("data", "indices", "indptr"):  # small chunks: blocks cut them
         values = group[name][:]
+        options = dict(layout)
+        if options.get("filters") == "delta":
+            options["filters"] = [numcodecs.Delta(dtype=values.dtype.str)]
         del group[name]
-        group.create_array(name, shape=values.shape, chunks=(64,), dtype=values.dtype,
-                           compressors=[BloscCodec(cname="lz4"), Crc32cCodec()])[:] = values
+        group.create_array(name, shape=values.shape, chunks=(chunk,), dtype=values.dtype,
+                           **{k: v for k, v in options.items() if k != "zarr_format"})[:] = values
     zarr.consolidate_metadata(path)
+    return path
+
+
+def read_all(path: str) -> None:
     rows = open_screen(path).csr
-    assert set(rows.chunked) == {"X/data", "X/indices", "X/indptr"}
-    for start, stop in [(0, 300), (0, 7), (31, 97), (63, 65), (290, 300), (5, 5)]:
-        np.testing.assert_array_equal(rows.read(start, stop).toarray(), np.ceil(x * 9)[start:stop])
+    rows.read(0, N_OBS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS)
+def test_every_layout_reads_the_stored_rows(tmp_path, layout, pipeline):
+    path = screen_with_x(tmp_path / "s.zarr", layout)
+    rows = open_screen(path).csr
+    for start, stop in ROWS:
+        np.testing.assert_array_equal(rows.read(start, stop).toarray(), matrix()[start:stop])
+
+
+def test_zarrs_reads_a_complete_local_store_directly(tmp_path, pipeline):
+    path = screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 blosc-lz4 + crc32c (ours)"])
+    rows = open_screen(path).csr
+    assert isinstance(rows.data.store, StrictStore)
+    if pipeline == "zarrs":
+        assert set(rows.zarrs) == {"X/data", "X/indices", "X/indptr"}
+        assert all(isinstance(array.store, LocalStore) for array in rows.zarrs.values())
+    else:
+        assert rows.zarrs == {}
+    group = strict_group(LocalStore(path, read_only=True), path)
+    assert screen_from_group(group, path).csr.zarrs == {}  # a group given: read through its store
+
+
+def test_other_stores_are_read_through_the_store(tmp_path, pipeline):
+    screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 blosc-lz4 + crc32c (ours)"])
+    contents = {file.relative_to(tmp_path / "s.zarr").as_posix(): Buffer.from_bytes(file.read_bytes())
+                for file in (tmp_path / "s.zarr").rglob("*") if file.is_file()}
+    screen = screen_from_group(strict_group(MemoryStore(contents, read_only=True), "memory"), "memory")
+    np.testing.assert_array_equal(screen.csr.read(0, N_OBS).toarray(), matrix())
+    assert isinstance(screen.csr.data.store, StrictStore)
+    del contents["X/data/c/2"]
+    with pytest.raises(StoreError, match=r"memory: chunk '2' of array 'X/data' is missing"):
+        screen.csr.read(0, N_OBS)
+
+
+@pytest.mark.parametrize("layout", ["v3 blosc-lz4 + crc32c (ours)", "v3 sharded"])
+def test_a_missing_chunk_is_named(tmp_path, layout, pipeline):
+    path = screen_with_x(tmp_path / "s.zarr", LAYOUTS[layout])
+    (tmp_path / "s.zarr" / "X" / "data" / "c" / "1").unlink()  # a chunk, or the second shard
+    first = CHUNK * (4 if "sharded" in layout else 1)
+    rows = open_screen(path).csr
+    with pytest.raises(StoreError, match=r"chunk '1' of array 'X/data' is missing \(key 'X/data/c/1'\)"):
+        rows.read(0, N_OBS)
+    indptr = zarr.open_array(f"{path}/X/indptr", mode="r")[:]
+    rows.read(0, int(np.searchsorted(indptr, first, side="right")) - 1)  # before it: fine
+
+
+def damage(path: str, index: int) -> None:
+    """Flip a byte in the middle of chunk ``index`` of ``X/data``."""
+    chunk = Path(path) / "X" / "data" / "c" / str(index)
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+
+
+@pytest.mark.parametrize("layout", ["v3 blosc-lz4 + crc32c (ours)", "v3 zstd (zarr default)"])
+def test_a_damaged_chunk_is_named(tmp_path, layout, pipeline):
+    path = screen_with_x(tmp_path / "s.zarr", LAYOUTS[layout])
+    damage(path, 2)
+    with pytest.raises(StoreError, match=r"chunk 2 of array 'X/data' \(first index 128\) cannot be decoded"):
+        read_all(path)
+
+
+@pytest.mark.parametrize("where", ["cut by the block", "the last"])
+def test_a_damaged_chunk_read_in_part_is_named(tmp_path, where, pipeline):
+    """A block that reads part of a chunk still checks the whole chunk's CRC32C
+    (zarrs checks none when it decodes part of a chunk)."""
+    path = screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 blosc-lz4 + crc32c (ours)"])
+    indptr = zarr.open_array(f"{path}/X/indptr", mode="r")[:]
+    if where == "the last":
+        index, rows = (int(indptr[-1]) - 1) // CHUNK, (N_OBS - 1, N_OBS)
+    else:  # rows that end inside chunk 2
+        index, rows = 2, (0, int(np.searchsorted(indptr, 2 * CHUNK + 1)))
+        assert 2 * CHUNK < indptr[rows[1]] < 3 * CHUNK
+    damage(path, index)
+    with pytest.raises(StoreError, match=rf"chunk {index} of array 'X/data' \(first index "
+                                         rf"{index * CHUNK}\) cannot be decoded"):
+        open_screen(path).csr.read(*rows)
+
+
+def test_a_chunk_of_the_wrong_size_is_named_not_a_short_read(tmp_path, pipeline):
+    path = screen_with_x(tmp_path / "s.zarr", {"compressors": [BloscCodec(cname="lz4")]})
+    short = numcodecs.Blosc(cname="lz4").encode(np.ones(CHUNK // 2, dtype="float32"))
+    (tmp_path / "s.zarr" / "X" / "data" / "c" / "1").write_bytes(short)
+    with pytest.raises(StoreError, match=r"chunk 1 of array 'X/data' \(first index 64\) cannot be decoded"):
+        read_all(path)
+
+
+def test_row_offsets_beyond_the_values_are_an_error_not_a_short_read(tmp_path, pipeline):
+    path = screen_with_x(tmp_path / "s.zarr", LAYOUTS["v3 uncompressed"])
+    indptr = zarr.open_array(f"{path}/X/indptr", mode="r+")
+    held = int(indptr[N_OBS])
+    indptr[100] = held + 10  # row 99 ends past the stored values
+    rows = open_screen(path).csr
+    with pytest.raises(StoreError, match=rf"values \d+-{held + 10} of array 'X/indices' were asked "
+                                         rf"for, it holds {held}"):
+        rows.read(90, 100)
+
+
+def test_the_environment_variable_turns_zarrs_off_and_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv(codecs.ENV_VAR, "0")
+    assert not codecs.zarrs_enabled()
+    assert codecs.zarrs_arrays(str(tmp_path), "X", ("data",)) is None
+    monkeypatch.setenv(codecs.ENV_VAR, "maybe")
+    with pytest.raises(ParameterError, match="GENEPERT_SCALE_ZARRS='maybe': set it to 0"):
+        codecs.zarrs_enabled()
+    monkeypatch.delenv(codecs.ENV_VAR)
+    assert codecs.zarrs_enabled() == (codecs.BY_DEFAULT and codecs.zarrs_installed())
+
+
+@pytest.mark.parametrize("path", ["s3://bucket/s.zarr", "https://host/s.zarr", "missing.zarr"])
+def test_zarrs_reads_only_local_directories(path):
+    assert codecs.local_root(path) is None

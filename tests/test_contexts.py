@@ -70,7 +70,7 @@ def test_a_context_without_controls_is_named(two_lines, tmp_path):
     drop = (adata.obs["line"] == "RPE1") & (adata.obs["perturbation"] == "non-targeting")
     adata[~drop.to_numpy()].copy().write_zarr(tmp_path / "s.zarr")
     with pytest.raises(LabelError, match="contexts without control cells .*RPE1"):
-        pseudobulk(str(tmp_path / "s.zarr"), context_key="line", n_top_genes="all")
+        pseudobulk(str(tmp_path / "s.zarr"), context_key="line", n_top_genes="all", as_xarray=True)
 
 
 def test_batch_matched_controls_on_the_real_screen(papalexi_path):
@@ -153,7 +153,7 @@ def test_one_context_is_modelled_at_a_time(two_lines, tmp_path):
 
 def test_the_anndata_form_has_a_control_row_per_context(two_lines):
     path, _ = two_lines
-    pb = pseudobulk(path, n_top_genes="all", context_key="line")
+    pb = pseudobulk(path, n_top_genes="all", context_key="line", as_xarray=True)
     controls = pb.obs[pb.obs["is_control"]]
     assert list(controls["context"]) == ["K562", "RPE1"]
     assert list(controls.index) == ["K562/non-targeting", "RPE1/non-targeting"]

@@ -13,6 +13,7 @@ import zarr
 
 from conftest import scanpy_pseudobulk
 from genepert_scale.errors import LabelError, ParameterError
+from factories import read_for_scanpy
 from genepert_scale.io.convert import convert_h5ad
 from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk, write_pseudobulk
 from genepert_scale.pp.reduce import pass_stats
@@ -106,7 +107,7 @@ def test_log1p_input_detected_and_not_normalized_again(small_screen, tmp_path):
     import scanpy as sc
 
     path, _ = small_screen
-    adata = ad.read_zarr(path)
+    adata = read_for_scanpy(path)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     adata.obs["condition"] = [
@@ -139,7 +140,7 @@ def test_group_variance_matches_numpy(small_screen):
 
     path, _ = small_screen
     ds = pseudobulk(path, n_top_genes=30, group_variance=True, progress=False, as_xarray=True)
-    adata = ad.read_zarr(path)
+    adata = read_for_scanpy(path)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     x = adata[:, list(ds.gene.values)].X.toarray()
@@ -186,19 +187,30 @@ def test_blocks_are_read_into_reused_buffers(small_screen):
     buffers = BlockBuffers()
     first = rows.read(0, 400, buffers)
     kept = first.data.copy(), first.indices.copy()
-    second = rows.read(400, 700, buffers)  # fewer values: the same memory
-    assert np.shares_memory(first.data, second.data) and np.shares_memory(first.indices, second.indices)
+    second = rows.read(400, 700, buffers)  # the same stored chunks: the same memory
+    assert first.data.base is second.data.base and first.indices.base is second.indices.base
     for start, stop in ((400, 700), (0, 400)):
         block, plain = rows.read(start, stop, buffers), rows.read(start, stop)
         assert plain.data.size > 0 and (block != plain).nnz == 0
         np.testing.assert_array_equal(block.indptr, plain.indptr)
     np.testing.assert_array_equal(block.data, kept[0])
     np.testing.assert_array_equal(block.indices, kept[1])
-    grown, plain = rows.read(0, 1000, buffers), rows.read(0, 1000)  # more values: new memory
-    assert not np.shares_memory(grown.data, block.data) and (grown != plain).nnz == 0
+    grown, plain = rows.read(0, 1000, buffers), rows.read(0, 1000)
+    assert (grown != plain).nnz == 0
     # a pass leases buffers and frees them at its end
     pseudobulk(small_screen[0], n_top_genes=100, block_rows=300, progress=False, as_xarray=True)
     assert len(BLOCK_BUFFERS) == 0
+
+
+def test_block_buffers_are_reused_and_grow_with_head_room():
+    buffers = BlockBuffers()
+    first = buffers.get("X/data", 100, np.dtype("float32"))
+    assert np.shares_memory(buffers.get("X/data", 80, np.dtype("float32")), first)
+    grown = buffers.get("X/data", 120, np.dtype("float32"))
+    assert not np.shares_memory(grown, first) and grown.size == 120
+    assert grown.base.size == int(120 * BlockBuffers.GROWTH)
+    assert buffers.get("X/data", 140, np.dtype("float32")).base is grown.base
+    assert buffers.get("X/data", 10, np.dtype("int64")).dtype == np.int64  # another dtype: new
 
 
 def test_buffer_pool_leases_one_set_per_task_and_frees_idle_ones():

@@ -33,6 +33,11 @@ class FlakyFileSystem(LocalFileSystem):
     calls: collections.Counter = collections.Counter()
     lock = threading.Lock()
 
+    @classmethod
+    def _strip_protocol(cls, path):
+        # fsspec before 2025 strips only file:// and local:// from a LocalFileSystem's paths
+        return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
     def cat_file(self, path, start=None, end=None, **kwargs):
         for part, count in self.failures.items():
             if part in path:

@@ -25,14 +25,13 @@ import zarr
 from anndata.experimental import read_elem_lazy
 from anndata.io import read_elem
 from dask.system import CPU_COUNT
-from zarr.core.buffer.cpu import NDBuffer
+from zarr.buffer.cpu import NDBuffer
 
-from .chunks import BlockBuffers, ChunkedVector
 from ..errors import GenePertInputError, LabelError, ParameterError, StoreError
+from .codecs import zarrs_arrays
 from .integrity import (
     METADATA_ERRORS, first_bad_chunk, named_chunk_errors, naming_bad_chunks, strict_group,
 )
-from .names import distinct_by_hash
 from .store import exists, is_url, zarr_store
 from ..validate import check_case_collisions, check_unique_names, check_x_dtype
 
@@ -141,6 +140,30 @@ class Screen:
         return pd.Series(values, name=key)
 
 
+class BlockBuffers:
+    """Arrays that blocks are read into, reused from block to block.
+
+    Reading into fresh arrays costs a page fault per 4 KiB page (large arrays
+    are new memory maps each time): about a fifth of a pass's CPU time on a
+    local store. One set serves one task at a time (:meth:`BufferPool.lease`).
+    """
+
+    #: Head-room when an array grows, so that slightly larger blocks do not
+    #: each reallocate it.
+    GROWTH = 1.25
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
+        """A writable array of ``size`` elements of ``dtype``, kept under ``name``."""
+        array = self._arrays.get(name)
+        if array is None or array.dtype != dtype or array.size < size:
+            grown = size if array is None else int(size * self.GROWTH)
+            array = self._arrays[name] = np.empty(grown, dtype)
+        return array[:size]
+
+
 class BufferPool:
     """The idle :class:`BlockBuffers` of this process: each running task
     leases one set, so a process holds at most one per thread reading blocks."""
@@ -181,23 +204,39 @@ class CsrRows:
     """Row slices of a CSR matrix stored in a zarr group (its ``data``,
     ``indices`` and ``indptr`` arrays, opened once), read with one slice of
     each array — the same reads as anndata's lazy blocks, without the
-    per-block wrapping. Each array is decoded by :class:`.ChunkedVector`
-    where its layout allows (``chunked``, by array path), by zarr otherwise."""
+    per-block wrapping — and decoded straight into reused buffers
+    (:class:`BlockBuffers`).
+
+    Attributes
+    ----------
+    data, indices, indptr
+        The arrays, read through the group's store (zarr's codec pipeline).
+    n_vars
+        Columns of the matrix.
+    source
+        Path or URL of the store, for messages.
+    zarrs
+        The same arrays opened for zarrs' codec pipeline, by path
+        (:func:`.codecs.zarrs_arrays`); empty where zarrs is not used.
+    """
 
     data: Any
     indices: Any
     indptr: Any
     n_vars: int
     source: str = ""
-    chunked: dict[str, ChunkedVector] = field(default_factory=dict)
+    zarrs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, x_group, n_vars: int, source: str = "") -> CsrRows:
-        data, indices, indptr = x_group["data"], x_group["indices"], x_group["indptr"]
-        vectors = {array.path: ChunkedVector.of(array, source)
-                   for array in (data, indices, indptr)}
-        return cls(data, indices, indptr, n_vars, source,
-                   {path: vector for path, vector in vectors.items() if vector is not None})
+    def of(cls, x_group, n_vars: int, source: str = "", *, zarrs: bool = False) -> CsrRows:
+        """The rows of the CSR matrix in ``x_group`` (``n_vars`` columns) of
+        the store at ``source``; with ``zarrs``, decoded by zarrs' codec
+        pipeline where it can (``x_group`` must then be the store at
+        ``source`` as :func:`open_group` opens it)."""
+        names = ("data", "indices", "indptr")
+        fast = zarrs_arrays(source, x_group.path, names) if zarrs else None
+        return cls(*(x_group[name] for name in names), n_vars, source,
+                   {array.path: array for array in fast or ()})
 
     def read(self, start: int, stop: int, buffers: BlockBuffers | None = None) -> sp.csr_array:
         """Rows ``start:stop`` as a CSR array (``indptr`` from zero).
@@ -223,13 +262,34 @@ class CsrRows:
         return sp.csr_array((data, indices, offsets), shape=(stop - start, self.n_vars))
 
     def _read_slice(self, array, first: int, last: int, buffers: BlockBuffers) -> np.ndarray:
-        """``array[first:last]``, read into ``buffers``."""
-        vector = self.chunked.get(array.path)
-        if vector is not None:
-            return vector.read_into(first, last, buffers)
-        out = buffers.get(array.path, last - first, array.dtype)
-        array.get_basic_selection(slice(first, last), out=NDBuffer.from_numpy_array(out))
-        return out
+        """``array[first:last]``, a view of the whole chunks holding it, read into ``buffers``.
+
+        Whole chunks are read so that each is decoded whole and its checksum
+        checked: zarrs decodes a chunk it reads in part without checking its
+        CRC32C. For the same reason the array's last chunk, always read in
+        part (the array ends inside it), is read by zarr's own pipeline. A
+        range beyond the array's end is an error (``indptr`` points past the
+        values stored), not a shorter read.
+        """
+        length = array.shape[0]
+        if not 0 <= first <= last <= length:
+            raise StoreError(
+                f"{self.source}: values {first}-{last} of array {array.path!r} were asked "
+                f"for, it holds {length}; the store is inconsistent (X's indptr "
+                "and its data or indices disagree). Write it again"
+            )
+        if first == last:
+            return buffers.get(array.path, 0, array.dtype)
+        size = array.chunks[0]
+        lo, hi = first - first % size, min(-(-last // size) * size, length)
+        out = buffers.get(array.path, hi - lo, array.dtype)
+        fast = self.zarrs.get(array.path)
+        split = hi if fast is None else min(max(length - length % size, lo), hi)
+        for reader, start, stop in ((fast or array, lo, split), (array, split, hi)):
+            if stop > start:
+                view = out[start - lo : stop - lo]
+                reader.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(view))
+        return out[first - lo : last - lo]
 
     def _bad_chunk(self, start: int, stop: int) -> GenePertInputError | None:
         """The error naming the first bad chunk under rows ``start:stop``, if any."""
@@ -392,7 +452,8 @@ def open_screen(
         If the path is missing, is not AnnData, or has no usable ``X`` (or layer).
     """
     return screen_from_group(open_group(path, storage_options), str(path), block_rows=block_rows,
-                             memory_limit=memory_limit, threads=threads, layer=layer)
+                             memory_limit=memory_limit, threads=threads, layer=layer,
+                             zarrs=True)
 
 
 def _x_encoding(x_group, path: str) -> str:
@@ -430,9 +491,13 @@ def screen_from_group(
     memory_limit: int | None = None,
     threads: int | None = None,
     layer: str | None = None,
+    zarrs: bool = False,
 ) -> Screen:
     """A :class:`Screen` over an already opened AnnData root group (zarr or
-    h5py), of ``X`` or of ``layers[layer]``."""
+    h5py), of ``X`` or of ``layers[layer]``, read through the group's store;
+    ``zarrs`` (for a group that :func:`open_group` opened from ``path``): a
+    CSR matrix through zarrs' codec pipeline where it can (:mod:`.codecs`).
+    See :func:`open_screen` for the other parameters."""
     for key in ("X", "obs", "var"):
         if key not in group:
             raise StoreError(
@@ -448,19 +513,14 @@ def screen_from_group(
     encoding = _x_encoding(x_group, path)
     with named_chunk_errors(group, path, ("obs", "var")):
         var_names = pd.Index(_read_index(group["var"]), dtype=object)
-        index = group["obs"][_index_key(group["obs"])]
-        if distinct_by_hash(index, path):
-            n_obs = index.shape[0]
-        else:  # the names themselves (also an index stored as a group, e.g. categorical)
-            obs_names = _read_index(group["obs"])
-            check_unique_names(obs_names, "obs", path)
-            n_obs = len(obs_names)
+        obs_names = _read_index(group["obs"])
+    check_unique_names(obs_names, "obs", path)
     check_unique_names(var_names, "var", path)
     check_case_collisions(var_names, path)
     shape = tuple(x_group.attrs["shape"]) if encoding == "csr_matrix" else x_group.shape
-    if shape != (n_obs, len(var_names)):
+    if shape != (len(obs_names), len(var_names)):
         raise StoreError(
-            f"{path}: X has shape {shape} but obs has {n_obs} cells and "
+            f"{path}: X has shape {shape} but obs has {len(obs_names)} cells and "
             f"var {len(var_names)} genes; the store is inconsistent, rewrite it"
         )
     if encoding == "csr_matrix":
@@ -475,7 +535,7 @@ def screen_from_group(
     )
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
     direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)
-    csr = CsrRows.of(x_group, shape[1], path) if direct else None
+    csr = CsrRows.of(x_group, shape[1], path, zarrs=zarrs) if direct else None
     return Screen(str(path), group, X, var_names, csr, x_key=x_key)
 
 
