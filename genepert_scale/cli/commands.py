@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-rows", type=int, default=10_000, help="rows per written block")
     p.add_argument("--threads", type=int, help="threads drawing cells (default: the CPUs, at most 8)")
+    p.add_argument("--responder-share", type=float, default=1.0,
+                   help="share of perturbed cells that respond, set by a cell state (default 1: all)")
 
     p = sub.add_parser("convert", parents=[parent], help="stream an .h5ad into a chunked zarr store")
     p.add_argument("source", help="input .h5ad")
@@ -217,6 +219,7 @@ def _synth(args: argparse.Namespace) -> int:
     out, emb = synth_screen(
         args.out, cells=args.cells, genes=args.genes, perturbations=args.perturbations,
         seed=args.seed, chunk_rows=args.chunk_rows, overwrite=args.overwrite, threads=args.threads,
+        responder_share=args.responder_share,
     )
     print(f"screen: {out}\nembedding: {emb}")
     return 0
