@@ -338,13 +338,15 @@ def metrics_table(
     return pd.concat(tables, ignore_index=True)
 
 
-def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, float | None]]]:
+def summarize(
+    per_perturbation: pd.DataFrame, metrics: Sequence[str] = METRICS
+) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per model and metric: ``mean``/``std`` over perturbations,
     ``fold_mean``/``fold_std`` over the per-fold means (NaN values, e.g. the
     Pearson of a constant prediction, are left out; all-NaN gives ``None``)."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for model, table in per_perturbation.groupby("model", sort=False):
-        fold_means = table.groupby("fold")[list(METRICS)].mean()
+        fold_means = table.groupby("fold")[list(metrics)].mean()
         out[str(model)] = {
             metric: {
                 "mean": _number(table[metric].mean()),
@@ -353,7 +355,7 @@ def summarize(per_perturbation: pd.DataFrame) -> dict[str, dict[str, dict[str, f
                 "fold_std": _number(fold_means[metric].std()),
                 "n": int(table[metric].notna().sum()),
             }
-            for metric in METRICS
+            for metric in metrics
         }
     return out
 
