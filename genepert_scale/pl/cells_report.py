@@ -30,7 +30,7 @@ FILES = ("metrics.json", "per_perturbation.csv", "folds.csv", "predicted_cells.h
          "energy_distance_per_perturbation.png", "pca_best_worst.png", "report.html")
 #: Metrics of the model table in the report.
 REPORT_METRICS = ("energy_distance", "mmd_rbf", "pearson_delta", "pearson_delta_de20", "rmse_delta")
-COLOURS = {LATENT_OT: "tab:blue", "ridge_shift": "tab:orange", "control_cells": "tab:grey"}
+COLOURS = {LATENT_OT: "tab:blue", "ridge_shift": "tab:orange", "control_cells": "tab:green"}
 CAPTIONS = {
     "energy_distance_per_perturbation.png":
         "Energy distance between predicted and true cells of every held-out perturbation "
