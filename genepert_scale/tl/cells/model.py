@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -272,11 +272,11 @@ def fit_on(
     with deterministic_torch(seed, config.threads):
         vae = Vae(source.n_genes, config.latent_dim, config.hidden).to(device)
         generator = torch.Generator(device=device).manual_seed(seed)
-        vae_history = train_vae(
-            vae, config.epochs,
-            lambda _: source.minibatches(mask, config.batch_size, rng, shuffle_blocks=config.shuffle_blocks),
-            learning_rate=config.learning_rate, beta=config.beta, generator=generator, device=device,
-        )
+        def epoch(_: int) -> Iterator[np.ndarray]:
+            return source.minibatches(mask, config.batch_size, rng, shuffle_blocks=config.shuffle_blocks)
+
+        vae_history = train_vae(vae, config.epochs, epoch, learning_rate=config.learning_rate,
+                                beta=config.beta, generator=generator, device=device)
         clock.lap("vae")
         samples = {f"p{p}": sample_rows(source.cells_of(p), config.ot_cells, rng) for p in train}
         to_latent = functools.partial(encode, vae, device=device)
@@ -455,7 +455,8 @@ def cells_predict(
         rows.append(model.control_rows)
     G = features.rows().astype(np.float32)
     for name, g in zip(features.perturbations, G):
-        picked = np.sort(rng.choice(len(model.control_z), min(n_cells, len(model.control_z)), replace=False))
+        kept = len(model.control_z)
+        picked = np.sort(rng.choice(kept, min(n_cells, kept), replace=False))
         blocks.append(model.move(g, picked))
         names += [model.labels.get(name, name)] * len(picked)
         rows.append(model.control_rows[picked])

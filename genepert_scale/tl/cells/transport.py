@@ -7,8 +7,9 @@ With control latents ``z_i`` (``i = 1..n``), a perturbation's latents ``y_j``
 (``j = 1..m``), uniform weights and the squared Euclidean cost ``C_ij =
 ‖z_i − y_j‖²`` divided by its mean (so that ``epsilon`` does not depend on
 the latent's scale), Sinkhorn's algorithm (POT's ``ot.sinkhorn``: its
-log-stabilised form, or with epsilon scaling at small ``ε``) finds the plan ``T`` minimising ``⟨T, C⟩ − ε H(T)`` with row sums
-``1/n`` and column sums ``1/m``. Its barycentric map sends ``z_i`` to
+log-stabilised form, or with epsilon scaling at small ``ε``) finds the plan
+``T`` minimising ``⟨T, C⟩ − ε H(T)`` with row sums ``1/n`` and column sums
+``1/m``. Its barycentric map sends ``z_i`` to
 ``ŷ_i = Σ_j T_ij y_j / Σ_j T_ij`` and gives the shift ``Δz_i = ŷ_i − z_i``.
 As ``ε → 0`` with ``n = m`` the plan tends to a permutation (the optimal
 assignment) and ``ŷ_i`` to the cell ``z_i`` is assigned to.
@@ -126,8 +127,10 @@ def ot_shift(
     map of the plan to ``reference`` — the debiased map.
     """
     source = np.asarray(source, dtype=np.float64)
-    moved = barycentric_map(sinkhorn_plan(source, target, epsilon), np.asarray(target, np.float64))
+    target = np.asarray(target, dtype=np.float64)
+    moved = barycentric_map(sinkhorn_plan(source, target, epsilon), target)
     if reference is None:
         return (moved - source).astype(np.float32)
     reference = np.asarray(reference, dtype=np.float64)
-    return (moved - barycentric_map(sinkhorn_plan(source, reference, epsilon), reference)).astype(np.float32)
+    start = barycentric_map(sinkhorn_plan(source, reference, epsilon), reference)
+    return (moved - start).astype(np.float32)
