@@ -270,13 +270,7 @@ def fit_on(
     mask = (source.group == CONTROL) | np.isin(source.group, train)
     clock = _Clock()
     with deterministic_torch(seed, config.threads):
-        vae = Vae(source.n_genes, config.latent_dim, config.hidden).to(device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        def epoch(_: int) -> Iterator[np.ndarray]:
-            return source.minibatches(mask, config.batch_size, rng, shuffle_blocks=config.shuffle_blocks)
-
-        vae_history = train_vae(vae, config.epochs, epoch, learning_rate=config.learning_rate,
-                                beta=config.beta, generator=generator, device=device)
+        vae, vae_history = fit_vae(source, mask, config, rng, seed=seed, device=device)
         clock.lap("vae")
         samples = {f"p{p}": sample_rows(source.cells_of(p), config.ot_cells, rng) for p in train}
         to_latent = functools.partial(encode, vae, device=device)
@@ -286,13 +280,7 @@ def fit_on(
         clock.lap("encode")
         z, shift, condition = ot_pairs(control_z, gathered, config, rng)
         clock.lap("ot")
-        head = ShiftHead(config.latent_dim, G.shape[1], hidden=config.hidden,
-                         condition_dim=config.condition_dim, injection=config.injection).to(device)
-        head_history = train_head(
-            head, z, shift, condition, G, epochs=config.head_epochs,
-            batch_size=config.head_batch_size, learning_rate=config.head_learning_rate,
-            weight_decay=config.head_weight_decay, rng=rng, device=device,
-        )
+        head, head_history = fit_head(z, shift, condition, G, config, rng, device=device)
         clock.lap("head")
     names = prepared.perturbations
     latent_delta = {names[p]: shift[condition == p].mean(axis=0) for p in train}
@@ -302,6 +290,47 @@ def fit_on(
                       [names[p] for p in train], latent_delta, source.labels, source.control,
                       source.key, config, {"vae": vae_history, "head": head_history},
                       clock.seconds)
+
+
+def fit_vae(
+    source: CellSource,
+    mask: np.ndarray,
+    config: CellsConfig,
+    rng: np.random.Generator,
+    *,
+    seed: int,
+    device: torch.device,
+) -> tuple[Vae, list[float]]:
+    """A VAE trained on the cells where ``mask`` is true, streamed in
+    minibatches; the loss of every epoch."""
+    vae = Vae(source.n_genes, config.latent_dim, config.hidden).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def epoch(_: int) -> Iterator[np.ndarray]:
+        return source.minibatches(mask, config.batch_size, rng, shuffle_blocks=config.shuffle_blocks)
+
+    history = train_vae(vae, config.epochs, epoch, learning_rate=config.learning_rate,
+                        beta=config.beta, generator=generator, device=device)
+    return vae, history
+
+
+def fit_head(
+    z: np.ndarray,
+    shift: np.ndarray,
+    condition: np.ndarray,
+    embeddings: np.ndarray,
+    config: CellsConfig,
+    rng: np.random.Generator,
+    *,
+    device: torch.device,
+) -> tuple[ShiftHead, list[float]]:
+    """The shift head trained on OT pairs (:func:`ot_pairs`); the loss of every epoch."""
+    head = ShiftHead(config.latent_dim, embeddings.shape[1], hidden=config.hidden,
+                     condition_dim=config.condition_dim, injection=config.injection).to(device)
+    history = train_head(head, z, shift, condition, embeddings, epochs=config.head_epochs,
+                         batch_size=config.head_batch_size, learning_rate=config.head_learning_rate,
+                         weight_decay=config.head_weight_decay, rng=rng, device=device)
+    return head, history
 
 
 class _Clock:
