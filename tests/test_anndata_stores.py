@@ -15,7 +15,7 @@ import zarr
 
 from genepert_scale.io import codecs
 from genepert_scale.io.screen import open_screen
-from genepert_scale.pp.pseudobulk import pseudobulk
+from genepert_scale.pp.aggregate import pseudobulk
 
 ARRAYS = ("mean", "delta", "n_cells", "control_mean")
 PIPELINES = ["zarr", pytest.param("zarrs", marks=pytest.mark.skipif(

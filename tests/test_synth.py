@@ -88,3 +88,27 @@ def test_synth_threads_must_be_positive(tmp_path):
     with pytest.raises(ParameterError, match="--threads must be a positive integer, got 0"):
         synth_screen(str(tmp_path / "s.zarr"), cells=100, genes=20, perturbations=4, threads=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_responders_are_the_top_share_of_one_program_and_only_they_respond():
+    programs = np.random.default_rng(0).gamma(synth.PROGRAM_SHAPE, synth.PROGRAM_SCALE,
+                                              size=(40_000, N_PROGRAMS))
+    assert synth.responders(programs, 0.3).mean() == pytest.approx(0.3, abs=0.01)
+    model = make_model(200, 10, seed=1)
+    groups = np.repeat(np.arange(1, 11, dtype=np.int32), 300)
+    every = tile_counts(model, groups, seed=1, tile=0, mean_umis=4000)
+    assert (every != tile_counts(model, groups, seed=1, tile=0, mean_umis=4000,
+                                 responder_share=1.0)).nnz == 0
+    some = tile_counts(model, groups, seed=1, tile=0, mean_umis=4000, responder_share=0.3)
+    state = np.random.default_rng([1, 2, 0]).gamma(synth.PROGRAM_SHAPE, synth.PROGRAM_SCALE,
+                                                   size=(groups.size, N_PROGRAMS))
+    respond = synth.responders(state, 0.3)
+    # the target gene, knocked down 7-fold in cells that respond, not in the others:
+    # its share of each cell's counts against the same cells drawn as controls
+    controls = tile_counts(model, np.zeros_like(groups), seed=1, tile=0, mean_umis=4000)
+    cells, targets = np.arange(groups.size), model.genes.get_indexer(model.labels)[groups - 1]
+    share = {name: (x.toarray() / x.sum(axis=1)[:, None])[cells, targets]
+             for name, x in (("some", some), ("controls", controls))}
+    ratio = {key: share["some"][mask].mean() / share["controls"][mask].mean()
+             for key, mask in (("respond", respond), ("silent", ~respond))}
+    assert ratio["respond"] < 0.4 and 0.85 < ratio["silent"] < 1.15

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-rows", type=int, default=10_000, help="rows per written block")
     p.add_argument("--threads", type=int, help="threads drawing cells (default: the CPUs, at most 8)")
+    p.add_argument("--responder-share", type=float, default=1.0,
+                   help="share of perturbed cells that respond, set by a cell state (default 1: all)")
 
     p = sub.add_parser("convert", parents=[parent],
                        help="stream an .h5ad (CSR, dense or CSC X) into a chunked CSR zarr store")
@@ -173,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[parent], help="run the whole job on an embedded synthetic screen")
     p.add_argument("--out", default="demo-output", help="directory for every demo output")
+
+    p = sub.add_parser("cells", parents=[parent],
+                       help="cell-level model (VAE latent, OT control->perturbed, embedding-"
+                            "conditioned shift): K-fold evaluation and predicted cells (cells extra)")
+    add_cells_options(p)
 
     p = sub.add_parser("export-pseudobulk", parents=[parent],
                        help="write a pseudo-bulk store as AnnData (.h5ad)")
@@ -249,6 +256,50 @@ def pseudobulk_params(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in PARAMETERS}
 
 
+#: Options of ``cells`` that set a :class:`.CellsConfig` field (unset: its default).
+CELLS_CONFIG_OPTIONS = ("latent_dim", "epochs", "batch_size", "beta", "ot_cells", "ot_epsilon",
+                        "ot_map", "injection", "head_epochs", "control_cells", "output", "device", "threads")
+
+
+def add_cells_options(p: argparse.ArgumentParser) -> None:
+    """Options of the cell model (``cells``); config options default to :class:`.CellsConfig`'s."""
+    p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
+    p.add_argument("--perturbation-key", default="perturbation", help="obs column of perturbation labels")
+    p.add_argument("--control", default="non-targeting", help="label of control cells")
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="gene embedding table (path or URL); repeat to concatenate")
+    p.add_argument("--pseudobulk", help="the screen's pseudo-bulk store (default: run the pass)")
+    p.add_argument("--n-top-genes", type=_n_top_genes, default="default",
+                   help="HVGs when the pass runs (default: 5000, or all genes if fewer)")
+    p.add_argument("--input", choices=("auto", "counts", "log1p"), default="auto")
+    p.add_argument("--folds", type=int, default=5, help="folds over perturbations (evaluate's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, samples and networks")
+    p.add_argument("--alpha", type=float, nargs="+", help="ridge alpha grid of ridge_shift")
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="drop",
+                   help="perturbations whose genes have no vector: drop, random, zero or error")
+    p.add_argument("--gene-map", help="two-column table: screen gene name -> embedding name")
+    model = p.add_argument_group("cell model (defaults: genepert_scale.tl.cells.CellsConfig)")
+    model.add_argument("--latent-dim", type=int, help="VAE latent width (32)")
+    model.add_argument("--epochs", type=int, help="VAE passes over the training cells (30)")
+    model.add_argument("--batch-size", type=int, help="cells per VAE minibatch (256)")
+    model.add_argument("--beta", type=float, help="weight of the VAE's KL term (0.01)")
+    model.add_argument("--ot-cells", type=int, help="cells per side of each OT problem (500)")
+    model.add_argument("--ot-epsilon", type=float, help="entropic OT regularisation, relative (0.1)")
+    model.add_argument("--ot-map", choices=("debiased", "barycentric"),
+                       help="debiased (default): minus the map to other control cells; barycentric")
+    model.add_argument("--injection", choices=("additive", "film", "concat"),
+                       help="how the embedding enters the shift head (additive)")
+    model.add_argument("--head-epochs", type=int, help="shift-head passes over the OT pairs (40)")
+    model.add_argument("--control-cells", type=int, help="control cells kept to be moved (2000)")
+    model.add_argument("--output", choices=("residual", "decoded"),
+                       help="residual: control cell + decoded change (default); decoded: decoded cell")
+    model.add_argument("--device", help="torch device: auto (a GPU if any), cpu, cuda")
+    model.add_argument("--threads", type=int, help="torch CPU threads (1)")
+    p.add_argument("--eval-cells", type=int, default=500, help="true cells per held-out perturbation")
+    p.add_argument("--block-rows", type=int, default=2048, help="rows per block read from the screen")
+    p.add_argument("--out", required=True, help="output directory")
+
+
 @command("synth")
 def _synth(args: argparse.Namespace) -> int:
     from ..datasets.synth import synth_screen
@@ -256,6 +307,7 @@ def _synth(args: argparse.Namespace) -> int:
     out, emb = synth_screen(
         args.out, cells=args.cells, genes=args.genes, perturbations=args.perturbations,
         seed=args.seed, chunk_rows=args.chunk_rows, overwrite=args.overwrite, threads=args.threads,
+        responder_share=args.responder_share,
     )
     print(f"screen: {out}\nembedding: {emb}")
     return 0
@@ -439,6 +491,26 @@ def _demo(args: argparse.Namespace) -> int:
     print(summary_table(result.summary))
     print(f"\nreport: {report}\nmodel: {model}\npredictions of unseen {', '.join(unseen)} "
           f"and {unseen[0]}+{unseen[1]}: {predictions}")
+    return 0
+
+
+@command("cells")
+def _cells(args: argparse.Namespace) -> int:
+    from ..tl.cells import CellsConfig, cells_evaluate
+    from ..pl.cells_report import write_cells_report
+
+    options = _storage_options(args.storage_options)
+    config = CellsConfig(**{name: getattr(args, name) for name in CELLS_CONFIG_OPTIONS
+                            if getattr(args, name) is not None})
+    result = cells_evaluate(
+        args.screen, args.embeddings, perturbation_key=args.perturbation_key, control=args.control,
+        pseudobulk=args.pseudobulk, n_top_genes=args.n_top_genes, input=args.input,
+        n_folds=args.folds, seed=args.seed, alphas=args.alpha or DEFAULT_ALPHAS,
+        missing=args.missing, gene_map=args.gene_map, config=config, eval_cells=args.eval_cells,
+        block_rows=args.block_rows, storage_options=options, progress=not args.no_progress,
+    )
+    print(summary_table(result.summary, ("energy_distance", "mmd_rbf", "pearson_delta", "rmse_delta")))
+    print(f"report: {write_cells_report(result, args.out, overwrite=args.overwrite, storage_options=options)}")
     return 0
 
 

@@ -5,7 +5,10 @@ log-rate of every gene by ``tanh(e_p W)`` (a smooth function of ``p``'s
 embedding) and knocks ``p`` itself down; a pair adds the shifts of its two
 genes. Counts are Poisson draws around a cell-specific library size and
 cell-specific program activity (Gamma), which makes them overdispersed
-(negative-binomial-like). Cells are generated and written tile by tile, so a
+(negative-binomial-like). With a responder share below 1, only perturbed
+cells whose activity of program :data:`RESPONDER_PROGRAM` is in the top share
+respond (the others look like controls): a distributional effect, set by a
+cell state that control cells share, which a mean shift cannot reproduce. Cells are generated and written tile by tile, so a
 million cells never sit in memory, and the result depends only on the seed,
 not on the chunking.
 """
@@ -44,6 +47,10 @@ CONTROL_LABEL = "non-targeting"
 #: Cells generated from one random stream; fixed so chunking does not change data.
 TILE_ROWS = 1000
 N_PROGRAMS = 16
+#: The program whose activity decides which perturbed cells respond.
+RESPONDER_PROGRAM = 0
+#: Shape and scale of the Gamma distribution of program activities.
+PROGRAM_SHAPE, PROGRAM_SCALE = 4.0, 0.25
 #: Default threads drawing tiles, at most: each holds about ``TILE_ROWS ×
 #: genes × 24`` bytes while it draws (160 MB at 8,000 genes).
 MAX_DEFAULT_THREADS = 8
@@ -105,15 +112,28 @@ def assign_cells(n_cells: int, n_perturbations: int, *, seed: int, control_share
     return np.where(control, 0, rng.integers(1, n_perturbations + 1, n_cells)).astype(np.int32)
 
 
+def responders(programs: np.ndarray, share: float) -> np.ndarray:
+    """Cells whose activity of :data:`RESPONDER_PROGRAM` is in the top
+    ``share`` of its Gamma distribution."""
+    import scipy.stats  # here: importing it would slow every command's start-up
+
+    threshold = scipy.stats.gamma.ppf(1.0 - share, PROGRAM_SHAPE, scale=PROGRAM_SCALE)
+    return programs[:, RESPONDER_PROGRAM] >= threshold
+
+
 def tile_counts(model: SynthModel, groups: np.ndarray, *, seed: int, tile: int,
-                mean_umis: float) -> sp.csr_array:
-    """Counts of one tile of cells (dense draw, sparse result)."""
+                mean_umis: float, responder_share: float = 1.0) -> sp.csr_array:
+    """Counts of one tile of cells (dense draw, sparse result); with
+    ``responder_share < 1`` only :func:`responders` among perturbed cells
+    get their perturbation's effect."""
     rng = np.random.default_rng([seed, 2, tile])
     n = groups.size
+    programs = rng.gamma(PROGRAM_SHAPE, PROGRAM_SCALE, size=(n, N_PROGRAMS))
     rate = model.log_effects[np.maximum(groups - 1, 0)]  # a fresh array, then in place
     rate[groups == 0] = 0.0  # controls: no effect
+    if responder_share < 1.0:
+        rate[~responders(programs, responder_share)] = 0.0
     rate += model.base_log_rate
-    programs = rng.gamma(4.0, 0.25, size=(n, N_PROGRAMS))
     np.exp(rate, out=rate)
     rate *= programs[:, model.program_of_gene]
     library = rng.lognormal(np.log(mean_umis), 0.4, size=n)
@@ -134,6 +154,7 @@ def synth_screen(
     embedding_dim: int = 32,
     overwrite: bool = False,
     threads: int | None = None,
+    responder_share: float = 1.0,
 ) -> tuple[str, str]:
     """Write a synthetic AnnData zarr screen and its embedding table.
 
@@ -161,6 +182,9 @@ def synth_screen(
         :data:`MAX_DEFAULT_THREADS`); numpy's sampling and arithmetic release
         the GIL. Each draws a dense tile (``TILE_ROWS × genes × 24`` bytes).
         Each tile has its own seeded stream, so the screen does not depend on it.
+    responder_share
+        Share of perturbed cells that respond (:func:`responders`, set by
+        their activity of program :data:`RESPONDER_PROGRAM`); 1: every cell.
 
     Returns
     -------
@@ -171,6 +195,8 @@ def synth_screen(
     if threads is not None:
         check_positive("--threads", threads, integer=True)
     threads = threads or min(CPU_COUNT, MAX_DEFAULT_THREADS)
+    if not 0.0 < responder_share <= 1.0:
+        raise ParameterError(f"--responder-share {responder_share} must be in (0, 1]")
     mean_umis = mean_umis or float(np.clip(genes / 4, 500, 5000))
     model = make_model(genes, perturbations, seed=seed, dim=embedding_dim)
     groups = assign_cells(cells, len(model.labels), seed=seed, control_share=control_share)
@@ -192,7 +218,8 @@ def synth_screen(
 
         def draw(tile: int) -> sp.csr_array:
             rows = slice(tile * TILE_ROWS, min((tile + 1) * TILE_ROWS, cells))
-            return tile_counts(model, groups[rows], seed=seed, tile=tile, mean_umis=mean_umis)
+            return tile_counts(model, groups[rows], seed=seed, tile=tile, mean_umis=mean_umis,
+                               responder_share=responder_share)
 
         n_tiles = -(-cells // TILE_ROWS)
         pending: list[sp.csr_array] = []

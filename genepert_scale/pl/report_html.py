@@ -17,7 +17,7 @@ from ..tl.metrics import METRICS
 
 #: Headline metrics of the subgroup table.
 SUBGROUP_METRIC = "pearson_delta"
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
@@ -78,7 +78,7 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<title>genepert-scale evaluation</title>\n"
-        f"<style>{_STYLE}</style>\n</head>\n<body>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
+        f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )
 
 
@@ -171,10 +171,11 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def figure(name: str, png: bytes) -> str:
-    """An inline image with its caption."""
+def figure(name: str, png: bytes, caption: str | None = None) -> str:
+    """An inline image with its caption (by default the evaluation report's)."""
     data = base64.b64encode(png).decode("ascii")
-    return (f"<h3>{html.escape(name)}</h3><p>{html.escape(_CAPTIONS.get(name, ''))}</p>"
+    caption = _CAPTIONS.get(name, "") if caption is None else caption
+    return (f"<h3>{html.escape(name)}</h3><p>{html.escape(caption)}</p>"
             f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
 
 

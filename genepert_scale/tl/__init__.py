@@ -1,4 +1,6 @@
-"""Models and evaluation: gene embeddings, ridge, fit/predict, splits, metrics."""
+"""Models and evaluation: gene embeddings, ridge, fit/predict, splits, metrics;
+the cell model (:mod:`.cells`, the optional ``cells`` extra: torch and POT),
+imported on first use."""
 
 from __future__ import annotations
 
@@ -12,4 +14,8 @@ __getattr__, __dir__, __all__ = attach(__name__, {
     "fit": (".model", "fit"),
     "predict": (".model", "predict"),
     "load_embeddings": (".embeddings", "load_embeddings"),
+    "cells_fit": (".cells", "cells_fit"),
+    "cells_predict": (".cells", "cells_predict"),
+    "cells_evaluate": (".cells", "cells_evaluate"),
+    "CellsConfig": (".cells", "CellsConfig"),
 }, eager=("evaluate",))

@@ -528,6 +528,7 @@ def _union(*masks: np.ndarray | None) -> np.ndarray | None:
 
 def summarize(
     per_perturbation: pd.DataFrame,
+    metrics: Sequence[str] = METRICS,
     *,
     ci_seed: int | None = None,
     n_resamples: int = N_RESAMPLES,
@@ -542,7 +543,7 @@ def summarize(
     """
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for model, table in per_perturbation.groupby("model", sort=False):
-        fold_means = table.groupby("fold")[list(METRICS)].mean()
+        fold_means = table.groupby("fold")[list(metrics)].mean()
         out[str(model)] = {
             metric: {
                 "mean": _number(table[metric].mean()),
@@ -551,7 +552,7 @@ def summarize(
                 "fold_std": _number(fold_means[metric].std()),
                 "n": int(table[metric].notna().sum()),
             }
-            for metric in METRICS
+            for metric in metrics
         }
         if ci_seed is not None:
             for metric in UNCERTAINTY_METRICS:
