@@ -16,6 +16,7 @@ to decode ``X`` once (``tasks.py zarr-floor``: through zarr). Results:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import shlex
@@ -35,9 +36,11 @@ from run import HERE, TASKS, machine, versions
 GiB = 2**30
 
 
-def sample_tree(process: psutil.Process, stop: threading.Event, peaks: dict) -> None:
+def sample_tree(process: psutil.Process, stop: threading.Event, peaks: dict,
+                kill_above: int | None = None) -> None:
     """Record, until ``stop``, the peak summed RSS of ``process`` and its
-    descendants (``peaks["tree"]``) and each one's own peak (by pid)."""
+    descendants (``peaks["tree"]``) and each one's own peak (by pid); with
+    ``kill_above``, end the tree once the sum passes it (``peaks["killed"]``)."""
     while not stop.is_set():
         try:
             members = [process, *process.children(recursive=True)]
@@ -52,23 +55,33 @@ def sample_tree(process: psutil.Process, stop: threading.Event, peaks: dict) -> 
             total += rss
             peaks[member.pid] = max(peaks.get(member.pid, 0), rss)
         peaks["tree"] = max(peaks.get("tree", 0), total)
+        if kill_above and total > kill_above:
+            peaks["killed"] = True
+            for member in reversed(members):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+            return
         time.sleep(0.05)
 
 
-def run_measured(command: list[str]) -> dict:
-    """Run ``command``; its wall time, exit code and memory peaks."""
+def run_measured(command: list[str], kill_above: int | None = None) -> dict:
+    """Run ``command``; its wall time, exit code and memory peaks. With
+    ``kill_above`` (bytes), a tree whose memory passes it is killed and the
+    result says so (``killed_above_gib``)."""
     peaks: dict = {}
     stop = threading.Event()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = threading.Thread(target=sample_tree, args=(psutil.Process(child.pid), stop, peaks))
+    sampler = threading.Thread(target=sample_tree, args=(psutil.Process(child.pid), stop, peaks, kill_above))
     sampler.start()
     output, _ = child.communicate()
     wall = time.perf_counter() - start
     stop.set()
     sampler.join()
     tree = peaks.pop("tree", 0)
+    killed = peaks.pop("killed", False)
     return {"wall_s": round(wall, 2), "returncode": child.returncode,
+            **({"killed_above_gib": round(kill_above / GiB, 3)} if killed else {}),
             "peak_tree_gib": round(tree / GiB, 3),
             "peak_process_gib": round(max(peaks.values(), default=0) / GiB, 3),
             "plan": next((line.split("pass plan: ", 1)[1] for line in output.splitlines()

@@ -133,6 +133,21 @@ class Features:
         }
 
 
+@dataclass(frozen=True)
+class FeatureRows:
+    """The feature rows of ``features`` as an array indexed by row positions,
+    encoded when read (a block at a time; see :mod:`.blocks`)."""
+
+    features: Features
+
+    def __getitem__(self, index: np.ndarray | slice) -> np.ndarray:
+        return self.features.rows(index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.features.members), self.features.dim
+
+
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     """Rows divided by their L2 norm; all-zero rows stay zero."""
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)

@@ -51,7 +51,8 @@ from .metrics import (
     perturbation_metrics,
     without_genes,
 )
-from .model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics, training_data
+from .blocks import BLOCK_SIZE
+from .model import Embeddings, GeneMap, TrainingData, fold_statistics, training_data
 from ..pp.aggregate import pseudobulk_dataset
 from .ridge import (
     DEFAULT_ALPHAS,
@@ -274,8 +275,8 @@ def evaluate(
     used = the_split.group != UNUSED
     fits = []
     for features, folds in feature_sets(plan, data, X, the_split):
-        stats = fold_statistics(dataclasses.replace(data, features=features), the_split.group,
-                                the_split.n_groups, block_size=block_size, progress=progress)
+        stats = fold_statistics(features, data.delta, the_split.group, the_split.n_groups,
+                                block_size=block_size, progress=progress)
         G = features.rows()
         rows = Rows(G[used], X[used], the_split.group[used])
         for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds, select_by=select_by):

@@ -8,6 +8,7 @@ These are the public Python entry points the CLI (and batch runs) call.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +21,11 @@ import xarray as xr
 from dask import delayed
 
 from ..cluster import compute
+from .blocks import BLOCK_SIZE
 from .embeddings import (
     NORMALISATION,
     EmbeddingTable,
+    FeatureRows,
     Features,
     MissingPolicy,
     encode,
@@ -60,9 +63,6 @@ from ..io.encodings import PREDICTIONS
 from ..io.store import atomic_output, filesystem, write_dataset
 
 log = logging.getLogger(__name__)
-
-#: Perturbations per block of the streamed ridge statistics.
-BLOCK_SIZE = 1024
 
 Embeddings = str | Sequence[str] | EmbeddingTable
 GeneMap = str | Mapping[str, str] | None
@@ -150,7 +150,8 @@ def training_data(
 
 
 def fold_statistics(
-    data: TrainingData,
+    features: Features,
+    delta: da.Array,
     fold: np.ndarray,
     n_folds: int,
     *,
@@ -161,29 +162,38 @@ def fold_statistics(
 
     Blocks never straddle folds; feature rows of a block are built inside its
     task, so no task holds more than ``block_size`` rows of features or deltas.
+    A fold without rows gets statistics of none (``n = 0``).
     """
-    vectors = delayed(data.features.vectors, pure=True, name="embedding-vectors")
-    members = data.features.members
+    vectors = delayed(features.vectors, pure=True, name="embedding-vectors")
+    members = features.members
     g_blocks, x_blocks, groups = [], [], []
     for k in range(n_folds):
         positions = np.flatnonzero(fold == k)
-        for start in range(0, positions.size, block_size):
+        for start in range(0, max(positions.size, 1), block_size):
             block = positions[start : start + block_size]
             g_blocks.append(delayed(encode, pure=True, name="features")(vectors, [members[i] for i in block]))
-            x_blocks.append(data.delta[block])
+            x_blocks.append(delta[block])
             groups.append(k)
     graph = accumulate(g_blocks, x_blocks, groups, n_folds)
     return compute(graph, label="ridge statistics", progress=progress)
 
 
-def model_rows(data: TrainingData, fold: np.ndarray, solver: Solver, by_pearson: bool) -> Rows | None:
-    """Feature and delta rows, loaded only when they are needed: for the dual
-    solver (fewer perturbations than dimensions, so the rows are smaller than
-    ``GᵀG``), or to choose alpha by ``pearson_delta`` (``by_pearson``; the
-    rows are the pseudo-bulk's size, perturbations × genes)."""
-    if not (by_pearson or wants_dual(data.n, data.features.dim, solver)):
+def model_rows(
+    features: Features,
+    delta: da.Array,
+    fold: np.ndarray,
+    *,
+    solver: Solver,
+    by_pearson: bool,
+    block_size: int = BLOCK_SIZE,
+) -> Rows | None:
+    """Feature and delta rows, when they are needed: for the dual solver
+    (fewer perturbations than dimensions, so the rows are smaller than
+    ``GᵀG``), or to choose alpha by ``pearson_delta`` (``by_pearson``). They
+    stay lazy: :class:`.ridge.Rows` reads them a block at a time."""
+    if not (by_pearson or wants_dual(len(features.members), features.dim, solver)):
         return None
-    return Rows(data.features.rows(), np.asarray(data.delta.compute(), dtype=np.float64), fold)
+    return Rows(FeatureRows(features), delta, fold, block_size)
 
 
 def fit(
@@ -218,13 +228,13 @@ def fit(
     select_by
         What that CV chooses alpha by: ``pearson_delta`` (the mean
         per-perturbation Pearson of predicted vs true delta; reads the deltas
-        into memory) or ``mse``.
+        of every fold again, a block at a time) or ``mse``.
     missing, gene_map
         See :func:`.embeddings.featurize`.
     solver
         ``auto``: dual when there are fewer perturbations than dimensions.
     block_size
-        Perturbations per block of the streamed statistics.
+        Perturbations per block of the streamed statistics and reads.
     storage_options
         fsspec options for URLs.
     progress
@@ -238,8 +248,10 @@ def fit(
         check_folds(n_folds, data.n, "the pseudo-bulk (choosing alpha from a grid)")
     folds = n_folds if len(alphas) > 1 else 1
     fold = kfold(data.n, folds, seed) if folds > 1 else np.zeros(data.n, dtype=np.int64)
-    fold_stats = fold_statistics(data, fold, folds, block_size=block_size, progress=progress)
-    rows = model_rows(data, fold, solver, by_pearson=len(alphas) > 1 and select_by == "pearson_delta")
+    fold_stats = fold_statistics(data.features, data.delta, fold, folds, block_size=block_size,
+                                 progress=progress)
+    rows = model_rows(data.features, data.delta, fold, solver=solver, block_size=block_size,
+                      by_pearson=len(alphas) > 1 and select_by == "pearson_delta")
     alpha, cv = select_alpha(fold_stats, alphas, select_by=select_by, rows=rows, solver=solver)
     path = ridge_path(sum_stats(list(fold_stats)), rows, solver)
     coef, intercept = path.coef(alpha)
@@ -271,6 +283,7 @@ def predict(
     missing: MissingPolicy = "error",
     gene_map: GeneMap = None,
     seed: int = 0,
+    block_size: int = BLOCK_SIZE,
     storage_options: dict[str, Any] | None = None,
 ) -> xr.Dataset:
     """Predict the pseudo-bulk of perturbations (``A`` or ``A+B``) from their embeddings.
@@ -279,9 +292,10 @@ def predict(
     -------
     xarray.Dataset
         Dims ``perturbation``, ``gene``; ``delta`` (predicted change) and
-        ``mean`` (control mean + delta); attrs ``perturbation_key`` and
-        ``control``: the screen's label column and control label, when the
-        model records them.
+        ``mean`` (control mean + delta), lazy (dask) in blocks of
+        ``block_size`` perturbations, computed as they are read or written;
+        attrs ``perturbation_key`` and ``control``: the screen's label column
+        and control label, when the model records them.
 
     Raises
     ------
@@ -302,7 +316,7 @@ def predict(
                     "predictions are only meaningful for the same vectors", _paths(table))
     features = featurize(table, list(perturbations), missing=missing,
                          gene_map=as_gene_map(gene_map, storage_options), seed=seed)
-    delta = model.predict(features.rows())
+    delta = predicted_delta(model, features, block_size)
     return xr.Dataset(
         {
             "delta": (("perturbation", "gene"), delta),
@@ -317,6 +331,21 @@ def predict(
     )
 
 
+def predicted_delta(model: RidgeModel, features: Features, block_size: int = BLOCK_SIZE) -> da.Array:
+    """The model's prediction for the rows of ``features``, lazy: each block of
+    ``block_size`` rows is encoded and predicted in its own task."""
+    n = len(features.members)
+    chunks = (da.core.normalize_chunks(block_size, (n,))[0], (len(model.genes),))
+    starts = np.cumsum((0, *chunks[0]))
+
+    def block(block_id: tuple[int, int]) -> np.ndarray:
+        first = starts[block_id[0]]
+        return model.predict(features.rows(slice(first, first + chunks[0][block_id[0]])))
+
+    return da.map_blocks(block, chunks=chunks, dtype=np.float64, meta=np.empty((0, 0)),
+                         name=f"predicted-delta-{uuid.uuid4().hex}")
+
+
 def _paths(table: EmbeddingTable) -> str:
     return " + ".join(s["path"] for s in table.sources)
 
@@ -328,14 +357,15 @@ def write_predictions(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """Write predictions by suffix: ``.zarr`` (the Dataset), ``.h5ad``
-    (:func:`.interop.predictions_to_anndata`: ``X`` = predicted expression
-    clipped at zero, layer ``delta``, the screen's labels in
-    ``obs[perturbation_key]`` and the index, GEARS' ``condition`` (``A+ctrl`` /
-    ``A+B``) beside them, and a control row named by the screen's control
-    label; var = genes) or ``.csv`` (delta, perturbations × genes); local
-    paths or URLs. Predictions of a model that records no labels (fitted
-    on a pseudo-bulk without them) use ``perturbation`` and ``ctrl``."""
+    """Write predictions by suffix: ``.zarr`` (the Dataset, chunk by chunk),
+    ``.h5ad`` (:func:`.interop.predictions_to_anndata`, built in memory: ``X``
+    = predicted expression clipped at zero, layer ``delta``, the screen's
+    labels in ``obs[perturbation_key]`` and the index, GEARS' ``condition``
+    (``A+ctrl`` / ``A+B``) beside them, and a control row named by the
+    screen's control label; var = genes) or ``.csv`` (delta, perturbations ×
+    genes, a block of rows at a time); local paths or URLs. Predictions of a
+    model that records no labels (fitted on a pseudo-bulk without them) use
+    ``perturbation`` and ``ctrl``."""
     suffix = str(path).rstrip("/").lower().rsplit(".", 1)[-1]
     if suffix not in ("zarr", "h5ad", "csv"):
         raise ParameterError(f"prediction output {path}: use a .zarr, .h5ad or .csv name")
@@ -352,9 +382,12 @@ def write_predictions(
         write_dataset(predictions.assign_attrs(PREDICTIONS.attrs()), path, overwrite=overwrite,
                       storage_options=storage_options)
     else:
+        delta = predictions["delta"]
         with atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp:
             fs, root = filesystem(tmp, storage_options)
             with fs.open(root, "w") as handle:
-                predictions["delta"].to_pandas().to_csv(handle, index_label="perturbation")
+                for first in range(0, delta.sizes["perturbation"], BLOCK_SIZE):
+                    block = delta.isel(perturbation=slice(first, first + BLOCK_SIZE)).to_pandas()
+                    block.to_csv(handle, index_label="perturbation", header=first == 0)
     log.info("wrote predictions %s (%d perturbations)", path, predictions.sizes["perturbation"])
     return path

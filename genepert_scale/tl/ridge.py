@@ -42,7 +42,8 @@ GenePert's ``pearson_delta``) is not a sum over rows, so choosing alpha by it
 needs the held-out rows themselves — but still no refit: with ``a = (g − ḡ)E``
 (the row in the eigenbasis), ``w_α = 1/(s+α)`` and ``C`` the projected
 targets, the prediction is ``x̄ + (a∘w_α)C`` for every alpha
-(:meth:`RidgePath.row_pearson`).
+(:meth:`RidgePath.row_pearson`). Their mean is a sum of per-row values over
+a count, so the held-out rows are read a block at a time (:class:`Rows`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +65,7 @@ from .. import __version__
 from .. import validate
 from ..errors import ParameterError
 from ..pp.reduce import SPLIT_EVERY, tree_reduce
+from .blocks import BLOCK_SIZE, position_blocks, read_rows
 from ..io.encodings import MODEL, open_checked
 from ..io.store import write_dataset
 
@@ -333,23 +335,31 @@ def check_alphas(alphas: float | Sequence[float]) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Rows:
-    """Feature and target rows with their fold: what the dual solver needs."""
+    """Feature and target rows with their fold: what the dual solver and
+    choosing alpha by Pearson need.
 
-    G: np.ndarray
-    X: np.ndarray
+    ``G`` and ``X`` are numpy arrays, dask arrays or anything indexable by an
+    array of row positions (lazily encoded features): the rows of a fold are
+    read a block of ``block_size`` at a time (:meth:`of`), and only the dual
+    solver, which runs with fewer rows than feature dimensions, holds its
+    training rows whole (:meth:`without`). Rows of a negative fold
+    (:data:`.splits.UNUSED`) take no part.
+    """
+
+    G: Any
+    X: Any
     fold: np.ndarray
+    block_size: int = BLOCK_SIZE
 
     def without(self, folds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of every fold but ``folds``."""
-        if not folds:
-            return self.G, self.X
-        keep = ~np.isin(self.fold, list(folds))
-        return self.G[keep], self.X[keep]
+        """The rows of every fold but ``folds``, whole."""
+        keep = np.flatnonzero((self.fold >= 0) & ~np.isin(self.fold, list(folds)))
+        return read_rows(self.G, keep), read_rows(self.X, keep)
 
-    def of(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of ``fold``."""
-        keep = self.fold == fold
-        return self.G[keep], self.X[keep]
+    def of(self, fold: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The rows of ``fold``, block by block."""
+        for block in position_blocks(np.flatnonzero(self.fold == fold), self.block_size):
+            yield read_rows(self.G, block), read_rows(self.X, block)
 
 
 def training_stats(total: GramStats, fold_stats: Sequence[GramStats], exclude: Sequence[int]) -> GramStats:
@@ -364,17 +374,21 @@ def validation_sums(
     path: RidgePath,
     stats: GramStats,
     alphas: Sequence[float],
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Sums:
     """:data:`Sums` of every alpha's solution on one row set: ``mse`` from
     its statistics (squared errors, number of values) and, when its ``rows``
-    ``(G, X)`` are given, ``pearson_delta`` (per-row Pearson summed, number of
-    rows where it is defined)."""
+    are given (blocks ``(G, X)``, :meth:`Rows.of`), ``pearson_delta``
+    (per-row Pearson summed, number of rows where it is defined)."""
     q = stats.gtx.shape[1]
     sums = {"mse": (path.squared_errors(stats, alphas), np.full(len(alphas), float(stats.n * q)))}
     if rows is not None:
-        r = path.row_pearson(*rows, alphas)
-        sums["pearson_delta"] = (np.nansum(r, axis=0), np.sum(~np.isnan(r), axis=0).astype(float))
+        total, count = np.zeros(len(alphas)), np.zeros(len(alphas))
+        for G, X in rows:
+            r = path.row_pearson(G, X, alphas)
+            total += np.nansum(r, axis=0)
+            count += np.sum(~np.isnan(r), axis=0)
+        sums["pearson_delta"] = (total, count)
     return sums
 
 
