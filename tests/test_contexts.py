@@ -153,7 +153,7 @@ def test_one_context_is_modelled_at_a_time(two_lines, tmp_path):
 
 def test_the_anndata_form_has_a_control_row_per_context(two_lines):
     path, _ = two_lines
-    pb = pseudobulk(path, n_top_genes="all", context_key="line", as_xarray=True)
+    pb = pseudobulk(path, n_top_genes="all", context_key="line")  # the AnnData form
     controls = pb.obs[pb.obs["is_control"]]
     assert list(controls["context"]) == ["K562", "RPE1"]
     assert list(controls.index) == ["K562/non-targeting", "RPE1/non-targeting"]
