@@ -565,8 +565,9 @@ def screen_from_anndata(
         return open_screen(str(adata.filename), block_rows=block_rows, memory_limit=memory_limit,
                            threads=threads, layer=layer)
     if layer is not None and layer not in adata.layers:
+        held = [str(name) for name in adata.layers.keys() if name is not None]  # 0.13: None is X
         raise StoreError(f"the AnnData has no layer {layer!r}; its layers: "
-                         f"{', '.join(adata.layers.keys()) or '(none)'}")
+                         f"{', '.join(held) or '(none)'}")
     matrix = adata.X if layer is None else adata.layers[layer]
     if matrix is None:
         raise StoreError("the AnnData has no X; pass layer= to use one of its layers")
