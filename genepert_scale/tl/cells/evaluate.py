@@ -226,7 +226,8 @@ def ridge_predictions(
     """GenePert ridge's held-out delta of every perturbation, and the fold
     fits: the fits ``evaluate`` makes (fold statistics, inner CV for alpha)."""
     data = dataclasses.replace(data, delta=da.from_array(X, chunks=(BLOCK_SIZE, -1)))
-    stats = fold_statistics(data, split.group, split.n_groups, progress=progress)
+    stats = fold_statistics(data.features, data.delta, split.group, split.n_groups,
+                            progress=progress)
     G = data.features.rows()
     fits = cross_validate(stats, alphas, rows=Rows(G, X, split.group), folds=list(split.test_groups))
     predicted = np.zeros_like(X)
