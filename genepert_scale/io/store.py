@@ -63,6 +63,15 @@ def exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     return fs.exists(root)
 
 
+def local_parent(path: str) -> str | None:
+    """The existing local directory that would hold ``path`` (a place for a
+    run's scratch files beside its output), or ``None`` for a URL."""
+    if is_url(path) and not str(path).startswith("file://"):
+        return None
+    parent = os.path.dirname(os.path.abspath(str(path).removeprefix("file://")))
+    return parent if os.path.isdir(parent) else None
+
+
 def zarr_store(path: str, storage_options: dict[str, Any] | None = None, *, mode="r"):
     """A zarr store for a local path or an fsspec URL.
 
@@ -143,20 +152,38 @@ def write_dataset(
     error when read (:func:`open_dataset`), never NaN. ``xarray.open_zarr``
     reads the result.
     """
-    encoding = {
-        name: {"compressors": compressors(ds[name].dtype.itemsize)}
-        for name in ds.data_vars
-        if ds[name].ndim and ds[name].dtype.kind in "fiu"
-    }
     with (
         atomic_output(path, overwrite=overwrite, storage_options=storage_options) as tmp,
         quiet_zarr_warnings(),
     ):
         ds.assign_attrs({COMPLETE_CHUNKS_ATTR: True}).to_zarr(
             zarr_store(tmp, storage_options, mode="w"), mode="w", consolidated=True,
-            encoding=encoding, write_empty_chunks=True,
+            encoding=_encoding(ds), write_empty_chunks=True,
         )
     return path
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """Our codecs (:func:`compressors`) for the numeric arrays of ``ds``."""
+    return {
+        name: {"compressors": compressors(ds[name].dtype.itemsize)}
+        for name in ds.data_vars
+        if ds[name].ndim and ds[name].dtype.kind in "fiu"
+    }
+
+
+def create_dataset(template: xr.Dataset, path: str) -> zarr.Group:
+    """Start a local zarr store in the layout of :func:`write_dataset`:
+    ``template``'s metadata and its in-memory variables are written, its
+    dask-backed variables are left for the caller to fill region by region
+    (every chunk of them: the store is marked complete) through the returned
+    group, inside :func:`.integrity.complete_chunks`."""
+    with quiet_zarr_warnings():
+        template.assign_attrs({COMPLETE_CHUNKS_ATTR: True}).to_zarr(
+            zarr_store(path, mode="w"), mode="w", consolidated=True, compute=False,
+            encoding=_encoding(template), write_empty_chunks=True,
+        )
+    return zarr.open_group(zarr_store(path, mode="w"), mode="r+")
 
 
 def open_dataset(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
