@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 
-from .blocks import BLOCK_SIZE, position_blocks, read_rows
+from .blocks import BLOCK_SIZE, block_items, position_blocks, read_rows
 from .embeddings import EmbeddingTable, Features, Source, join_sources, read_source
 from .splits import Split
 from ..errors import ParameterError
@@ -75,14 +75,36 @@ def streamed_gene_gram(delta: Any, positions: np.ndarray, block_size: int = BLOC
 
 
 def fold_gene_grams(
-    delta: Any, split: Split, folds: Sequence[int] | None = None, block_size: int = BLOCK_SIZE
+    delta: Any,
+    split: Split,
+    folds: Sequence[int] | None = None,
+    block_size: int = BLOCK_SIZE,
+    memory_limit: int | str | None = None,
 ) -> Iterator[tuple[int, GeneGram]]:
     """The :class:`GeneGram` of the training rows of every test fold of
-    ``split`` (or of ``folds``), summed over those rows only (not the total
-    minus the fold's: test rows do not touch a training gram even by
-    rounding)."""
-    for k in split.test_groups if folds is None else folds:
-        yield k, streamed_gene_gram(delta, np.flatnonzero(split.train_mask(k)), block_size)
+    ``split`` (or of ``folds``), summed over those rows only (never the total
+    minus the fold's: test rows do not touch a training gram, even by
+    rounding).
+
+    With several folds, and where the grams of every group they train on
+    fit the memory budget, each group's gram is summed once and a fold's is
+    the sum of its training groups' (each row's product is taken once);
+    otherwise each fold's training rows are summed on their own.
+    """
+    folds = list(split.test_groups if folds is None else folds)
+    q = delta.shape[1]
+    if len(folds) < 2 or block_items(q * q * 8, memory_limit) <= split.n_groups:
+        for k in folds:
+            yield k, streamed_gene_gram(delta, np.flatnonzero(split.train_mask(k)), block_size)
+        return
+    grams = [streamed_gene_gram(delta, np.flatnonzero(split.group == g), block_size)
+             for g in range(split.n_groups)]
+    for k in folds:
+        training = [gram for g, gram in enumerate(grams) if g != k]
+        matrix = training[0].matrix.copy()
+        for gram in training[1:]:
+            matrix += gram.matrix
+        yield k, GeneGram(matrix, sum(gram.n for gram in training))
 
 
 def pca_gene_embedding(delta: np.ndarray | GeneGram, genes: Sequence[str], k: int) -> Source:

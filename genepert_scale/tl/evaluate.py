@@ -292,7 +292,7 @@ def evaluate(
     with_pairs = any(is_combination(p) for p in names[tested])
     options = {"alphas": alphas, "select_by": select_by, "solver": solver, "block_size": block_size}
     pca = None if plan.data_derived else pca_ridge(names, list(data.genes), data.delta, the_split,
-                                                     pca_baseline, **options)
+                                                     pca_baseline, memory_limit=memory_limit, **options)
     models = [RIDGE, "mean_baseline", "median_baseline", "control_baseline", "matching_mean",
               *(["additive"] if with_pairs else []), *([PCA_RIDGE] if pca and pca.fits else []),
               *(f"knn_{k}" for k in knn_k)]
@@ -391,11 +391,12 @@ def fit_folds(
     solver: Solver,
     block_size: int,
     progress: bool,
+    memory_limit: int | str | None = None,
 ) -> Iterator[tuple[FoldFit, Features, np.ndarray]]:
     """The ridge model of every test fold (alpha chosen by inner CV on its
     training folds), the features it was fitted on, and the fold's training
     centroid (from the same statistics: the total minus the fold's)."""
-    for features, test_folds in feature_sets(plan, data, data.delta, split, block_size):
+    for features, test_folds in feature_sets(plan, data, data.delta, split, block_size, memory_limit):
         stats = fold_statistics(features, data.delta, split.group, split.n_groups, block_size=block_size,
                                 progress=progress)
         rows = Rows(FeatureRows(features), data.delta, split.group, block_size)
@@ -419,7 +420,7 @@ def fold_models(
     :func:`training_medians`, :func:`nearest_training` for ``k`` neighbours)."""
     medians = training_medians(data.delta, split, memory_limit)
     folds = {}
-    for fit, features, centroid in fit_folds(plan, data, split, **options):
+    for fit, features, centroid in fit_folds(plan, data, split, memory_limit=memory_limit, **options):
         test, train = np.flatnonzero(split.test_mask(fit.fold)), np.flatnonzero(split.train_mask(fit.fold))
         similarity, neighbours = nearest_training(features, test, train, k, test_block, options["block_size"])
         folds[fit.fold] = FoldModel(fit, features, centroid, medians[fit.fold], test, similarity, neighbours)
@@ -799,11 +800,13 @@ def pca_ridge(
     select_by: SelectBy,
     solver: Solver,
     block_size: int = BLOCK_SIZE,
+    memory_limit: int | str | None = None,
 ) -> PcaRidge:
     """The linear data-derived baseline (Ahlmann-Eltze, Huber & Anders,
     Nat. Methods 2025): ridge from ``pca:K`` gene embeddings, rebuilt in every
     fold from its training deltas (:func:`.data_embedding.fold_gene_grams`),
-    alpha chosen as for the GenePert ridge; ``delta`` is read in blocks.
+    alpha chosen as for the GenePert ridge; ``delta`` is read in blocks
+    (and the folds' grams summed as ``memory_limit`` allows).
 
     Only perturbations whose genes are all measured (``genes``) have such
     features: the others neither train nor are scored. ``K`` is at most
@@ -835,7 +838,7 @@ def pca_ridge(
     covered_delta, covered_group = delta[rows], group[rows]
     covered_members = [members[i] for i in rows]
     models = {}
-    for f, gram in fold_gene_grams(delta, split, fitted, block_size):
+    for f, gram in fold_gene_grams(delta, split, fitted, block_size, memory_limit):
         features = Features(list(names[rows]), covered_members, plan.table(genes, gram).vectors)
         stats = fold_statistics(features, covered_delta, covered_group, split.n_groups,
                                 block_size=block_size, progress=False)
@@ -888,15 +891,20 @@ def baseline_notes(
 
 
 def feature_sets(
-    plan: EmbeddingPlan, data: TrainingData, delta: Any, split: Split, block_size: int = BLOCK_SIZE
+    plan: EmbeddingPlan,
+    data: TrainingData,
+    delta: Any,
+    split: Split,
+    block_size: int = BLOCK_SIZE,
+    memory_limit: int | str | None = None,
 ) -> Iterator[tuple[Features, list[int]]]:
     """Features and the test folds they serve: one set for embedding files;
     one per fold for data-derived sources, from that fold's training deltas
-    (``delta``, numpy or dask, read in blocks)."""
+    (``delta``, numpy or dask, read in blocks; :func:`.data_embedding.fold_gene_grams`)."""
     if not plan.data_derived:
         yield data.features, list(split.test_groups)
         return
-    for k, gram in fold_gene_grams(delta, split, block_size=block_size):
+    for k, gram in fold_gene_grams(delta, split, block_size=block_size, memory_limit=memory_limit):
         yield with_table(data.features, plan.table(list(data.genes), gram)), [k]
 
 
