@@ -28,7 +28,7 @@ from ..pp.labels import GEARS_CONTROL, parse_label
 from ..tl.ridge import DEFAULT_ALPHAS, DEFAULT_SELECT_BY, SELECT_BY
 from ..tl.splits import SPLIT_KINDS
 from ..tl.data_embedding import PCA_BASELINE_K
-from ..io.store import check_output_free, hold_output
+from ..io.store import check_output_free, hold_output, local_parent
 
 log = logging.getLogger("genepert_scale")
 
@@ -82,8 +82,8 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument("--scheduler", help="address of a running dask scheduler (or DASK_SCHEDULER_ADDRESS)")
     group.add_argument("--workers", type=int, help="start a LocalCluster with N worker processes")
     group.add_argument("--threads-per-worker", type=int, help="threads per LocalCluster worker")
-    group.add_argument("--memory-limit", default="auto", help="memory limit per LocalCluster worker, e.g. 2GiB; also caps the pass's block size "
-                            "and convert's slabs")
+    group.add_argument("--memory-limit", default="auto", help="memory limit per LocalCluster worker, e.g. 2GiB; also caps the pass's block size, "
+                            "convert's slabs and the blocks evaluate scores at once")
     group.add_argument("--storage-options", help="JSON of fsspec options for URLs (s3://, gs://, ...)")
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -331,7 +331,7 @@ def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
     ds = pseudobulk(
         args.screen, **pseudobulk_params(args), storage_options=options,
         block_rows=args.block_rows, progress=not args.no_progress,
-        memory_limit=None if args.memory_limit in (None, "auto") else args.memory_limit,
+        memory_limit=_memory_limit(args),
         as_xarray=True,
     )
     return write_pseudobulk(ds, out, overwrite=args.overwrite, storage_options=options)
@@ -341,6 +341,11 @@ def run_pseudobulk(args: argparse.Namespace, out: str) -> str:
 def _pseudobulk(args: argparse.Namespace) -> int:
     print(run_pseudobulk(args, args.out))
     return 0
+
+
+def _memory_limit(args: argparse.Namespace) -> str | None:
+    """``--memory-limit``, or ``None`` where it is left to the machine ("auto")."""
+    return None if args.memory_limit in (None, "auto") else args.memory_limit
 
 
 def model_options(args: argparse.Namespace) -> dict:
@@ -370,6 +375,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(_pseudobulk_input(args), args.embeddings, split=args.split,
                       split_file=args.split_file, test_share=args.test_share,
                       pca_baseline=args.pca_baseline or None, exclude_targets=args.exclude_targets,
+                      memory_limit=_memory_limit(args), scratch=local_parent(args.out),
                       **model_options(args))
     print(summary_table(result.summary))
     written = write_report(result, args.out, overwrite=args.overwrite,

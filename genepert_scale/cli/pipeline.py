@@ -33,7 +33,7 @@ from typing import Any
 from .. import __version__
 from .config import RunConfig
 from ..errors import ParameterError, StoreError
-from ..io.store import atomic_output, exists, filesystem, hold_output
+from ..io.store import atomic_output, exists, filesystem, hold_output, local_parent
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,9 @@ def _run_evaluate(run: StageRun) -> None:
     from ..pl.report import write_report
 
     pseudobulk, table, options = _model_inputs(run)
-    result = evaluate(pseudobulk, table, **options)
+    limit = run.config.cluster.memory_limit
+    result = evaluate(pseudobulk, table, memory_limit=None if limit == "auto" else limit,
+                      scratch=local_parent(run.output), **options)
     write_report(result, run.output, overwrite=True,
                  storage_options=run.config.output.storage_options)
 

@@ -64,6 +64,15 @@ def exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     return fs.exists(root)
 
 
+def local_parent(path: str) -> str | None:
+    """The existing local directory that would hold ``path`` (a place for a
+    run's scratch files beside its output), or ``None`` for a URL."""
+    if is_url(path) and not str(path).startswith("file://"):
+        return None
+    parent = os.path.dirname(os.path.abspath(str(path).removeprefix("file://")))
+    return parent if os.path.isdir(parent) else None
+
+
 def zarr_store(path: str, storage_options: dict[str, Any] | None = None, *, mode="r"):
     """A zarr store for a local path or an fsspec URL.
 
@@ -150,11 +159,7 @@ def write_dataset(
     written that many of their chunks at a time (:func:`_write_in_waves`), so
     that what one chunk's computation holds is released before the next.
     """
-    encoding = {
-        name: {"compressors": compressors(ds[name].dtype.itemsize)}
-        for name in ds.data_vars
-        if ds[name].ndim and ds[name].dtype.kind in "fiu"
-    }
+    encoding = _encoding(ds)
     lazy = [name for name in ds.data_vars
             if along in ds[name].dims and isinstance(ds[name].data, da.Array)]
     with (
@@ -189,7 +194,10 @@ def _write_in_waves(ds: xr.Dataset, store: Any, encoding: dict[str, dict], lazy:
     arrays ``lazy`` (which share their chunks along ``along``) as region
     writes of ``chunks_at_once`` dask chunks each, one after another (a
     stored chunk a region cuts is read and rewritten by the next: inside a region
-    each stored chunk is written by one task)."""
+    each stored chunk is written by one task). Dask arrays without ``along``
+    are small (per gene, say): they are computed with the metadata."""
+    ds = ds.assign({name: ds[name].compute() for name in ds.data_vars
+                    if name not in lazy and isinstance(ds[name].data, da.Array)})
     for name in lazy:
         rows = max(1, WAVE_CHUNK_BYTES // max(ds[name].dtype.itemsize
                                               * int(np.prod(ds[name].shape[1:])), 1))
@@ -207,6 +215,29 @@ def _write_in_waves(ds: xr.Dataset, store: Any, encoding: dict[str, dict], lazy:
             {along: region_chunks(start, stop, stored)})
         part.to_zarr(store, region={along: slice(start, stop)}, safe_chunks=False,
                      write_empty_chunks=True)
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """Our codecs (:func:`compressors`) for the numeric arrays of ``ds``."""
+    return {
+        name: {"compressors": compressors(ds[name].dtype.itemsize)}
+        for name in ds.data_vars
+        if ds[name].ndim and ds[name].dtype.kind in "fiu"
+    }
+
+
+def create_dataset(template: xr.Dataset, path: str) -> zarr.Group:
+    """Start a local zarr store in the layout of :func:`write_dataset`:
+    ``template``'s metadata and its in-memory variables are written, its
+    dask-backed variables are left for the caller to fill region by region
+    (every chunk of them: the store is marked complete) through the returned
+    group, inside :func:`.integrity.complete_chunks`."""
+    with quiet_zarr_warnings():
+        template.assign_attrs({COMPLETE_CHUNKS_ATTR: True}).to_zarr(
+            zarr_store(path, mode="w"), mode="w", consolidated=True, compute=False,
+            encoding=_encoding(template), write_empty_chunks=True,
+        )
+    return zarr.open_group(zarr_store(path, mode="w"), mode="r+")
 
 
 def open_dataset(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:

@@ -61,12 +61,18 @@ def read_columns(array: Any, columns: slice) -> np.ndarray:
 
 
 def row_chunks(array: Any, size: int = BLOCK_SIZE) -> list[slice]:
-    """Row ranges to read ``array`` by: its row chunks if it is a dask array,
-    else blocks of ``size``."""
+    """Row ranges to read ``array`` by, of at least ``size`` rows (but the
+    last): whole row chunks of a dask array, as many as make ``size`` (read
+    together, they are decoded in parallel), else blocks of ``size``."""
+    n = array.shape[0]
     if isinstance(array, da.Array):
-        bounds = np.cumsum((0, *array.chunks[0]))
+        ends = np.cumsum(array.chunks[0])
+        bounds = [0]
+        for end in ends:
+            if end - bounds[-1] >= size or end == n:
+                bounds.append(int(end))
     else:
-        bounds = np.append(np.arange(0, array.shape[0], size), array.shape[0])
+        bounds = [*range(0, n, size), n]
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 

@@ -5,25 +5,42 @@ intervals and paired tests against the ridge), per GEARS subgroup, and
 against novelty (distance to the nearest training perturbation in embedding
 space).
 
-Ridge models of every fold come from fold statistics (:mod:`.ridge`), alpha
-chosen by an inner CV on the training folds by ``select_by``; the baselines
-(:mod:`.baselines`: mean and median of training deltas, control = no
-change, Systema's matching mean, the additive model of pairs, cosine
-k-nearest neighbours in embedding space, and ridge on ``pca:K`` gene
-embeddings) and the metrics need the held-out and training deltas as rows,
-so evaluation holds the pseudo-bulk deltas (perturbations × genes) and
-feature rows in memory — the size of the pseudo-bulk, not of the screen. A
+The pseudo-bulk deltas (perturbations × genes) are never held whole: they
+are read in perturbation blocks (:mod:`.blocks`), so the memory an
+evaluation takes does not grow with them. It runs in two phases:
+
+1. **fit every fold**: ridge models from fold statistics (:mod:`.ridge`),
+   alpha chosen by an inner CV on the training folds by ``select_by`` (the
+   held-out Pearson sums read the rows a block at a time); each fold's
+   training centroid (from the same statistics) and median (gene slabs); the
+   ``k`` nearest training perturbations of every test one (similarity blocks);
+   the ``pca_ridge`` baseline (:func:`pca_ridge`: its gene PCA from a streamed
+   genes × genes gram);
+2. **score blocks of test perturbations**: every model's prediction
+   (:mod:`.baselines`: mean and median of training deltas, control = no
+   change, Systema's matching mean, the additive model of pairs, cosine
+   k-nearest neighbours, ridge on ``pca:K`` gene embeddings; the rows that
+   the kNN, matching-mean and additive baselines combine, and the true rows,
+   are gathered in one pass over the deltas per block), the metrics of
+   every row (:mod:`.metrics`), and the predictions written to a zarr store
+   block by block (:attr:`Evaluation.predictions` reads it lazily).
+
+The set-level metrics (discrimination score, centroid accuracy) compare
+every prediction with every held-out perturbation's truth: they are computed
+at the end, where their work and arrays fit (:func:`set_metrics_fit`), and
+left empty above that (the reason is in ``parameters["set_metrics"]``). A
 data-derived embedding (``pca:K``) is rebuilt in every fold from its
 training perturbations, so test data never shapes the features.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -31,27 +48,40 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
+from scipy import sparse
 
 from .baselines import (
     KNN_K,
-    additive_prediction,
-    baseline_predictions,
+    Combine,
+    additive_rows,
+    baseline_predictions,  # noqa: F401 - part of this module's face
+    combined,
+    gene_index,
     is_combination,
-    matching_mean_prediction,
+    matching_rows,
+    nearest,
+    row_sets,
+    single_rows,
+    top_k,
 )
-from .data_embedding import PCA_BASELINE_K, PCA_PREFIX, EmbeddingPlan, with_table
+from .blocks import BLOCK_SIZE, block_items, position_blocks, read_columns, read_rows, weighted_sums
+from .data_embedding import PCA_BASELINE_K, PCA_PREFIX, EmbeddingPlan, fold_gene_grams, with_table
+from ..io.integrity import complete_chunks
+from ..io.store import create_dataset, open_dataset
 from ..pp.de import top_de_genes
-from .embeddings import Features, MissingPolicy, encode, perturbation_genes
+from .embeddings import FeatureRows, Features, MissingPolicy, perturbation_genes
 from ..errors import ParameterError
 from .metrics import (
     DE_TOP,
     METRICS,
+    SET_METRICS,
     centroid_accuracy,
     discrimination_score,
+    distances,
     perturbation_metrics,
+    ranks,
     without_genes,
 )
-from .blocks import BLOCK_SIZE
 from .model import Embeddings, GeneMap, TrainingData, fold_statistics, training_data
 from ..pp.aggregate import pseudobulk_dataset
 from .ridge import (
@@ -64,7 +94,8 @@ from .ridge import (
     check_alphas,
     check_select_by,
     cross_validate,
-    gram_stats,
+    sum_stats,
+    training_stats,
 )
 from .uncertainty import N_RESAMPLES, UNCERTAINTY_METRICS, bootstrap_ci, paired_test
 from .splits import (
@@ -106,8 +137,10 @@ class Evaluation:
         ``model``, ``subgroup``, ``novelty`` and every metric.
     predictions
         Held-out predictions ``prediction`` (model × perturbation × gene), the
-        true ``delta`` and the ``fold`` of every test perturbation, the
-        ``control_mean``, and in attrs (``pseudobulk_run``, JSON) what the
+        true ``delta`` (both float32), the ``fold`` of every test
+        perturbation and the ``control_mean``, read lazily from a zarr store in
+        a temporary directory that lives as long as this Evaluation
+        (``scratch``); in attrs (``pseudobulk_run``, JSON) what the
         pseudo-bulk records of its run (:func:`.pp.params.recorded_run`).
     folds
         The split: ``perturbation``, ``fold`` (−1: training only, or left
@@ -133,6 +166,9 @@ class Evaluation:
         how many it scored, fell back on, or why it does not apply.
     baseline_fits
         Per fitted baseline (``pca_ridge``): its model of every fold.
+    scratch
+        The temporary directory of the predictions store (removed with this
+        Evaluation).
     """
 
     per_perturbation: pd.DataFrame
@@ -146,6 +182,7 @@ class Evaluation:
     paired_tests: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     baseline_fits: dict[str, list[FoldFit]] = field(default_factory=dict, repr=False)
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
 
     @property
     def models(self) -> list[str]:
@@ -198,6 +235,8 @@ def evaluate(
     exclude_targets: bool = False,
     solver: Solver = "auto",
     block_size: int = BLOCK_SIZE,
+    memory_limit: int | str | None = None,
+    scratch: str | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Evaluation:
@@ -244,7 +283,16 @@ def evaluate(
         are measured) out of its metrics, as the Virtual Cell Challenge does:
         their knock-down is no prediction of the response. The
         discrimination score leaves them out always.
-    solver, block_size, storage_options, progress
+    block_size
+        Perturbations per block of the streamed reads and statistics.
+    memory_limit
+        Bytes (or ``"4GiB"``) the evaluation may use (default: this
+        machine's memory): sizes the blocks of held-out perturbations scored
+        at once and the gene slabs of the medians (:mod:`.blocks`).
+    scratch
+        Directory for the predictions store while the Evaluation lives
+        (default: the system's temporary directory).
+    solver, storage_options, progress
         See :func:`.model.fit`.
     """
     alphas = check_alphas(alphas)
@@ -256,64 +304,44 @@ def evaluate(
     data = training_data(ds, template, missing=missing, gene_map=gene_map, seed=seed,
                          storage_options=storage_options)
     names = np.asarray(data.features.perturbations, dtype=object)
-    X = np.asarray(data.delta.compute(), dtype=np.float64)
-    data = dataclasses.replace(data, delta=da.from_array(X, chunks=(block_size, -1)))  # read once
     the_split = make_split(split, names, n_folds=n_folds, seed=seed, split_file=split_file,
                            test_share=test_share, storage_options=storage_options)
     fold = the_split.fold
     tested = fold != UNUSED
     with_pairs = any(is_combination(p) for p in names[tested])
-    pca = None if plan.data_derived else pca_ridge(names, list(data.genes), X, the_split, pca_baseline,
-                                                     alphas=alphas, select_by=select_by, solver=solver)
+    options = {"alphas": alphas, "select_by": select_by, "solver": solver, "block_size": block_size}
+    pca = None if plan.data_derived else pca_ridge(names, list(data.genes), data.delta, the_split,
+                                                     pca_baseline, memory_limit=memory_limit, **options)
     models = [RIDGE, "mean_baseline", "median_baseline", "control_baseline", "matching_mean",
               *(["additive"] if with_pairs else []), *([PCA_RIDGE] if pca and pca.fits else []),
               *(f"knn_{k}" for k in knn_k)]
-    prediction = np.full((len(models), *X.shape), np.nan, dtype=np.float32)
-    centroid, novelty = np.zeros_like(X), np.full(len(names), np.nan)
-    subgroup = np.full(len(names), "", dtype=object)
-    fell_back = np.zeros(len(names), dtype=bool)
-    used = the_split.group != UNUSED
-    fits = []
-    for features, folds in feature_sets(plan, data, X, the_split):
-        stats = fold_statistics(features, data.delta, the_split.group, the_split.n_groups,
-                                block_size=block_size, progress=progress)
-        G = features.rows()
-        rows = Rows(G[used], X[used], the_split.group[used])
-        for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=folds, select_by=select_by):
-            test, train = the_split.test_mask(fit.fold), the_split.train_mask(fit.fold)
-            similarity = G[test] @ G[train].T  # shared by the kNN baselines and novelty
-            preds = {RIDGE: G[test] @ fit.coef + fit.intercept,
-                     **baseline_predictions(similarity, X[train], knn_k)}
-            preds["matching_mean"], fell_back[test] = matching_mean_prediction(names[test], names[train], X[train])
-            if with_pairs:
-                preds["additive"] = additive_prediction(names[test], names[train], X[train])
-            if PCA_RIDGE in models:
-                preds[PCA_RIDGE] = pca.prediction[test]
-            prediction[:, test] = [preds[model] for model in models]
-            centroid[test] = X[train].mean(axis=0)
-            novelty[test] = nearest_distance(similarity)
-            subgroup[test] = subgroups(names, test, train)[test]
-            fits.append(fit)
-    targets = target_genes(names[tested], genes)
-    left_out = targets if exclude_targets else None
-    per_perturbation = metrics_table(
-        prediction[:, tested], X[tested], models, names[tested], fold[tested],
-        centroid=centroid[tested], exclude=targets, left_out=left_out,
-        ttest_genes=ttest_de_genes(ds, names[tested], left_out),
+    gathered = 2 + len(knn_k) + with_pairs  # the true rows, matching mean, kNN, additive
+    rows = block_items(len(genes) * 8 * (gathered + SCORING_ARRAYS), memory_limit)
+    folds = fold_models(plan, data, the_split, max(knn_k, default=1), rows, memory_limit,
+                        progress=progress, **options)
+    novelty, subgroup = fold_columns(names, the_split, folds)
+    singles = {k: single_rows(names, the_split.train_mask(k)) for k in folds} if with_pairs else {}
+    scoring = Scoring(data.delta, names, the_split.group, folds, models, tuple(knn_k), pca,
+                      gene_index(names), singles, block_size)
+    scratch_dir = tempfile.TemporaryDirectory(prefix="genepert-evaluate-", dir=scratch)
+    store = PredictionStore(str(Path(scratch_dir.name) / "predictions.zarr"), models, names[tested],
+                            data.genes, fold[tested], rows, data.control_mean, data.run)
+    targets = TargetGenes(names[tested], genes, exclude_targets)
+    tables, fell_back = score_blocks(scoring, np.flatnonzero(tested), store,
+                                     ttest_de_genes(ds, names[tested], targets.left_out()), rows, targets)
+    predictions = store.open()
+    reason = set_metrics_fit(int(tested.sum()), len(genes))
+    if reason is None:
+        values = set_metric_values(predictions, data.delta, np.flatnonzero(tested), targets, rows)
+    else:
+        values = {}
+        log.warning("set-level metrics left empty: %s", reason)
+    per_perturbation = pd.concat(
+        [model_table(model, tables[model], values.get(model), names[tested], fold[tested]) for model in models],
+        ignore_index=True,
     )
     per_perturbation.insert(3, "subgroup", np.tile(subgroup[tested], len(models)))
     per_perturbation.insert(4, "novelty", np.tile(novelty[tested], len(models)))
-    predictions = xr.Dataset(
-        {
-            "prediction": (("model", "perturbation", "gene"), prediction[:, tested]),
-            "delta": (("perturbation", "gene"), X[tested].astype(np.float32)),
-            "fold": ("perturbation", fold[tested]),
-            "control_mean": ("gene", data.control_mean),
-        },
-        coords={"model": np.asarray(models, dtype=object), "perturbation": names[tested],
-                "gene": np.asarray(data.genes, dtype=object)},
-        attrs={"pseudobulk_run": json.dumps(data.run)},
-    )
     folds_table = pd.DataFrame({"perturbation": names, "fold": fold, "group": the_split.group,
                                 "subgroup": subgroup, "novelty": novelty})
     parameters = {
@@ -325,42 +353,490 @@ def evaluate(
         "embedding_dim": data.features.dim, "pseudobulk_run": data.run,
         "subgroup_sizes": {str(k): int(v) for k, v in pd.Series(subgroup[tested]).value_counts().items()},
         "bootstrap": {"n_resamples": n_resamples, "seed": seed, "confidence": 0.95},
+        "set_metrics": {"computed": reason is None, **({"reason": reason} if reason else {})},
     }
-    baselines = baseline_notes(names[tested], fell_back[tested], per_perturbation, with_pairs, pca,
+    baselines = baseline_notes(names[tested], fell_back, per_perturbation, with_pairs, pca,
                                plan.data_derived)
     by_subgroup = {str(name): summarize(table) for name, table in per_perturbation.groupby("subgroup")}
-    return Evaluation(per_perturbation, predictions, folds_table, fits,
+    return Evaluation(per_perturbation, predictions, folds_table, [folds[k].fit for k in folds],
                       summarize(per_perturbation, ci_seed=seed, n_resamples=n_resamples),
                       by_subgroup, data.features.summary(), parameters,
                       paired_tests(per_perturbation), baselines,
-                      {PCA_RIDGE: pca.fits} if PCA_RIDGE in models else {})
+                      {PCA_RIDGE: pca.fits} if PCA_RIDGE in models else {}, scratch_dir)
+
+
+#: (held-out perturbations × genes) float64 arrays a scored block holds
+#: besides its gathered rows: one model's prediction and the metrics'
+#: temporaries (or, for the set-level metrics, a model's stored predictions
+#: and a block of true rows).
+SCORING_ARRAYS = 8
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """What predicts the held-out perturbations of one fold.
+
+    Attributes
+    ----------
+    fit
+        The ridge model.
+    features
+        The features it was fitted on (per fold for data-derived embeddings).
+    centroid, median
+        Mean and median of the training deltas, per gene.
+    test
+        Positions of the fold's test perturbations, ascending.
+    similarity, neighbours
+        Per test perturbation, the cosine similarity and position of its
+        nearest training perturbations (:func:`nearest_training`).
+    """
+
+    fit: FoldFit
+    features: Features
+    centroid: np.ndarray
+    median: np.ndarray
+    test: np.ndarray
+    similarity: np.ndarray = field(repr=False)
+    neighbours: np.ndarray = field(repr=False)
+
+
+def fit_folds(
+    plan: EmbeddingPlan,
+    data: TrainingData,
+    split: Split,
+    *,
+    alphas: Sequence[float],
+    select_by: SelectBy,
+    solver: Solver,
+    block_size: int,
+    progress: bool,
+    memory_limit: int | str | None = None,
+) -> Iterator[tuple[FoldFit, Features, np.ndarray]]:
+    """The ridge model of every test fold (alpha chosen by inner CV on its
+    training folds), the features it was fitted on, and the fold's training
+    centroid (from the same statistics: the total minus the fold's)."""
+    for features, test_folds in feature_sets(plan, data, data.delta, split, block_size, memory_limit):
+        stats = fold_statistics(features, data.delta, split.group, split.n_groups, block_size=block_size,
+                                progress=progress)
+        rows = Rows(FeatureRows(features), data.delta, split.group, block_size)
+        total = sum_stats(list(stats))
+        for fit in cross_validate(stats, alphas, rows=rows, solver=solver, folds=test_folds,
+                                  select_by=select_by):
+            train = training_stats(total, stats, (fit.fold,))
+            yield fit, features, train.x_sum / train.n
+
+
+def fold_models(
+    plan: EmbeddingPlan,
+    data: TrainingData,
+    split: Split,
+    k: int,
+    test_block: int,
+    memory_limit: int | str | None = None,
+    **options: Any,
+) -> dict[int, FoldModel]:
+    """Phase 1: every test fold's :class:`FoldModel` (:func:`fit_folds`,
+    :func:`training_medians`, :func:`nearest_training` for ``k`` neighbours)."""
+    medians = training_medians(data.delta, split, memory_limit)
+    folds = {}
+    for fit, features, centroid in fit_folds(plan, data, split, memory_limit=memory_limit, **options):
+        test, train = np.flatnonzero(split.test_mask(fit.fold)), np.flatnonzero(split.train_mask(fit.fold))
+        similarity, neighbours = nearest_training(features, test, train, k, test_block, options["block_size"])
+        folds[fit.fold] = FoldModel(fit, features, centroid, medians[fit.fold], test, similarity, neighbours)
+    return folds
+
+
+def fold_columns(names: np.ndarray, split: Split, folds: dict[int, FoldModel]) -> tuple[np.ndarray, np.ndarray]:
+    """Per perturbation, its novelty (:func:`nearest_distance`) and GEARS
+    subgroup (:func:`.splits.subgroups`) as a test perturbation (NaN and ``""``
+    for the others)."""
+    novelty, subgroup = np.full(len(names), np.nan), np.full(len(names), "", dtype=object)
+    for k, model in folds.items():
+        novelty[model.test] = nearest_distance(model.similarity)
+        test = split.test_mask(k)
+        subgroup[test] = subgroups(names, test, split.train_mask(k))[test]
+    return novelty, subgroup
+
+
+def training_medians(delta: Any, split: Split, memory_limit: int | str | None = None) -> dict[int, np.ndarray]:
+    """Per test fold, the median training delta of every gene, from slabs of
+    genes read across all perturbations (as many as fit the budget)."""
+    n, q = delta.shape
+    train = {k: split.train_mask(k) for k in split.test_groups}
+    out = {k: np.empty(q) for k in split.test_groups}
+    slab = block_items(2 * n * 8, memory_limit)  # the slab, and a fold's training rows of it
+    for first in range(0, q, slab):
+        columns = read_columns(delta, slice(first, first + slab))
+        for k, mask in train.items():
+            out[k][first : first + slab] = np.median(columns[mask], axis=0, overwrite_input=True)
+    return out
+
+
+def nearest_training(
+    features: Features,
+    test: np.ndarray,
+    train: np.ndarray,
+    k: int,
+    test_block: int,
+    block_size: int = BLOCK_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` training perturbations most cosine-similar to each test one
+    (:func:`.baselines.nearest`: ties to the lower position), from blocks of
+    ``test_block`` test × ``block_size`` training feature rows.
+
+    Returns
+    -------
+    similarity, neighbours
+        Test × ``min(k, training perturbations)``: similarities and positions.
+    """
+    width = min(k, len(train))
+    similarity, neighbours = np.empty((len(test), width)), np.empty((len(test), width), dtype=np.int64)
+    for first in range(0, len(test), test_block):
+        block = slice(first, first + test_block)
+        G = features.rows(test[block])
+        best = None
+        for columns in position_blocks(train, block_size):
+            best = nearest(G @ features.rows(columns).T, columns, k, best)
+        similarity[block], neighbours[block] = best
+    return similarity, neighbours
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What predicts blocks of held-out perturbations with every model.
+
+    Attributes
+    ----------
+    delta
+        The pseudo-bulk deltas (lazy).
+    names, group
+        Perturbation labels and their split groups.
+    folds
+        Every test fold's models.
+    models
+        The models, in report order.
+    knn_k
+        Neighbour counts of the kNN baselines.
+    pca
+        The ``pca_ridge`` baseline, if any.
+    index
+        Gene → positions of the perturbations of it (:func:`.baselines.gene_index`).
+    singles
+        Per fold, gene → position of its single-gene training perturbation
+        (:func:`.baselines.single_rows`); empty when the additive baseline
+        is not scored.
+    block_size
+        Rows per read of the deltas.
+    """
+
+    delta: Any
+    names: np.ndarray
+    group: np.ndarray
+    folds: dict[int, FoldModel]
+    models: list[str]
+    knn_k: tuple[int, ...]
+    pca: PcaRidge | None
+    index: dict[str, list[int]] = field(repr=False)
+    singles: dict[int, dict[str, int]] = field(repr=False)
+    block_size: int
+
+    def by_fold(self, fold: np.ndarray) -> Iterator[tuple[FoldModel, np.ndarray]]:
+        """Every fold in ``fold`` (a block's) with its rows of the block."""
+        for k in np.unique(fold):
+            yield self.folds[int(k)], np.flatnonzero(fold == k)
+
+    def per_row(self, fold: np.ndarray, value: Callable[[FoldModel], np.ndarray]) -> np.ndarray:
+        """``value`` of every row's fold model, one row each (block × genes)."""
+        out = np.empty((len(fold), self.delta.shape[1]))
+        for model, rows in self.by_fold(fold):
+            out[rows] = value(model)
+        return out
+
+    def row_sets(self, block: np.ndarray, fold: np.ndarray) -> dict[str, tuple[list, Combine]]:
+        """The rows the gathered models combine for each perturbation of a
+        block, and how: its own (``delta``, the truth), its nearest training
+        perturbations (``knn_k``), the training perturbations sharing a gene
+        (``matching_mean``) and a pair's training singles (``additive``)."""
+        sets: dict[str, tuple[list, Combine]] = {"delta": ([[p] for p in block], "sum")}
+        knn = {k: [None] * len(block) for k in self.knn_k}
+        matching: list = [None] * len(block)
+        additive: list = [None] * len(block)
+        for model, rows in self.by_fold(fold):
+            at = np.searchsorted(model.test, block[rows])
+            for k in self.knn_k:
+                _, nearest_rows = top_k(model.similarity[at], model.neighbours[at], k)
+                for i, r in zip(rows, nearest_rows.tolist()):
+                    knn[k][i] = r
+            train = (self.group != model.fit.fold) & (self.group != UNUSED)
+            labels = self.names[block[rows]]
+            for i, r in zip(rows, matching_rows(labels, self.index, train)):
+                matching[i] = r
+            if self.singles:
+                for i, r in zip(rows, additive_rows(labels, self.singles[model.fit.fold])):
+                    additive[i] = r
+        sets.update({f"knn_{k}": (knn[k], "mean") for k in self.knn_k})
+        sets["matching_mean"] = (matching, "mean")
+        if self.singles:
+            sets["additive"] = (additive, "sum")
+        return sets
+
+    def gather(self, block: np.ndarray, fold: np.ndarray) -> dict[str, np.ndarray]:
+        """Every row set of :meth:`row_sets` combined, in one pass over the deltas."""
+        sets = self.row_sets(block, fold)
+        weights = sparse.vstack([row_sets(rows, self.delta.shape[0]) for rows, _ in sets.values()], format="csr")
+        sums = weighted_sums(self.delta, weights, self.block_size)
+        out, first = {}, 0
+        for name, (rows, how) in sets.items():
+            out[name] = combined(sums[first : first + len(rows)], rows, how)
+            first += len(rows)
+        return out
+
+    def predictions(self, block: np.ndarray, fold: np.ndarray,
+                    gathered: dict[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+        """Every model's prediction for a block (NaN rows: not scored), one at a time."""
+        for model in self.models:
+            if model in gathered:
+                yield model, gathered[model]
+            elif model == RIDGE:
+                out = np.empty((len(block), self.delta.shape[1]))
+                for fm, rows in self.by_fold(fold):
+                    out[rows] = fm.features.rows(block[rows]) @ fm.fit.coef + fm.fit.intercept
+                yield model, out
+            elif model == "mean_baseline":
+                yield model, self.per_row(fold, lambda fm: fm.centroid)
+            elif model == "median_baseline":
+                yield model, self.per_row(fold, lambda fm: fm.median)
+            elif model == "control_baseline":
+                yield model, np.zeros((len(block), self.delta.shape[1]))
+            elif model == PCA_RIDGE:
+                yield model, self.pca.predict(block, fold, self.delta.shape[1])
+
+
+def score_blocks(
+    scoring: Scoring,
+    tested: np.ndarray,
+    store: PredictionStore,
+    ttest_genes: np.ndarray | None,
+    rows: int,
+    targets: TargetGenes,
+) -> tuple[dict[str, list[pd.DataFrame]], np.ndarray]:
+    """Predict and score the held-out perturbations (positions ``tested``) a
+    block of ``rows`` at a time, writing the predictions into ``store``;
+    ``targets`` tells the genes left out of each row's metrics.
+
+    Returns
+    -------
+    tables
+        Per model, the row metrics of every block (:func:`row_metrics`).
+    fell_back
+        Per held-out perturbation: the matching mean fell back on the mean baseline.
+    """
+    tables: dict[str, list[pd.DataFrame]] = {model: [] for model in scoring.models}
+    fell_back = np.zeros(len(tested), dtype=bool)
+    for first in range(0, len(tested), rows):
+        block = tested[first : first + rows]
+        fold = scoring.group[block]
+        gathered = scoring.gather(block, fold)
+        true = gathered.pop("delta")
+        fell = np.isnan(gathered["matching_mean"]).all(axis=1)
+        gathered["matching_mean"][fell] = scoring.per_row(fold[fell], lambda fm: fm.centroid)
+        fell_back[first : first + len(block)] = fell
+        centroid = scoring.per_row(fold, lambda fm: fm.centroid)
+        store.write_delta(first, true)
+        left_out = targets.left_out(slice(first, first + len(block)))
+        for index, (model, prediction) in enumerate(scoring.predictions(block, fold, gathered)):
+            stored = store.write_prediction(index, first, prediction)
+            tables[model].append(row_metrics(
+                stored, true, centroid=centroid, exclude=left_out,
+                ttest_genes=None if ttest_genes is None else ttest_genes[first : first + len(block)]))
+        log.info("scored %d of %d held-out perturbations", first + len(block), len(tested))
+    return tables, fell_back
+
+
+class PredictionStore:
+    """The held-out predictions as a zarr store, in the layout of
+    :attr:`Evaluation.predictions`, written a block of perturbations at a
+    time: ``prediction`` (model × perturbation × gene) and the true
+    ``delta``, both float32, every perturbation's ``fold``, the
+    ``control_mean`` and the pseudo-bulk's ``run`` (attrs ``pseudobulk_run``)."""
+
+    def __init__(self, path: str, models: Sequence[str], perturbations: np.ndarray,
+                 genes: Sequence[str], fold: np.ndarray, rows: int,
+                 control_mean: np.ndarray, run: dict[str, Any]):
+        n, q = len(perturbations), len(genes)
+        template = xr.Dataset(
+            {
+                "prediction": (("model", "perturbation", "gene"),
+                               da.empty((len(models), n, q), chunks=(1, rows, q), dtype=np.float32)),
+                "delta": (("perturbation", "gene"), da.empty((n, q), chunks=(rows, q), dtype=np.float32)),
+                "fold": ("perturbation", fold),
+                "control_mean": ("gene", np.asarray(control_mean)),
+            },
+            coords={"model": np.asarray(models, dtype=object), "perturbation": perturbations,
+                    "gene": np.asarray(genes, dtype=object)},
+            attrs={"pseudobulk_run": json.dumps(run)},
+        )
+        self.path = path
+        self.group = create_dataset(template, path)
+
+    def write_delta(self, first: int, true: np.ndarray) -> None:
+        with complete_chunks():
+            self.group["delta"][first : first + len(true)] = true.astype(np.float32)
+
+    def write_prediction(self, model: int, first: int, prediction: np.ndarray) -> np.ndarray:
+        """Store a block of one model's prediction; the stored (float32) values."""
+        stored = prediction.astype(np.float32)
+        with complete_chunks():
+            self.group["prediction"][model, first : first + len(stored)] = stored
+        return stored
+
+    def open(self) -> xr.Dataset:
+        """The store, lazily."""
+        return open_dataset(self.path)
+
+
+def row_metrics(
+    prediction: np.ndarray,
+    true: np.ndarray,
+    *,
+    centroid: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
+    ttest_genes: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """The per-perturbation metrics (:data:`.metrics.ROW_METRICS`) of one
+    model's prediction rows; a row with a NaN is one the model does not
+    score: every metric of it is NaN. ``centroid``, ``exclude`` (genes left
+    out of every metric of a row) and ``ttest_genes`` (top DE gene indices
+    per row) are passed to :func:`.metrics.perturbation_metrics`."""
+    scored = np.isfinite(prediction).all(axis=1)
+    pred = np.where(scored[:, None], prediction.astype(np.float64), 0.0)
+    table = pd.DataFrame(perturbation_metrics(pred, true, ttest_genes=ttest_genes, centroid=centroid,
+                                              exclude=exclude))
+    table.loc[~scored] = np.nan
+    return table
+
+
+#: The most ``perturbations² × genes`` of the set-level metrics per model
+#: (about two minutes of the l1 distances on one core).
+SET_METRICS_WORK = 2**37
+
+
+def set_metrics_fit(n: int, q: int) -> str | None:
+    """Why the set-level metrics of ``n`` held-out perturbations over ``q``
+    genes are not computed (their work grows as ``n² × q``), or ``None``."""
+    if n * n * q > SET_METRICS_WORK:
+        return (f"{n} held-out perturbations x {q} genes: each prediction is compared with every "
+                f"held-out truth ({n}^2 x {q} values per model, more than {SET_METRICS_WORK:.3g})")
+    return None
+
+
+def set_metric_values(
+    predictions: xr.Dataset,
+    delta: Any,
+    tested: np.ndarray,
+    targets: TargetGenes,
+    rows: int,
+) -> dict[str, pd.DataFrame]:
+    """Per model, the set-level metrics (:data:`.metrics.SET_METRICS`) of its
+    stored predictions against every held-out truth; NaN for the
+    perturbations it does not score.
+
+    Blocks of ``rows`` predictions are compared with blocks of ``rows`` true
+    rows (``delta`` at ``tested``), their own block first (where each
+    prediction's distance to its own truth is taken, as in the one-block
+    computation), and the counts of nearer and farther truths
+    (:func:`.metrics.ranks`) summed. ``targets``: the genes left out of each
+    row's discrimination distances (its targets, always) and of its centroid
+    distances (with ``exclude_targets``).
+    """
+    n = len(tested)
+    blocks = [slice(first, min(first + rows, n)) for first in range(0, n, rows)]
+    models = [str(m) for m in predictions["model"].values]
+    nearer = {m: np.zeros(n, dtype=np.int64) for m in models}
+    farther = {m: np.zeros(n, dtype=np.int64) for m in models}
+    for block in blocks:
+        mask, left_out = targets.mask(block), targets.left_out(block)
+        for m, model in enumerate(models):
+            stored = predictions["prediction"].isel(model=m, perturbation=block).values
+            pred = np.where(np.isfinite(stored).all(axis=1)[:, None], stored.astype(np.float64), 0.0)
+            for other in [block, *(b for b in blocks if b != block)]:
+                true = read_rows(delta, tested[other])
+                l1, l2 = distances(pred, true, "l1", mask), distances(pred, true, "l2", left_out)
+                if other == block:
+                    own = np.diagonal(l1).copy(), np.diagonal(l2).copy()
+                nearer[model][block] += ranks(l1, own[0])[0]
+                farther[model][block] += ranks(l2, own[1])[1]
+    out = {}
+    for m, model in enumerate(models):
+        table = pd.DataFrame({"discrimination_score": 1.0 - nearer[model] / n,
+                              "centroid_accuracy": farther[model] / (n - 1) if n > 1 else np.nan})
+        table.loc[~np.isfinite(predictions["prediction"].isel(model=m).values).all(axis=1)] = np.nan
+        out[model] = table
+    return out
+
+
+def model_table(
+    model: str,
+    blocks: list[pd.DataFrame],
+    set_values: pd.DataFrame | None,
+    names: np.ndarray,
+    fold: np.ndarray,
+) -> pd.DataFrame:
+    """One model's rows of the per-perturbation table: ``perturbation``,
+    ``fold``, ``model`` and every metric (:data:`.metrics.METRICS`; the
+    set-level ones NaN when not computed)."""
+    table = pd.concat(blocks, ignore_index=True)
+    for metric in SET_METRICS:
+        table[metric] = np.nan if set_values is None else set_values[metric].to_numpy()
+    table.insert(0, "model", model)
+    table.insert(0, "fold", fold)
+    table.insert(0, "perturbation", names)
+    return table
 
 
 @dataclass(frozen=True)
 class PcaRidge:
-    """The ``pca_ridge`` baseline's held-out predictions (NaN rows: not
-    scored), its model of every fold, and what it covered."""
+    """The ``pca_ridge`` baseline: per fold its model and the features it was
+    fitted on (the ``pca:K`` rows of the covered perturbations), which
+    perturbations it covers, and notes on what it covered."""
 
-    prediction: np.ndarray = field(repr=False)
-    fits: list[FoldFit] = field(repr=False)
+    models: dict[int, tuple[FoldFit, Features]] = field(repr=False)
+    covered: np.ndarray = field(repr=False)
     notes: dict[str, Any]
+
+    @property
+    def fits(self) -> list[FoldFit]:
+        return [fit for fit, _ in self.models.values()]
+
+    def predict(self, block: np.ndarray, fold: np.ndarray, n_genes: int) -> np.ndarray:
+        """Predictions for perturbations at ``block`` (of folds ``fold``); NaN
+        rows for the perturbations not covered or of skipped folds."""
+        out = np.full((len(block), n_genes), np.nan)
+        position = np.cumsum(self.covered) - 1  # among the covered perturbations
+        for k, (fit, features) in self.models.items():
+            rows = np.flatnonzero((fold == k) & self.covered[block])
+            out[rows] = features.rows(position[block[rows]]) @ fit.coef + fit.intercept
+        return out
 
 
 def pca_ridge(
     names: np.ndarray,
     genes: Sequence[str],
-    X: np.ndarray,
+    delta: Any,
     split: Split,
     k: int | None,
     *,
     alphas: Sequence[float],
     select_by: SelectBy,
     solver: Solver,
+    block_size: int = BLOCK_SIZE,
+    memory_limit: int | str | None = None,
 ) -> PcaRidge:
     """The linear data-derived baseline (Ahlmann-Eltze, Huber & Anders,
     Nat. Methods 2025): ridge from ``pca:K`` gene embeddings, rebuilt in every
-    fold from its training deltas (:class:`.data_embedding.EmbeddingPlan`),
-    alpha chosen as for the GenePert ridge.
+    fold from its training deltas (:func:`.data_embedding.fold_gene_grams`),
+    alpha chosen as for the GenePert ridge; ``delta`` is read in blocks
+    (and the folds' grams summed as ``memory_limit`` allows).
 
     Only perturbations whose genes are all measured (``genes``) have such
     features: the others neither train nor are scored. ``K`` is at most
@@ -371,7 +847,6 @@ def pca_ridge(
     position = {g: j for j, g in enumerate(genes)}
     members = [tuple(position.get(g, -1) for g in perturbation_genes(p)) for p in names]
     covered = np.array([min(m) >= 0 for m in members])
-    prediction = np.full(X.shape, np.nan)
     test_groups = [f for f in split.test_groups if split.test_mask(f).any()]
     k = min(k or 0, len(genes) - 1, *(int(split.train_mask(f).sum()) for f in test_groups))
     notes: dict[str, Any] = {"embedding": f"{PCA_PREFIX}{k}", "k": k,
@@ -379,26 +854,29 @@ def pca_ridge(
     if k < 1 or not covered.any():
         notes["reason"] = ("no perturbation targets a measured gene" if not covered.any()
                            else "turned off, or too few genes or training perturbations for one component")
-        return PcaRidge(prediction, [], notes)
+        return PcaRidge({}, covered, notes)
     plan = EmbeddingPlan(f"{PCA_PREFIX}{k}")
     group = np.where(covered, split.group, UNUSED)
-    fits = []
+    fitted = []
     for f in test_groups:
         training_groups = {g for g in group[split.train_mask(f)] if g != UNUSED}
         if len(training_groups) < 2 or not (split.test_mask(f) & covered).any():
             notes["folds_skipped"].append(int(f))
-            continue
-        table = plan.table(genes, X[split.train_mask(f)])
-        G = encode(table.vectors, [m for m, c in zip(members, covered) if c])
-        Xc, gc = X[covered], group[covered]
-        stats = [gram_stats(G[gc == g], Xc[gc == g]) for g in range(split.n_groups)]
-        used = gc != UNUSED
-        (fit,) = cross_validate(stats, alphas, rows=Rows(G[used], Xc[used], gc[used]), solver=solver,
-                                folds=[f], select_by=select_by)
-        test = gc == f
-        prediction[np.flatnonzero(covered)[test]] = G[test] @ fit.coef + fit.intercept
-        fits.append(fit)
-    return PcaRidge(prediction, fits, notes)
+        else:
+            fitted.append(f)
+    rows = np.flatnonzero(covered)
+    covered_delta, covered_group = delta[rows], group[rows]
+    covered_members = [members[i] for i in rows]
+    models = {}
+    for f, gram in fold_gene_grams(delta, split, fitted, block_size, memory_limit):
+        features = Features(list(names[rows]), covered_members, plan.table(genes, gram).vectors)
+        stats = fold_statistics(features, covered_delta, covered_group, split.n_groups,
+                                block_size=block_size, progress=False)
+        (fit,) = cross_validate(stats, alphas, rows=Rows(FeatureRows(features), covered_delta, covered_group,
+                                                         block_size),
+                                solver=solver, folds=[f], select_by=select_by)
+        models[f] = (fit, features)
+    return PcaRidge(models, covered, notes)
 
 
 def baseline_notes(
@@ -443,16 +921,21 @@ def baseline_notes(
 
 
 def feature_sets(
-    plan: EmbeddingPlan, data: TrainingData, X: np.ndarray, split: Split
+    plan: EmbeddingPlan,
+    data: TrainingData,
+    delta: Any,
+    split: Split,
+    block_size: int = BLOCK_SIZE,
+    memory_limit: int | str | None = None,
 ) -> Iterator[tuple[Features, list[int]]]:
     """Features and the test folds they serve: one set for embedding files;
-    one per fold for data-derived sources, from that fold's training deltas."""
+    one per fold for data-derived sources, from that fold's training deltas
+    (``delta``, numpy or dask, read in blocks; :func:`.data_embedding.fold_gene_grams`)."""
     if not plan.data_derived:
         yield data.features, list(split.test_groups)
         return
-    for k in split.test_groups:
-        table = plan.table(list(data.genes), X[split.train_mask(k)])
-        yield with_table(data.features, table), [k]
+    for k, gram in fold_gene_grams(delta, split, block_size=block_size, memory_limit=memory_limit):
+        yield with_table(data.features, plan.table(list(data.genes), gram)), [k]
 
 
 def ttest_de_genes(ds: xr.Dataset, perturbations: np.ndarray,
@@ -479,6 +962,25 @@ def target_genes(perturbations: Sequence[str], genes: Sequence[str]) -> np.ndarr
     return mask
 
 
+@dataclass(frozen=True)
+class TargetGenes:
+    """The measured target genes of the held-out perturbations ``names``,
+    by blocks of them: always left out of the discrimination score, and of
+    every metric with ``exclude_targets``."""
+
+    names: np.ndarray
+    genes: Sequence[str]
+    exclude_targets: bool
+
+    def mask(self, block: slice = slice(None)) -> np.ndarray:
+        """Perturbations of ``block`` × genes: their targets (:func:`target_genes`)."""
+        return target_genes(self.names[block], self.genes)
+
+    def left_out(self, block: slice = slice(None)) -> np.ndarray | None:
+        """The genes left out of every metric of ``block``'s rows (``None``: none)."""
+        return self.mask(block) if self.exclude_targets else None
+
+
 def metrics_table(
     prediction: np.ndarray,
     true: np.ndarray,
@@ -488,43 +990,21 @@ def metrics_table(
     *,
     centroid: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
-    left_out: np.ndarray | None = None,
-    de_genes: np.ndarray | None = None,
-    ttest_genes: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per (model, perturbation): ``perturbation``, ``fold``, ``model``
-    and every metric of the prediction (model × perturbation × gene).
-
-    ``centroid`` (the perturbed centroid's delta per row), ``de_genes`` and
-    ``ttest_genes`` (top DE gene indices per row), ``exclude`` (genes left out of the
-    discrimination score per row) and ``left_out`` (genes left out of every
-    metric of the row: ``exclude_targets``) are passed to :mod:`.metrics`;
-    set-level metrics compare every row with all rows of ``true``. A
-    prediction row with a NaN is one the model does not score: every metric
-    of it is NaN.
-    """
+    """One row per (model, perturbation) of predictions held in memory
+    (model × perturbation × gene): ``perturbation``, ``fold``, ``model`` and
+    every metric (:func:`row_metrics`; the set-level ones compare every row
+    with all rows of ``true``). ``exclude``: genes left out of each row's
+    discrimination score (its targets)."""
     tables = []
     for model, pred in zip(models, prediction):
         scored = np.isfinite(pred).all(axis=1)
-        pred = np.where(scored[:, None], pred.astype(np.float64), 0.0)
-        table = pd.DataFrame({
-            **perturbation_metrics(pred, true, de_genes=de_genes, ttest_genes=ttest_genes,
-                                   centroid=centroid, exclude=left_out),
-            "discrimination_score": discrimination_score(pred, true, exclude=_union(exclude, left_out)),
-            "centroid_accuracy": centroid_accuracy(pred, true, exclude=left_out),
-        })
-        table.loc[~scored] = np.nan
-        table.insert(0, "model", model)
-        table.insert(0, "fold", fold)
-        table.insert(0, "perturbation", names)
-        tables.append(table)
+        filled = np.where(scored[:, None], pred.astype(np.float64), 0.0)
+        values = pd.DataFrame({"discrimination_score": discrimination_score(filled, true, exclude=exclude),
+                               "centroid_accuracy": centroid_accuracy(filled, true)})
+        values.loc[~scored] = np.nan
+        tables.append(model_table(model, [row_metrics(pred, true, centroid=centroid)], values, names, fold))
     return pd.concat(tables, ignore_index=True)
-
-
-def _union(*masks: np.ndarray | None) -> np.ndarray | None:
-    """The union of the boolean masks given (``None``: no mask)."""
-    given = [m for m in masks if m is not None]
-    return np.logical_or.reduce(given) if given else None
 
 
 def summarize(

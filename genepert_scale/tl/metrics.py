@@ -243,10 +243,9 @@ def discrimination_score(
     prediction's distance to its own true effect among the distances to all
     true effects and normalises by the number of perturbations.
     """
-    distance = _distances(pred, true, metric, exclude)
-    own = np.diagonal(distance)[:, None]
-    rank = np.sum(distance < own, axis=1)
-    return 1.0 - rank / len(true)
+    distance = distances(pred, true, metric, exclude)
+    nearer, _ = ranks(distance, np.diagonal(distance))
+    return 1.0 - nearer / len(true)
 
 
 def centroid_accuracy(pred: np.ndarray, true: np.ndarray, *,
@@ -281,13 +280,22 @@ def centroid_accuracy(pred: np.ndarray, true: np.ndarray, *,
     n = len(true)
     if n < 2:
         return np.full(n, np.nan)
-    distance = _distances(pred, true, "l2", exclude)
-    own = np.diagonal(distance)[:, None]
-    return np.sum(distance > own, axis=1) / (n - 1)
+    distance = distances(pred, true, "l2", exclude)
+    _, farther = ranks(distance, np.diagonal(distance))
+    return farther / (n - 1)
 
 
-def _distances(
-    pred: np.ndarray, true: np.ndarray, metric: Literal["l1", "l2"], exclude: np.ndarray | None
+def ranks(distance: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per prediction row: how many true rows are strictly nearer than its
+    own true row (``own``: its distance to it), and how many strictly
+    farther. Counts over blocks of true rows add up
+    (:func:`.evaluate.set_metric_values` sums them block by block)."""
+    own = np.asarray(own)[:, None]
+    return np.sum(distance < own, axis=1), np.sum(distance > own, axis=1)
+
+
+def distances(
+    pred: np.ndarray, true: np.ndarray, metric: Literal["l1", "l2"], exclude: np.ndarray | None = None
 ) -> np.ndarray:
     """``d[i, j]`` between ``pred_i`` and ``true_j`` over the genes of row ``i``
     not in ``exclude``.
