@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,11 @@ from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
 from genepert_scale.tl.baselines import knn_prediction
 from genepert_scale.tl.evaluate import baseline_predictions, evaluate
-from genepert_scale.tl.metrics import pearson_rows, perturbation_metrics
+from genepert_scale.tl.metrics import METRICS, pearson_rows, perturbation_metrics
 from genepert_scale.io.encodings import PSEUDOBULK
 from genepert_scale.pp.aggregate import write_pseudobulk
 from genepert_scale.pl.report import FILES, write_report
+from genepert_scale.pl.report_html import model_table
 from genepert_scale.tl.splits import kfold
 
 
@@ -166,6 +168,11 @@ def test_report_files(small, tmp_path):
     preds = xr.open_zarr(tmp_path / "report" / "predictions.zarr")
     assert preds["prediction"].dims == ("model", "perturbation", "gene") and "fold" in preds
     assert (tmp_path / "report" / "pearson_per_model.png").read_bytes()[:4] == b"\x89PNG"
+    lead = model_table(doc["models"])  # the Virtual Cell Challenge's score first, then the rest
+    assert lead in (tmp_path / "report" / "report.html").read_text()
+    columns = [c for c in re.findall(r"<th>(.*?)</th>", lead) if c in METRICS]
+    assert columns[:3] == ["overlap_de_fdr", "discrimination_score", "mae_delta"]
+    assert sorted(columns) == sorted(METRICS)
     assert out.endswith("report")
 
 
