@@ -10,6 +10,7 @@ import pytest
 import xarray as xr
 from scipy import stats
 
+import genepert_scale as gps
 from genepert_scale.pp.de import (
     NO_GENE,
     bh_fdr,
@@ -192,6 +193,7 @@ def test_fdr_de_genes_thresholds_the_adjusted_pvalues_lazily():
         np.testing.assert_array_equal(de[:3], q[:3] < fdr)
         assert de[:3].any() and not de[3].any()  # one cell: no DE genes
     assert fdr_de_genes(ds, 0.2).values.sum() > fdr_de_genes(ds, 0.05).values.sum()
+    assert gps.pp.fdr_de_genes is fdr_de_genes
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ParameterError, match="fdr must be in"):
             fdr_de_genes(ds, bad)
