@@ -117,24 +117,7 @@ def moments(mean, var, n, control_mean, control_var, n_control, genes=None) -> x
     )
 
 
-def test_welch_t_equals_scipy_and_handles_zero_variance():
-    rng = np.random.default_rng(0)
-    mean, var = rng.random((3, 6)), rng.random((3, 6))
-    mean[0, :2] = [0.5, 0.2]
-    var[0, :2] = 0.0
-    n = np.array([5, 9, 1])
-    cm, cv = rng.random(6), rng.random(6)
-    cm[:2] = [0.5, 0.0]
-    cv[:2] = 0.0
-    t = welch_t(moments(mean, var, n, cm, cv, 11)).values
-    expected = stats.ttest_ind_from_stats(mean, np.sqrt(var), n[:, None], cm, np.sqrt(cv), 11,
-                                          equal_var=False).statistic
-    np.testing.assert_allclose(t[:2, 2:], expected[:2, 2:])
-    assert t[0, 0] == 0.0 and t[0, 1] == np.inf  # 0/0 -> 0 as scanpy; d/0 -> inf
-    assert np.isnan(t[2]).all()  # one cell: no test
-
-
-def test_welch_pvalue_equals_scipy_and_keeps_its_zero_variance_conventions():
+def test_welch_t_and_pvalue_equal_scipy_and_handle_zero_variance():
     rng = np.random.default_rng(0)
     mean, var = rng.random((3, 6)), rng.random((3, 6))
     mean[0, :2] = [0.5, 0.2]
@@ -144,12 +127,14 @@ def test_welch_pvalue_equals_scipy_and_keeps_its_zero_variance_conventions():
     cm[:2] = [0.5, 0.0]
     cv[:2] = 0.0
     ds = moments(mean, var, n, cm, cv, 11)
-    p = welch_pvalue(ds).values
+    t, p = welch_t(ds).values, welch_pvalue(ds).values
     expected = stats.ttest_ind_from_stats(mean, np.sqrt(var), n[:, None], cm, np.sqrt(cv), 11,
-                                          equal_var=False).pvalue
-    np.testing.assert_allclose(p[:2, 1:], expected[:2, 1:], rtol=1e-12)
+                                          equal_var=False)
+    np.testing.assert_allclose(t[:2, 2:], expected.statistic[:2, 2:])
+    np.testing.assert_allclose(p[:2, 1:], expected.pvalue[:2, 1:], rtol=1e-12)
+    assert t[0, 0] == 0.0 and t[0, 1] == np.inf  # 0/0 -> 0 as scanpy; d/0 -> inf
     assert p[0, 0] == 1.0 and p[0, 1] == 0.0  # 0/0: no evidence (scanpy); d/0: certain
-    assert np.isnan(p[2]).all()  # one cell: no test
+    assert np.isnan(t[2]).all() and np.isnan(p[2]).all()  # one cell: no test
     lazy = welch_pvalue(ds.chunk({"perturbation": 2, "gene": 4}))
     assert lazy.chunks is not None
     np.testing.assert_array_equal(lazy.values, p)
