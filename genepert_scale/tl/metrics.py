@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-
 from scipy.stats import rankdata
 
 from ..pp.de import NO_GENE, mse_de, pearson_delta_de
