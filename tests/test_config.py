@@ -34,6 +34,7 @@ folds = 10
 seed = 3
 alphas = [1, 10.0]
 select_by = "mse"
+exclude_targets = true
 
 [predict]
 perturbations = ["A", "A+B"]
@@ -65,7 +66,7 @@ def test_every_key(tmp_path):
     assert config.embeddings.gene_map == str(tmp_path / "map.tsv")
     assert config.embeddings.storage_options == {"key": "k"}  # from the command line
     assert config.evaluate.alphas == (1.0, 10.0) and config.evaluate.folds == 10
-    assert config.evaluate.select_by == "mse"
+    assert config.evaluate.select_by == "mse" and config.evaluate.exclude_targets is True
     assert config.predict.perturbations == ("A", "A+B")
     assert config.output.dir == str(tmp_path / "results")
     assert config.cluster.client_options() == {
@@ -81,6 +82,7 @@ def test_defaults(tmp_path):
     assert config.cluster.client_options()["scheduler"] is None
     assert config.cluster.client_options()["slurm"] is None
     assert config.evaluate.alphas == DEFAULT_ALPHAS and config.evaluate.select_by == "pearson_delta"
+    assert config.evaluate.exclude_targets is False
 
 
 @pytest.mark.parametrize(
@@ -95,6 +97,8 @@ def test_defaults(tmp_path):
         ("[evaluate]\nfolds = 1\n", "folds must be at least 2"),
         ("[evaluate]\nalphas = [1, -2]\n", "alphas must be positive"),
         ('[evaluate]\nselect_by = "r2"\n', "select_by = 'r2' must be one of pearson_delta, mse"),
+        ("[evaluate]\nexclude_targets = 1\n", "exclude_targets = 1 must be of type bool"),
+        ('[evaluate]\nexclude_targets = "yes"\n', "exclude_targets = 'yes' must be of type bool"),
         ('[cluster]\nkind = "local"\n', "kind = 'local' needs workers"),
         ('[cluster]\nkind = "yarn"\n', "kind = 'yarn' must be one of"),
         ("[output\n", "not valid TOML"),

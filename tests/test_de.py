@@ -1,5 +1,6 @@
-"""DE genes from group moments against scanpy's rank_genes_groups t-test, and
-the DE-restricted metrics against a direct computation."""
+"""DE genes from group moments against scanpy's rank_genes_groups t-test
+(ranking, p-values, Benjamini–Hochberg FDR) and scipy, and the DE-restricted
+metrics against a direct computation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from genepert_scale.pp.de import NO_GENE, mse_de, pearson_delta_de, top_de_genes, welch_t
+import genepert_scale as gps
+from genepert_scale.pp.de import (
+    NO_GENE,
+    bh_fdr,
+    fdr_de_genes,
+    mse_de,
+    pearson_delta_de,
+    top_de_genes,
+    welch_fdr,
+    welch_pvalue,
+    welch_t,
+)
 from genepert_scale.errors import ParameterError
 from genepert_scale.pp.aggregate import pseudobulk
 
@@ -20,8 +32,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.PerformanceWarnin
 
 def scanpy_rankings(adata: ad.AnnData, ds: xr.Dataset, *, key: str, control: str,
                     rankby_abs: bool) -> tuple[dict[str, list[str]], dict[str, np.ndarray], ad.AnnData]:
-    """scanpy's full t-test ranking (names, scores) per perturbation on ds's genes,
-    and the log-normalised AnnData it ran on."""
+    """scanpy's full t-test ranking per perturbation on ds's genes (names; and
+    per field ``scores``/``pvals``/``pvals_adj``, a gene → value dict), and the
+    log-normalised AnnData it ran on."""
     import scanpy as sc
 
     adata = adata.copy()
@@ -33,8 +46,10 @@ def scanpy_rankings(adata: ad.AnnData, ds: xr.Dataset, *, key: str, control: str
     result = adata.uns["rank_genes_groups"]
     groups = result["names"].dtype.names
     names = {g: list(result["names"][g]) for g in groups}
-    scores = {g: np.asarray(result["scores"][g], dtype=np.float64) for g in groups}
-    return names, scores, adata
+    fields = {field: {g: dict(zip(names[g], np.asarray(result[field][g], dtype=np.float64)))
+                      for g in groups}
+              for field in ("scores", "pvals", "pvals_adj")}
+    return names, fields, adata
 
 
 def gears_non_dropout(order: list[str], adata: ad.AnnData, key: str, group: str,
@@ -49,7 +64,7 @@ def gears_non_dropout(order: list[str], adata: ad.AnnData, key: str, group: str,
 def assert_same_ranking(ds: xr.Dataset, raw: ad.AnnData, *, key: str, control: str) -> None:
     genes = ds.gene.values
     for rankby_abs in (False, True):
-        names, scores, logged = scanpy_rankings(raw, ds, key=key, control=control,
+        names, fields, logged = scanpy_rankings(raw, ds, key=key, control=control,
                                                 rankby_abs=rankby_abs)
         assert set(names) == set(ds.perturbation.values)
         for non_dropout in (False, True):
@@ -59,12 +74,16 @@ def assert_same_ranking(ds: xr.Dataset, raw: ad.AnnData, *, key: str, control: s
                 expected = (gears_non_dropout(names[p], logged, key, p, control)
                             if non_dropout else names[p][:K])
                 assert ours == expected, (p, rankby_abs, non_dropout)
-    t = welch_t(ds)
+    t, pvalue, fdr = welch_t(ds), welch_pvalue(ds), welch_fdr(ds)
+    de = fdr_de_genes(ds)
     for p in ds.perturbation.values:
-        by_gene = dict(zip(names[p], scores[p]))
+        scanpy = {field: np.array([values[p][g] for g in genes]) for field, values in fields.items()}
         # scanpy's cells are float32: t agrees to ~1e-7 absolute
-        np.testing.assert_allclose(t.sel(perturbation=p).values, [by_gene[g] for g in genes],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(t.sel(perturbation=p).values, scanpy["scores"], rtol=1e-5, atol=1e-6)
+        for ours, field in ((pvalue, "pvals"), (fdr, "pvals_adj")):
+            np.testing.assert_allclose(ours.sel(perturbation=p).values, scanpy[field],
+                                       rtol=1e-3, atol=1e-12, err_msg=f"{p} {field}")
+        assert set(genes[de.sel(perturbation=p).values]) == set(genes[scanpy["pvals_adj"] < 0.05]), p
 
 
 def test_synthetic_ranking_equals_scanpy(small_screen):
@@ -98,7 +117,7 @@ def moments(mean, var, n, control_mean, control_var, n_control, genes=None) -> x
     )
 
 
-def test_welch_t_equals_scipy_and_handles_zero_variance():
+def test_welch_t_and_pvalue_equal_scipy_and_handle_zero_variance():
     rng = np.random.default_rng(0)
     mean, var = rng.random((3, 6)), rng.random((3, 6))
     mean[0, :2] = [0.5, 0.2]
@@ -107,12 +126,62 @@ def test_welch_t_equals_scipy_and_handles_zero_variance():
     cm, cv = rng.random(6), rng.random(6)
     cm[:2] = [0.5, 0.0]
     cv[:2] = 0.0
-    t = welch_t(moments(mean, var, n, cm, cv, 11)).values
+    ds = moments(mean, var, n, cm, cv, 11)
+    t, p = welch_t(ds).values, welch_pvalue(ds).values
     expected = stats.ttest_ind_from_stats(mean, np.sqrt(var), n[:, None], cm, np.sqrt(cv), 11,
-                                          equal_var=False).statistic
-    np.testing.assert_allclose(t[:2, 2:], expected[:2, 2:])
+                                          equal_var=False)
+    np.testing.assert_allclose(t[:2, 2:], expected.statistic[:2, 2:])
+    np.testing.assert_allclose(p[:2, 1:], expected.pvalue[:2, 1:], rtol=1e-12)
     assert t[0, 0] == 0.0 and t[0, 1] == np.inf  # 0/0 -> 0 as scanpy; d/0 -> inf
-    assert np.isnan(t[2]).all()  # one cell: no test
+    assert p[0, 0] == 1.0 and p[0, 1] == 0.0  # 0/0: no evidence (scanpy); d/0: certain
+    assert np.isnan(t[2]).all() and np.isnan(p[2]).all()  # one cell: no test
+    lazy = welch_pvalue(ds.chunk({"perturbation": 2, "gene": 4}))
+    assert lazy.chunks is not None
+    np.testing.assert_array_equal(lazy.values, p)
+
+
+def direct_bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg by its definition: q_(i) = min over j >= i of m p_(j) / j."""
+    m = len(p)
+    order = np.argsort(p)
+    q = np.empty(m)
+    for i in range(m):
+        q[order[i]] = min(1.0, min(m * p[order[j]] / (j + 1) for j in range(i, m)))
+    return q
+
+
+def test_bh_fdr_equals_scipy_and_the_definition():
+    rng = np.random.default_rng(2)
+    p = rng.random((5, 40)) ** 3
+    p[1, :10] = p[1, 0]  # ties
+    p[2, 5] = 0.0
+    p[3] = 1.0
+    p[4] = np.nan  # an untested row
+    q = bh_fdr(p)
+    np.testing.assert_allclose(q[:4], stats.false_discovery_control(p[:4], axis=-1, method="bh"),
+                               rtol=1e-12)
+    for row in range(4):
+        np.testing.assert_allclose(q[row], direct_bh(p[row]), rtol=1e-12)
+    assert np.isnan(q[4]).all()
+    assert bh_fdr(p[0]).shape == (40,)
+
+
+def test_fdr_de_genes_thresholds_the_adjusted_pvalues_lazily():
+    rng = np.random.default_rng(3)
+    mean = rng.normal(size=(4, 50)) * np.linspace(0, 1, 50)
+    ds = moments(mean, np.ones_like(mean), [30, 30, 30, 1], np.zeros(50), np.ones(50), 40)
+    q = welch_fdr(ds).values
+    for fdr in (0.05, 0.2):
+        lazy = fdr_de_genes(ds.chunk({"perturbation": 1, "gene": 7}), fdr)
+        assert lazy.chunks is not None and lazy.dtype == bool
+        de = lazy.values
+        np.testing.assert_array_equal(de[:3], q[:3] < fdr)
+        assert de[:3].any() and not de[3].any()  # one cell: no DE genes
+    assert fdr_de_genes(ds, 0.2).values.sum() > fdr_de_genes(ds, 0.05).values.sum()
+    assert gps.pp.fdr_de_genes is fdr_de_genes
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ParameterError, match="fdr must be in"):
+            fdr_de_genes(ds, bad)
 
 
 def test_top_de_genes_is_lazy_on_dask_and_pads_with_no_gene():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,11 @@ from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
 from genepert_scale.tl.baselines import knn_prediction
 from genepert_scale.tl.evaluate import baseline_predictions, evaluate
-from genepert_scale.tl.metrics import pearson_rows, perturbation_metrics
+from genepert_scale.tl.metrics import METRICS, pearson_rows, perturbation_metrics
 from genepert_scale.io.encodings import PSEUDOBULK
 from genepert_scale.pp.aggregate import write_pseudobulk
 from genepert_scale.pl.report import FILES, write_report
+from genepert_scale.pl.report_html import model_table
 from genepert_scale.tl.splits import kfold
 
 
@@ -166,15 +168,22 @@ def test_report_files(small, tmp_path):
     preds = xr.open_zarr(tmp_path / "report" / "predictions.zarr")
     assert preds["prediction"].dims == ("model", "perturbation", "gene") and "fold" in preds
     assert (tmp_path / "report" / "pearson_per_model.png").read_bytes()[:4] == b"\x89PNG"
+    lead = model_table(doc["models"])  # the Virtual Cell Challenge's score first, then the rest
+    assert lead in (tmp_path / "report" / "report.html").read_text()
+    columns = [c for c in re.findall(r"<th>(.*?)</th>", lead) if c in METRICS]
+    assert columns[:3] == ["overlap_de_fdr", "discrimination_score", "mae_delta"]
+    assert sorted(columns) == sorted(METRICS)
     assert out.endswith("report")
 
 
-def test_ttest_de_metrics_use_welch_genes_from_the_pass(small_screen):
+def test_ttest_de_metrics_use_welch_genes_from_the_pass(small_screen, caplog):
     """With group variances, pearson_delta_de20_ttest and mse_de20 are computed on
-    the Welch t-test top-20 DE genes (GEARS); without them they are empty."""
-    from scipy.stats import pearsonr
+    the Welch t-test top-20 DE genes (GEARS), overlap_de_fdr and
+    spearman_delta_de_fdr on its DE genes at FDR < 0.05; without them they are
+    empty, and the log says why."""
+    from scipy.stats import pearsonr, spearmanr
 
-    from genepert_scale.pp.de import top_de_genes
+    from genepert_scale.pp.de import fdr_de_genes, top_de_genes
     from genepert_scale.tl.evaluate import evaluate
     from genepert_scale.pp.aggregate import pseudobulk
 
@@ -191,9 +200,22 @@ def test_ttest_de_metrics_use_welch_genes_from_the_pass(small_screen):
         t = true.sel(perturbation=name).values[genes].astype(float)
         assert table.loc[name, "pearson_delta_de20_ttest"] == pytest.approx(pearsonr(p, t)[0], rel=1e-5)
         assert table.loc[name, "mse_de20"] == pytest.approx(np.mean((p - t) ** 2), rel=1e-4)
-    without = evaluate(ds.drop_vars(["var", "control_var"]), embedding, n_folds=3, seed=1,
-                       progress=False).per_perturbation
-    assert without["mse_de20"].isna().all()
+    fdr = fdr_de_genes(ds)
+    for name in table.index:
+        genes = np.flatnonzero(fdr.sel(perturbation=name).values)
+        p = predicted.sel(perturbation=name).values.astype(float)
+        t = true.sel(perturbation=name).values.astype(float)
+        top = np.argsort(-np.abs(p), kind="stable")[: len(genes)]
+        assert table.loc[name, "n_de_fdr"] == len(genes)
+        assert table.loc[name, "overlap_de_fdr"] == pytest.approx(len(set(top) & set(genes)) / len(genes))
+        assert table.loc[name, "spearman_delta_de_fdr"] == pytest.approx(spearmanr(p[genes], t[genes])[0])
+    assert table["n_de_fdr"].min() >= 2 and result.summary["genepert_ridge"]["overlap_de_fdr"]["n"] == len(table)
+    with caplog.at_level("INFO", logger="genepert_scale.tl.evaluate"):
+        without = evaluate(ds.drop_vars(["var", "control_var"]), embedding, n_folds=3, seed=1,
+                           progress=False).per_perturbation
+    assert "no group variances: overlap_de_fdr" in caplog.text
+    for column in ("mse_de20", "overlap_de_fdr", "spearman_delta_de_fdr", "n_de_fdr"):
+        assert without[column].isna().all(), column
     assert without["pearson_delta"].equals(result.per_perturbation["pearson_delta"])
 
 

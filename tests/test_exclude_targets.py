@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from scipy.stats import pearsonr
+from scipy.stats import pearsonr, spearmanr
 
 from genepert_scale.cli.commands import main
 from genepert_scale.io.encodings import PSEUDOBULK
 from genepert_scale.pp.aggregate import write_pseudobulk
-from genepert_scale.pp.de import top_de_genes
+from genepert_scale.pp.de import fdr_de_genes, top_de_genes
 from genepert_scale.tl.evaluate import evaluate, target_genes
 from genepert_scale.tl.metrics import (
     METRICS,
@@ -28,9 +28,10 @@ from genepert_scale.tl.metrics import (
 N_GENES = 30
 
 
-def direct_metrics(pred, true, keep, centroid, ttest=None, k=20, ttest_k=None):
+def direct_metrics(pred, true, keep, centroid, ttest=None, k=20, ttest_k=None, fdr=None):
     """Every per-row metric from its definition, on the genes ``keep`` marks
-    (t-test DE genes: the first ``ttest_k`` kept ones of ``ttest``)."""
+    (t-test DE genes: the first ``ttest_k`` kept ones of ``ttest``; DE genes
+    at the FDR: the kept ones ``fdr`` marks)."""
     rows = []
     for i in range(len(pred)):
         g = np.flatnonzero(keep[i])
@@ -49,6 +50,12 @@ def direct_metrics(pred, true, keep, centroid, ttest=None, k=20, ttest_k=None):
             t = [j for j in ttest[i] if j >= 0 and keep[i, j]][:ttest_k]
             row["pearson_delta_de20_ttest"] = pearsonr(pred[i, t], true[i, t])[0]
             row["mse_de20"] = np.mean((pred[i, t] - true[i, t]) ** 2)
+        if fdr is not None:
+            f = np.flatnonzero(fdr[i, g])  # positions among the kept genes
+            top = np.argsort(-np.abs(p), kind="stable")[: len(f)]
+            row["n_de_fdr"] = len(f)
+            row["overlap_de_fdr"] = len(set(top) & set(f)) / len(f)
+            row["spearman_delta_de_fdr"] = spearmanr(p[f], y[f])[0]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -72,8 +79,10 @@ def test_metrics_leave_out_the_excluded_genes(rows):
     centroid = rng.normal(scale=0.3, size=true.shape)
     ttest = np.argsort(-np.abs(true + rng.normal(scale=0.5, size=true.shape)), axis=1)[:, :24]
     ttest[0, -3:] = -1  # a row ranked fewer genes
-    ours = perturbation_metrics(pred, true, centroid=centroid, ttest_genes=ttest, exclude=exclude)
-    direct = direct_metrics(pred, true, ~exclude, centroid, ttest)
+    fdr = np.abs(true) > 1.0  # the knock-downs among them
+    ours = perturbation_metrics(pred, true, centroid=centroid, ttest_genes=ttest, fdr_genes=fdr,
+                                exclude=exclude)
+    direct = direct_metrics(pred, true, ~exclude, centroid, ttest, fdr=fdr).drop(columns="n_de_fdr")
     for metric, values in direct.items():
         np.testing.assert_allclose(ours[metric], values, rtol=1e-12, atol=1e-12, err_msg=metric)
     top = top_delta_genes(true, exclude=exclude)
@@ -143,12 +152,14 @@ def test_evaluate_excludes_targets(knockdown):
     assert keep.sum() == len(names) * (N_GENES - 1)
     true = ds["delta"].sel(perturbation=names).values  # float64, as evaluate scores it
     full = top_de_genes(ds, N_GENES).sel(perturbation=names).values  # every gene, ranked
+    fdr = fdr_de_genes(ds).sel(perturbation=names).values
+    assert fdr[np.arange(len(names)), np.arange(len(names))].all()  # each knock-down is DE
     per = result.per_perturbation.set_index(["model", "perturbation"])
     fold = preds.fold.values
     centroid = np.vstack([true[fold != f].mean(axis=0) for f in fold])  # the training folds'
     for model in ("genepert_ridge", "mean_baseline"):
         pred = preds["prediction"].sel(model=model).values.astype(np.float64)
-        direct = direct_metrics(pred, true, keep, centroid, full, ttest_k=20)
+        direct = direct_metrics(pred, true, keep, centroid, full, ttest_k=20, fdr=fdr)
         ours = per.loc[model].loc[names]
         for metric in direct:
             if model == "mean_baseline" and "centroid" in metric:
@@ -161,6 +172,8 @@ def test_evaluate_excludes_targets(knockdown):
     ridge, ridge_plain = per.loc["genepert_ridge"], plain.loc["genepert_ridge"]
     changed = ~np.isclose(ridge_plain.loc[names, "pearson_delta"], ridge.loc[names, "pearson_delta"])
     assert changed.all()  # every perturbation targets a measured gene
+    np.testing.assert_array_equal(ridge_plain.loc[names, "n_de_fdr"], fdr.sum(axis=1))
+    np.testing.assert_array_equal(ridge.loc[names, "n_de_fdr"], fdr.sum(axis=1) - 1)
     np.testing.assert_array_equal(ridge_plain["discrimination_score"], ridge["discrimination_score"])
     assert set(METRICS) <= set(per.columns)
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
-from scipy.stats import pearsonr
+from scipy.stats import pearsonr, spearmanr
 
 from genepert_scale.tl.evaluate import nearest_distance, novelty_table, target_genes
 from genepert_scale.tl.metrics import (
+    METRICS,
+    VCC_SCORE,
     centroid_accuracy,
+    de_overlap,
     discrimination_score,
     perturbation_metrics,
     top_delta_genes,
@@ -102,3 +105,44 @@ def test_novelty_table():
     assert list(table.columns) == ["bin", "novelty_low", "novelty_high", "n", "m1", "m2"]
     assert table["n"].tolist() == [2, 2, 2, 2]
     assert table["m1"].tolist() == [0.5, 2.5, 4.5, 6.5] and (table["m2"] == 1.0).all()
+
+
+def direct_de_fdr(pred, true, fdr_genes, exclude):
+    """overlap_de_fdr and spearman_delta_de_fdr of every row from their
+    definitions: the true DE genes F not excluded, the |F| genes not excluded
+    of largest predicted |delta| (ties: lower index first)."""
+    overlap, spearman = [], []
+    for i in range(len(pred)):
+        kept = [j for j in range(pred.shape[1]) if not exclude[i, j]]
+        f = [j for j in kept if fdr_genes[i, j]]
+        top = sorted(kept, key=lambda j: (-abs(pred[i, j]), j))[: len(f)]
+        overlap.append(len(set(top) & set(f)) / len(f) if f else np.nan)
+        spearman.append(spearmanr(pred[i, f], true[i, f])[0] if len(f) >= 2 else np.nan)
+    return np.array(overlap), np.array(spearman)
+
+
+def test_de_fdr_metrics(rows):
+    pred, true = rows
+    rng = np.random.default_rng(6)
+    fdr_genes = np.abs(true) > 1.0
+    fdr_genes[0] = False  # no true DE gene
+    fdr_genes[1] = False
+    fdr_genes[1, 3] = True  # one: an overlap, no Spearman
+    pred[2, :10] = np.round(pred[2, :10])  # ties in |pred| and in ranks
+    exclude = np.zeros_like(fdr_genes)
+    exclude[np.arange(9), rng.integers(0, 40, 9)] = True
+    exclude[4, np.flatnonzero(fdr_genes[4])[:2]] = True  # targets among the true DE genes
+    for mask in (None, exclude):
+        m = perturbation_metrics(pred, true, fdr_genes=fdr_genes, exclude=mask)
+        overlap, spearman = direct_de_fdr(pred, true, fdr_genes, np.zeros_like(fdr_genes) if mask is None else mask)
+        np.testing.assert_allclose(m["overlap_de_fdr"], overlap, rtol=1e-12)
+        np.testing.assert_allclose(m["spearman_delta_de_fdr"], spearman, rtol=1e-12)
+        assert np.isnan(m["overlap_de_fdr"][0]) and np.isfinite(m["overlap_de_fdr"][1])
+    perfect = de_overlap(np.where(fdr_genes, 5.0, 0.1) * np.sign(true), fdr_genes)
+    assert (perfect[2:] == 1.0).all()  # the largest predicted changes are the DE genes
+    assert np.isnan(perturbation_metrics(pred, true)["overlap_de_fdr"]).all()  # no DE genes given
+
+
+def test_vcc_score_metrics_are_metrics():
+    assert VCC_SCORE == ("overlap_de_fdr", "discrimination_score", "mae_delta")
+    assert set(VCC_SCORE) <= set(METRICS)

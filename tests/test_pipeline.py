@@ -4,11 +4,15 @@ pseudo-bulk stage."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from cloud_helpers import (
     assert_same_pseudobulk,
@@ -30,6 +34,7 @@ from genepert_scale.cli.pipeline import (
     select,
 )
 from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk
+from genepert_scale.tl.evaluate import target_genes
 
 
 class Recorder:
@@ -183,3 +188,35 @@ def test_run_killed_during_pseudobulk_resumes(tmp_path, capsys):
     assert "pseudobulk   skipped" in _run(config, capsys)
     expected = pseudobulk(screen, n_top_genes=100, block_rows=100, group_variance=True, progress=False, as_xarray=True)
     assert_same_pseudobulk(open_pseudobulk(str(out / "pseudobulk.zarr")), expected)
+
+
+def test_run_exclude_targets_reaches_the_evaluate_stage_only(tmp_path, capsys):
+    """``[evaluate] exclude_targets``: the evaluation leaves each perturbation's
+    measured target genes out of its metrics; changing it redoes the evaluate
+    stage and neither the pseudo-bulk nor the fit."""
+    screen = make_screen(tmp_path / "data")
+    embedding = screen.replace("screen.zarr", "screen_embedding.pkl")
+    out = tmp_path / "out"
+
+    def run(exclude: bool) -> tuple[str, pd.DataFrame, dict]:
+        extra = (f'[embeddings]\npaths = ["{embedding}"]\n\n[evaluate]\nfolds = 3\nalphas = [1.0]\n'
+                 f"exclude_targets = {str(exclude).lower()}\n")
+        config = write_config(tmp_path / "run.toml", screen=screen, out=str(out), extra=extra)
+        assert main(["run", str(config), "--until", "fit", "--no-progress"]) == 0
+        report = out / "evaluate"
+        return (capsys.readouterr().out, pd.read_csv(report / "per_perturbation.csv"),
+                json.loads((report / "metrics.json").read_text()))
+
+    printed, excluded, doc = run(True)
+    assert re.search(r"evaluate\s+ran", printed) and doc["parameters"]["exclude_targets"] is True
+    printed, plain, doc = run(False)
+    assert doc["parameters"]["exclude_targets"] is False
+    assert re.search(r"evaluate\s+ran", printed)
+    assert re.search(r"pseudobulk\s+skipped", printed) and re.search(r"fit\s+skipped", printed)
+    excluded, plain = (t.query("model == 'genepert_ridge'").set_index("perturbation") for t in (excluded, plain))
+    names = list(plain.index)
+    genes = [str(g) for g in open_pseudobulk(str(out / "pseudobulk.zarr"))["gene"].values]
+    measured = target_genes(names, genes).any(axis=1)
+    assert 0 < measured.sum() < len(names)
+    same = np.isclose(excluded.loc[names, "pearson_delta"], plain.loc[names, "pearson_delta"])
+    np.testing.assert_array_equal(same, ~measured)

@@ -68,7 +68,8 @@ def test_tiny_blocks_give_the_one_block_evaluation(screen, embedding):
     assert expected <= set(one.models) and one.models == tiny.models
     pd.testing.assert_frame_equal(tiny.per_perturbation, one.per_perturbation, rtol=1e-10, atol=1e-10)
     assert one.per_perturbation["discrimination_score"].notna().any()
-    assert one.per_perturbation["pearson_delta_de20_ttest"].notna().any()
+    for column in ("pearson_delta_de20_ttest", "overlap_de_fdr", "n_de_fdr"):
+        assert one.per_perturbation[column].notna().any(), column
     np.testing.assert_allclose(tiny.predictions["prediction"].values, one.predictions["prediction"].values,
                                rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(tiny.predictions["delta"].values, one.predictions["delta"].values)

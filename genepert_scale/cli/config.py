@@ -67,13 +67,16 @@ class EmbeddingsConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """``[evaluate]``: cross-validation, the ridge penalty grid and what alpha
-    is chosen by (``select_by``: ``pearson_delta`` or ``mse``)."""
+    """``[evaluate]``: cross-validation, the ridge penalty grid, what alpha
+    is chosen by (``select_by``: ``pearson_delta`` or ``mse``) and whether a
+    perturbation's own target genes are left out of its metrics
+    (``exclude_targets``, the evaluation stage only)."""
 
     folds: int = _key(5, int)
     seed: int = _key(0, int)
     alphas: tuple[float, ...] = _key(DEFAULT_ALPHAS, list)
     select_by: str = _key(DEFAULT_SELECT_BY, str, SELECT_BY)
+    exclude_targets: bool = _key(False, bool)
 
 
 @dataclass(frozen=True)

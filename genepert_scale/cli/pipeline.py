@@ -323,9 +323,17 @@ def _run_pseudobulk(run: StageRun) -> None:
     write_pseudobulk(ds, run.output, overwrite=True, storage_options=config.output.storage_options)
 
 
-def _model_params(config: RunConfig) -> dict[str, Any]:
+def _evaluate_params(config: RunConfig) -> dict[str, Any]:
+    """The parameters of the evaluate stage: ``[evaluate]`` and how embeddings are looked up."""
     emb = config.embeddings
     return {**asdict(config.evaluate), "missing": emb.missing, "gene_map": emb.gene_map}
+
+
+def _fit_params(config: RunConfig) -> dict[str, Any]:
+    """The parameters of the fit stage: the evaluate stage's but those that only score."""
+    params = _evaluate_params(config)
+    del params["exclude_targets"]
+    return params
 
 
 def _model_inputs(run: StageRun) -> tuple[Any, Any, dict[str, Any]]:
@@ -354,7 +362,8 @@ def _run_evaluate(run: StageRun) -> None:
     pseudobulk, table, options = _model_inputs(run)
     limit = run.config.cluster.memory_limit
     result = evaluate(pseudobulk, table, memory_limit=None if limit == "auto" else limit,
-                      scratch=local_parent(run.output), **options)
+                      scratch=local_parent(run.output), exclude_targets=run.config.evaluate.exclude_targets,
+                      **options)
     write_report(result, run.output, overwrite=True,
                  storage_options=run.config.output.storage_options)
 
@@ -395,8 +404,8 @@ def default_until(config: RunConfig) -> str:
 #: The stages of ``genepert-scale run``, in order.
 STAGES: tuple[Stage, ...] = (
     Stage("pseudobulk", "pseudobulk.zarr", ("screen",), _pseudobulk_fingerprint, _run_pseudobulk),
-    Stage("evaluate", "evaluate", ("pseudobulk", "embeddings"), _model_params, _run_evaluate),
-    Stage("fit", "model.zarr", ("pseudobulk", "embeddings"), _model_params, _run_fit),
+    Stage("evaluate", "evaluate", ("pseudobulk", "embeddings"), _evaluate_params, _run_evaluate),
+    Stage("fit", "model.zarr", ("pseudobulk", "embeddings"), _fit_params, _run_fit),
     Stage("predict", "predictions.zarr", ("fit", "embeddings"),
           lambda config: {"perturbations": list(config.predict.perturbations),
                           "missing": config.embeddings.missing}, _run_predict),

@@ -13,7 +13,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..tl.metrics import METRICS
+from ..pp.de import DE_FDR
+from ..tl.metrics import METRICS, VCC_SCORE
 
 #: Headline metrics of the subgroup table.
 SUBGROUP_METRIC = "pearson_delta"
@@ -38,6 +39,9 @@ _CAPTIONS = {
 }
 #: Metrics shown with a bootstrap interval and a paired test in the model table.
 UNCERTAIN = ("pearson_delta", "rmse_delta")
+#: The model table's metrics: those of the Virtual Cell Challenge's score in
+#: its order, then the others.
+TABLE_METRICS = VCC_SCORE + tuple(m for m in METRICS if m not in VCC_SCORE)
 
 
 def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
@@ -54,7 +58,11 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
         "perturbations (one test set: the mean only). <em>mean [95% CI]</em>: the mean over held-out "
         "perturbations and its seeded percentile-bootstrap interval; <em>p vs ridge</em>: two-sided Wilcoxon "
         "signed-rank test of the ridge against the model over the perturbations both score "
-        "(n pairs; the sign is that of the ridge's mean advantage, + where the ridge is better).</p>",
+        "(n pairs; the sign is that of the ridge's mean advantage, + where the ridge is better). "
+        "First the metrics of the Virtual Cell Challenge's score: <code>overlap_de_fdr</code> (the "
+        "differential expression score: the share of a perturbation's DE genes, Welch t-test at "
+        f"FDR &lt; {DE_FDR:g}, among its as many largest predicted changes), <code>discrimination_score</code>, "
+        "<code>mae_delta</code>.</p>",
         model_table(document["models"]),
         "<h2>Alpha</h2>",
         alpha_section(document["models"]),
@@ -83,12 +91,13 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
 
 
 def model_table(models: Mapping[str, Mapping[str, Any]]) -> str:
-    """Models × metrics: ``fold_mean ± fold_std``; for :data:`UNCERTAIN`
-    metrics also the bootstrap interval and the paired test against the ridge."""
+    """Models × metrics (:data:`TABLE_METRICS`): ``fold_mean ± fold_std``; for
+    :data:`UNCERTAIN` metrics also the bootstrap interval and the paired test
+    against the ridge."""
     rows = []
     for model, metrics in models.items():
         row = {"model": model}
-        for metric in METRICS:
+        for metric in TABLE_METRICS:
             if metric in metrics:
                 row[metric] = mean_std(metrics[metric].get("fold_mean"), metrics[metric].get("fold_std"))
             if metric in UNCERTAIN and metric in metrics:

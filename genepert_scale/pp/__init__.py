@@ -7,4 +7,5 @@ from .._lazy import attach
 __getattr__, __dir__, __all__ = attach(__name__, {
     "pseudobulk": (".aggregate", "pseudobulk"),
     "top_de_genes": (".de", "top_de_genes"),
+    "fdr_de_genes": (".de", "fdr_de_genes"),
 })

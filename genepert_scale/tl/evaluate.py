@@ -68,7 +68,7 @@ from .blocks import BLOCK_SIZE, block_items, position_blocks, read_columns, read
 from .data_embedding import PCA_BASELINE_K, PCA_PREFIX, EmbeddingPlan, fold_gene_grams, with_table
 from ..io.integrity import complete_chunks
 from ..io.store import create_dataset, open_dataset
-from ..pp.de import top_de_genes
+from ..pp.de import fdr_de_genes, top_de_genes
 from .embeddings import FeatureRows, Features, MissingPolicy, perturbation_genes
 from ..errors import ParameterError
 from .metrics import (
@@ -78,6 +78,7 @@ from .metrics import (
     centroid_accuracy,
     discrimination_score,
     distances,
+    kept_de_genes,
     perturbation_metrics,
     ranks,
     without_genes,
@@ -328,7 +329,8 @@ def evaluate(
                             data.genes, fold[tested], rows, data.control_mean, data.run)
     targets = TargetGenes(names[tested], genes, exclude_targets)
     tables, fell_back = score_blocks(scoring, np.flatnonzero(tested), store,
-                                     ttest_de_genes(ds, names[tested], targets.left_out()), rows, targets)
+                                     ttest_de_genes(ds, names[tested], targets.left_out()), rows, targets,
+                                     fdr_genes=fdr_de_mask(ds))
     predictions = store.open()
     reason = set_metrics_fit(int(tested.sum()), len(genes))
     if reason is None:
@@ -619,10 +621,12 @@ def score_blocks(
     ttest_genes: np.ndarray | None,
     rows: int,
     targets: TargetGenes,
+    fdr_genes: xr.DataArray | None = None,
 ) -> tuple[dict[str, list[pd.DataFrame]], np.ndarray]:
     """Predict and score the held-out perturbations (positions ``tested``) a
     block of ``rows`` at a time, writing the predictions into ``store``;
-    ``targets`` tells the genes left out of each row's metrics.
+    ``targets`` tells the genes left out of each row's metrics, ``fdr_genes``
+    (:func:`fdr_de_mask`, read a block at a time) their DE genes at the FDR.
 
     Returns
     -------
@@ -644,10 +648,11 @@ def score_blocks(
         centroid = scoring.per_row(fold, lambda fm: fm.centroid)
         store.write_delta(first, true)
         left_out = targets.left_out(slice(first, first + len(block)))
+        fdr = None if fdr_genes is None else fdr_genes.sel(perturbation=list(scoring.names[block])).values
         for index, (model, prediction) in enumerate(scoring.predictions(block, fold, gathered)):
             stored = store.write_prediction(index, first, prediction)
             tables[model].append(row_metrics(
-                stored, true, centroid=centroid, exclude=left_out,
+                stored, true, centroid=centroid, exclude=left_out, fdr_genes=fdr,
                 ttest_genes=None if ttest_genes is None else ttest_genes[first : first + len(block)]))
         log.info("scored %d of %d held-out perturbations", first + len(block), len(tested))
     return tables, fell_back
@@ -702,17 +707,21 @@ def row_metrics(
     centroid: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
     ttest_genes: np.ndarray | None = None,
+    fdr_genes: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The per-perturbation metrics (:data:`.metrics.ROW_METRICS`) of one
-    model's prediction rows; a row with a NaN is one the model does not
-    score: every metric of it is NaN. ``centroid``, ``exclude`` (genes left
-    out of every metric of a row) and ``ttest_genes`` (top DE gene indices
-    per row) are passed to :func:`.metrics.perturbation_metrics`."""
+    """``n_de_fdr`` (each perturbation's true DE genes at the FDR, but those
+    of ``exclude``; NaN without ``fdr_genes``) and the per-perturbation
+    metrics (:data:`.metrics.ROW_METRICS`) of one model's prediction rows; a
+    row with a NaN is one the model does not score: every metric of it is
+    NaN. ``centroid``, ``exclude`` (genes left out of every metric of a
+    row), ``ttest_genes`` (top DE gene indices per row) and ``fdr_genes`` (DE
+    gene mask per row) are passed to :func:`.metrics.perturbation_metrics`."""
     scored = np.isfinite(prediction).all(axis=1)
     pred = np.where(scored[:, None], prediction.astype(np.float64), 0.0)
-    table = pd.DataFrame(perturbation_metrics(pred, true, ttest_genes=ttest_genes, centroid=centroid,
-                                              exclude=exclude))
+    table = pd.DataFrame(perturbation_metrics(pred, true, ttest_genes=ttest_genes, fdr_genes=fdr_genes,
+                                              centroid=centroid, exclude=exclude))
     table.loc[~scored] = np.nan
+    table.insert(0, "n_de_fdr", np.nan if fdr_genes is None else kept_de_genes(fdr_genes, exclude).sum(axis=1))
     return table
 
 
@@ -783,8 +792,8 @@ def model_table(
     fold: np.ndarray,
 ) -> pd.DataFrame:
     """One model's rows of the per-perturbation table: ``perturbation``,
-    ``fold``, ``model`` and every metric (:data:`.metrics.METRICS`; the
-    set-level ones NaN when not computed)."""
+    ``fold``, ``model``, ``n_de_fdr`` and every metric
+    (:data:`.metrics.METRICS`; the set-level ones NaN when not computed)."""
     table = pd.concat(blocks, ignore_index=True)
     for metric in SET_METRICS:
         table[metric] = np.nan if set_values is None else set_values[metric].to_numpy()
@@ -944,13 +953,29 @@ def ttest_de_genes(ds: xr.Dataset, perturbations: np.ndarray,
     control (GEARS' definition), when the pseudo-bulk has group variances
     (``pseudobulk --group-variance``); else ``None``. With ``exclude``
     (perturbations × genes), the top 20 among the genes it does not mark."""
-    if "var" not in ds:
-        log.info("pseudo-bulk has no group variances: t-test DE metrics are left empty "
-                 "(rerun pseudobulk with --group-variance)")
+    if not _has_variances(ds, "pearson_delta_de20_ttest, mse_de20"):
         return None
     extra = 0 if exclude is None else int(exclude.sum(axis=1).max(initial=0))
     ranked = top_de_genes(ds, DE_TOP + extra).sel(perturbation=list(perturbations)).values
     return without_genes(ranked, exclude, DE_TOP)
+
+
+def fdr_de_mask(ds: xr.Dataset) -> xr.DataArray | None:
+    """Each perturbation's DE genes at FDR < :data:`.de.DE_FDR` by the Welch
+    t-test against the control (:func:`.de.fdr_de_genes`, lazy on a lazy
+    pseudo-bulk), when it has group variances; else ``None``."""
+    if not _has_variances(ds, "overlap_de_fdr, spearman_delta_de_fdr, n_de_fdr"):
+        return None
+    return fdr_de_genes(ds)
+
+
+def _has_variances(ds: xr.Dataset, metrics: str) -> bool:
+    """Whether ``ds`` has group variances; if not, log that ``metrics`` stay empty."""
+    if "var" in ds:
+        return True
+    log.info("pseudo-bulk has no group variances: %s are left empty "
+             "(rerun pseudobulk with --group-variance)", metrics)
+    return False
 
 
 def target_genes(perturbations: Sequence[str], genes: Sequence[str]) -> np.ndarray:

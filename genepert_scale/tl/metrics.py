@@ -5,7 +5,9 @@ Two kinds:
 * **per perturbation** (:func:`perturbation_metrics`): a prediction row against
   its true row only — Pearson of delta (all genes and the top DE genes, as in
   GEARS), RMSE, MAE, Systema's Pearson delta against the perturbed centroid,
-  and the direction (sign) accuracy on the top DE genes;
+  the direction (sign) accuracy on the top DE genes, and on the DE genes at
+  an FDR (cell-eval's, the Virtual Cell Challenge's) the overlap of the
+  predicted DE genes (:func:`de_overlap`) and the Spearman of delta;
 * **set-level** (:func:`discrimination_score`, :func:`centroid_accuracy`): a
   prediction against the true effects of *every* evaluated perturbation, so a
   model that predicts the same average effect for everything scores at chance.
@@ -27,6 +29,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from scipy.stats import rankdata
 
 from ..pp.de import NO_GENE, mse_de, pearson_delta_de
 
@@ -35,12 +38,15 @@ DE_TOP = 20
 #: Per-perturbation metrics, in report order.
 ROW_METRICS = (
     "pearson_delta", "pearson_delta_de20", "rmse_delta", "mae_delta",
-    "pearson_delta_de20_ttest", "mse_de20",
+    "pearson_delta_de20_ttest", "mse_de20", "overlap_de_fdr", "spearman_delta_de_fdr",
     "pearson_delta_centroid", "pearson_delta_centroid_de20", "direction_de20",
 )
 #: Set-level metrics (against every evaluated perturbation).
 SET_METRICS = ("discrimination_score", "centroid_accuracy")
 METRICS = ROW_METRICS + SET_METRICS
+#: The metrics of the Virtual Cell Challenge's score, in its order: differential
+#: expression, perturbation discrimination, mean absolute error.
+VCC_SCORE = ("overlap_de_fdr", "discrimination_score", "mae_delta")
 #: Relative spread below which a row counts as constant (float32 eps ≈ 1.2e-7).
 _FLOAT32_NOISE = 1e-5
 #: Elements of the largest temporary array of the blocked distance loops.
@@ -100,12 +106,72 @@ def _on_genes(values: np.ndarray, genes: np.ndarray) -> np.ndarray:
     return np.take_along_axis(values, np.maximum(genes, 0), axis=1)
 
 
+def kept_de_genes(fdr_genes: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    """The true DE genes of every row (a boolean mask, perturbations × genes,
+    as :func:`.de.fdr_de_genes`) without the genes ``exclude`` marks."""
+    fdr_genes = np.asarray(fdr_genes, dtype=bool)
+    return fdr_genes if exclude is None else fdr_genes & ~np.asarray(exclude, dtype=bool)
+
+
+def de_overlap(pred: np.ndarray, de: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Overlap of every row's predicted and true DE genes (the Virtual Cell
+    Challenge's differential expression score, from pseudo-bulk deltas).
+
+    Parameters
+    ----------
+    pred
+        Predicted deltas, perturbations × genes.
+    de
+        Boolean mask (perturbations × genes) of the true DE genes, with no
+        gene that ``exclude`` marks (:func:`kept_de_genes`).
+    exclude
+        Boolean mask of genes that cannot be predicted DE genes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``|P ∩ D| / |D|`` per row; NaN where the row has no true DE gene.
+
+    Notes
+    -----
+    ``D`` are the row's true DE genes (the Welch t-test against the control
+    at an FDR), ``P`` the ``|D|`` genes not excluded with the largest
+    predicted ``|delta|`` (ties: lower gene index first). cell-eval's
+    ``overlap_at_N`` at ``N = |D|`` ranks its predicted DE genes by fold
+    change among those significant in a DE test of predicted cells; a
+    pseudo-bulk prediction has no cells to test, so its largest changes are
+    its DE genes, as many as the truth has (precision and overlap are then
+    the same).
+    """
+    de = np.asarray(de, dtype=bool)
+    score = np.abs(pred) if exclude is None else np.where(exclude, -np.inf, np.abs(pred))
+    order = np.argsort(-score, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(de.shape[1]), de.shape), axis=1)
+    n = de.sum(axis=1)
+    hits = np.sum((rank < n[:, None]) & de, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, hits / n, np.nan)
+
+
+def spearman_rows(pred: np.ndarray, true: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row pair over the genes ``keep`` marks
+    (rows × genes): :func:`pearson_rows` of their ranks there (ties: mean
+    rank); NaN with fewer than two genes or a constant row (cell-eval's
+    ``de_spearman_lfc_sig`` on the true DE genes)."""
+    keep = np.asarray(keep, dtype=bool)
+    ranks = [np.nan_to_num(rankdata(np.where(keep, values, np.nan), axis=1, nan_policy="omit"))
+             for values in (pred, true)]
+    return pearson_rows(*ranks, keep)
+
+
 def perturbation_metrics(
     pred: np.ndarray,
     true: np.ndarray,
     *,
     de_genes: np.ndarray | None = None,
     ttest_genes: np.ndarray | None = None,
+    fdr_genes: np.ndarray | None = None,
     centroid: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
@@ -122,6 +188,10 @@ def perturbation_metrics(
         The top DE genes of every row by the Welch t-test against the control
         (:func:`.de.top_de_genes`, GEARS' definition; ``-1`` pads rows with
         fewer). Without them ``pearson_delta_de20_ttest`` and ``mse_de20`` are NaN.
+    fdr_genes
+        Boolean mask (perturbations × genes) of every row's true DE genes:
+        the Welch t-test against the control at an FDR
+        (:func:`.de.fdr_de_genes`). Without it the ``_de_fdr`` metrics are NaN.
     centroid
         Delta of the perturbed centroid (the mean of the training
         perturbations' means, minus the control), per row (perturbations ×
@@ -129,9 +199,9 @@ def perturbation_metrics(
     exclude
         Boolean mask (perturbations × genes) of genes left out of each row's
         metrics (its target genes, say): every metric is computed on the
-        row's other genes, the DE genes of ``de_genes`` and ``ttest_genes``
-        lose the excluded ones, and the default DE genes are chosen among
-        the others.
+        row's other genes, the DE genes of ``de_genes``, ``ttest_genes`` and
+        ``fdr_genes`` lose the excluded ones, and the default and predicted
+        DE genes are chosen among the others.
 
     Returns
     -------
@@ -141,13 +211,16 @@ def perturbation_metrics(
     Notes
     -----
     With ``D`` the DE genes of a row (largest true ``|delta|`` by default),
-``T`` its Welch t-test DE genes and ``c`` its centroid delta::
+    ``T`` its Welch t-test DE genes, ``F`` its DE genes at the FDR, ``P`` the
+    ``|F|`` genes of largest predicted ``|delta|`` and ``c`` its centroid delta::
 
         pearson_delta               = r(pred, true)
         pearson_delta_de20          = r(pred[D], true[D])
         rmse_delta, mae_delta       = sqrt(mean((pred-true)²)), mean(|pred-true|)
         pearson_delta_de20_ttest    = r(pred[T], true[T])                 (GEARS)
         mse_de20                    = mean((pred[T]-true[T])²)            (GEARS)
+        overlap_de_fdr              = |P ∩ F| / |F|                 (cell-eval, VCC)
+        spearman_delta_de_fdr       = spearman(pred[F], true[F])         (cell-eval)
         pearson_delta_centroid      = r(pred - c, true - c)
         pearson_delta_centroid_de20 = r(pred[D] - c[D], true[D] - c[D])
         direction_de20              = mean(sign(pred[D]) == sign(true[D]))
@@ -177,6 +250,8 @@ def perturbation_metrics(
         "mae_delta": _row_mean(np.abs(error), keep),
         "pearson_delta_de20_ttest": np.full(len(pred), np.nan),
         "mse_de20": np.full(len(pred), np.nan),
+        "overlap_de_fdr": np.full(len(pred), np.nan),
+        "spearman_delta_de_fdr": np.full(len(pred), np.nan),
         "pearson_delta_centroid": np.full(len(pred), np.nan),
         "pearson_delta_centroid_de20": np.full(len(pred), np.nan),
         "direction_de20": _row_mean(np.sign(pred_de) == np.sign(true_de), de_keep),
@@ -185,6 +260,10 @@ def perturbation_metrics(
         ttest = without_genes(ttest_genes, exclude)
         out["pearson_delta_de20_ttest"] = pearson_delta_de(pred, true, ttest)
         out["mse_de20"] = mse_de(pred, true, ttest)
+    if fdr_genes is not None:
+        fdr_de = kept_de_genes(fdr_genes, exclude)
+        out["overlap_de_fdr"] = de_overlap(pred, fdr_de, exclude)
+        out["spearman_delta_de_fdr"] = spearman_rows(pred, true, fdr_de)
     if centroid is not None:
         c = np.broadcast_to(np.asarray(centroid, dtype=np.float64), true.shape)
         c_de = _on_genes(c, de)
