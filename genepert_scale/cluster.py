@@ -185,14 +185,19 @@ class Room:
         Threads that compute tasks there.
     bytes
         Bytes its accumulators may take together: :data:`ACCUMULATOR_MEMORY_SHARE`
-        of its memory limit.
+        of its memory limit, and no more than the limit leaves beside what the
+        process holds already and its threads' blocks in flight.
+    held
+        Those bytes held outside the accumulators (the process, its blocks).
     """
 
     threads: int
     bytes: int
+    held: int = 0
 
 
-def accumulator_rooms(memory_limit: int | None = None) -> list[Room]:
+def accumulator_rooms(memory_limit: int | None = None, *, block_bytes: int = 0,
+                      held: int | None = None) -> list[Room]:
     """What each worker of the cluster (or this machine) can hold in running
     accumulators (see :func:`.pp.budget.plan_pass`).
 
@@ -202,11 +207,18 @@ def accumulator_rooms(memory_limit: int | None = None) -> list[Room]:
         Bytes the run may use (default: this machine's memory, or its
         container's limit where lower). On a distributed cluster it is
         shared evenly by the workers, each also within its own limit.
+    block_bytes
+        Bytes of one block in flight (read and folded); every thread holds one.
+    held
+        Bytes a process holds before the pass (default: measured — this
+        process's resident memory, or each worker's as the scheduler last saw it).
     """
     client = _current_client()
     if client is None:
         memory = memory_limit or _local_memory()
-        return [Room(cluster_threads(), int(memory * ACCUMULATOR_MEMORY_SHARE))]
+        threads = cluster_threads()
+        return [_room(threads, memory, (process_memory() if held is None else held)
+                      + threads * block_bytes)]
     try:
         workers = list(client.scheduler_info()["workers"].values())
     except Exception:  # noqa: BLE001 - a scheduler without workers yet
@@ -216,8 +228,28 @@ def accumulator_rooms(memory_limit: int | None = None) -> list[Room]:
     for worker in workers:
         limits = [limit for limit in (worker.get("memory_limit"), share) if limit]
         memory = min(limits) if limits else _local_memory()
-        rooms.append(Room(worker["nthreads"], int(memory * ACCUMULATOR_MEMORY_SHARE)))
-    return rooms or [Room(1, int((memory_limit or _local_memory()) * ACCUMULATOR_MEMORY_SHARE))]
+        process = process_memory(worker) if held is None else held
+        rooms.append(_room(worker["nthreads"], memory, process + worker["nthreads"] * block_bytes))
+    return rooms or [_room(1, memory_limit or _local_memory(), held or 0)]
+
+
+def _room(threads: int, memory: int, held: int) -> Room:
+    """A :class:`Room` of ``threads`` within ``memory``, of which ``held`` is taken."""
+    return Room(threads, max(0, min(int(memory * ACCUMULATOR_MEMORY_SHARE), memory - held)), held)
+
+
+def process_memory(worker: dict[str, Any] | None = None) -> int:
+    """Resident memory in bytes of this process, or of a ``worker`` (its
+    entry of the scheduler's ``scheduler_info()``) as the scheduler last saw
+    it; 0 where it cannot be read."""
+    if worker is not None:
+        return int(worker.get("metrics", {}).get("memory", 0))
+    try:
+        import psutil  # a dependency of distributed
+
+        return int(psutil.Process().memory_info().rss)
+    except (ImportError, OSError):
+        return 0
 
 
 #: Where a container's memory limit is read (cgroup v2, then v1), as

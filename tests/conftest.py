@@ -63,3 +63,15 @@ def scanpy_pseudobulk(
         columns=adata.var_names[keep],
     )
     return hvg, means
+
+
+@pytest.fixture
+def pass_memory_only(monkeypatch):
+    """Memory limits of a few kB drive the budgeted plans on small screens:
+    what the process (or a worker) holds already, and its blocks in flight,
+    are not counted against them."""
+    from genepert_scale import cluster
+    from genepert_scale.io.screen import Screen
+
+    monkeypatch.setattr(cluster, "process_memory", lambda worker=None: 0)
+    monkeypatch.setattr(Screen, "block_bytes", lambda self: 0)

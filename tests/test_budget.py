@@ -29,17 +29,47 @@ def test_raw_size_screens_select_genes_first():
 
 
 def test_groups_beyond_the_budget_are_cut_into_slabs():
-    # 100,000 groups x 5,000 genes is 4 GB; 2 GiB of accumulators on 2 threads: 1 GiB each
+    # 100,000 groups x 5,000 genes is 4 GB of sums, 8 GB from sums to outputs; 2 GiB of
+    # accumulators on 2 threads: a third each (two slabs in flight, and the first one)
     plan = plan_pass(100_001, 33_000, 5000, False, [Room(2, 2 * GiB)])
     sizes = [stop - first for first, stop in plan.slabs]
-    assert plan.chains == 2 and len(sizes) == 4 and sum(sizes) == 100_001
-    assert max(sizes) * 5000 * 8 <= GiB  # each thread's slab within its share
+    assert plan.chains == 2 and len(sizes) == 12 and sum(sizes) == 100_001
+    assert 3 * budget.slab_bytes(max(sizes), 5000, False) <= 2 * GiB
     assert plan.slabs[0][0] == 0 and all(a[1] == b[0] for a, b in zip(plan.slabs, plan.slabs[1:]))
 
 
+def test_a_slab_holds_its_sums_then_its_outputs():
+    # int64 sums (and sums of squares), then float64 means (and mean squares) in
+    # their place, and delta (and variances) beside them
+    assert budget.slab_bytes(10, 100, False) == 10 * 100 * 8 * 2
+    assert budget.slab_bytes(10, 100, True) == 10 * 100 * 8 * 4
+
+
 def test_a_budget_below_one_group_is_a_clear_error():
-    with pytest.raises(ParameterError, match=r"raise --memory-limit \(to at least 156.25 kiB"):
+    # three slabs of one group over 5,000 genes (80 kB each) at half the limit
+    with pytest.raises(ParameterError, match=r"raise --memory-limit \(to at least 468.75 kiB"):
         plan_pass(10, 5000, 5000, False, [Room(2, 1000)])
+    # a process that holds 1 GiB already needs that beside them
+    with pytest.raises(ParameterError, match=r"to at least 1.00 GiB"):
+        plan_pass(10, 5000, 5000, False, [Room(2, 1000, held=GiB)])
+
+
+def test_rooms_leave_out_what_the_process_and_its_blocks_hold():
+    import dask
+
+    from genepert_scale.cluster import accumulator_rooms
+
+    with dask.config.set(num_workers=2):
+        assert accumulator_rooms(GiB, held=0) == [Room(2, GiB // 2, 0)]
+        # 300 MiB held and two 100 MiB blocks in flight leave 524 MiB: half the limit
+        assert accumulator_rooms(GiB, held=300 * 2**20, block_bytes=100 * 2**20) == [
+            Room(2, GiB // 2, 500 * 2**20)]
+        # 700 MiB held: 324 MiB left
+        assert accumulator_rooms(GiB, held=600 * 2**20, block_bytes=50 * 2**20) == [
+            Room(2, 324 * 2**20, 700 * 2**20)]
+        assert accumulator_rooms(GiB, held=2 * GiB) == [Room(2, 0, 2 * GiB)]
+        measured = accumulator_rooms(GiB)[0]  # this process's own memory
+        assert 0 < measured.held < 8 * GiB
 
 
 @pytest.mark.parametrize("use_numba", [True, False])
@@ -72,6 +102,7 @@ def unbudgeted(small_screen):
     return pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False, as_xarray=True)
 
 
+@pytest.mark.usefixtures("pass_memory_only")
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 @pytest.mark.parametrize("memory_limit", [None, 200_000, 60_000])
 def test_every_plan_equals_one_unbudgeted_pass(small_screen, unbudgeted, monkeypatch,
@@ -85,6 +116,7 @@ def test_every_plan_equals_one_unbudgeted_pass(small_screen, unbudgeted, monkeyp
     assert_same_budgeted(ds, unbudgeted)
 
 
+@pytest.mark.usefixtures("pass_memory_only")
 def test_the_log_says_which_plan_ran(small_screen, monkeypatch, caplog):
     import logging
 
@@ -94,6 +126,7 @@ def test_the_log_says_which_plan_ran(small_screen, monkeypatch, caplog):
     assert "slabs of up to" in caplog.text
 
 
+@pytest.mark.usefixtures("pass_memory_only")
 def test_slabs_stay_lazy_until_written(small_screen, unbudgeted, monkeypatch, tmp_path):
     import dask.array as da
 
@@ -107,6 +140,7 @@ def test_slabs_stay_lazy_until_written(small_screen, unbudgeted, monkeypatch, tm
     assert_same_budgeted(open_pseudobulk(str(tmp_path / "pb.zarr")).compute(), unbudgeted)
 
 
+@pytest.mark.usefixtures("pass_memory_only")
 def test_slabs_written_in_waves_with_groups_dropped_between_them(tmp_path, monkeypatch):
     # rows taken around dropped groups leave the slabs' chunks off the stored chunks' grid
     import genepert_scale.io.store as store

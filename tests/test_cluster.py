@@ -53,6 +53,7 @@ def test_pseudobulk_on_cluster_equals_local_threads(cluster, screen, local_pb):
     assert_same_pseudobulk(ds, local_pb)
 
 
+@pytest.mark.usefixtures("pass_memory_only")
 def test_group_slabs_on_cluster_equal_one_local_pass(cluster, screen, local_pb, monkeypatch,
                                                     caplog):
     # the run's memory limit shared by the 2 workers: the groups are cut into slabs
@@ -100,6 +101,7 @@ def test_worker_killed_mid_pass_same_result(tmp_path, screen, local_pb):
     assert_same_pseudobulk(ds, local_pb)
 
 
+@pytest.mark.usefixtures("pass_memory_only")
 def test_worker_killed_mid_slab_pass_same_result(tmp_path, screen, local_pb, monkeypatch):
     # genes first, then group slabs (lazy until computed): a worker dies in a slab's pass
     from genepert_scale.pp import budget

@@ -278,8 +278,8 @@ def test_accumulator_rooms_one_per_thread_as_memory_allows():
     limit = 2**30
     fits = int(limit * ACCUMULATOR_MEMORY_SHARE)
     with dask.config.set(num_workers=4):
-        assert accumulator_rooms(limit) == [Room(4, fits)]
-        rooms = accumulator_rooms(limit)
+        assert accumulator_rooms(limit, held=0) == [Room(4, fits)]
+        rooms = accumulator_rooms(limit, held=0)
     per_group = 8 * 1000  # one group's int64 sums over 1,000 genes
     assert plan_pass(fits // per_group // 8, 1000, 1000, False, rooms).chains == 4
     assert plan_pass(fits // per_group // 3, 1000, 1000, False, rooms).chains == 3
@@ -301,7 +301,7 @@ def test_accumulator_rooms_follow_a_container_memory_limit(tmp_path, monkeypatch
     monkeypatch.setattr(cluster, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
     assert cluster._local_memory() == 2**30
     with dask.config.set(num_workers=4):
-        rooms = cluster.accumulator_rooms()
+        rooms = cluster.accumulator_rooms(held=0)
     assert plan_pass(300 * 2**20 // 8000, 1000, 1000, False, rooms).chains == 1
     v1.write_text(f"{2**62}\n")  # cgroup v1 without a limit: a huge number
     assert cluster._local_memory() == machine

@@ -75,6 +75,7 @@ def test_first_reads_fail_same_result(flaky, screen):
     assert data_reads and min(data_reads) >= 3  # two faults, then at least one success
 
 
+@pytest.mark.usefixtures("pass_memory_only")
 def test_first_reads_fail_in_group_slabs_same_result(flaky, screen, monkeypatch):
     from cloud_helpers import assert_same_budgeted
     from genepert_scale.pp import budget

@@ -75,6 +75,9 @@ class Screen:
         table); a store's is read from ``group``, a column at a time.
     x_key
         Where the matrix is in the store: ``"X"`` or ``"layers/NAME"``.
+    stored
+        Values ``X`` stores: its non-zeros when sparse, else every entry
+        (``None``: not known).
     """
 
     source: str
@@ -84,10 +87,21 @@ class Screen:
     csr: CsrRows | None = None
     obs: Any = None
     x_key: str = "X"
+    stored: int | None = None
 
     @property
     def n_obs(self) -> int:
         return self.X.shape[0]
+
+    def block_bytes(self) -> int:
+        """Bytes of the largest block of ``X`` once read (an estimate from the
+        mean values per row): its values, and column indices where sparse,
+        with the read buffers' head-room."""
+        rows = max(self.X.chunks[0], default=0)
+        cells = max(self.n_obs * self.n_vars, 1)
+        stored = cells if self.stored is None else self.stored
+        per_value = self.X.dtype.itemsize + (8 if stored < cells else 0)
+        return int(rows * stored / max(self.n_obs, 1) * per_value * BlockBuffers.GROWTH)
 
     @property
     def n_vars(self) -> int:
@@ -536,7 +550,7 @@ def screen_from_group(
     X = read_elem_lazy(x_group, chunks=(rows, shape[1]))
     direct = encoding == "csr_matrix" and isinstance(x_group, zarr.Group)
     csr = CsrRows.of(x_group, shape[1], path, zarrs=zarrs) if direct else None
-    return Screen(str(path), group, X, var_names, csr, x_key=x_key)
+    return Screen(str(path), group, X, var_names, csr, x_key=x_key, stored=nnz)
 
 
 def screen_from_anndata(
@@ -584,7 +598,7 @@ def screen_from_anndata(
         X = da.from_array(matrix, chunks=(rows, n_vars), asarray=False)
     var_names = pd.Index(np.asarray(adata.var_names, dtype=str), dtype=object)
     check_unique_names(var_names, "var", "the AnnData")
-    return Screen("AnnData", None, X, var_names, obs=adata.obs)
+    return Screen("AnnData", None, X, var_names, obs=adata.obs, stored=nnz)
 
 
 def open_data(data: Screen | str | ad.AnnData, **options: Any) -> Screen:

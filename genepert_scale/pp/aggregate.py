@@ -261,7 +261,7 @@ def pseudobulk(
         screen.X.numblocks[0], screen.X.chunks[0][0],
     )
     plan = plan_pass(len(groups), screen.n_vars, params.n_top_genes or screen.n_vars,
-                     group_variance, accumulator_rooms(memory_limit))
+                     group_variance, accumulator_rooms(memory_limit, block_bytes=screen.block_bytes()))
     if chains:
         plan = PassPlan(chains, plan.slabs)
     log.info("pass plan: %s", plan.describe())

@@ -11,10 +11,16 @@ machine) gives and the threads that compute:
 2. **genes first**: a moments pass selects the genes, then the group sums
    are taken over the selected genes only, in one pass with as many chains
    as fit, while the whole output (means and delta) fits too;
-3. **group slabs**: otherwise the groups are cut into slabs that each fit
-   one thread's share, one pass each, a slab per thread at a time
-   (:func:`.reduce.slab_means`), and the output is computed chunk by chunk
-   as it is written.
+3. **group slabs**: otherwise the groups are cut into slabs, one pass each,
+   a slab per thread at a time (:func:`.reduce.slab_means`), and the output
+   is computed as it is written. A slab is sized so that every thread's,
+   and the first slab (the controls, held until it is written), fit from
+   their sums to their outputs (:func:`slab_bytes`).
+
+What the accumulators may take (:class:`.cluster.Room`) is half the memory
+limit, and no more than the limit leaves beside what the process holds
+before the pass (its libraries, the screen's metadata) and a block in
+flight per thread.
 
 Group sums are exact integers, so every plan gives the same result, bit for bit.
 """
@@ -108,23 +114,34 @@ def plan_pass(
                  + kernels.accumulator_bytes(n_groups, n_selected, False))
     if genes_first >= 1 and in_memory <= min(room.bytes for room in rooms):
         return PassPlan(genes_first, ((0, n_groups),))
-    per_group = kernels.accumulator_bytes(1, n_selected, with_group_sumsq)
-    per_thread = min(room.bytes // room.threads for room in rooms)
-    if per_thread < per_group:
+    per_group = slab_bytes(1, n_selected, with_group_sumsq)
+    # every thread's slab, and the first slab (the controls), held until it is written
+    per_slab = min(room.bytes // (room.threads + 1) for room in rooms)
+    if per_slab < per_group:
         raise ParameterError(
-            f"the memory limit leaves {dask.utils.format_bytes(per_thread)} of group sums "
-            f"per thread, less than one group over {n_selected} genes needs "
+            f"the memory limit leaves {dask.utils.format_bytes(per_slab)} per slab of group "
+            f"sums, less than one group over {n_selected} genes needs "
             f"({dask.utils.format_bytes(per_group)}); raise --memory-limit (to at least "
             f"{dask.utils.format_bytes(_limit_for(per_group, rooms))} per worker), "
             "or select fewer genes with --n-top-genes"
         )
-    slabs = math.ceil(n_groups / (per_thread // per_group))
+    slabs = math.ceil(n_groups / (per_slab // per_group))
     size = math.ceil(n_groups / slabs)
     ranges = tuple((first, min(first + size, n_groups)) for first in range(0, n_groups, size))
     threads = sum(room.threads for room in rooms)
     return PassPlan(min(len(ranges), threads), ranges)
 
 
+def slab_bytes(n_groups: int, n_selected: int, with_group_sumsq: bool) -> int:
+    """Memory of a slab of groups from its pass to its write: the fixed-point
+    sums, then the means (and mean squares) made in their place, and the
+    delta (and variances) computed from them as they are written."""
+    return 2 * kernels.accumulator_bytes(n_groups, n_selected, with_group_sumsq)
+
+
 def _limit_for(per_group: int, rooms: list[Room]) -> int:
-    """The memory limit at which every thread's share holds one group's sums."""
-    return math.ceil(max(room.threads for room in rooms) * per_group / ACCUMULATOR_MEMORY_SHARE)
+    """The memory limit at which every room holds a slab of one group per
+    thread and the first slab, beside what it holds already."""
+    return max(math.ceil(max((room.threads + 1) * per_group / ACCUMULATOR_MEMORY_SHARE,
+                             room.held + (room.threads + 1) * per_group))
+               for room in rooms)
