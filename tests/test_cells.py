@@ -344,7 +344,7 @@ def test_cells_command_end_to_end(tmp_path):
 
 
 def test_saved_model_predicts_as_the_fitted_one(screen, prepared, tmp_path):
-    path, embedding = screen
+    _, embedding = screen
     model = fit_on(prepared, np.arange(len(prepared.perturbations) - 2), TINY, seed=0)
     saved = save_cells_model(model, str(tmp_path / "model"))
     back = load_cells_model(saved)
@@ -455,6 +455,7 @@ def test_contexts_are_named_in_the_evaluation(two_contexts, tmp_path):
     folds = result.folds.groupby("perturbation")["fold"].nunique()
     assert (folds == 1).all()  # a perturbation is held out in both lines at once
     assert set(result.contexts) == {"a", "b"} and set(result.contexts["a"]) == set(result.models)
+    assert all(set(fold["ridge_alpha"]) == {"a", "b"} for fold in result.fold_log)
     cells = ad.read_h5ad(result.predicted)
     assert set(cells.obs["line"]) == {"a", "b"}
     written = write_cells_report(result, str(tmp_path / "report"))

@@ -69,7 +69,7 @@ def write_cells_report(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write every report file into the directory ``out`` (a path or URL),
-    atomically; the predicted cells are moved there from
+    atomically; the predicted cells are copied there from
     ``evaluation.predicted``, and the model fitted on every perturbation,
     when the evaluation has one, is saved as ``out/model``
     (:func:`.tl.cells.persist.save_cells_model`)."""
@@ -84,7 +84,7 @@ def write_cells_report(
         (root / "metrics.json").write_text(json.dumps(document, indent=2, default=_json_default))
         evaluation.per_perturbation.to_csv(root / "per_perturbation.csv", index=False)
         evaluation.folds.to_csv(root / "folds.csv", index=False)
-        shutil.move(evaluation.predicted, root / "predicted_cells.h5ad")
+        shutil.copyfile(evaluation.predicted, root / "predicted_cells.h5ad")
         if evaluation.model is not None:
             from ..tl.cells.persist import save_cells_model
 

@@ -247,7 +247,7 @@ def cells_evaluate(
         As :func:`.model.cells_fit`.
     predicted_path
         The local ``.h5ad`` the predicted cells are written to as they are
-        made; default a new file in a temporary directory (the report moves it).
+        made; default a new file in a temporary directory (the report copies it).
     """
     config = (config or CellsConfig()).check()
     alphas = check_alphas(alphas)
@@ -289,7 +289,8 @@ def cells_evaluate(
             fold_log.append({"fold": fold, "n_train": int(train.size), "n_test": int(test.size),
                              "fit_seconds": score_start - fit_start,
                              "score_seconds": time.perf_counter() - score_start,
-                             "ridge_alpha": ridge_alphas.get(fold), "fit_stage_seconds":
+                             "ridge_alpha": named(ridge_alphas.get(fold), source.contexts),
+                             "fit_stage_seconds":
                                  {**model.seconds, **(seen.seconds if seen else {})},
                              "vae_loss": model.history["vae"], "head_loss": model.history["head"],
                              **({"onehot_head_loss": seen.history["onehot_head"]} if seen else {})})
@@ -357,7 +358,7 @@ def ridge_predictions(
     """GenePert ridge's held-out delta of every row, and the alpha of every
     fold: the fits ``evaluate`` makes (fold statistics, inner CV for alpha),
     one ridge per context (a float per fold without contexts, else a dict
-    by context index)."""
+    by context index, see :func:`named`)."""
     predicted, chosen = np.zeros_like(X), {}
     contexts = np.unique(row_context)
     for c in contexts:
@@ -378,6 +379,12 @@ def ridge_predictions(
             else:
                 chosen.setdefault(fit.fold, {})[int(c)] = fit.alpha
     return predicted, chosen
+
+
+def named(alpha: float | dict[int, float] | None,
+          contexts: Sequence[str | None]) -> float | dict[str, float] | None:
+    """A fold's alpha, per context name where it is per context."""
+    return {str(contexts[c]): a for c, a in alpha.items()} if isinstance(alpha, dict) else alpha
 
 
 @dataclass

@@ -20,7 +20,6 @@ are selected), so a cell here is a cell of the pseudo-bulk's means.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
