@@ -14,6 +14,7 @@ import json
 import logging
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -155,16 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model zarr store")
 
     p = sub.add_parser("predict", parents=[parent], help="predict perturbations from their embeddings")
-    p.add_argument("model", help="model zarr store written by 'fit'")
-    p.add_argument("--embeddings", action="append", required=True,
-                   help="the embedding source(s) the model was fitted with, same order")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--perturbations", help='comma-separated, e.g. "GENE1,GENE2,GENE1+GENE3"')
-    which.add_argument("--perturbations-file", help="one perturbation per line")
-    p.add_argument("--missing", choices=MISSING_POLICIES, default="error",
-                   help="genes without a vector: error (default), drop, random or zero")
-    p.add_argument("--gene-map", help="two-column table: name to predict -> embedding name")
-    p.add_argument("--seed", type=int, default=0, help="seed of --missing random")
+    add_prediction_options(p, "model zarr store written by 'fit'")
     p.add_argument("--out", required=True, help="predictions: .zarr, .h5ad or .csv")
 
     p = sub.add_parser("run", parents=[parent],
@@ -180,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cell-level model (VAE latent, OT control->perturbed, embedding-"
                             "conditioned shift): K-fold evaluation and predicted cells (cells extra)")
     add_cells_options(p)
+
+    p = sub.add_parser("cells-predict", parents=[parent],
+                       help="predicted cells of perturbations from a saved cell model (cells extra)")
+    add_prediction_options(p, "cell model store: DIR/model written by 'cells'")
+    p.add_argument("--context", action="append",
+                   help="a context to predict in (repeat; default: every context of the model)")
+    p.add_argument("--n-cells", type=int, default=500, help="cells per perturbation and context")
+    p.add_argument("--out", required=True, help="predicted cells: .h5ad")
 
     p = sub.add_parser("export-pseudobulk", parents=[parent],
                        help="write a pseudo-bulk store as AnnData (.h5ad)")
@@ -204,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names-only", action="store_true", help='embed only "Gene Symbol X"')
     p.add_argument("--batch-size", type=int, default=32)
     return parser
+
+
+def add_prediction_options(p: argparse.ArgumentParser, model_help: str) -> None:
+    """Options of the steps that predict from a saved model (predict, cells-predict)."""
+    p.add_argument("model", help=model_help)
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="the embedding source(s) the model was fitted with, same order")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--perturbations", help='comma-separated, e.g. "GENE1,GENE2,GENE1+GENE3"')
+    which.add_argument("--perturbations-file", help="one perturbation per line")
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="error",
+                   help="genes without a vector: error (default), drop, random or zero")
+    p.add_argument("--gene-map", help="two-column table: name to predict -> embedding name")
+    p.add_argument("--seed", type=int, default=0, help="seed of --missing random (and of cells drawn)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -262,16 +276,15 @@ CELLS_CONFIG_OPTIONS = ("latent_dim", "epochs", "batch_size", "beta", "ot_cells"
 
 
 def add_cells_options(p: argparse.ArgumentParser) -> None:
-    """Options of the cell model (``cells``); config options default to :class:`.CellsConfig`'s."""
-    p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
-    p.add_argument("--perturbation-key", default="perturbation", help="obs column of perturbation labels")
-    p.add_argument("--control", default="non-targeting", help="label of control cells")
+    """Options of the cell model (``cells``): the pseudo-bulk options
+    (:func:`add_pseudobulk_options`; ``--context-key``: each perturbation's
+    cells are moved from its context's control cells), then the model's;
+    config options default to :class:`.CellsConfig`'s."""
+    add_pseudobulk_options(p)
     p.add_argument("--embeddings", action="append", required=True,
                    help="gene embedding table (path or URL); repeat to concatenate")
-    p.add_argument("--pseudobulk", help="the screen's pseudo-bulk store (default: run the pass)")
-    p.add_argument("--n-top-genes", type=_n_top_genes, default="default",
-                   help="HVGs when the pass runs (default: 5000, or all genes if fewer)")
-    p.add_argument("--input", choices=("auto", "counts", "log1p"), default="auto")
+    p.add_argument("--pseudobulk", help="the screen's pseudo-bulk store, made with the same "
+                                        "options (default: run the pass)")
     p.add_argument("--folds", type=int, default=5, help="folds over perturbations (evaluate's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, samples and networks")
     p.add_argument("--alpha", type=float, nargs="+", help="ridge alpha grid of ridge_shift")
@@ -296,7 +309,12 @@ def add_cells_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--device", help="torch device: auto (a GPU if any), cpu, cuda")
     model.add_argument("--threads", type=int, help="torch CPU threads (1)")
     p.add_argument("--eval-cells", type=int, default=500, help="true cells per held-out perturbation")
-    p.add_argument("--block-rows", type=int, default=2048, help="rows per block read from the screen")
+    p.add_argument("--onehot", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score latent_ot_onehot: a learned vector per perturbation, trained "
+                        "on every perturbation's cells, held-out ones included (a seen upper bound)")
+    p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit the model on every perturbation and save it as DIR/model "
+                        "(for cells-predict)")
     p.add_argument("--out", required=True, help="output directory")
 
 
@@ -505,18 +523,42 @@ def _cells(args: argparse.Namespace) -> int:
     from ..tl.cells import CellsConfig, cells_evaluate
     from ..pl.cells_report import write_cells_report
 
+    from ..tl.cells.model import OWN_PARAMETERS
+
     options = _storage_options(args.storage_options)
     config = CellsConfig(**{name: getattr(args, name) for name in CELLS_CONFIG_OPTIONS
                             if getattr(args, name) is not None})
-    result = cells_evaluate(
-        args.screen, args.embeddings, perturbation_key=args.perturbation_key, control=args.control,
-        pseudobulk=args.pseudobulk, n_top_genes=args.n_top_genes, input=args.input,
-        n_folds=args.folds, seed=args.seed, alphas=args.alpha or DEFAULT_ALPHAS,
-        missing=args.missing, gene_map=args.gene_map, config=config, eval_cells=args.eval_cells,
-        block_rows=args.block_rows, storage_options=options, progress=not args.no_progress,
-    )
-    print(summary_table(result.summary, ("energy_distance", "mmd_rbf", "pearson_delta", "rmse_delta")))
-    print(f"report: {write_cells_report(result, args.out, overwrite=args.overwrite, storage_options=options)}")
+    params = pseudobulk_params(args)
+    own = {name: params.pop(name) for name in OWN_PARAMETERS}
+    with tempfile.TemporaryDirectory(prefix="genepert-cells-") as scratch:
+        result = cells_evaluate(
+            args.screen, args.embeddings, **own, pseudobulk=args.pseudobulk,
+            pseudobulk_options=params, n_folds=args.folds, seed=args.seed,
+            alphas=args.alpha or DEFAULT_ALPHAS, missing=args.missing, gene_map=args.gene_map,
+            config=config, onehot=args.onehot, final_model=args.save_model,
+            eval_cells=args.eval_cells, block_rows=args.block_rows,
+            predicted_path=str(Path(scratch) / "predicted_cells.h5ad"), storage_options=options,
+            progress=not args.no_progress,
+        )
+        print(summary_table(result.summary, ("energy_distance", "mmd_rbf", "pearson_delta", "rmse_delta")))
+        print(f"report: {write_cells_report(result, args.out, overwrite=args.overwrite, storage_options=options)}")
+    return 0
+
+
+@command("cells-predict")
+def _cells_predict(args: argparse.Namespace) -> int:
+    from ..tl.cells import load_cells_model, write_predicted_cells
+    from ..tl.cells.model import predicted_parts, prediction_features
+
+    options = _storage_options(args.storage_options)
+    model = load_cells_model(args.model, options)
+    features = prediction_features(model, read_perturbations(args), embeddings=args.embeddings,
+                                   missing=args.missing, gene_map=args.gene_map, seed=args.seed,
+                                   storage_options=options)
+    parts = predicted_parts(model, features, contexts=args.context, n_cells=args.n_cells,
+                            seed=args.seed)
+    print(write_predicted_cells(model, parts, args.out, overwrite=args.overwrite,
+                                storage_options=options))
     return 0
 
 

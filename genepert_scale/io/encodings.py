@@ -73,9 +73,12 @@ MODEL = Encoding("genepert_scale.ridge_model", "0.2.0", "model store", "'geneper
 PREDICTIONS = Encoding("genepert_scale.predictions", "0.1.0", "predictions store",
                        "'genepert-scale predict' or 'genepert-scale evaluate'",
                        "genepert_scale.io.encodings:open_predictions")
+CELLS_MODEL = Encoding("genepert_scale.cells_model", "0.1.0", "cell model store",
+                       "'genepert-scale cells' (DIR/model) or gps.tl.save_cells_model",
+                       "genepert_scale.tl.cells.persist:load_cells_model")
 
 #: Every encoding, by type.
-REGISTRY: dict[str, Encoding] = {e.type: e for e in (PSEUDOBULK, MODEL, PREDICTIONS)}
+REGISTRY: dict[str, Encoding] = {e.type: e for e in (PSEUDOBULK, MODEL, PREDICTIONS, CELLS_MODEL)}
 
 
 def open_checked(encoding: Encoding, path: str,

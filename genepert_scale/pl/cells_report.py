@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 
 from .. import __version__
 from ..io.store import atomic_output, local_directory
-from ..tl.cells.evaluate import LATENT_OT, MODELS, CellsEvaluation
+from ..tl.cells.evaluate import LATENT_OT, LATENT_OT_ONEHOT, SEEN_MODELS, CellsEvaluation
 from .report import png_bytes
 from .report_html import STYLE, figure, mean_std, table
 
@@ -28,9 +29,12 @@ log = logging.getLogger(__name__)
 
 FILES = ("metrics.json", "per_perturbation.csv", "folds.csv", "predicted_cells.h5ad",
          "energy_distance_per_perturbation.png", "pca_best_worst.png", "report.html")
+#: The directory of the model fitted on every perturbation (a cell model store).
+MODEL_DIR = "model"
 #: Metrics of the model table in the report.
 REPORT_METRICS = ("energy_distance", "mmd_rbf", "pearson_delta", "pearson_delta_de20", "rmse_delta")
-COLOURS = {LATENT_OT: "tab:blue", "ridge_shift": "tab:orange", "control_cells": "tab:green"}
+COLOURS = {LATENT_OT: "tab:blue", LATENT_OT_ONEHOT: "tab:purple", "ridge_shift": "tab:orange",
+           "control_cells": "tab:green"}
 CAPTIONS = {
     "energy_distance_per_perturbation.png":
         "Energy distance between predicted and true cells of every held-out perturbation "
@@ -50,6 +54,8 @@ def metrics_document(evaluation: CellsEvaluation) -> dict[str, Any]:
         "parameters": evaluation.parameters,
         "missing": evaluation.missing,
         "models": evaluation.summary,
+        "seen_models": {m: SEEN_MODELS[m] for m in evaluation.models if m in SEEN_MODELS},
+        **({"contexts": evaluation.contexts} if evaluation.contexts else {}),
         "comparison": {"model": LATENT_OT, "against": "ridge_shift", **evaluation.comparison},
         "folds": evaluation.fold_log,
     }
@@ -62,7 +68,11 @@ def write_cells_report(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """Write every report file into the directory ``out`` (a path or URL), atomically."""
+    """Write every report file into the directory ``out`` (a path or URL),
+    atomically; the predicted cells are copied there from
+    ``evaluation.predicted``, and the model fitted on every perturbation,
+    when the evaluation has one, is saved as ``out/model``
+    (:func:`.tl.cells.persist.save_cells_model`)."""
     document = metrics_document(evaluation)
     images = {"energy_distance_per_perturbation.png": png_bytes(plot_energy(evaluation)),
               "pca_best_worst.png": png_bytes(plot_best_worst(evaluation))}
@@ -74,7 +84,11 @@ def write_cells_report(
         (root / "metrics.json").write_text(json.dumps(document, indent=2, default=_json_default))
         evaluation.per_perturbation.to_csv(root / "per_perturbation.csv", index=False)
         evaluation.folds.to_csv(root / "folds.csv", index=False)
-        evaluation.predicted.write_h5ad(root / "predicted_cells.h5ad")
+        shutil.copyfile(evaluation.predicted, root / "predicted_cells.h5ad")
+        if evaluation.model is not None:
+            from ..tl.cells.persist import save_cells_model
+
+            save_cells_model(evaluation.model, str(root / MODEL_DIR))
         for name, data in images.items():
             (root / name).write_bytes(data)
         (root / "report.html").write_text(render_html(document, images), encoding="utf-8")
@@ -90,13 +104,15 @@ def _json_default(value: Any) -> Any:
 
 def plot_energy(evaluation: CellsEvaluation) -> Figure:
     """Energy distance per held-out perturbation, one marker per model."""
-    wide = evaluation.per_perturbation.pivot(index="perturbation", columns="model",
-                                             values="energy_distance")
+    table = evaluation.per_perturbation
+    names = (table.context.astype(str) + "/" + table.perturbation if "context" in table
+             else table.perturbation)
+    wide = table.assign(name=names).pivot(index="name", columns="model", values="energy_distance")
     wide = wide.sort_values(LATENT_OT)
     fig = Figure(figsize=(max(6.0, 0.25 * len(wide) + 2), 4), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(wide))
-    for model in MODELS:
+    for model in evaluation.models:
         ax.plot(x, wide[model].to_numpy(), "o", ms=4, label=model, color=COLOURS.get(model))
     ax.set_xticks(x, wide.index, rotation=90, fontsize=6 if len(wide) > 40 else 8)
     ax.set_ylabel("energy distance to true cells")
@@ -105,28 +121,18 @@ def plot_energy(evaluation: CellsEvaluation) -> Figure:
     return fig
 
 
-def best_and_worst(evaluation: CellsEvaluation) -> list[str]:
-    """The held-out perturbations with the smallest and largest ``latent_ot`` energy distance."""
-    table = evaluation.per_perturbation
-    rows = table[(table.model == LATENT_OT) & table.energy_distance.notna()]
-    if rows.empty:
-        return []
-    ordered = rows.sort_values("energy_distance").perturbation.tolist()
-    return list(dict.fromkeys([ordered[0], ordered[-1]]))
-
-
 def plot_best_worst(evaluation: CellsEvaluation) -> Figure:
-    """PC1/PC2 of true and predicted cells, best and worst perturbation × model."""
-    chosen = best_and_worst(evaluation)
-    fig = Figure(figsize=(3.2 * len(MODELS), 3.0 * max(len(chosen), 1)), layout="constrained")
-    energy = evaluation.per_perturbation.set_index(["perturbation", "model"])["energy_distance"]
+    """PC1/PC2 of true and predicted cells of the perturbations where
+    ``latent_ot`` came closest and farthest (:attr:`.CellsEvaluation.views`), × model."""
+    chosen, models = list(evaluation.views), evaluation.models
+    fig = Figure(figsize=(3.2 * len(models), 3.0 * max(len(chosen), 1)), layout="constrained")
     for row, name in enumerate(chosen):
         view = evaluation.views[name]
-        for col, model in enumerate(MODELS):
-            ax = fig.add_subplot(len(chosen), len(MODELS), row * len(MODELS) + col + 1)
-            ax.scatter(*view["true"].T, s=3, color="lightgrey", label="true")
-            ax.scatter(*view[model].T, s=3, alpha=0.5, color=COLOURS.get(model), label=model)
-            ax.set_title(f"{name}: {model}\nenergy {energy[name, model]:.3g}", fontsize=9)
+        for col, model in enumerate(models):
+            ax = fig.add_subplot(len(chosen), len(models), row * len(models) + col + 1)
+            ax.scatter(*view.points["true"].T, s=3, color="lightgrey", label="true")
+            ax.scatter(*view.points[model].T, s=3, alpha=0.5, color=COLOURS.get(model), label=model)
+            ax.set_title(f"{name}: {model}\nenergy {view.energy[model]:.3g}", fontsize=9)
             ax.set_xlabel("PC1", fontsize=8)
             ax.set_ylabel("PC2", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -150,6 +156,8 @@ def render_html(document: dict[str, Any], images: dict[str, bytes]) -> str:
         "held-out perturbations. Distances: predicted against true cells in a PCA space of the "
         "fold's training cells; the other metrics: the pseudo-bulk of the predicted cells.</p>",
         table(models),
+        *(f"<p><b>{html.escape(m)}</b> is {html.escape(note)}.</p>"
+          for m, note in document["seen_models"].items()),
         "<h2>latent_ot against ridge_shift, per perturbation</h2>",
         table(comparison),
         *(figure(name, images[name], CAPTIONS[name]) for name in CAPTIONS if name in images),

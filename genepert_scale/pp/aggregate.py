@@ -317,6 +317,27 @@ def _groups_of(screen: Screen, params: PseudobulkParams
     return codes, groups, left_out
 
 
+def kept_by_filter(screen: Screen, obs_filter: str | None) -> np.ndarray | None:
+    """The cells that ``obs_filter`` keeps (``COLUMN``: where the boolean
+    ``obs`` column is True; ``~COLUMN``: False); ``None`` without a filter.
+
+    Raises
+    ------
+    ParameterError
+        If the column holds anything but True/False for every cell.
+    """
+    if not obs_filter:
+        return None
+    column = obs_filter.removeprefix("~")
+    values = screen.obs_column(column, option="--obs-filter")
+    if not (pd.api.types.is_bool_dtype(values) and not values.isna().any()):
+        raise ParameterError(
+            f"{screen.source}: --obs-filter {obs_filter}: obs[{column!r}] holds "
+            f"{values.dtype} values, not True/False for every cell; give a boolean column"
+        )
+    return values.to_numpy(dtype=bool) != obs_filter.startswith("~")
+
+
 def _leave_out_cells(codes: np.ndarray, screen: Screen, obs_filter: str | None,
                      perturbation_key: str) -> dict[str, int]:
     """Take the cells that the ``obs_filter`` rejects out of every group and
@@ -325,15 +346,8 @@ def _leave_out_cells(codes: np.ndarray, screen: Screen, obs_filter: str | None,
     perturbation label, though they count in the gene moments; ``filtered``),
     each logged."""
     left_out = {"no_label": 0, "filtered": 0}
-    if obs_filter:
-        column = obs_filter.removeprefix("~")
-        values = screen.obs_column(column, option="--obs-filter")
-        if not (pd.api.types.is_bool_dtype(values) and not values.isna().any()):
-            raise ParameterError(
-                f"{screen.source}: --obs-filter {obs_filter}: obs[{column!r}] holds "
-                f"{values.dtype} values, not True/False for every cell; give a boolean column"
-            )
-        keep = values.to_numpy(dtype=bool) != obs_filter.startswith("~")
+    keep = kept_by_filter(screen, obs_filter)
+    if keep is not None:
         left_out["filtered"] = int(np.count_nonzero(~keep))
         codes[~keep] = kernels.NOT_COUNTED
     left_out["no_label"] = int(np.count_nonzero(codes == -1))

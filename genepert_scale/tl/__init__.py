@@ -17,5 +17,7 @@ __getattr__, __dir__, __all__ = attach(__name__, {
     "cells_fit": (".cells", "cells_fit"),
     "cells_predict": (".cells", "cells_predict"),
     "cells_evaluate": (".cells", "cells_evaluate"),
+    "save_cells_model": (".cells", "save_cells_model"),
+    "load_cells_model": (".cells", "load_cells_model"),
     "CellsConfig": (".cells", "CellsConfig"),
 }, eager=("evaluate",))

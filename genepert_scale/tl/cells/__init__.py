@@ -13,6 +13,8 @@ perturbations it has never seen. Modules:
   MMD, PCA (numpy);
 * :mod:`.networks`: the VAE, the shift head, their training (torch);
 * :mod:`.model`: :func:`cells_fit`, :func:`cells_predict`;
+* :mod:`.persist`: :func:`save_cells_model`, :func:`load_cells_model`;
+* :mod:`.output`: predicted cells written a perturbation at a time;
 * :mod:`.evaluate`: :func:`cells_evaluate` on ``evaluate``'s K folds.
 """
 
@@ -40,6 +42,9 @@ require_extra()
 
 from .evaluate import CellsEvaluation, cells_evaluate  # noqa: E402
 from .model import CellsConfig, CellsModel, cells_fit, cells_predict  # noqa: E402
+from .output import write_predicted_cells  # noqa: E402
+from .persist import load_cells_model, save_cells_model  # noqa: E402
 
 __all__ = ["CellsConfig", "CellsEvaluation", "CellsModel", "cells_evaluate", "cells_fit",
-           "cells_predict", "require_extra"]
+           "cells_predict", "load_cells_model", "require_extra", "save_cells_model",
+           "write_predicted_cells"]

@@ -14,25 +14,28 @@ not, and decodes them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import anndata as ad
+import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
 
-from ...errors import LabelError, ParameterError
+from ...errors import LabelError, ParameterError, listing
 from ...pp.aggregate import open_pseudobulk, pseudobulk as run_pseudobulk
-from ...pp.params import InputKindOption
-from ...validate import NTopGenes, check_choice, check_positive
+from ...pp.params import PARAMETERS, PseudobulkParams, recorded_run
+from ...validate import check_choice, check_positive
+from ..embedding_checks import check_dimension
 from ..embeddings import EmbeddingTable, Features, MissingPolicy, featurize
-from ..model import Embeddings, GeneMap, TrainingData, as_gene_map, as_table, training_data
+from ..model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, as_gene_map, as_table
 from .networks import (
     INJECTIONS,
     Injection,
@@ -134,7 +137,13 @@ class CellsConfig:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A screen joined with its pseudo-bulk and the embeddings of its perturbations."""
+    """A screen joined with its pseudo-bulk and the embeddings of its perturbations.
+
+    A row is a (context, perturbation) of the pseudo-bulk with an embedding
+    (a perturbation, without contexts): ``data.features`` and ``data.delta``
+    have one row each (a perturbation's features repeat across contexts),
+    ``data.control_mean`` one control mean per context (a vector without).
+    """
 
     pseudobulk: xr.Dataset
     data: TrainingData
@@ -147,6 +156,11 @@ class Prepared:
     @property
     def perturbations(self) -> list[str]:
         return self.data.features.perturbations
+
+    @property
+    def control_means(self) -> np.ndarray:
+        """The control mean of every context (contexts × genes)."""
+        return np.atleast_2d(self.data.control_mean)
 
 
 @dataclass(eq=False)
@@ -174,6 +188,14 @@ class CellsModel:
         The control label and the ``obs`` column of labels.
     config
         The parameters.
+    control_context, contexts, context_key
+        The context of every kept control cell (an index into ``contexts``),
+        the contexts (``(None,)`` without), and their ``obs`` column.
+    normalisation
+        How the cells were read: ``input_kind``, ``target_sum``, ``layer``,
+        ``obs_filter``.
+    embedding_sources
+        The identity of the embedding table (what a saved model records of it).
     history
         Loss per epoch: ``vae`` and ``head``.
     seconds
@@ -183,7 +205,7 @@ class CellsModel:
     vae: Vae
     head: ShiftHead
     genes: pd.Index
-    embedding: EmbeddingTable
+    embedding: EmbeddingTable | None
     control_x: np.ndarray
     control_z: np.ndarray
     control_rows: np.ndarray
@@ -193,12 +215,34 @@ class CellsModel:
     control: str
     perturbation_key: str
     config: CellsConfig
+    control_context: np.ndarray
+    contexts: tuple[str | None, ...] = (None,)
+    context_key: str | None = None
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    embedding_sources: tuple[dict[str, Any], ...] = ()
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
+
+    def controls_in(self, context: int) -> np.ndarray:
+        """Positions of the kept control cells of a context (an index into ``contexts``)."""
+        return np.flatnonzero(self.control_context == context)
+
+    def context_index(self, context: str | None) -> int:
+        """The index of a context's name in ``contexts``.
+
+        Raises
+        ------
+        LabelError
+            If the model has no such context.
+        """
+        if context not in self.contexts:
+            raise LabelError(f"the cell model has no context {context!r}; its contexts "
+                             f"(obs[{self.context_key!r}]): {listing(map(str, self.contexts))}")
+        return self.contexts.index(context)
 
     def move(self, embedding: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Predicted cells: the kept control cells at ``positions`` moved by
@@ -216,43 +260,120 @@ def prepare(
     *,
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
+    context_key: str | None = None,
     pseudobulk: xr.Dataset | str | None = None,
-    n_top_genes: NTopGenes = "default",
-    input: InputKindOption = "auto",
+    pseudobulk_options: Mapping[str, Any] | None = None,
     missing: MissingPolicy = "drop",
     gene_map: GeneMap = None,
     seed: int = 0,
-    block_rows: int = CELL_BLOCK_ROWS,
+    block_rows: int | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Prepared:
-    """The pseudo-bulk (given, or computed by the pass), its perturbations'
-    features and the screen's cells over its genes (see :func:`cells_fit`)."""
+    """The pseudo-bulk (given, or computed by the pass), its rows' features
+    and the screen's cells over its genes (see :func:`cells_fit`)."""
+    params = pseudobulk_params(perturbation_key, control, context_key, pseudobulk_options)
     if pseudobulk is None:
-        ds = run_pseudobulk(screen, perturbation_key=perturbation_key, control=control,
-                            n_top_genes=n_top_genes, input=input,
-                            storage_options=storage_options, progress=progress,
-                            as_xarray=True)
-    elif isinstance(pseudobulk, str):
-        ds = open_pseudobulk(pseudobulk, storage_options)
+        ds = run_pseudobulk(screen, **asdict(params), block_rows=block_rows,
+                            storage_options=storage_options, progress=progress, as_xarray=True)
     else:
-        ds = pseudobulk
-    if ds.attrs.get("control", control) != control:
-        raise LabelError(f"the pseudo-bulk's control is {ds.attrs['control']!r}, not {control!r}; "
-                         "give the pseudo-bulk of this screen and control")
-    data = training_data(ds, as_table(embeddings, storage_options), missing=missing,
-                         gene_map=gene_map, seed=seed, storage_options=storage_options)
+        ds = open_pseudobulk(pseudobulk, storage_options) if isinstance(pseudobulk, str) else pseudobulk
+        check_recorded(ds, params)
+    data, row_contexts = row_data(ds, as_table(embeddings, storage_options), missing=missing,
+                                  gene_map=as_gene_map(gene_map, storage_options), seed=seed)
     source = open_cells(screen, ds, data.features.perturbations, perturbation_key=perturbation_key,
-                        control=control, block_rows=block_rows, storage_options=storage_options)
+                        control=control, row_contexts=row_contexts,
+                        block_rows=block_rows or CELL_BLOCK_ROWS, storage_options=storage_options)
     return Prepared(ds, data, source)
 
 
+#: Pseudo-bulk parameters that the cell model takes as arguments of their own
+#: (its cells are grouped by them too).
+OWN_PARAMETERS = ("perturbation_key", "control", "context_key")
+
+
+def pseudobulk_params(
+    perturbation_key: str,
+    control: str,
+    context_key: str | None,
+    options: Mapping[str, Any] | None,
+) -> PseudobulkParams:
+    """The pseudo-bulk parameters of the cell model's pass.
+
+    Raises
+    ------
+    ParameterError
+        If ``options`` names something that is not a pseudo-bulk parameter
+        (or one of the three given on their own).
+    """
+    options = dict(options or {})
+    accepted = [name for name in PARAMETERS if name not in OWN_PARAMETERS]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ParameterError(f"pseudobulk_options {', '.join(unknown)}: not accepted there; "
+                             f"the pseudo-bulk parameters it takes are {', '.join(accepted)} "
+                             f"({', '.join(OWN_PARAMETERS)} are arguments of their own)")
+    return PseudobulkParams(perturbation_key=perturbation_key, control=control,
+                            context_key=context_key, **options)
+
+
+def check_recorded(ds: xr.Dataset, params: PseudobulkParams) -> None:
+    """Raise :class:`.LabelError` if a given pseudo-bulk was made with another
+    label column, control or context column than the cell model is asked to use."""
+    run = recorded_run(ds.attrs)
+    for name in OWN_PARAMETERS:
+        asked = getattr(params, name)
+        value = run["control"] if name == "control" else run["parameters"].get(name, asked)
+        if value != asked and not (name == "control" and value is None):
+            raise LabelError(f"the pseudo-bulk's {name} is {value!r}, not {asked!r}; give the "
+                             f"pseudo-bulk of this screen made with {name}={asked!r}")
+
+
+def row_data(
+    ds: xr.Dataset,
+    table: EmbeddingTable,
+    *,
+    missing: MissingPolicy,
+    gene_map: dict[str, str],
+    seed: int,
+) -> tuple[TrainingData, list[str] | None]:
+    """The rows of a pseudo-bulk (with or without contexts) that have an
+    embedding, as :class:`.TrainingData`, and every row's context (``None``
+    without contexts). A perturbation is featurized once for all its contexts."""
+    names = [str(p) for p in ds["perturbation"].values]
+    features = featurize(table, list(dict.fromkeys(names)), missing=missing, gene_map=gene_map,
+                         seed=seed)
+    member = dict(zip(features.perturbations, features.members))
+    rows = np.array([i for i, name in enumerate(names) if name in member], dtype=np.int64)
+    features = dataclasses.replace(features, perturbations=[names[i] for i in rows],
+                                   members=[member[names[i]] for i in rows])
+    delta = ds["delta"].data
+    if not isinstance(delta, da.Array):
+        delta = da.from_array(np.asarray(delta), chunks=(BLOCK_SIZE, -1))
+    contexts = [str(c) for c in ds["context"].values[rows]] if "context" in ds.coords else None
+    data = TrainingData(features, delta[rows], pd.Index([str(g) for g in ds["gene"].values]),
+                        np.asarray(ds["control_mean"].values, dtype=np.float64), table,
+                        recorded_run(ds.attrs))
+    return data, contexts
+
+
 def control_pool(source: CellSource, n_cells: int, seed: int) -> np.ndarray:
-    """Rows of the control cells the model keeps (at most ``n_cells``, seeded)."""
-    rows = source.cells_of(CONTROL)
-    if rows.size == 0:
-        raise LabelError(f"{source.screen.source}: no control cells ({source.control!r})")
-    return sample_rows(rows, n_cells, np.random.default_rng([seed, 2]))
+    """Rows of the control cells the model keeps (at most ``n_cells`` per
+    context, seeded), sorted.
+
+    Raises
+    ------
+    LabelError
+        If a context has no control cells.
+    """
+    rng, pools = np.random.default_rng([seed, 2]), []
+    for c, context in enumerate(source.contexts):
+        rows = source.cells_of(CONTROL, c)
+        if rows.size == 0:
+            where = "" if context is None else f" in context {context!r} (obs[{source.context_key!r}])"
+            raise LabelError(f"{source.screen.source}: no control cells ({source.control!r}){where}")
+        pools.append(sample_rows(rows, n_cells, rng))
+    return np.sort(np.concatenate(pools))
 
 
 def fit_on(
@@ -263,8 +384,9 @@ def fit_on(
     seed: int = 0,
     pool: np.ndarray | None = None,
 ) -> CellsModel:
-    """Fit the cell model on the control cells and the cells of the
-    perturbations ``train`` (indices into ``prepared.perturbations``) only."""
+    """Fit the cell model on the control cells and the cells of the rows
+    ``train`` (indices into ``prepared.perturbations``) only; every row's
+    OT source is the kept control cells of its context."""
     source, device = prepared.source, resolve_device(config.device)
     pool = control_pool(source, config.control_cells, seed) if pool is None else pool
     rng = np.random.default_rng([seed, 1])
@@ -280,18 +402,72 @@ def fit_on(
         control_x = gathered.pop("control")
         control_z = encode(vae, control_x, device)
         clock.lap("encode")
-        z, shift, condition = ot_pairs(control_z, gathered, config, rng)
+        control_context = source.context[pool]
+        sources = by_context(control_z, control_context, {f"p{p}": source.row_context[p] for p in train})
+        z, shift, condition = ot_pairs(sources, gathered, config, rng)
         clock.lap("ot")
         head, head_history = fit_head(z, shift, condition, G, config, rng, device=device)
         clock.lap("head")
-    names = prepared.perturbations
-    latent_delta = {names[p]: shift[condition == p].mean(axis=0) for p in train}
+    latent_delta = {source.row_name(p): shift[condition == p].mean(axis=0) for p in train}
     log.info("cell model: %d training perturbations, %d cells, VAE loss %.3f, head loss %.4f; "
              "seconds %s", len(train), int(mask.sum()), vae_history[-1], head_history[-1], clock)
     return CellsModel(vae, head, source.genes, prepared.data.embedding, control_x, control_z, pool,
-                      [names[p] for p in train], latent_delta, source.labels, source.control,
-                      source.key, config, {"vae": vae_history, "head": head_history},
+                      [source.row_name(p) for p in train], latent_delta, source.labels,
+                      source.control, source.key, config, control_context, source.contexts,
+                      source.context_key, normalisation(prepared),
+                      prepared.data.embedding.sources, {"vae": vae_history, "head": head_history},
                       clock.seconds)
+
+
+def normalisation(prepared: Prepared) -> dict[str, Any]:
+    """How the cells were read, from the pseudo-bulk's recorded run."""
+    run = prepared.data.run
+    return {"input_kind": run["input_kind"], "target_sum": prepared.source.target_sum,
+            **{key: run["parameters"].get(key) for key in ("layer", "obs_filter")}}
+
+
+def by_context(control_z: np.ndarray, control_context: np.ndarray,
+               row_context: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The OT source of every named row: the kept control latents of its context."""
+    pools = {c: control_z[control_context == c] for c in set(row_context.values())}
+    return {name: pools[c] for name, c in row_context.items()}
+
+
+def fit_onehot(
+    prepared: Prepared,
+    model: CellsModel,
+    rows: np.ndarray,
+    *,
+    seed: int = 0,
+) -> CellsModel:
+    """The *seen* model ``latent_ot_onehot``: ``model`` (its VAE and kept
+    control cells) with a shift head whose condition is a learned vector per
+    row of ``rows`` (condition ``i`` for ``rows[i]``), trained on the OT
+    pairs of every row of ``rows``.
+
+    Unlike :func:`fit_on`, this reads the cells of every row given, held-out
+    ones included: it is an upper bound of what any condition (the
+    embedding's projection among them) can give through this latent and
+    head, not a prediction of unseen perturbations.
+    """
+    source, config, device = prepared.source, model.config, model.device
+    rng = np.random.default_rng([seed, 5])
+    clock = _Clock()
+    with deterministic_torch(seed, config.threads):
+        samples = {f"p{i}": sample_rows(source.cells_of(p), config.ot_cells, rng)
+                   for i, p in enumerate(rows)}
+        to_latent = functools.partial(encode, model.vae, device=device)
+        latents = source.gather(samples, {name: to_latent for name in samples})
+        sources = by_context(model.control_z, model.control_context,
+                             {f"p{i}": source.row_context[p] for i, p in enumerate(rows)})
+        z, shift, condition = ot_pairs(sources, latents, config, rng)
+        head, history = fit_head(z, shift, condition, None, config, rng, device=device,
+                                 n_conditions=len(rows))
+        clock.lap("onehot")
+    return dataclasses.replace(model, head=head, embedding=None,
+                               trained_on=[source.row_name(p) for p in rows],
+                               history={**model.history, "onehot_head": history},
+                               seconds={**model.seconds, **clock.seconds})
 
 
 def fit_vae(
@@ -320,15 +496,18 @@ def fit_head(
     z: np.ndarray,
     shift: np.ndarray,
     condition: np.ndarray,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | None,
     config: CellsConfig,
     rng: np.random.Generator,
     *,
     device: torch.device,
+    n_conditions: int | None = None,
 ) -> tuple[ShiftHead, list[float]]:
-    """The shift head trained on OT pairs (:func:`ot_pairs`); the loss of every epoch."""
-    head = ShiftHead(config.latent_dim, embeddings.shape[1], hidden=config.hidden,
-                     condition_dim=config.condition_dim, injection=config.injection).to(device)
+    """The shift head trained on OT pairs (:func:`ot_pairs`); the loss of
+    every epoch. With ``n_conditions`` (and no ``embeddings``) a one-hot head."""
+    head = ShiftHead(config.latent_dim, 0 if embeddings is None else embeddings.shape[1],
+                     hidden=config.hidden, condition_dim=config.condition_dim,
+                     injection=config.injection, n_conditions=n_conditions).to(device)
     history = train_head(head, z, shift, condition, embeddings, epochs=config.head_epochs,
                          batch_size=config.head_batch_size, learning_rate=config.head_learning_rate,
                          weight_decay=config.head_weight_decay, rng=rng, device=device)
@@ -352,23 +531,25 @@ class _Clock:
 
 
 def ot_pairs(
-    control_z: np.ndarray,
-    latents: dict[str, np.ndarray],
+    sources: Mapping[str, np.ndarray],
+    latents: Mapping[str, np.ndarray],
     config: CellsConfig,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training pairs of the head: for every perturbation ``p<i>`` of
-    ``latents``, up to ``ot_cells`` control latents, their OT shifts to its
-    latents, and ``i`` (the condition). The debiased map's reference is as
-    many other control latents (the kept ones split in two when too few)."""
+    """The training pairs of the head: for every row ``p<i>`` of ``latents``,
+    up to ``ot_cells`` of its control latents ``sources[p<i>]``, their OT
+    shifts to its latents, and ``i`` (the condition). The debiased map's
+    reference is as many other control latents (the kept ones split in two
+    when too few)."""
     zs, shifts, conditions = [], [], []
     debiased = config.ot_map == "debiased"
-    n = min(config.ot_cells, len(control_z) // 2 if debiased else len(control_z))
-    if n < 1:
-        raise ParameterError(f"{len(control_z)} control cells kept: too few for optimal transport")
     for name, target in latents.items():
         if len(target) == 0:
             continue
+        control_z = sources[name]
+        n = min(config.ot_cells, len(control_z) // 2 if debiased else len(control_z))
+        if n < 1:
+            raise ParameterError(f"{len(control_z)} control cells kept: too few for optimal transport")
         order = rng.permutation(len(control_z))
         source = control_z[np.sort(order[:n])]
         reference = control_z[np.sort(order[n : 2 * n])] if debiased else None
@@ -386,15 +567,15 @@ def cells_fit(
     *,
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
+    context_key: str | None = None,
     pseudobulk: xr.Dataset | str | None = None,
-    n_top_genes: NTopGenes = "default",
-    input: InputKindOption = "auto",
+    pseudobulk_options: Mapping[str, Any] | None = None,
     perturbations: Sequence[str] | None = None,
     missing: MissingPolicy = "drop",
     gene_map: GeneMap = None,
     config: CellsConfig | None = None,
     seed: int = 0,
-    block_rows: int = CELL_BLOCK_ROWS,
+    block_rows: int | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> CellsModel:
@@ -408,13 +589,23 @@ def cells_fit(
         Embedding path(s)/URL(s) (several are concatenated) or a table.
     perturbation_key, control
         The ``obs`` column of labels and the control label.
+    context_key
+        ``obs`` column of the cells' context (cell line): a perturbation's
+        cells in a context are moved from the control cells of the same
+        context (the OT source), and predictions start from them too. One
+        VAE and one head serve every context.
     pseudobulk
-        The screen's pseudo-bulk (store or Dataset); by default the pass
-        computes it (``n_top_genes``, ``input`` as :func:`.pseudobulk.pseudobulk`).
-        Its genes and normalisation are the model's.
+        The screen's pseudo-bulk (store or Dataset), made with the same
+        ``perturbation_key``, ``control`` and ``context_key``; by default
+        the pass computes it. Its genes, normalisation (``input``,
+        ``target_sum``), ``layer`` and ``obs_filter`` are the model's.
+    pseudobulk_options
+        The other parameters of the pass, by name
+        (:class:`.pp.params.PseudobulkParams`: ``n_top_genes``, ``layer``,
+        ``obs_filter``, ``target_sum``, ...).
     perturbations
-        Train on these only (canonical names); default every perturbation
-        with an embedding vector.
+        Train on these only (canonical names; in every context); default
+        every perturbation with an embedding vector.
     missing, gene_map
         See :func:`.embeddings.featurize`.
     config
@@ -422,34 +613,36 @@ def cells_fit(
     seed
         Seed of every random choice (minibatches, samples, initial weights).
     block_rows
-        Rows per block read from the screen.
+        Rows per block read from the screen (default
+        :data:`.stream.CELL_BLOCK_ROWS`; the pass's are sized by it).
     storage_options, progress
         fsspec options; a progress bar for the pass.
     """
     config = (config or CellsConfig()).check()
     prepared = prepare(screen, embeddings, perturbation_key=perturbation_key, control=control,
-                       pseudobulk=pseudobulk, n_top_genes=n_top_genes, input=input, missing=missing,
-                       gene_map=gene_map, seed=seed, block_rows=block_rows,
-                       storage_options=storage_options, progress=progress)
+                       context_key=context_key, pseudobulk=pseudobulk,
+                       pseudobulk_options=pseudobulk_options, missing=missing, gene_map=gene_map,
+                       seed=seed, block_rows=block_rows, storage_options=storage_options,
+                       progress=progress)
     return fit_on(prepared, training_rows(prepared.perturbations, perturbations), config, seed=seed)
 
 
 def training_rows(names: Sequence[str], chosen: Sequence[str] | None) -> np.ndarray:
-    """Indices of ``chosen`` in ``names`` (all when ``None``)."""
+    """Indices of the rows of ``names`` that are ``chosen`` (all when ``None``)."""
     if chosen is None:
         return np.arange(len(names))
-    index = pd.Index(names).get_indexer(list(chosen))
-    if np.any(index < 0):
-        absent = [c for c, i in zip(chosen, index) if i < 0]
+    absent = sorted(set(chosen) - set(names))
+    if absent:
         raise LabelError(f"perturbations to train on are not in the pseudo-bulk with an embedding: "
-                         f"{', '.join(absent[:10])}")
-    return np.sort(index)
+                         f"{listing(absent)}")
+    return np.flatnonzero(np.isin(np.asarray(names, dtype=object), list(chosen)))
 
 
 def cells_predict(
     model: CellsModel,
     perturbations: Sequence[str],
     *,
+    contexts: Sequence[str] | None = None,
     embeddings: Embeddings | None = None,
     n_cells: int = 500,
     seed: int = 0,
@@ -460,8 +653,29 @@ def cells_predict(
 ) -> ad.AnnData:
     """Predicted cells of perturbations (``A`` or ``A+B``), seen or unseen.
 
-    Every perturbation gets ``n_cells`` kept control cells (fewer if fewer
-    are kept), drawn with ``seed``, moved by its shift and decoded.
+    In every context, every perturbation gets ``n_cells`` kept control cells
+    of that context (fewer if fewer are kept), drawn with ``seed``, moved by
+    its shift and decoded. :func:`predicted_parts` gives the same cells a
+    perturbation at a time.
+
+    Parameters
+    ----------
+    model
+        A fitted model (:func:`cells_fit`, or :func:`.persist.load_cells_model`).
+    perturbations
+        What to predict.
+    contexts
+        The contexts to predict in (names of ``model.contexts``); default all.
+    embeddings
+        The embedding table; default the model's (a loaded model has none:
+        give the table it was fitted with).
+    n_cells, seed
+        Cells per perturbation and context; the seed of their choice.
+    include_control
+        Put the kept control cells first, unchanged, labelled with the
+        control label (cell-eval wants them).
+    missing, gene_map, storage_options
+        See :func:`.embeddings.featurize`; fsspec options.
 
     Returns
     -------
@@ -469,32 +683,110 @@ def cells_predict(
         Cells × the model's genes, non-negative log-expression; ``obs``:
         ``model.perturbation_key`` (the screen's label where it has one),
         ``control_cell`` (the screen row of the control cell it came from),
-        ``is_control``. With ``include_control`` the kept control cells come
-        first, unchanged, labelled with the control label (cell-eval wants them).
+        ``is_control``, and with contexts ``model.context_key``.
     """
+    features = prediction_features(model, perturbations, embeddings=embeddings, missing=missing,
+                                   gene_map=gene_map, seed=seed, storage_options=storage_options)
+    parts = list(predicted_parts(model, features, contexts=contexts, n_cells=n_cells, seed=seed,
+                                 include_control=include_control))
+    return cells_anndata(
+        np.concatenate([part.x for part in parts]), [l for part in parts for l in part.labels],
+        np.concatenate([part.rows for part in parts]), genes=model.genes,
+        key=model.perturbation_key, control=model.control,
+        obs=context_obs(model, np.concatenate([part.context for part in parts])),
+        uns=model_uns(model),
+    )
+
+
+@dataclass(frozen=True)
+class CellsPart:
+    """Predicted cells of one perturbation in one context (or the kept
+    control cells): expression, labels, control rows and context indices."""
+
+    x: np.ndarray
+    labels: list[str]
+    rows: np.ndarray
+    context: np.ndarray
+
+
+def prediction_features(
+    model: CellsModel,
+    perturbations: Sequence[str],
+    *,
+    embeddings: Embeddings | None = None,
+    missing: MissingPolicy = "error",
+    gene_map: GeneMap = None,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> Features:
+    """The features of perturbations to predict (see :func:`cells_predict`)."""
     if not perturbations:
         raise ParameterError("give at least one perturbation to predict")
+    return featurize(prediction_table(model, embeddings, storage_options), list(perturbations),
+                     missing=missing, gene_map=as_gene_map(gene_map, storage_options), seed=seed)
+
+
+def predicted_parts(
+    model: CellsModel,
+    features: Features,
+    *,
+    contexts: Sequence[str] | None = None,
+    n_cells: int = 500,
+    seed: int = 0,
+    include_control: bool = True,
+) -> Iterator[CellsPart]:
+    """The cells of :func:`cells_predict` (its arguments), a perturbation and
+    context at a time, from :func:`prediction_features`."""
     check_positive("--n-cells", n_cells, integer=True)
-    table = model.embedding if embeddings is None else as_table(embeddings, storage_options)
-    features = featurize(table, list(perturbations), missing=missing,
-                         gene_map=as_gene_map(gene_map, storage_options), seed=seed)
+    chosen = [model.context_index(c) for c in contexts] if contexts else range(len(model.contexts))
     rng = np.random.default_rng([seed, 3])
-    blocks, names, rows = [], [], []
     if include_control:
-        blocks.append(model.control_x)
-        names += [model.control] * len(model.control_x)
-        rows.append(model.control_rows)
+        yield CellsPart(model.control_x, [model.control] * len(model.control_x), model.control_rows,
+                        model.control_context)
     G = features.rows().astype(np.float32)
-    for name, g in zip(features.perturbations, G):
-        kept = len(model.control_z)
-        picked = np.sort(rng.choice(kept, min(n_cells, kept), replace=False))
-        blocks.append(model.move(g, picked))
-        names += [model.labels.get(name, name)] * len(picked)
-        rows.append(model.control_rows[picked])
-    uns = {"model": "latent_ot", "trained_on": list(model.trained_on),
-           "config": {k: v for k, v in asdict(model.config).items() if v is not None}}
-    return cells_anndata(np.concatenate(blocks), names, np.concatenate(rows), genes=model.genes,
-                         key=model.perturbation_key, control=model.control, uns=uns)
+    for c in chosen:
+        kept = model.controls_in(c)
+        for name, g in zip(features.perturbations, G):
+            picked = np.sort(rng.choice(kept, min(n_cells, len(kept)), replace=False))
+            yield CellsPart(model.move(g, picked), [model.labels.get(name, name)] * len(picked),
+                            model.control_rows[picked], np.full(len(picked), c))
+
+
+def prediction_table(model: CellsModel, embeddings: Embeddings | None,
+                     storage_options: dict[str, Any] | None) -> EmbeddingTable:
+    """The embedding table to predict with, checked against the model's.
+
+    Raises
+    ------
+    ParameterError
+        If none is given and the model carries none (a loaded model).
+    EmbeddingError
+        If its dimension is not the model's.
+    """
+    fitted = " + ".join(str(s.get("path")) for s in model.embedding_sources) or "(unknown)"
+    if embeddings is None:
+        if model.embedding is None:
+            raise ParameterError(f"the cell model does not carry its embedding table; give the "
+                                 f"one it was fitted with ({fitted})")
+        return model.embedding
+    table = as_table(embeddings, storage_options)
+    given = " + ".join(str(s.get("path")) for s in table.sources)
+    check_dimension(model.head.condition.in_features, table.dim, f"{given} (the model's: {fitted})")
+    return table
+
+
+def context_obs(model: CellsModel, context: np.ndarray) -> dict[str, Any]:
+    """``obs`` columns naming the cells' contexts (none without contexts)."""
+    if model.context_key is None:
+        return {}
+    return {model.context_key: pd.Categorical.from_codes(context, categories=list(model.contexts))}
+
+
+def model_uns(model: CellsModel, name: str = "latent_ot") -> dict[str, Any]:
+    """What ``uns`` says of the model that predicted the cells."""
+    return {"model": name, "trained_on": list(model.trained_on),
+            "config": {k: v for k, v in asdict(model.config).items() if v is not None},
+            **({"context_key": model.context_key} if model.context_key else {})}
 
 
 def cells_anndata(
@@ -505,15 +797,32 @@ def cells_anndata(
     genes: pd.Index,
     key: str,
     control: str,
-    obs: dict[str, np.ndarray] | None = None,
+    obs: dict[str, Any] | None = None,
     uns: dict[str, Any] | None = None,
 ) -> ad.AnnData:
-    """Predicted cells as AnnData: ``obs[key]`` the labels, ``control_cell``,
-    ``is_control`` and ``obs``; ``var`` the genes; ``uns["genepert_scale"]``."""
-    table = pd.DataFrame({key: pd.Categorical(labels),
-                          "control_cell": np.asarray(control_rows, dtype=np.int64),
-                          "is_control": np.asarray(labels) == control, **(obs or {})},
-                         index=pd.Index([f"pred{i}" for i in range(len(labels))]))
-    return ad.AnnData(X=np.asarray(x, dtype=np.float32), obs=table,
-                      var=pd.DataFrame(index=pd.Index(genes.astype(str), name="gene")),
-                      uns={"genepert_scale": {"control": control, **(uns or {})}})
+    """Predicted cells as AnnData: ``obs`` as :func:`cells_obs`; ``var`` the
+    genes; ``uns["genepert_scale"]``."""
+    return ad.AnnData(X=np.asarray(x, dtype=np.float32),
+                      obs=cells_obs(labels, control_rows, key=key, control=control, obs=obs),
+                      var=genes_var(genes), uns={"genepert_scale": {"control": control, **(uns or {})}})
+
+
+def cells_obs(
+    labels: Sequence[str] | pd.Categorical,
+    control_rows: np.ndarray,
+    *,
+    key: str,
+    control: str,
+    obs: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """``obs`` of predicted cells: ``obs[key]`` the labels, ``control_cell``
+    (the screen row each came from), ``is_control``, and ``obs``."""
+    labels = pd.Categorical(labels)
+    return pd.DataFrame({key: labels, "control_cell": np.asarray(control_rows, dtype=np.int64),
+                         "is_control": np.asarray(labels == control), **(obs or {})},
+                        index=pd.Index([f"pred{i}" for i in range(len(labels))]))
+
+
+def genes_var(genes: pd.Index) -> pd.DataFrame:
+    """``var`` of predicted cells: the genes."""
+    return pd.DataFrame(index=pd.Index(genes.astype(str), name="gene"))

@@ -16,7 +16,9 @@ embedding ``g`` of the perturbation and ``h₁ = σ(A z + a)``:
 * ``concat``: ``h = σ(A [z; c] + a)`` (``c`` of ``condition_dim``);
 
 then ``Δz = B σ(M h + m)``. ``B`` starts at zero, so the untrained head
-predicts no shift.
+predicts no shift. A one-hot head (``n_conditions``) replaces ``W g`` by a
+learned vector per perturbation (an embedding table indexed by the
+perturbation's number): the condition of ``latent_ot_onehot``.
 """
 
 from __future__ import annotations
@@ -93,16 +95,20 @@ def vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, log_var: to
 
 
 class ShiftHead(nn.Module):
-    """``f(z, c_p) → Δz`` with the condition injected as ``injection`` says."""
+    """``f(z, c_p) → Δz`` with the condition injected as ``injection`` says;
+    ``c_p`` a projection of an embedding row, or with ``n_conditions`` a
+    learned vector per condition number (``embedding_dim`` is then unused)."""
 
     def __init__(self, latent_dim: int, embedding_dim: int, *, hidden: int = 128,
-                 condition_dim: int = 32, injection: Injection = "additive"):
+                 condition_dim: int = 32, injection: Injection = "additive",
+                 n_conditions: int | None = None):
         super().__init__()
         if injection not in INJECTIONS:
             raise ValueError(f"injection {injection!r}: use one of {', '.join(INJECTIONS)}")
         self.injection = injection
         width = {"additive": hidden, "film": 2 * hidden, "concat": condition_dim}[injection]
-        self.condition = nn.Linear(embedding_dim, width)
+        self.condition = (nn.Embedding(n_conditions, width) if n_conditions
+                          else nn.Linear(embedding_dim, width))
         self.first = nn.Linear(latent_dim + (condition_dim if injection == "concat" else 0), hidden)
         self.middle = nn.Linear(hidden, hidden)
         self.last = nn.Linear(hidden, latent_dim)
@@ -158,7 +164,7 @@ def train_head(
     z: np.ndarray,
     shift: np.ndarray,
     condition: np.ndarray,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | None,
     *,
     epochs: int,
     batch_size: int,
@@ -167,13 +173,15 @@ def train_head(
     rng: np.random.Generator,
     device: torch.device,
 ) -> list[float]:
-    """Fit ``head(z, embeddings[condition]) ≈ shift`` by minibatch AdamW on
+    """Fit ``head(z, embeddings[condition]) ≈ shift`` (a one-hot head:
+    ``head(z, condition)``, ``embeddings`` ``None``) by minibatch AdamW on
     the squared error; the mean loss of every epoch."""
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(device)
-               for a in (z.astype(np.float32), shift.astype(np.float32),
-                         embeddings.astype(np.float32))]
-    z_t, shift_t, embeddings_t = tensors
+    z_t, shift_t = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+                    for a in (z, shift))
     condition_t = torch.from_numpy(condition.astype(np.int64)).to(device)
+    if embeddings is not None:
+        condition_t = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(
+            device)[condition_t]
     optimiser = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
     head.train()
     history = []
@@ -182,7 +190,7 @@ def train_head(
         total = 0.0
         for first in range(0, len(z), batch_size):
             rows = order[first : first + batch_size]
-            predicted = head(z_t[rows], embeddings_t[condition_t[rows]])
+            predicted = head(z_t[rows], condition_t[rows])
             loss = (predicted - shift_t[rows]).pow(2).sum(dim=1).mean()
             optimiser.zero_grad()
             loss.backward()
@@ -212,7 +220,12 @@ def decode(vae: Vae, z: np.ndarray, device: torch.device) -> np.ndarray:
 
 @torch.no_grad()
 def apply_head(head: ShiftHead, z: np.ndarray, embedding: np.ndarray, device: torch.device) -> np.ndarray:
-    """``f(z, c_p)`` for latents ``z`` and one embedding row (or one per row)."""
+    """``f(z, c_p)`` for latents ``z`` and one embedding row (or one per
+    row); for a one-hot head, one condition number (or one per row)."""
     z_t = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(device)
-    g = np.broadcast_to(np.asarray(embedding, dtype=np.float32), (len(z), head.condition.in_features))
+    if isinstance(head.condition, nn.Embedding):
+        g = np.broadcast_to(np.asarray(embedding, dtype=np.int64), (len(z),))
+    else:
+        g = np.broadcast_to(np.asarray(embedding, dtype=np.float32),
+                            (len(z), head.condition.in_features))
     return head(z_t, torch.from_numpy(np.ascontiguousarray(g)).to(device)).cpu().numpy()

@@ -20,7 +20,6 @@ are selected), so a cell here is a cell of the pseudo-bulk's means.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,9 @@ import xarray as xr
 from ...errors import LabelError, ParameterError, StoreError, listing
 from ...io.screen import Screen, open_screen
 from ...pp import kernels
+from ...pp.aggregate import CONTROL_CONTEXT, kept_by_filter
 from ...pp.labels import canonical, parse_label
+from ...pp.params import recorded_run
 from ...pp.reduce import BlockRef, block_refs
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,25 @@ class CellSource:
     target_sum
         Counts per cell after normalisation.
     group
-        Per cell: the index of its perturbation in ``perturbations``,
-        :data:`CONTROL`, or :data:`NO_GROUP`.
+        Per cell: its row (an index into ``perturbations``), :data:`CONTROL`,
+        or :data:`NO_GROUP` (also for cells the pseudo-bulk's ``obs_filter``
+        rejects, and cells of no context the pseudo-bulk holds).
     perturbations
-        Canonical perturbation names (rows of ``group``).
+        Canonical perturbation name of every row (repeated across contexts).
     labels
         Canonical name → the screen's own label (the control's too).
     control
         The control label.
     key
         The ``obs`` column of the labels.
+    context
+        Per cell: the index of its context in ``contexts`` (``-1``: none).
+    contexts
+        The contexts (``(None,)`` for a pseudo-bulk without contexts).
+    row_context
+        The context (index into ``contexts``) of every row.
+    context_key
+        The ``obs`` column of the contexts, or ``None``.
     """
 
     screen: Screen
@@ -97,14 +107,28 @@ class CellSource:
     labels: dict[str, str]
     control: str
     key: str
+    context: np.ndarray
+    contexts: tuple[str | None, ...]
+    row_context: np.ndarray
+    context_key: str | None = None
 
     @property
     def n_genes(self) -> int:
         return len(self.columns)
 
-    def cells_of(self, perturbation: int) -> np.ndarray:
-        """Row indices of the cells of a perturbation (or :data:`CONTROL`)."""
-        return np.flatnonzero(self.group == perturbation)
+    def cells_of(self, perturbation: int, context: int | None = None) -> np.ndarray:
+        """Screen rows of the cells of a row of ``perturbations`` (or of
+        :data:`CONTROL`, in ``context`` when given)."""
+        chosen = self.group == perturbation
+        if context is not None:
+            chosen &= self.context == context
+        return np.flatnonzero(chosen)
+
+    def row_name(self, row: int) -> str:
+        """A row's name in messages and reports: ``CONTEXT/PERTURBATION`` with contexts."""
+        context = self.contexts[self.row_context[row]]
+        name = self.perturbations[row]
+        return name if context is None else f"{context}/{name}"
 
     def read(self, block: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Dense ``float32`` log-normalised expression of a block's rows
@@ -185,26 +209,35 @@ def open_cells(
     *,
     perturbation_key: str,
     control: str,
+    row_contexts: Sequence[str] | None = None,
     block_rows: int = CELL_BLOCK_ROWS,
     storage_options: dict[str, Any] | None = None,
 ) -> CellSource:
-    """A :class:`CellSource` over ``screen`` with the genes, input kind and
-    normalisation of ``pseudobulk`` (computed from this screen).
+    """A :class:`CellSource` over ``screen`` with the genes, input kind,
+    normalisation, layer, cell filter and contexts of ``pseudobulk``
+    (computed from this screen; its recorded parameters say which).
 
     Parameters
     ----------
     screen
-        An opened screen or its path/URL (opened with ``block_rows`` rows per block).
+        An opened screen or its path/URL (opened with ``block_rows`` rows
+        per block, and the pseudo-bulk's ``layer``).
     pseudobulk
         The screen's pseudo-bulk (:func:`.pseudobulk.pseudobulk` or a store).
     perturbations
-        The perturbations to use (canonical names, rows of the pseudo-bulk);
-        the cells of any other perturbation are :data:`NO_GROUP`.
+        The rows to use: canonical perturbation names (rows of the
+        pseudo-bulk); the cells of any other perturbation are :data:`NO_GROUP`.
     perturbation_key, control
         The ``obs`` column of labels and the control label.
+    row_contexts
+        With a pseudo-bulk made with ``context_key``: the context of every
+        row of ``perturbations``.
     """
+    run = recorded_run(pseudobulk.attrs)["parameters"]
+    context_key = run.get("context_key")
     if isinstance(screen, str):
-        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows)
+        screen = open_screen(screen, storage_options=storage_options, block_rows=block_rows,
+                             layer=run.get("layer"))
     genes = pd.Index([str(g) for g in pseudobulk["gene"].values])
     columns = screen.var_names.get_indexer(genes)
     if np.any(columns < 0):
@@ -213,15 +246,57 @@ def open_cells(
             f"{screen.source}: {len(missing)} genes of the pseudo-bulk are not in the screen's var "
             f"({listing(missing)}); give the pseudo-bulk computed from this screen"
         )
-    group, labels = cell_groups(screen.obs_column(perturbation_key), control, perturbations,
-                                column=perturbation_key)
+    names = list(dict.fromkeys(perturbations))
+    code, labels = cell_groups(screen.obs_column(perturbation_key), control, names,
+                               column=perturbation_key)
+    contexts, context, row_context = _contexts(screen, pseudobulk, context_key, row_contexts,
+                                               len(perturbations))
+    group = _rows_of_cells(code, context, names, perturbations, row_context, len(contexts))
+    keep = kept_by_filter(screen, run.get("obs_filter"))
+    if keep is not None:
+        group[~keep] = NO_GROUP
     bounds, refs = block_refs(screen)
-    parameters = json.loads(pseudobulk.attrs.get("parameters", "{}"))
     return CellSource(
         screen, bounds, refs, columns, genes, pseudobulk.attrs.get("input_kind", "counts"),
-        float(parameters.get("target_sum", 1e4)), group, list(perturbations), labels, control,
-        perturbation_key,
+        float(run.get("target_sum") or 1e4), group, list(perturbations), labels, control,
+        perturbation_key, context, contexts, row_context, context_key,
     )
+
+
+def _contexts(
+    screen: Screen,
+    pseudobulk: xr.Dataset,
+    context_key: str | None,
+    row_contexts: Sequence[str] | None,
+    n_rows: int,
+) -> tuple[tuple[str | None, ...], np.ndarray, np.ndarray]:
+    """The contexts, every cell's context and every row's (indices)."""
+    if context_key is None:
+        return (None,), np.zeros(screen.n_obs, dtype=np.int64), np.zeros(n_rows, dtype=np.int64)
+    contexts = tuple(str(c) for c in pseudobulk[CONTROL_CONTEXT].values)
+    if row_contexts is None or len(row_contexts) != n_rows:
+        raise ParameterError(f"the pseudo-bulk has contexts (obs[{context_key!r}]): give the "
+                             "context of every perturbation row")
+    index = pd.Index(contexts)
+    row_context = index.get_indexer([str(c) for c in row_contexts])
+    if np.any(row_context < 0):
+        raise LabelError(f"contexts {listing(sorted(set(row_contexts) - set(contexts)))} are not "
+                         f"contexts of the pseudo-bulk ({listing(contexts)})")
+    cat = pd.Categorical(screen.obs_column(context_key, option="--context-key"))
+    of_category = np.append(index.get_indexer(cat.categories.astype(str)), -1)
+    return contexts, of_category[cat.codes].astype(np.int64), row_context.astype(np.int64)
+
+
+def _rows_of_cells(code: np.ndarray, context: np.ndarray, names: list[str],
+                   rows: Sequence[str], row_context: np.ndarray, n_contexts: int) -> np.ndarray:
+    """Every cell's row from its perturbation ``code`` (an index into
+    ``names``, or :data:`CONTROL` / :data:`NO_GROUP`) and its ``context``."""
+    table = np.full((n_contexts, len(names) + 2), NO_GROUP, dtype=np.int64)
+    table[:, CONTROL] = CONTROL  # the last two columns: codes -1 (control) and -2 (none)
+    position = {name: i for i, name in enumerate(names)}
+    for row, (name, c) in enumerate(zip(rows, row_context)):
+        table[c, position[name]] = row
+    return np.where(context >= 0, table[np.maximum(context, 0), code], NO_GROUP)
 
 
 def cell_groups(
