@@ -442,3 +442,30 @@ def test_evaluate_and_report_with_contexts_from_the_command_line(lines_store, tm
                  "--out", str(tmp_path / "rpe1"), "--no-progress"]) == 0
     assert "contexts" not in json.loads((tmp_path / "rpe1" / "metrics.json").read_text())
 
+
+def test_run_config_chooses_a_context_or_the_context_split(lines_store, tmp_path):
+    from genepert_scale.cli.config import load_config
+    from genepert_scale.cli.pipeline import STAGES, StageRun
+    from genepert_scale.errors import ParameterError
+
+    path, emb, ds, _ = lines_store
+
+    def config(evaluate: str):
+        text = (f'[input]\nurl = "{path}"\n[embeddings]\npaths = ["{emb}"]\n[output]\ndir = "{tmp_path}"\n'
+                f"[evaluate]\nfolds = 3\nalphas = [1.0]\n{evaluate}")
+        (tmp_path / "run.toml").write_text(text)
+        return load_config(str(tmp_path / "run.toml"))
+
+    stages = {stage.name: stage for stage in STAGES}
+    inputs = {"pseudobulk": path, "embeddings": (emb,)}
+    stages["evaluate"].run(StageRun(config('split = "context"\n'), inputs, str(tmp_path / "held"), False))
+    assert json.loads((tmp_path / "held" / "metrics.json").read_text())["parameters"]["split"] == "context"
+    one = config('context = "K562"\n')
+    stages["evaluate"].run(StageRun(one, inputs, str(tmp_path / "k562"), False))
+    assert json.loads((tmp_path / "k562" / "metrics.json").read_text())["parameters"]["n_perturbations"] == sum(
+        ds.context.values == "K562")
+    stages["fit"].run(StageRun(one, inputs, str(tmp_path / "model.zarr"), False))
+    with pytest.raises(ParameterError, match=r"split = \"context\" .* takes no context key"):
+        config('context = "K562"\nsplit = "context"\n')
+    with pytest.raises(ParameterError, match="not 'HELA'"):
+        stages["fit"].run(StageRun(config('context = "HELA"\n'), inputs, str(tmp_path / "m2.zarr"), False))

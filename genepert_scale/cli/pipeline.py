@@ -328,14 +328,22 @@ def _model_params(config: RunConfig) -> dict[str, Any]:
     return {**asdict(config.evaluate), "missing": emb.missing, "gene_map": emb.gene_map}
 
 
+def _fit_params(config: RunConfig) -> dict[str, Any]:
+    """:func:`_model_params` but the split, which fit does not use."""
+    return {k: v for k, v in _model_params(config).items() if k != "split"}
+
+
 def _model_inputs(run: StageRun) -> tuple[Any, Any, dict[str, Any]]:
     """The pseudo-bulk Dataset, the embedding table and the options shared by
     the model stages."""
     from ..tl.embeddings import load_embeddings
-    from ..pp.aggregate import open_pseudobulk
+    from ..pp.aggregate import one_context, open_pseudobulk
 
     config = run.config
     pseudobulk = open_pseudobulk(run.inputs["pseudobulk"], config.output.storage_options)
+    if config.evaluate.context is not None:
+        pseudobulk = one_context(pseudobulk, config.evaluate.context,
+                                 f"{run.inputs['pseudobulk']} (config {config.source}, [evaluate] context)")
     table = load_embeddings(run.inputs["embeddings"], storage_options=config.embeddings.storage_options)
     options = {
         "alphas": config.evaluate.alphas, "n_folds": config.evaluate.folds,
@@ -353,7 +361,8 @@ def _run_evaluate(run: StageRun) -> None:
 
     pseudobulk, table, options = _model_inputs(run)
     limit = run.config.cluster.memory_limit
-    result = evaluate(pseudobulk, table, memory_limit=None if limit == "auto" else limit,
+    result = evaluate(pseudobulk, table, split=run.config.evaluate.split,
+                      memory_limit=None if limit == "auto" else limit,
                       scratch=local_parent(run.output), **options)
     write_report(result, run.output, overwrite=True,
                  storage_options=run.config.output.storage_options)
@@ -396,7 +405,7 @@ def default_until(config: RunConfig) -> str:
 STAGES: tuple[Stage, ...] = (
     Stage("pseudobulk", "pseudobulk.zarr", ("screen",), _pseudobulk_fingerprint, _run_pseudobulk),
     Stage("evaluate", "evaluate", ("pseudobulk", "embeddings"), _model_params, _run_evaluate),
-    Stage("fit", "model.zarr", ("pseudobulk", "embeddings"), _model_params, _run_fit),
+    Stage("fit", "model.zarr", ("pseudobulk", "embeddings"), _fit_params, _run_fit),
     Stage("predict", "predictions.zarr", ("fit", "embeddings"),
           lambda config: {"perturbations": list(config.predict.perturbations),
                           "missing": config.embeddings.missing}, _run_predict),
