@@ -225,3 +225,247 @@ def test_the_compiled_knockdown_record_equals_numpy():
     for a, b in zip(compiled, numpy):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert compiled[0][groups.perturbation == "G3+NOPE", 1] == 0  # an unmeasured target
+
+
+# ---------------------------------------------------------------- evaluation across contexts
+
+CONTEXTS = ("K562", "RPE1", "HEPG2")
+
+
+def context_store(path, contexts=CONTEXTS, empty=("U937",), seed=5):
+    """A pseudo-bulk of ``contexts`` over perturbations G0..G23 (each context
+    lacks every fifth; G22 is perturbed in HEPG2 only), deltas linear in the
+    embedding with a map per context; ``empty``: contexts with a control and
+    no perturbation. Returns the Dataset and the unit embedding rows by gene."""
+    import xarray as xr
+
+    from genepert_scale.io.encodings import PSEUDOBULK
+    from genepert_scale.tl.embeddings import normalize_rows
+
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(24)]
+    unit = normalize_rows(rng.normal(size=(24, 6)))
+    shared = rng.normal(size=(6, 20))
+    names, lines, deltas = [], [], []
+    for c, line in enumerate(contexts):
+        own = shared + 0.5 * rng.normal(size=(6, 20))
+        for i, gene in enumerate(genes):
+            if (i + c) % 5 and (gene != "G22" or line == "HEPG2"):
+                names.append(gene)
+                lines.append(line)
+                deltas.append(unit[i] @ own + 0.05 * rng.normal(size=20))
+    delta, every = np.array(deltas), [*contexts, *empty]
+    ds = xr.Dataset(
+        {"delta": (("perturbation", "gene"), delta), "mean": (("perturbation", "gene"), delta + 1),
+         "n_cells": ("perturbation", np.full(len(names), 40)),
+         "control_mean": ((CONTROL_CONTEXT, "gene"), np.repeat(1.0 + np.arange(len(every)), 20).reshape(-1, 20)),
+         "n_control_cells": (CONTROL_CONTEXT, np.full(len(every), 100))},
+        coords={"perturbation": np.array(names, dtype=object),
+                "context": ("perturbation", np.array(lines, dtype=object)),
+                "gene": np.array([f"R{j}" for j in range(20)], dtype=object),
+                CONTROL_CONTEXT: np.array(every, dtype=object)},
+        attrs=PSEUDOBULK.attrs(),
+    )
+    from genepert_scale.pp.aggregate import write_pseudobulk
+
+    write_pseudobulk(ds, str(path), overwrite=True)
+    return ds, dict(zip(genes, unit))
+
+
+@pytest.fixture(scope="module")
+def lines_store(tmp_path_factory):
+    import pickle
+
+    tmp = tmp_path_factory.mktemp("lines")
+    ds, unit = context_store(tmp / "pb.zarr")
+    vectors = np.random.default_rng(5).normal(size=(24, 6))  # unit = these, normalised
+    (tmp / "emb.pkl").write_bytes(pickle.dumps({f"G{i}": list(v) for i, v in enumerate(vectors)}))
+    return str(tmp / "pb.zarr"), str(tmp / "emb.pkl"), ds, unit
+
+
+def predicted(result, model: str, context: str) -> pd.DataFrame:
+    """One model's stored predictions of one context, by perturbation."""
+    p = result.predictions
+    rows = p["context"].values == context
+    return pd.DataFrame(p["prediction"].sel(model=model).values[rows],
+                        index=p["perturbation"].values[rows])
+
+
+def test_evaluate_runs_the_split_within_each_context_and_pools(lines_store):
+    from genepert_scale.pp.aggregate import one_context
+    from genepert_scale.tl.evaluate import evaluate
+
+    path, emb, ds, _ = lines_store
+    options = {"n_folds": 3, "seed": 1, "knn_k": (1,), "progress": False}
+    result = evaluate(path, emb, **options)
+    assert list(result.contexts) == list(CONTEXTS)
+    assert result.parameters["contexts"] == {"mode": "within", "evaluated": list(CONTEXTS),
+                                             "without_perturbations": ["U937"]}
+    table = result.per_perturbation
+    assert list(table.columns[:3]) == ["context", "perturbation", "fold"]
+    for line in CONTEXTS:  # the same as --context LINE, one at a time
+        alone = evaluate(one_context(ds, line), emb, **options)
+        part = table[table.context == line].drop(columns="context").reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, alone.per_perturbation)
+        assert result.contexts[line].summary == alone.summary
+        np.testing.assert_array_equal(result.predictions["control_mean"].sel({CONTROL_CONTEXT: line}),
+                                      ds.control_mean.sel({CONTROL_CONTEXT: line}))
+    ridge = table[table.model == "genepert_ridge"]
+    pooled = result.summary["genepert_ridge"]["pearson_delta"]
+    assert pooled["n"] == len(ridge) == sum(ds.context.values != "U937")
+    assert pooled["mean"] == pytest.approx(ridge.pearson_delta.mean())
+    folds = ridge.groupby(["context", "fold"]).pearson_delta.mean()
+    assert len(folds) == 9 and pooled["fold_mean"] == pytest.approx(folds.mean())
+    assert result.baselines["matching_mean"]["n_scored"] == len(ridge)
+
+
+def hand_cross_context(ds, held_out: str) -> dict[str, np.ndarray]:
+    """Per perturbation of ``held_out``: its mean delta over the other
+    contexts where it was perturbed, else the mean of every training row."""
+    train = ds.context.values != held_out
+    names, delta = ds.perturbation.values, ds.delta.values
+    out = {}
+    for name in names[~train]:
+        rows = train & (names == name)
+        out[name] = delta[rows].mean(axis=0) if rows.any() else delta[train].mean(axis=0)
+    return out
+
+
+def test_context_split_against_direct_computations(lines_store):
+    from sklearn.linear_model import Ridge
+
+    from genepert_scale.tl.evaluate import evaluate
+
+    path, emb, ds, unit = lines_store
+    result = evaluate(path, emb, split="context", alphas=0.5, progress=False)
+    assert list(result.models) == ["genepert_ridge", "mean_baseline", "cross_context_baseline"]
+    names, lines, delta = ds.perturbation.values, ds.context.values, ds.delta.values
+    fell_back = {}
+    for line in CONTEXTS:
+        train, test = lines != line, lines == line
+        G = np.array([unit[n] for n in names])
+        ridge = Ridge(alpha=0.5).fit(G[train], delta[train]).predict(G[test])
+        np.testing.assert_allclose(predicted(result, "genepert_ridge", line).loc[names[test]], ridge,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(predicted(result, "mean_baseline", line).loc[names[test]],
+                                   np.tile(delta[train].mean(axis=0), (test.sum(), 1)), rtol=1e-5, atol=1e-6)
+        hand = hand_cross_context(ds, line)
+        np.testing.assert_allclose(predicted(result, "cross_context_baseline", line).loc[list(hand)],
+                                   np.array(list(hand.values())), rtol=1e-5, atol=1e-6)
+        fell_back[line] = int(sum(not (train & (names == n)).any() for n in names[test]))
+        notes = result.baselines["cross_context_baseline"]["per_context"][line]
+        assert notes["n_fell_back"] == fell_back[line] and notes["n_scored"] == test.sum()
+        assert result.contexts[line].fold_fits[0].alpha == 0.5
+    assert fell_back == {"K562": 0, "RPE1": 0, "HEPG2": 1}  # G22
+    assert result.baselines["cross_context_baseline"]["n_fell_back"] == 1
+    table = result.per_perturbation
+    assert set(table.loc[table.perturbation == "G22", "subgroup"]) == {"unseen_in_training_contexts"}
+    assert result.parameters["contexts"]["without_perturbations"] == ["U937"]
+    for line in CONTEXTS:  # the metrics of a context: its rows of the pooled table
+        own = table[(table.context == line) & (table.model == "genepert_ridge")].pearson_delta
+        assert result.contexts[line].summary["genepert_ridge"]["pearson_delta"]["mean"] == pytest.approx(own.mean())
+
+
+def test_no_row_of_the_held_out_context_enters_its_models(lines_store, tmp_path):
+    from genepert_scale.tl.evaluate import evaluate
+
+    path, emb, ds, _ = lines_store
+    changed = ds.copy(deep=True)
+    hepg2 = changed.context.values == "HEPG2"
+    changed["delta"].values[hepg2] = np.random.default_rng(9).normal(scale=3, size=(hepg2.sum(), 20))
+    options = {"split": "context", "alphas": [0.01, 0.1, 1.0, 10.0], "n_folds": 3, "progress": False}
+    before, after = evaluate(path, emb, **options), evaluate(changed, emb, **options)
+    # equal up to rounding: the training statistics are the total less the held-out context's
+    for model in before.models:
+        np.testing.assert_allclose(predicted(before, model, "HEPG2"), predicted(after, model, "HEPG2"),
+                                   rtol=1e-6, atol=1e-7)
+    fits = [f.contexts["HEPG2"].fold_fits[0] for f in (before, after)]
+    assert fits[0].alpha == fits[1].alpha
+    for column in ("train_mse", "inner_cv_pearson_delta", "inner_cv_mse"):
+        np.testing.assert_allclose(fits[0].path[column], fits[1].path[column], rtol=1e-10)
+    assert not np.allclose(fits[0].path["val_mse"], fits[1].path["val_mse"])  # the held-out rows did change
+    assert not np.allclose(predicted(before, "genepert_ridge", "K562"), predicted(after, "genepert_ridge", "K562"))
+
+
+def test_context_split_needs_two_contexts(lines_store, tmp_path):
+    from genepert_scale.errors import ParameterError
+    from genepert_scale.pp.aggregate import one_context
+    from genepert_scale.tl.evaluate import evaluate
+
+    _, emb, ds, _ = lines_store
+    context_store(tmp_path / "one.zarr", contexts=("K562",), empty=())
+    with pytest.raises(ParameterError, match=r"one.zarr holds one context \(K562\); --split context"):
+        evaluate(str(tmp_path / "one.zarr"), emb, split="context", progress=False)
+    with pytest.raises(ParameterError, match=r"one context \(RPE1\) was chosen: drop --context"):
+        evaluate(one_context(ds, "RPE1"), emb, split="context", progress=False)
+    context_store(tmp_path / "two.zarr", contexts=("K562", "RPE1"), empty=())
+    with pytest.raises(ParameterError, match="needs two contexts with perturbations .* K562 has them"):
+        evaluate(str(tmp_path / "two.zarr"), _only_k562_vectors(tmp_path), split="context", progress=False)
+
+
+def _only_k562_vectors(tmp_path) -> str:
+    """Vectors of the genes that only K562 perturbs (RPE1 lacks every fifth from G4)."""
+    import pickle
+
+    path = tmp_path / "k562.pkl"
+    path.write_bytes(pickle.dumps({g: [1.0, float(i)] for i, g in enumerate(["G4", "G9", "G14", "G19"])}))
+    return str(path)
+
+
+def test_evaluate_and_report_with_contexts_from_the_command_line(lines_store, tmp_path):
+    from genepert_scale.cli.commands import main
+
+    path, emb, ds, _ = lines_store
+    out = tmp_path / "held"
+    assert main(["evaluate", path, "--embeddings", emb, "--split", "context", "--alpha", "1", "--folds", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    document = json.loads((out / "metrics.json").read_text())
+    assert list(document["contexts"]) == list(CONTEXTS)
+    for line in CONTEXTS:
+        assert set(document["contexts"][line]) == {"genepert_ridge", "mean_baseline", "cross_context_baseline"}
+        assert document["contexts"][line]["genepert_ridge"]["alpha"]["chosen"] == [1.0]
+    assert document["models"]["genepert_ridge"]["pearson_delta"]["n"] == sum(ds.context.values != "U937")
+    assert document["baselines"]["cross_context_baseline"]["n_fell_back"] == 1
+    table = pd.read_csv(out / "per_perturbation.csv")
+    assert table.columns[0] == "context" and set(table.context) == set(CONTEXTS)
+    page = (out / "report.html").read_text()
+    assert "<h2>Contexts</h2>" in page and "Each context held out in turn" in page and "U937" in page
+    from genepert_scale.io.encodings import open_predictions
+
+    stored = open_predictions(str(out / "predictions.zarr"))
+    assert list(stored[CONTROL_CONTEXT].values) == list(CONTEXTS)
+    assert main(["evaluate", path, "--embeddings", emb, "--folds", "3", "--alpha", "1",
+                 "--out", str(tmp_path / "within"), "--no-progress"]) == 0
+    within = json.loads((tmp_path / "within" / "metrics.json").read_text())
+    assert within["parameters"]["contexts"]["mode"] == "within" and "knn_1" in within["contexts"]["RPE1"]
+    assert main(["evaluate", path, "--embeddings", emb, "--folds", "3", "--alpha", "1", "--context", "RPE1",
+                 "--out", str(tmp_path / "rpe1"), "--no-progress"]) == 0
+    assert "contexts" not in json.loads((tmp_path / "rpe1" / "metrics.json").read_text())
+
+
+def test_run_config_chooses_a_context_or_the_context_split(lines_store, tmp_path):
+    from genepert_scale.cli.config import load_config
+    from genepert_scale.cli.pipeline import STAGES, StageRun
+    from genepert_scale.errors import ParameterError
+
+    path, emb, ds, _ = lines_store
+
+    def config(evaluate: str):
+        text = (f'[input]\nurl = "{path}"\n[embeddings]\npaths = ["{emb}"]\n[output]\ndir = "{tmp_path}"\n'
+                f"[evaluate]\nfolds = 3\nalphas = [1.0]\n{evaluate}")
+        (tmp_path / "run.toml").write_text(text)
+        return load_config(str(tmp_path / "run.toml"))
+
+    stages = {stage.name: stage for stage in STAGES}
+    inputs = {"pseudobulk": path, "embeddings": (emb,)}
+    stages["evaluate"].run(StageRun(config('split = "context"\n'), inputs, str(tmp_path / "held"), False))
+    assert json.loads((tmp_path / "held" / "metrics.json").read_text())["parameters"]["split"] == "context"
+    one = config('context = "K562"\n')
+    stages["evaluate"].run(StageRun(one, inputs, str(tmp_path / "k562"), False))
+    assert json.loads((tmp_path / "k562" / "metrics.json").read_text())["parameters"]["n_perturbations"] == sum(
+        ds.context.values == "K562")
+    stages["fit"].run(StageRun(one, inputs, str(tmp_path / "model.zarr"), False))
+    with pytest.raises(ParameterError, match=r"split = \"context\" .* takes no context key"):
+        config('context = "K562"\nsplit = "context"\n')
+    with pytest.raises(ParameterError, match="not 'HELA'"):
+        stages["fit"].run(StageRun(config('context = "HELA"\n'), inputs, str(tmp_path / "m2.zarr"), False))

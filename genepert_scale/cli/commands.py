@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds over perturbations (kfold), or inner-CV folds choosing alpha")
     p.add_argument("--split", choices=SPLIT_KINDS, default="kfold",
                    help="kfold over perturbations, GEARS' simulation split (held-out genes, "
-                        "pairs by seen genes), or custom from --split-file")
+                        "pairs by seen genes), custom from --split-file (within each context of a "
+                        "store with contexts), or context: hold each context out in turn")
     p.add_argument("--split-file", help="custom split: CSV/TSV (perturbation, split = train/val/test "
                                         "or a fold number) or GEARS' JSON {train: [...], test: [...]}")
     p.add_argument("--test-share", type=float,
@@ -223,7 +224,7 @@ def add_prediction_options(p: argparse.ArgumentParser, model_help: str) -> None:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the steps that fit ridge models (evaluate, fit)."""
     p.add_argument("--context", help="the context to model, of a pseudo-bulk made with "
-                                     "--context-key (one at a time)")
+                                     "--context-key (evaluate: every context by default)")
     p.add_argument("--embeddings", action="append", required=True,
                    help="gene embedding table (path or URL), or pca:K (evaluate: top-K principal "
                         "components of each fold's training pseudo-bulk); repeat to concatenate")
@@ -452,13 +453,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 def summary_table(summary: dict, metrics: Sequence[str] = ("pearson_delta", "rmse_delta")) -> str:
     """A plain-text table: one row per model, mean ± std over folds of each metric."""
-    lines = [f"{'model':<18}" + "".join(f"{m:>24}" for m in metrics)]
+    width = max(18, *(len(model) + 2 for model in summary))
+    lines = [f"{'model':<{width}}" + "".join(f"{m:>24}" for m in metrics)]
     for model, values in summary.items():
         cells = []
         for m in metrics:
             mean, std = values[m]["fold_mean"], values[m]["fold_std"]
             cells.append("n/a" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}"))
-        lines.append(f"{model:<18}" + "".join(f"{c:>24}" for c in cells))
+        lines.append(f"{model:<{width}}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 
 

@@ -24,6 +24,8 @@ from ..io.store import is_url
 from ..tl.ridge import DEFAULT_ALPHAS, DEFAULT_SELECT_BY, SELECT_BY
 from ..validate import check_alphas
 
+#: The splits of ``[evaluate] split`` (``custom`` needs a split file: the command line's).
+CONFIG_SPLITS = ("kfold", "simulation", "context")
 #: The pseudo-bulk parameters given in ``[input]``, beside the screen.
 INPUT_PARAMETERS = ("perturbation_key", "control")
 
@@ -68,15 +70,19 @@ class EmbeddingsConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     """``[evaluate]``: cross-validation, the ridge penalty grid, what alpha
-    is chosen by (``select_by``: ``pearson_delta`` or ``mse``) and whether a
+    is chosen by (``select_by``: ``pearson_delta`` or ``mse``), whether a
     perturbation's own target genes are left out of its metrics
-    (``exclude_targets``, the evaluation stage only)."""
+    (``exclude_targets``, the evaluation stage only); for a pseudo-bulk with
+    contexts, the one ``context`` that evaluate and fit model, or the
+    ``split`` (``context``: each held out in turn)."""
 
     folds: int = _key(5, int)
     seed: int = _key(0, int)
     alphas: tuple[float, ...] = _key(DEFAULT_ALPHAS, list)
     select_by: str = _key(DEFAULT_SELECT_BY, str, SELECT_BY)
     exclude_targets: bool = _key(False, bool)
+    split: str = _key("kfold", str, CONFIG_SPLITS)
+    context: str | None = _key(None, str)
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,9 @@ def _check(config: RunConfig) -> None:
         )
     if config.evaluate.folds < 2:
         raise ParameterError(f"{where}: [evaluate] folds must be at least 2")
+    if config.evaluate.context is not None and config.evaluate.split == "context":
+        raise ParameterError(f"{where}: [evaluate] split = \"context\" holds each context out in turn; "
+                             "it takes no context key")
     alphas = config.evaluate.alphas
     if not all(isinstance(a, int | float) for a in alphas):
         raise ParameterError(f"{where}: [evaluate] alphas must be numbers, e.g. [0.1, 1, 10]")

@@ -330,9 +330,10 @@ def _evaluate_params(config: RunConfig) -> dict[str, Any]:
 
 
 def _fit_params(config: RunConfig) -> dict[str, Any]:
-    """The parameters of the fit stage: the evaluate stage's but those that only score."""
+    """The parameters of the fit stage: the evaluate stage's but those that only
+    score (``exclude_targets``) or split (``split``), which fit does not use."""
     params = _evaluate_params(config)
-    del params["exclude_targets"]
+    del params["exclude_targets"], params["split"]
     return params
 
 
@@ -340,10 +341,13 @@ def _model_inputs(run: StageRun) -> tuple[Any, Any, dict[str, Any]]:
     """The pseudo-bulk Dataset, the embedding table and the options shared by
     the model stages."""
     from ..tl.embeddings import load_embeddings
-    from ..pp.aggregate import open_pseudobulk
+    from ..pp.aggregate import one_context, open_pseudobulk
 
     config = run.config
     pseudobulk = open_pseudobulk(run.inputs["pseudobulk"], config.output.storage_options)
+    if config.evaluate.context is not None:
+        pseudobulk = one_context(pseudobulk, config.evaluate.context,
+                                 f"{run.inputs['pseudobulk']} (config {config.source}, [evaluate] context)")
     table = load_embeddings(run.inputs["embeddings"], storage_options=config.embeddings.storage_options)
     options = {
         "alphas": config.evaluate.alphas, "n_folds": config.evaluate.folds,
@@ -361,7 +365,8 @@ def _run_evaluate(run: StageRun) -> None:
 
     pseudobulk, table, options = _model_inputs(run)
     limit = run.config.cluster.memory_limit
-    result = evaluate(pseudobulk, table, memory_limit=None if limit == "auto" else limit,
+    result = evaluate(pseudobulk, table, split=run.config.evaluate.split,
+                      memory_limit=None if limit == "auto" else limit,
                       scratch=local_parent(run.output), exclude_targets=run.config.evaluate.exclude_targets,
                       **options)
     write_report(result, run.output, overwrite=True,

@@ -35,23 +35,15 @@ FILES = (
 
 def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
     """The content of ``metrics.json``: parameters, missing genes, and per
-    model the metric summaries (with bootstrap ``ci95`` of ``pearson_delta``
-    and ``rmse_delta``) and, for every model but the ridge, its
-    ``paired_test`` against the ridge. Every fitted model (the ridge,
-    ``pca_ridge``) also gets ``alpha`` (the rule, the grid and the alpha chosen
-    per fold) and ``folds``: every fold's alpha and alpha path (train,
-    validation and inner-CV MSE and Pearson delta per alpha). ``baselines``
-    says what the baselines scored or fell back on."""
-    models = {model: dict(metrics) for model, metrics in evaluation.summary.items()}
-    for model, fits in {RIDGE: evaluation.fold_fits, **evaluation.baseline_fits}.items():
-        models[model].update(alpha_document(fits, evaluation.parameters))
-    for model, tests in evaluation.paired_tests.items():
-        models[model]["paired_test"] = {"reference": RIDGE, "difference": f"{RIDGE} - {model}", **tests}
-    return {
+    model the metric summaries (:func:`model_documents`). ``baselines`` says
+    what the baselines scored or fell back on. With contexts, ``models``
+    pools every context's held-out perturbations and ``contexts`` gives the
+    model documents of each context (the alphas are there, not in ``models``)."""
+    document = {
         "genepert_scale_version": __version__,
         "parameters": evaluation.parameters,
         "missing": evaluation.missing,
-        "models": models,
+        "models": model_documents(evaluation, alphas=not evaluation.contexts),
         "baselines": evaluation.baselines,
         "subgroups": evaluation.subgroups,
         "novelty": [
@@ -59,6 +51,25 @@ def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
             for row in novelty_table(evaluation.per_perturbation).to_dict(orient="records")
         ],
     }
+    if evaluation.contexts:
+        document["contexts"] = {context: model_documents(part) for context, part in evaluation.contexts.items()}
+    return document
+
+
+def model_documents(evaluation: Evaluation, *, alphas: bool = True) -> dict[str, dict[str, Any]]:
+    """Per model: the metric summaries (with bootstrap ``ci95`` of
+    ``pearson_delta`` and ``rmse_delta``) and, for every model but the ridge,
+    its ``paired_test`` against the ridge. With ``alphas``, every fitted model
+    (the ridge, ``pca_ridge``) also gets ``alpha`` (the rule, the grid and the
+    alpha chosen per fold) and ``folds``: every fold's alpha and alpha path
+    (train, validation and inner-CV MSE and Pearson delta per alpha)."""
+    models = {model: dict(metrics) for model, metrics in evaluation.summary.items()}
+    fitted = {RIDGE: evaluation.fold_fits, **evaluation.baseline_fits} if alphas else {}
+    for model, fits in fitted.items():
+        models[model].update(alpha_document(fits, evaluation.parameters))
+    for model, tests in evaluation.paired_tests.items():
+        models[model]["paired_test"] = {"reference": RIDGE, "difference": f"{RIDGE} - {model}", **tests}
+    return models
 
 
 def alpha_document(fits: list[FoldFit], parameters: dict[str, Any]) -> dict[str, Any]:
@@ -146,15 +157,26 @@ def plot_best_worst(evaluation: Evaluation) -> Figure:
              if len(ranked) else {})
     fig = Figure(figsize=(13, 4.2), layout="constrained")
     for ax, (which, row) in zip(fig.subplots(1, 3), picks.items()):
-        true = evaluation.predictions["delta"].sel(perturbation=row.perturbation).values
-        pred = evaluation.predictions["prediction"].sel(model=RIDGE, perturbation=row.perturbation).values
+        at = prediction_position(evaluation.predictions, row)
+        true = evaluation.predictions["delta"].isel(perturbation=at).values
+        pred = evaluation.predictions["prediction"].sel(model=RIDGE).isel(perturbation=at).values
         ax.scatter(true, pred, s=6, alpha=0.6)
         lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
-        ax.set_title(f"{which}: {row.perturbation} (r = {row.pearson_delta:.2f})")
+        name = f"{row.context}/{row.perturbation}" if "context" in row else row.perturbation
+        ax.set_title(f"{which}: {name} (r = {row.pearson_delta:.2f})")
         ax.set_xlabel("true delta")
         ax.set_ylabel("predicted delta")
     return fig
+
+
+def prediction_position(predictions: Any, row: Any) -> int:
+    """Where a row of the per-perturbation table (its ``perturbation``, and
+    ``context`` with contexts) is along the predictions' ``perturbation``."""
+    match = predictions["perturbation"].values == row.perturbation
+    if "context" in predictions.coords:
+        match &= predictions["context"].values == row.context
+    return int(np.flatnonzero(match)[0])
 
 
 def plot_alpha_path(evaluation: Evaluation) -> Figure:
@@ -163,14 +185,15 @@ def plot_alpha_path(evaluation: Evaluation) -> Figure:
     held-out solid), the chosen alpha marked."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     mse_ax, pearson_ax = fig.subplots(1, 2)
-    for fit in evaluation.fold_fits:
+    parts = {f"{context} ": part for context, part in evaluation.contexts.items()} or {"": evaluation}
+    for context, fit in ((context, fit) for context, part in parts.items() for fit in part.fold_fits):
         path = fit.path
         chosen = path["alpha"] == fit.alpha
-        line = mse_ax.plot(path["alpha"], path["val_mse"], marker="o", ms=3, label=f"fold {fit.fold}")
+        line = mse_ax.plot(path["alpha"], path["val_mse"], marker="o", ms=3, label=f"{context}fold {fit.fold}")
         color = line[0].get_color()
         mse_ax.plot(path["alpha"], path["train_mse"], ls="--", color=color)
         pearson_ax.plot(path["alpha"], path["val_pearson_delta"], marker="o", ms=3, color=color,
-                        label=f"fold {fit.fold} (alpha {fit.alpha:g})")
+                        label=f"{context}fold {fit.fold} (alpha {fit.alpha:g})")
         pearson_ax.plot(path["alpha"], path["inner_cv_pearson_delta"], ls="--", color=color)
         for ax, column in ((mse_ax, "val_mse"), (pearson_ax, "val_pearson_delta")):
             ax.plot(path.loc[chosen, "alpha"], path.loc[chosen, column], marker="*", ms=12, color=color, ls="")

@@ -64,8 +64,10 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str
         f"FDR &lt; {DE_FDR:g}, among its as many largest predicted changes), <code>discrimination_score</code>, "
         "<code>mae_delta</code>.</p>",
         model_table(document["models"]),
+        *context_section(document.get("contexts", {}), parameters.get("contexts", {})),
         "<h2>Alpha</h2>",
-        alpha_section(document["models"]),
+        *(alpha_section(models, f"<h3>{html.escape(context)}</h3>")
+          for context, models in (document.get("contexts") or {"": document["models"]}).items()),
         "<h2>Baselines</h2>",
         "<p>Baselines that do not score every perturbation alike: how many they scored, fell back "
         "on, or why they are absent.</p>",
@@ -124,10 +126,42 @@ def p_value(test: Mapping[str, Any] | None, metric: str) -> str:
     return f"{test['pvalue']:.2g} (n={test['n']}, {'+' if better else '-'})"
 
 
-def alpha_section(models: Mapping[str, Mapping[str, Any]]) -> str:
+def context_section(contexts: Mapping[str, Mapping[str, Any]], how: Mapping[str, Any]) -> list[str]:
+    """With contexts: a heading, what was held out, and a table per headline
+    metric (:data:`UNCERTAIN`) of contexts × models; nothing without."""
+    if not contexts:
+        return []
+    held_out = how.get("mode") == "held_out"
+    empty = how.get("without_perturbations") or []
+    return [
+        "<h2>Contexts</h2>",
+        "<p>" + ("Each context held out in turn: trained on the other contexts' perturbations, tested on "
+                 "every perturbation of the held-out one." if held_out else
+                 "The split within each context, each context against its own control.")
+        + " Mean ± standard deviation over folds; n: held-out perturbations scored. The model table "
+        "above pools every context." + (f" Without perturbations (left out): {html.escape(', '.join(empty))}." if empty else "")
+        + "</p>",
+        *(f"<h3>{metric}</h3>" + context_table(contexts, metric) for metric in UNCERTAIN),
+    ]
+
+
+def context_table(contexts: Mapping[str, Mapping[str, Any]], metric: str) -> str:
+    """Contexts × models: ``metric``'s ``fold_mean ± fold_std`` (n)."""
+    rows = []
+    for context, models in contexts.items():
+        row = {"context": context}
+        for model, metrics in models.items():
+            value = metrics.get(metric, {})
+            row[model] = f"{mean_std(value.get('fold_mean'), value.get('fold_std'))} (n={value.get('n', 0)})"
+        rows.append(row)
+    return table(rows)
+
+
+def alpha_section(models: Mapping[str, Mapping[str, Any]], heading: str = "") -> str:
     """Per fitted model: the rule and grid, the alpha chosen per fold, and
-    the path of the inner-CV metric (rows: alphas; columns: folds; ``*``: chosen)."""
-    parts = []
+    the path of the inner-CV metric (rows: alphas; columns: folds; ``*``:
+    chosen); after ``heading`` (the context's)."""
+    parts = [heading] if heading else []
     for model, metrics in models.items():
         alpha = metrics.get("alpha")
         if not alpha or not metrics.get("folds"):
@@ -147,7 +181,7 @@ def alpha_section(models: Mapping[str, Mapping[str, Any]]) -> str:
                 held_out = step.get("val_pearson_delta")
                 row[f"fold {fold['fold']} held-out r"] = "n/a" if held_out is None else f"{held_out:.4f}"
         parts.append(table(list(rows.values())))
-    return "\n".join(parts) or "<p>(none)</p>"
+    return "\n".join(parts) if len(parts) > bool(heading) else heading + "<p>(none)</p>"
 
 
 def subgroup_table(subgroups: Mapping[str, Mapping[str, Any]]) -> str:

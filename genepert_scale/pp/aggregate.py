@@ -723,7 +723,7 @@ def one_context(ds: xr.Dataset, context: str | None = None,
             raise ParameterError(f"{source} has no contexts (it was made without "
                                  "--context-key); drop --context")
         return ds
-    contexts = [str(c) for c in ds[CONTROL_CONTEXT].values]
+    contexts = context_names(ds)
     if context not in contexts:
         asked = "none was chosen" if context is None else f"not {context!r}"
         raise ParameterError(f"{source} holds the contexts {listing(contexts, 20)}, {asked}; "
@@ -733,13 +733,26 @@ def one_context(ds: xr.Dataset, context: str | None = None,
     return one.drop_vars([CONTROL_CONTEXT, "context"]).assign_attrs(context=context)
 
 
-def pseudobulk_dataset(data: xr.Dataset | ad.AnnData | str,
-                       storage_options: dict[str, Any] | None = None) -> xr.Dataset:
-    """The one-context Dataset that models read, from a store's path, a
-    Dataset or the AnnData form (:func:`one_context`)."""
+def context_names(ds: xr.Dataset) -> list[str]:
+    """The contexts of a store made with ``--context-key`` (those with a
+    control mean, :data:`CONTROL_CONTEXT`); none for a store without."""
+    return [str(c) for c in ds[CONTROL_CONTEXT].values] if CONTROL_CONTEXT in ds.dims else []
+
+
+def pseudobulk_store(data: xr.Dataset | ad.AnnData | str,
+                     storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """The Dataset of a pseudo-bulk, its contexts kept, from a store's path,
+    a Dataset or the AnnData form (which holds one context)."""
     if isinstance(data, ad.AnnData):
         return anndata_to_pseudobulk(data)
-    return one_context(open_pseudobulk(data, storage_options) if isinstance(data, str) else data)
+    return open_pseudobulk(data, storage_options) if isinstance(data, str) else data
+
+
+def pseudobulk_dataset(data: xr.Dataset | ad.AnnData | str,
+                       storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """The one-context Dataset that models read (:func:`pseudobulk_store`,
+    :func:`one_context`)."""
+    return one_context(pseudobulk_store(data, storage_options))
 
 
 def open_pseudobulk(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:

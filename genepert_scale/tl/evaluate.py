@@ -84,7 +84,7 @@ from .metrics import (
     without_genes,
 )
 from .model import Embeddings, GeneMap, TrainingData, fold_statistics, training_data
-from ..pp.aggregate import pseudobulk_dataset
+from ..pp.aggregate import context_names, pseudobulk_dataset, pseudobulk_store
 from .ridge import (
     DEFAULT_ALPHAS,
     DEFAULT_SELECT_BY,
@@ -170,6 +170,11 @@ class Evaluation:
     scratch
         The temporary directory of the predictions store (removed with this
         Evaluation).
+    contexts
+        For a pseudo-bulk with contexts (:mod:`.contexts`): the Evaluation of
+        every context (of its held-out perturbations), by name; this one then
+        pools them (its tables have a ``context`` column, its predictions a
+        ``context`` coordinate and a ``control_mean`` per context).
     """
 
     per_perturbation: pd.DataFrame
@@ -184,6 +189,7 @@ class Evaluation:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     baseline_fits: dict[str, list[FoldFit]] = field(default_factory=dict, repr=False)
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
+    contexts: dict[str, Evaluation] = field(default_factory=dict, repr=False)
 
     @property
     def models(self) -> list[str]:
@@ -222,6 +228,40 @@ def evaluate(
     embeddings: Embeddings,
     *,
     split: SplitKind = "kfold",
+    **options: Any,
+) -> Evaluation:
+    """Evaluate GenePert's ridge and the baselines on held-out perturbations.
+
+    Parameters
+    ----------
+    pseudobulk
+        A pseudo-bulk: a store (path/URL), its Dataset, or its AnnData form
+        (:func:`.pp.pseudobulk`). A store with contexts (``--context-key``)
+        is evaluated in each context, or across contexts with
+        ``split="context"`` (:func:`.contexts.evaluate_contexts`); one
+        context of it (:func:`.pp.aggregate.one_context`) as any store.
+    embeddings
+        Embedding path(s)/URL(s) and ``pca:K`` sources, or a table.
+    split
+        ``kfold``, ``simulation`` (GEARS), ``custom`` (a file; see
+        :mod:`.splits`) or ``context`` (each context held out in turn).
+    **options
+        The other keywords of :func:`evaluate_perturbations`.
+    """
+    ds = pseudobulk_store(pseudobulk, options.get("storage_options"))
+    if split == "context" or context_names(ds):
+        from .contexts import evaluate_contexts
+
+        source = pseudobulk if isinstance(pseudobulk, str) else None
+        return evaluate_contexts(ds, embeddings, split=split, source=source, **options)
+    return evaluate_perturbations(pseudobulk, embeddings, split=split, **options)
+
+
+def evaluate_perturbations(
+    pseudobulk: xr.Dataset | ad.AnnData | str,
+    embeddings: Embeddings,
+    *,
+    split: SplitKind = "kfold",
     n_folds: int = 5,
     split_file: str | None = None,
     test_share: float | None = None,
@@ -241,7 +281,8 @@ def evaluate(
     storage_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Evaluate GenePert's ridge and the baselines on held-out perturbations.
+    """Evaluate GenePert's ridge and the baselines on held-out perturbations
+    of one context.
 
     Parameters
     ----------
@@ -332,18 +373,9 @@ def evaluate(
                                      ttest_de_genes(ds, names[tested], targets.left_out()), rows, targets,
                                      fdr_genes=fdr_de_mask(ds))
     predictions = store.open()
-    reason = set_metrics_fit(int(tested.sum()), len(genes))
-    if reason is None:
-        values = set_metric_values(predictions, data.delta, np.flatnonzero(tested), targets, rows)
-    else:
-        values = {}
-        log.warning("set-level metrics left empty: %s", reason)
-    per_perturbation = pd.concat(
-        [model_table(model, tables[model], values.get(model), names[tested], fold[tested]) for model in models],
-        ignore_index=True,
-    )
-    per_perturbation.insert(3, "subgroup", np.tile(subgroup[tested], len(models)))
-    per_perturbation.insert(4, "novelty", np.tile(novelty[tested], len(models)))
+    values, reason = set_metrics(predictions, data.delta, np.flatnonzero(tested), targets, rows)
+    per_perturbation = perturbation_table(models, tables, values, names[tested], fold[tested],
+                                          subgroup[tested], novelty[tested])
     folds_table = pd.DataFrame({"perturbation": names, "fold": fold, "group": the_split.group,
                                 "subgroup": subgroup, "novelty": novelty})
     parameters = {
@@ -739,6 +771,22 @@ def set_metrics_fit(n: int, q: int) -> str | None:
     return None
 
 
+def set_metrics(
+    predictions: xr.Dataset,
+    delta: Any,
+    tested: np.ndarray,
+    targets: TargetGenes,
+    rows: int,
+) -> tuple[dict[str, pd.DataFrame], str | None]:
+    """:func:`set_metric_values` where they fit (:func:`set_metrics_fit`),
+    else none; and why not (``None``: computed)."""
+    reason = set_metrics_fit(len(tested), predictions.sizes["gene"])
+    if reason is not None:
+        log.warning("set-level metrics left empty: %s", reason)
+        return {}, reason
+    return set_metric_values(predictions, delta, tested, targets, rows), None
+
+
 def set_metric_values(
     predictions: xr.Dataset,
     delta: Any,
@@ -800,6 +848,25 @@ def model_table(
     table.insert(0, "model", model)
     table.insert(0, "fold", fold)
     table.insert(0, "perturbation", names)
+    return table
+
+
+def perturbation_table(
+    models: Sequence[str],
+    tables: dict[str, list[pd.DataFrame]],
+    set_values: dict[str, pd.DataFrame],
+    names: np.ndarray,
+    fold: np.ndarray,
+    subgroup: np.ndarray,
+    novelty: np.ndarray,
+) -> pd.DataFrame:
+    """The per-perturbation table of :attr:`Evaluation.per_perturbation`:
+    every model's rows (:func:`model_table`), each with the ``subgroup`` and
+    ``novelty`` of its perturbation."""
+    table = pd.concat([model_table(model, tables[model], set_values.get(model), names, fold)
+                       for model in models], ignore_index=True)
+    table.insert(3, "subgroup", np.tile(subgroup, len(models)))
+    table.insert(4, "novelty", np.tile(novelty, len(models)))
     return table
 
 
@@ -1072,8 +1139,10 @@ def paired_tests(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per other model and :data:`.uncertainty.UNCERTAINTY_METRICS`: the
     ``reference`` model against it over the same held-out perturbations
-    (:func:`.uncertainty.paired_test`; differences are reference − model)."""
-    wide = {metric: per_perturbation.pivot(index="perturbation", columns="model", values=metric)
+    (:func:`.uncertainty.paired_test`; differences are reference − model);
+    with a ``context`` column, a perturbation of each context is a pair."""
+    index = [column for column in ("context", "perturbation") if column in per_perturbation]
+    wide = {metric: per_perturbation.pivot(index=index, columns="model", values=metric)
             for metric in UNCERTAINTY_METRICS}
     return {
         str(model): {metric: paired_test(wide[metric][reference].to_numpy(), wide[metric][model].to_numpy())

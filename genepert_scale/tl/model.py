@@ -140,13 +140,17 @@ def training_data(
         table, names, missing=missing, gene_map=as_gene_map(gene_map, storage_options), seed=seed
     )
     rows = pd.Index(names).get_indexer(features.perturbations)
-    delta = ds["delta"].data
-    if not isinstance(delta, da.Array):
-        delta = da.from_array(np.asarray(delta), chunks=(BLOCK_SIZE, -1))
     return TrainingData(
-        features, delta[rows], pd.Index([str(g) for g in ds["gene"].values]),
+        features, lazy_delta(ds)[rows], pd.Index([str(g) for g in ds["gene"].values]),
         np.asarray(ds["control_mean"].values, dtype=np.float64), table, recorded_run(ds.attrs),
     )
+
+
+def lazy_delta(ds: xr.Dataset) -> da.Array:
+    """A pseudo-bulk's deltas as a dask array (blocks of :data:`.blocks.BLOCK_SIZE`
+    rows where they are in memory)."""
+    delta = ds["delta"].data
+    return delta if isinstance(delta, da.Array) else da.from_array(np.asarray(delta), chunks=(BLOCK_SIZE, -1))
 
 
 def fold_statistics(

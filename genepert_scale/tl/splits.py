@@ -33,8 +33,10 @@ from ..io.store import delimiter, filesystem
 
 log = logging.getLogger(__name__)
 
-SplitKind = Literal["kfold", "simulation", "custom"]
-SPLIT_KINDS: tuple[str, ...] = ("kfold", "simulation", "custom")
+SplitKind = Literal["kfold", "simulation", "custom", "context"]
+#: The splits; ``context`` (each context of a store with contexts held out in
+#: turn) is made by :mod:`.contexts`, not here.
+SPLIT_KINDS: tuple[str, ...] = ("kfold", "simulation", "custom", "context")
 #: GEARS' default: 75% of genes train, 75% of fully seen pairs train.
 DEFAULT_TEST_SHARE = 0.25
 #: Group of perturbations a custom split leaves out.
