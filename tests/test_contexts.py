@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from genepert_scale.errors import LabelError
+from genepert_scale.errors import LabelError, ParameterError
 from genepert_scale.pp.aggregate import CONTROL_CONTEXT, pseudobulk
 
 
@@ -469,3 +469,31 @@ def test_run_config_chooses_a_context_or_the_context_split(lines_store, tmp_path
         config('context = "K562"\nsplit = "context"\n')
     with pytest.raises(ParameterError, match="not 'HELA'"):
         stages["fit"].run(StageRun(config('context = "HELA"\n'), inputs, str(tmp_path / "m2.zarr"), False))
+
+
+def test_target_key_gives_the_knockdown_of_guide_labels(papalexi_path):
+    adata = ad.read_h5ad(papalexi_path)
+    label = adata.obs["perturbation"].astype(str).to_numpy()
+    guide = np.where(label == "control", "control",
+                     np.char.add(label.astype(str), np.where(np.arange(label.size) % 2, "_g1", "_g2")))
+    adata.obs["guide"], adata.obs["target"] = guide, label
+    options = {"perturbation_key": "guide", "control": "control", "n_top_genes": 50,
+               "block_rows": 4096, "as_xarray": True}
+    assert "knockdown" not in pseudobulk(adata, **options)  # guide names are no genes
+    ds = pseudobulk(adata, target_key="target", **options)
+    control = (label == "control")
+    checked = 0
+    for name, value in zip(ds.perturbation.values, ds.knockdown.values):
+        gene = name.rsplit("_", 1)[0]
+        if gene not in adata.var_names:
+            assert np.isnan(value)
+            continue
+        expression, cells = normalized(adata, gene), guide == name
+        np.testing.assert_allclose(value, 1 - expression[cells].mean() / expression[control].mean(),
+                                   rtol=1e-9)
+        checked += 1
+    assert checked == 18  # nine measured targets, two guides each
+    first = ds.perturbation.values[0]
+    adata.obs["target"] = np.where(np.arange(label.size) == np.flatnonzero(guide == first)[3], "OTHER", label)
+    with pytest.raises(ParameterError, match=rf"--target-key target: the cells of {first} name different"):
+        pseudobulk(adata, target_key="target", **options)

@@ -132,6 +132,7 @@ def pseudobulk(
     batch_key: str | None = None,
     knockdown: bool = True,
     min_knockdown: float | None = None,
+    target_key: str | None = None,
     storage_options: dict[str, Any] | None = None,
     block_rows: int | None = None,
     memory_limit: int | str | None = None,
@@ -185,10 +186,15 @@ def pseudobulk(
         controls are matched by batch (:mod:`.groups`).
     knockdown
         Measure each perturbation's knockdown of its target gene(s) (from its
-        label), where they are measured (:mod:`.knockdown`); stored per row.
+        label, or ``target_key``), where they are measured (:mod:`.knockdown`);
+        stored per row.
     min_knockdown
         Drop perturbations whose knockdown is below this (listed in the log
         and attrs; those without a measured target are kept).
+    target_key
+        ``obs`` column of each cell's target gene(s) (``A`` or ``A+B``), for
+        the knockdown where the perturbation labels are guide names; every
+        cell of a perturbation must name the same (:func:`group_targets`).
     storage_options
         fsspec options for URLs.
     block_rows
@@ -243,7 +249,7 @@ def pseudobulk(
         flavor=flavor, target_sum=target_sum, input=input, min_cells=min_cells,
         group_variance=group_variance, obs_filter=obs_filter, layer=layer,
         context_key=context_key, batch_key=batch_key, knockdown=knockdown,
-        min_knockdown=min_knockdown,
+        min_knockdown=min_knockdown, target_key=target_key,
     )
     kind = resolve_input_kind(screen, input)
     if flavor == "seurat_v3" and kind != "counts":
@@ -266,7 +272,8 @@ def pseudobulk(
         plan = PassPlan(chains, plan.slabs)
     log.info("pass plan: %s", plan.describe())
     one_pass = not plan.genes_first
-    targets = targets_of(groups, list(screen.var_names), control) if knockdown else None
+    targets = targets_of(groups, list(screen.var_names), control,
+                         group_targets(screen, codes, groups, target_key)) if knockdown else None
     graph = pass_stats(
         screen, codes if one_pass else np.minimum(codes, -1), len(groups) if one_pass else 1,
         kind=kind, target_sum=target_sum, with_group_sumsq=group_variance and one_pass,
@@ -315,6 +322,39 @@ def _groups_of(screen: Screen, params: PseudobulkParams
             log.warning("%d of %d cells have no context or batch and are left out",
                         missing, codes.size)
     return codes, groups, left_out
+
+
+def group_targets(screen: Screen, codes: np.ndarray, groups: GroupTable,
+                  target_key: str | None) -> np.ndarray | None:
+    """Each group's target label (``A``, ``A+B``) from the ``obs`` column
+    ``target_key`` (``""`` for control groups and groups without cells or a
+    value); ``None`` without a column (the targets are then read from the
+    perturbation labels).
+
+    Raises
+    ------
+    ParameterError
+        If the cells of one group name different targets.
+    """
+    if target_key is None:
+        return None
+    values, names = pd.factorize(screen.obs_column(target_key, option="--target-key"))
+    counted = np.flatnonzero(codes >= 0)
+    first = np.full(len(groups), -1)
+    first[codes[counted[::-1]]] = counted[::-1]  # each group's first cell
+    differ = values[counted] != values[first[codes[counted]]]
+    if differ.any():
+        cell = counted[np.argmax(differ)]
+        group, other = codes[cell], first[codes[cell]]
+        named = [str(names[v]) if v >= 0 else "(missing)" for v in (values[other], values[cell])]
+        raise ParameterError(
+            f"{screen.source}: --target-key {target_key}: the cells of "
+            f"{_row_names(groups, np.array([group]))[0]} name different targets "
+            f"({named[0]!r}, {named[1]!r}); give a column with one target per perturbation"
+        )
+    held = (first >= 0) & ~groups.is_control
+    target = np.where(held, values[np.maximum(first, 0)], -1)
+    return np.array([str(names[v]) if v >= 0 else "" for v in target], dtype=object)
 
 
 def kept_by_filter(screen: Screen, obs_filter: str | None) -> np.ndarray | None:

@@ -54,12 +54,14 @@ class Targets:
         return int(self.slot_of_gene.max(initial=-1)) + 1
 
 
-def targets_of(groups: GroupTable, genes: list[str], control: str) -> Targets | None:
-    """The measured targets of every group, from its label (``A``, ``A+B``);
-    ``None`` when no group's target is measured."""
+def targets_of(groups: GroupTable, genes: list[str], control: str,
+               labels: np.ndarray | None = None) -> Targets | None:
+    """The measured targets of every group, from its label (``A``, ``A+B``)
+    or its entry of ``labels`` (``""``: none); ``None`` when no group's
+    target is measured."""
     index = {gene: i for i, gene in enumerate(genes)}
-    wanted = [[index[g] for g in parse_label(name, control) if g in index][:MAX_TARGETS]
-              for name in groups.perturbation]
+    wanted = [[index[g] for g in (parse_label(name, control) if name else ()) if g in index][:MAX_TARGETS]
+              for name in (groups.perturbation if labels is None else labels)]
     followed = sorted({gene for row in wanted for gene in row})
     if not followed:
         return None

@@ -59,6 +59,9 @@ class PseudobulkParams:
     min_knockdown: float | None = param(
         None, "drop perturbations whose knockdown is below this (0-1; NaN ones are kept)",
         (int, float))
+    target_key: str | None = param(
+        None, "obs column of each cell's target gene(s) (A or A+B) for the knockdown, "
+        "where the perturbation labels are guide names", str)
 
 
 #: The names of the parameters, in order.
