@@ -151,8 +151,12 @@ def test_papalexi_end_to_end(tmp_path, capsys):
     assert doc["baselines"]["matching_mean"]["n_fell_back"] == 25 and "additive" not in set(per.model)
     assert doc["baselines"]["pca_ridge"]["n_covered"] == 9
     varying = per[~per.model.isin(["control_baseline", "mean_baseline", "matching_mean", "pca_ridge"])]
+    fdr = ["overlap_de_fdr", "spearman_delta_de_fdr"]  # NaN without true DE genes (or one)
     assert len(per) == 25 * 9 and np.isfinite(varying.drop(
-        columns=["perturbation", "model", "subgroup"]).to_numpy()).all()
+        columns=["perturbation", "model", "subgroup", *fdr]).to_numpy()).all()
+    assert (varying["overlap_de_fdr"].isna() == (varying["n_de_fdr"] == 0)).all()
+    assert (varying["spearman_delta_de_fdr"].isna() <= (varying["n_de_fdr"] < 2)).all()
+    assert (varying["n_de_fdr"] > 1).any()
     model = str(tmp_path / "model.zarr")
     assert main(["fit", pb, "--embeddings", emb, "--out", model, "--no-progress"]) == 0
     out = str(tmp_path / "pred.h5ad")
