@@ -17,7 +17,8 @@ from sklearn.linear_model import Ridge
 from genepert_scale.tl.embeddings import normalize_rows
 from genepert_scale.errors import ParameterError
 from genepert_scale.tl.baselines import knn_prediction
-from genepert_scale.tl.evaluate import baseline_predictions, evaluate
+from genepert_scale.tl.baselines import baseline_predictions
+from genepert_scale.tl.evaluate import evaluate
 from genepert_scale.tl.metrics import METRICS, pearson_rows, perturbation_metrics
 from genepert_scale.io.encodings import PSEUDOBULK
 from genepert_scale.pp.aggregate import write_pseudobulk

@@ -16,7 +16,8 @@ from genepert_scale.cli.commands import main
 from genepert_scale.io.encodings import PSEUDOBULK
 from genepert_scale.pp.aggregate import write_pseudobulk
 from genepert_scale.pp.de import fdr_de_genes, top_de_genes
-from genepert_scale.tl.evaluate import evaluate, target_genes
+from genepert_scale.tl.evaluate import evaluate
+from genepert_scale.tl.scoring import target_genes
 from genepert_scale.tl.metrics import (
     METRICS,
     centroid_accuracy,

@@ -7,7 +7,8 @@ import pytest
 from scipy.spatial.distance import cdist
 from scipy.stats import pearsonr, spearmanr
 
-from genepert_scale.tl.evaluate import nearest_distance, novelty_table, target_genes
+from genepert_scale.tl.evaluate import nearest_distance, novelty_table
+from genepert_scale.tl.scoring import target_genes
 from genepert_scale.tl.metrics import (
     METRICS,
     VCC_SCORE,

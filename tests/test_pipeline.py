@@ -34,7 +34,7 @@ from genepert_scale.cli.pipeline import (
     select,
 )
 from genepert_scale.pp.aggregate import open_pseudobulk, pseudobulk
-from genepert_scale.tl.evaluate import target_genes
+from genepert_scale.tl.scoring import target_genes
 
 
 class Recorder:

@@ -81,7 +81,7 @@ def test_tiny_blocks_give_the_one_block_evaluation(screen, embedding):
 
 
 def test_set_metrics_beyond_their_work_are_left_empty_with_the_reason(screen, monkeypatch):
-    module = importlib.import_module("genepert_scale.tl.evaluate")  # the package binds the function's name
+    module = importlib.import_module("genepert_scale.tl.scoring")  # set_metrics_fit reads it there
     pb, emb, _ = screen
     monkeypatch.setattr(module, "SET_METRICS_WORK", 10)
     result = evaluate(pb, emb, n_folds=3, knn_k=(1,), n_resamples=10, progress=False)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from genepert_scale.tl.evaluate import RIDGE, paired_tests, summarize
+from genepert_scale.tl.evaluate import paired_tests, summarize
+from genepert_scale.tl.scoring import RIDGE
 from genepert_scale.tl.uncertainty import BATCH, bootstrap_ci, paired_test
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .. import __version__
-from ..tl.evaluate import RIDGE, Evaluation, novelty_table
+from ..tl.evaluate import Evaluation, novelty_table
+from ..tl.scoring import RIDGE
 from ..tl.ridge import FoldFit
 from .report_html import render_html
 from ..io.encodings import PREDICTIONS

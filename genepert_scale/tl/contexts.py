@@ -55,18 +55,11 @@ from .blocks import BLOCK_SIZE, block_items, weighted_sums
 from .data_embedding import EmbeddingPlan
 from .embeddings import EmbeddingTable, FeatureRows, Features, MissingPolicy, featurize
 from .evaluate import (
-    RIDGE,
-    SCORING_ARRAYS,
     Evaluation,
-    PredictionStore,
-    TargetGenes,
     evaluate_perturbations,
     nearest_distance,
     nearest_training,
     paired_tests,
-    perturbation_table,
-    row_metrics,
-    set_metrics,
     summarize,
     ttest_de_genes,
 )
@@ -83,6 +76,15 @@ from .ridge import (
     check_select_by,
     cross_validate,
     sum_stats,
+)
+from .scoring import (
+    RIDGE,
+    SCORING_ARRAYS,
+    PredictionStore,
+    TargetGenes,
+    perturbation_table,
+    row_metrics,
+    set_metrics,
 )
 from .splits import kfold
 from .uncertainty import N_RESAMPLES
@@ -473,7 +475,7 @@ def score_held_out(
     Returns
     -------
     tables
-        Per model, the row metrics of every block (:func:`.evaluate.row_metrics`).
+        Per model, the row metrics of every block (:func:`.scoring.row_metrics`).
     fell_back
         Per held-out row: the cross-context baseline fell back on the mean baseline.
     """

@@ -368,7 +368,7 @@ def ranks(distance: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """Per prediction row: how many true rows are strictly nearer than its
     own true row (``own``: its distance to it), and how many strictly
     farther. Counts over blocks of true rows add up
-    (:func:`.evaluate.set_metric_values` sums them block by block)."""
+    (:func:`.scoring.set_metric_values` sums them block by block)."""
     own = np.asarray(own)[:, None]
     return np.sum(distance < own, axis=1), np.sum(distance > own, axis=1)
 

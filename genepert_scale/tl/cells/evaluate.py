@@ -21,7 +21,7 @@ cells of its context, these sets of predicted cells:
 
 Each set is scored against the perturbation's true cells: as a pseudo-bulk
 (the mean of the predicted cells minus the control mean of the context gives
-a delta, scored with ``evaluate``'s metrics, :func:`.evaluate.metrics_table`),
+a delta, scored with ``evaluate``'s metrics, :func:`.scoring.metrics_table`),
 and, as distributions, the energy distance and RBF MMD to a sample of the
 perturbation's true cells in a PCA space fitted on the fold's training cells
 (:mod:`.distances`).
@@ -53,7 +53,8 @@ import xarray as xr
 
 from ...validate import check_positive
 from ..embeddings import MissingPolicy
-from ..evaluate import metrics_table, summarize, target_genes
+from ..evaluate import summarize
+from ..scoring import metrics_table, target_genes
 from ..metrics import METRICS
 from ..model import BLOCK_SIZE, Embeddings, GeneMap, TrainingData, fold_statistics
 from ..ridge import DEFAULT_ALPHAS, Rows, check_alphas, cross_validate
