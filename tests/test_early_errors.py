@@ -35,8 +35,9 @@ def test_synth_refuses_an_existing_embedding_before_writing_the_screen(tmp_path)
 
 
 def test_synth_perturbations_beyond_pairs_is_a_parameter_error(tmp_path):
-    with pytest.raises(ParameterError, match="--perturbations 50 is more than twice --genes 20"):
-        synth_screen(str(tmp_path / "s.zarr"), cells=100, genes=20, perturbations=50)
+    # 20 genes give 20 singles and 190 pairs
+    with pytest.raises(ParameterError, match="--perturbations 211 is more than the genes and pairs"):
+        synth_screen(str(tmp_path / "s.zarr"), cells=100, genes=20, perturbations=211)
 
 
 def test_scheduler_kind_without_address_is_an_error(monkeypatch):

@@ -47,7 +47,23 @@ def test_planted_knockdown_of_target_gene():
     singles = [label for label in model.labels if "+" not in label]
     for row, label in enumerate(singles):
         target = model.genes.get_loc(label)
-        assert model.log_effects[row, target] < -0.9
+        assert model.log_effects(np.array([row]))[0, target] < -0.9
+
+
+def test_more_perturbations_than_twice_the_genes_are_distinct_pairs():
+    # 20 genes, 150 perturbations: 20 singles and 130 of their 190 pairs, none twice
+    model = make_model(20, 150, seed=3, dim=4)
+    assert len(set(model.labels)) == 150 and sum("+" in label for label in model.labels) == 130
+    assert len({frozenset(pair) for pair in model.pairs.tolist()}) == 130
+    singles = model.log_effects(np.arange(20))
+    expected = np.tanh(model.embedding[model.targets] @ model.weights)
+    expected[np.arange(20), model.targets] -= 2.0
+    np.testing.assert_allclose(singles, expected, rtol=1e-12, atol=1e-12)
+    a, b = model.pairs[7]
+    np.testing.assert_allclose(model.log_effects(np.array([27]))[0], singles[a] + singles[b],
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ParameterError, match="more than the genes and pairs"):
+        make_model(20, 211, seed=3)
 
 
 def test_tile_counts_draws_what_the_first_version_drew():
@@ -59,7 +75,7 @@ def test_tile_counts_draws_what_the_first_version_drew():
     rng = np.random.default_rng([2, 2, 7])
     log_rate = np.tile(model.base_log_rate, (groups.size, 1))
     perturbed = groups > 0
-    log_rate[perturbed] += model.log_effects[groups[perturbed] - 1]
+    log_rate[perturbed] += model.log_effects(groups[perturbed] - 1)
     programs = rng.gamma(4.0, 0.25, size=(groups.size, N_PROGRAMS))
     rate = np.exp(log_rate) * programs[:, model.program_of_gene]
     library = rng.lognormal(np.log(600.0), 0.4, size=groups.size)
