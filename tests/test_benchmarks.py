@@ -45,6 +45,9 @@ def test_harness_runs_every_tool_and_writes_json_and_markdown(tmp_path):
         assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_mib"] > 0
     assert main["ours"]["ours_over_floor"] > 0 and main["scanpy_memory"]["peer_over_ours"] > 0
     assert main["ours"]["ours_over_group_sum_floor"] > 0 and main["group_sum_floor"]["over_floor"] > 0
+    # both scanpy peers compute the same group means (scanpy 1.12's aggregate on dask, or blocks)
+    sums = {r["tool"]: r["summary"]["checksum"] for r in report["runs"] if r["tool"].startswith("scanpy")}
+    assert sums["scanpy_dask"] == pytest.approx(sums["scanpy_memory"], rel=1e-6)
     # the group-sum floor did its work: every stored count, added once
     import numpy as np
     import zarr
@@ -189,3 +192,19 @@ def test_fold_ab_times_two_revisions_on_one_block_and_gives_the_cpus_back(tmp_pa
     first = fold_ab.fold(module, block, codes, n_groups, moments)
     block.data[0] += 1
     assert not fold_ab.identical(first, fold_ab.fold(module, block, codes, n_groups, moments))
+
+
+def test_anndata_defaults_store_holds_the_same_screen(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    harness = load_harness()
+    from genepert_scale.datasets.synth import synth_screen
+
+    screen, _ = synth_screen(str(tmp_path / "s.zarr"), cells=300, genes=40, perturbations=6)
+    out = harness.anndata_defaults_store(Path(screen))
+    assert out != Path(screen) and out.name.startswith("s-anndata-")
+    ours, theirs = ad.read_zarr(screen), ad.read_zarr(out)
+    assert (ours.X != theirs.X).nnz == 0 and ours.obs.equals(theirs.obs)
+    assert harness.anndata_defaults_store(Path(screen)) == out  # cached
+    assert np.array_equal(ours.var_names, theirs.var_names)
