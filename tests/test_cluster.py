@@ -53,6 +53,21 @@ def test_pseudobulk_on_cluster_equals_local_threads(cluster, screen, local_pb):
     assert_same_pseudobulk(ds, local_pb)
 
 
+def test_worker_rooms_leave_out_what_each_worker_holds(cluster):
+    # each worker's memory as the scheduler sees it, and its blocks, come off its share
+    from genepert_scale.cluster import accumulator_rooms
+
+    GiB = 2**30
+    with dask_client(cluster.address) as client:
+        rooms = accumulator_rooms(4 * GiB, block_bytes=10 * 2**20)
+        limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+    assert len(rooms) == 2
+    for room, limit in zip(rooms, limits):
+        memory = min(limit, 2 * GiB)  # the worker's own limit, or its share of the run's
+        assert 10 * 2**20 < room.held < memory // 2  # a dask worker process and its block
+        assert room.bytes == min(memory // 2, memory - room.held)
+
+
 @pytest.mark.usefixtures("pass_memory_only")
 def test_group_slabs_on_cluster_equal_one_local_pass(cluster, screen, local_pb, monkeypatch,
                                                     caplog):
