@@ -119,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="input .h5ad")
     p.add_argument("out", help="output zarr store")
 
+    p = sub.add_parser("sort", parents=[parent],
+                       help="write a screen with its cells in group order (then a pass in "
+                            "group slabs reads it about once)")
+    p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
+    p.add_argument("out", help="output zarr store")
+    for name in ("perturbation_key", "control", "context_key", "batch_key"):
+        spec = next(f for f in fields(PseudobulkParams) if f.name == name)
+        p.add_argument("--" + name.replace("_", "-"), default=spec.default,
+                       help=spec.metadata["help"] + " (as the pseudobulk run will give it)")
+
     p = sub.add_parser("pseudobulk", parents=[parent], help="normalize, select HVGs, pseudo-bulk")
     add_pseudobulk_options(p)
     p.add_argument("--out", required=True, help="output pseudo-bulk zarr store")
@@ -339,6 +349,18 @@ def _convert(args: argparse.Namespace) -> int:
     print(convert_h5ad(args.source, args.out, overwrite=args.overwrite,
                        storage_options=_storage_options(args.storage_options),
                        memory_limit=args.memory_limit))
+    return 0
+
+
+@command("sort")
+def _sort(args: argparse.Namespace) -> int:
+    from ..pp.sort import sort_screen
+
+    print(sort_screen(args.screen, args.out, perturbation_key=args.perturbation_key,
+                      control=args.control, context_key=args.context_key,
+                      batch_key=args.batch_key, overwrite=args.overwrite,
+                      storage_options=_storage_options(args.storage_options),
+                      memory_limit=args.memory_limit))
     return 0
 
 

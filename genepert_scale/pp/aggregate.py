@@ -43,7 +43,7 @@ from .knockdown import knockdown as knockdown_of, targets_of
 from .labels import assign_groups
 from .params import InputKindOption, PseudobulkParams
 from .budget import PassPlan, plan_pass
-from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_means
+from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_block_reads, slab_means
 from ..io.interop import anndata_to_pseudobulk, pseudobulk_to_anndata
 from ..io.screen import Screen, open_data
 from ..io.encodings import PSEUDOBULK, open_checked
@@ -260,7 +260,7 @@ def pseudobulk(
     check_exact_sum_range(
         screen.n_obs, np.log1p(target_sum) if kind == "counts" else kernels.LOG1P_MAX, screen.source
     )
-    codes, groups, left_out = _groups_of(screen, params)
+    codes, groups, left_out = groups_of(screen, params)
     log.info(
         "pseudobulk %s: %d cells x %d genes, %d groups, input %s, %d blocks of %d rows",
         screen.source, screen.n_obs, screen.n_vars, len(groups), kind,
@@ -305,7 +305,7 @@ def pseudobulk(
     return ds if as_xarray else pseudobulk_to_anndata(ds, perturbation_key=perturbation_key)
 
 
-def _groups_of(screen: Screen, params: PseudobulkParams
+def groups_of(screen: Screen, params: PseudobulkParams
                ) -> tuple[np.ndarray, GroupTable, dict[str, int]]:
     """Each cell's group (:func:`.groups.group_cells`), the groups, and the
     cells left out of every group, by reason (see :func:`_leave_out_cells`)."""
@@ -437,6 +437,7 @@ def _group_means(
         return (da.from_array(means, chunks=chunks),
                 None if squares is None else da.from_array(squares, chunks=chunks))
 
+    _log_slab_reads(screen, codes, plan)
     first = _timed_pass(parts[:1], screen, "group-sum pass of the first slab (the controls)",
                         progress)[0]
 
@@ -450,6 +451,22 @@ def _group_means(
     log.info("group sums in %d slabs: the first computed, the others as the output is written",
              len(plan.slabs))
     return stacked(0), stacked(1) if group_variance else None
+
+
+def _log_slab_reads(screen: Screen, codes: np.ndarray, plan: PassPlan) -> None:
+    """Log how many blocks the slabs of ``plan`` read in all; warn, with the
+    remedy, where the cells are not in group order (in group order, each
+    slab boundary adds at most one read of a block)."""
+    n_blocks, n_slabs = screen.X.numblocks[0], len(plan.slabs)
+    reads = slab_block_reads(codes, plan.slabs, np.cumsum((0, *screen.X.chunks[0])))
+    log.info("the %d group slabs read %d blocks in all; the screen has %d",
+             n_slabs, reads, n_blocks)
+    if reads > 2 * (n_blocks + n_slabs):
+        log.warning(
+            "%s: the cells are not in group order, so the %d group slabs read the screen "
+            "%.1f times; 'genepert-scale sort' (with this run's --perturbation-key, --control, "
+            "--context-key and --batch-key) writes it in group order once, after which they "
+            "read it about once", screen.source, n_slabs, reads / n_blocks)
 
 
 def _timed_pass(graph: Any, screen: Screen, label: str, progress: bool) -> Any:

@@ -105,20 +105,46 @@ def pass_stats(
     they do not depend on the chunking, ``chains`` or the scheduler.
     """
     bounds, blocks = block_refs(screen)
+    used = (range(len(blocks)) if moments or targets is not None
+            else blocks_with_groups(codes, bounds))
     fold = delayed(_read_and_fold, pure=True, name="pass-fold")
-    accs: list[Any] = [None] * max(1, min(chains, len(blocks)))
-    for i, block in enumerate(blocks):
-        c = i % len(accs)
-        accs[c] = fold(accs[c], block, codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
+    accs: list[Any] = [None] * max(1, min(chains, len(used)))
+    for k, i in enumerate(used):
+        c = k % len(accs)
+        accs[c] = fold(accs[c], blocks[i], codes[bounds[i] : bounds[i + 1]], n_groups, kind=kind,
                        target_sum=target_sum, with_group_sumsq=with_group_sumsq,
                        moments=moments, gene_map=gene_map, block_index=i,
-                       after=after if i < len(accs) else None,
+                       after=after if k < len(accs) else None,
                        targets=targets, target_codes=None if target_codes is None
                        else target_codes[bounds[i] : bounds[i + 1]])
     # each chain's end frees the idle block buffers before the chains are combined
     accs = [delayed(_free_buffers, pure=True, name="pass-free-buffers")(acc) for acc in accs]
     total = tree_reduce(accs, kernels.combine_into, split_every=split_every, name="pass-combine")
     return delayed(kernels.finish, pure=True, name="pass-finish")(total)
+
+
+def blocks_with_groups(codes: np.ndarray, bounds: np.ndarray) -> list[int]:
+    """The row blocks (``bounds``: their first rows, then the end) holding a
+    cell of some group (``codes >= 0``); the first block when none does.
+
+    Only these add to group sums: a pass without gene moments or knockdown
+    reads no other block. On a store whose cells are in group order
+    (:func:`.io.sort.sort_screen`) a slab of groups is a run of rows, so its
+    pass reads only the blocks of that run.
+    """
+    rows = np.flatnonzero(codes >= 0)
+    found = np.unique(np.searchsorted(bounds, rows, side="right") - 1)
+    return found.tolist() or [0]
+
+
+def slab_block_reads(codes: np.ndarray, slabs: Sequence[tuple[int, int]],
+                     bounds: np.ndarray) -> int:
+    """The blocks that the passes of ``slabs`` (ranges of group codes) read
+    together: :func:`blocks_with_groups` of each slab, counted at once."""
+    rows = np.flatnonzero(codes >= 0)
+    block = np.searchsorted(bounds, rows, side="right") - 1
+    slab = np.searchsorted([stop for _, stop in slabs], codes[rows], side="right")
+    return int(np.unique(slab.astype(np.int64) * len(bounds) + block).size)
 
 
 class BlockRef:
@@ -236,10 +262,13 @@ def slab_means(
 
     Notes
     -----
-    The values of cells outside a slab are not visited by its pass, but every
-    block is read and its rows' totals found once per slab: the slabs trade
-    reads for memory. Group sums are exact integers, so the means equal those
-    of one pass over all groups, bit for bit.
+    The values of cells outside a slab are not visited by its pass, but
+    every block holding one of its cells is read once per slab
+    (:func:`blocks_with_groups`): on a screen in random order that is every
+    block, and the slabs trade reads for memory; on one in group order
+    (:func:`.io.sort.sort_screen`) each slab reads its own run of rows, so
+    all the slabs together read the screen about once. Group sums are exact
+    integers, so the means equal those of one pass over all groups, bit for bit.
     """
     finished: list[Delayed] = []
     means = delayed(kernels.slab_means, pure=True, name="slab-means")
