@@ -2,14 +2,17 @@
 screens whose (groups × genes) outgrow one machine, and equality of the
 budgeted result with a reference run.
 
-    python benchmarks/budget.py SCREEN.zarr --limits default,4GiB [--workers 2 --worker-memory 2GiB]
+    python benchmarks/budget.py SCREEN.zarr --limits default,4GiB [--workers 2 --worker-memory 2GiB] [--sorted]
 
 Each run is a separate process (``genepert-scale pseudobulk``); its process
 tree's resident memory (the command and, with ``--workers``, its LocalCluster
 workers) is sampled every 50 ms: the peak of the sum, and each process's
 own peak. Every run's output is compared with the first one's (group
 statistics bit for bit, the HVG table to 1e-12). The read floor is the time
-to decode ``X`` once (``tasks.py zarr-floor``: through zarr). Results:
+to decode ``X`` once (``tasks.py zarr-floor``: through zarr); the write
+floor the time to write the first run's output again. With ``--sorted``,
+the runs after the first are made on the screen in group order
+(``genepert-scale sort``, itself measured). Results:
 ``benchmarks/results/<date>-memory-budget-<screen>.json`` and ``.md``.
 """
 
@@ -119,6 +122,41 @@ def read_floor(screen: str) -> float:
     return round(float(np.median(times)), 2)
 
 
+def pseudobulk_command(screen: str, n_top_genes: int) -> list[str]:
+    """``genepert-scale pseudobulk`` of ``screen``, without its output and limits."""
+    return ["genepert-scale", "pseudobulk", screen, "--control", "non-targeting",
+            "--n-top-genes", str(n_top_genes), "--no-progress", "-v", "--overwrite"]
+
+
+def sort_run(screen: str, out: str, limits: list[str]) -> dict:
+    """``genepert-scale sort`` of ``screen`` into ``out`` within the smallest
+    of ``limits`` (none: ``"default"`` only), measured."""
+    import dask.utils
+
+    given = [limit for limit in limits if limit != "default"]
+    smallest = min(given, key=dask.utils.parse_bytes) if given else None
+    command = ["genepert-scale", "sort", screen, out, "--control", "non-targeting",
+               *(["--memory-limit", smallest] if smallest else []), "--no-progress", "--overwrite"]
+    return {"run": f"sort ({smallest or 'default'})", "command": shlex.join(command),
+            **run_measured(command)}
+
+
+def write_floor(store: str) -> float:
+    """Seconds to write the output ``store`` holds again with the writer of
+    ``pseudobulk`` (its arrays decoded and encoded anew): what writing the
+    output costs at least, beside reading the screen."""
+    code = ("import sys, tempfile, time\n"
+            "from genepert_scale.pp.aggregate import open_pseudobulk, write_pseudobulk\n"
+            "ds = open_pseudobulk(sys.argv[1])\n"
+            "with tempfile.TemporaryDirectory(dir=sys.argv[2]) as scratch:\n"
+            "    start = time.perf_counter()\n"
+            "    write_pseudobulk(ds, scratch + '/copy.zarr')\n"
+            "    print(time.perf_counter() - start)\n")
+    done = subprocess.run([sys.executable, "-c", code, store, str(Path(store).parent)],
+                          check=True, capture_output=True, text=True)
+    return round(float(done.stdout.split()[-1]), 2)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("screen")
@@ -129,10 +167,12 @@ def main(argv=None) -> int:
     parser.add_argument("--n-top-genes", type=int, default=5000)
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="", help="appended to the results file's name")
+    parser.add_argument("--sorted", action="store_true",
+                        help="after the first run, write the screen in group order "
+                             "('genepert-scale sort', within the smallest limit) and make "
+                             "the other runs on it")
     args = parser.parse_args(argv)
     screen = args.screen
-    base = ["genepert-scale", "pseudobulk", screen, "--control", "non-targeting",
-            "--n-top-genes", str(args.n_top_genes), "--no-progress", "-v", "--overwrite"]
     runs = [(limit, []) if limit == "default" else (limit, ["--memory-limit", limit])
             for limit in args.limits.split(",")]
     if args.workers:
@@ -144,29 +184,39 @@ def main(argv=None) -> int:
         reference = None
         for label, extra in runs:
             out = str(Path(scratch) / f"pb-{len(results)}.zarr")
-            command = [*base, "--out", out, *extra]
+            command = [*pseudobulk_command(screen, args.n_top_genes), "--out", out, *extra]
             result = {"run": label, "command": shlex.join(command), **run_measured(command)}
             if result["returncode"] == 0:
                 reference = reference or out
-                result["same_as_first"] = same_result(out, reference)
+                result["same_as_first"] = out == reference or same_result(out, reference)
             results.append(result)
             print(json.dumps(result), flush=True)
+            if args.sorted and screen == args.screen:
+                screen = str(Path(scratch) / "sorted.zarr")
+                limits = [*args.limits.split(","), *([args.worker_memory] if args.workers else [])]
+                results.append(sort_run(args.screen, screen, limits))
+                print(json.dumps(results[-1]), flush=True)
         floor = read_floor(screen)
+        written = write_floor(reference) if reference else None
     report = {"date": dt.date.today().isoformat(), "command": shlex.join(sys.argv),
-              "screen": screen, "read_floor_s": floor, "machine": machine(),
-              "versions": versions(), "runs": results}
-    stem = f"{report['date']}-memory-budget-{Path(screen).stem}{args.tag and '-' + args.tag}"
+              "screen": args.screen, "read_floor_s": floor, "write_floor_s": written,
+              "machine": machine(), "versions": versions(), "runs": results}
+    stem = f"{report['date']}-memory-budget-{Path(args.screen).stem}{args.tag and '-' + args.tag}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Memory budget of pseudobulk: {Path(screen).name}", "",
+    lines = [f"# Memory budget of pseudobulk: {Path(args.screen).name}", "",
              f"`{report['command']}` on {report['machine']}, {report['date']}.", "",
-             f"Read floor (decode X once): {floor} s.", "",
-             "| run | plan | wall s | x floor | peak tree GiB | peak process GiB | same result |",
-             "|---|---|---|---|---|---|---|"]
+             f"Read floor (decode X once): {floor} s. Write floor (write the first run's "
+             f"output again): {written} s.", "",
+             "| run | plan | wall s | x read floor | x read + write floor | peak tree GiB "
+             "| peak process GiB | same result |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} | {r['plan']} | {r['wall_s']} | {r['wall_s'] / floor:.2f} | "
+        both = f"{r['wall_s'] / (floor + written):.2f}" if written else "-"
+        lines.append(f"| {r['run']} | {r['plan'] or '-'} | {r['wall_s']} | "
+                     f"{r['wall_s'] / floor:.2f} | {both} | "
                      f"{r['peak_tree_gib']} | {r['peak_process_gib']} | "
-                     f"{r.get('same_as_first', 'failed: ' + ' / '.join(r['tail']))} |")
+                     f"{r.get('same_as_first', '-' if r['returncode'] == 0 else 'failed: ' + ' / '.join(r['tail']))} |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     (args.results / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -208,3 +208,18 @@ def test_anndata_defaults_store_holds_the_same_screen(tmp_path):
     assert (ours.X != theirs.X).nnz == 0 and ours.obs.equals(theirs.obs)
     assert harness.anndata_defaults_store(Path(screen)) == out  # cached
     assert np.array_equal(ours.var_names, theirs.var_names)
+
+
+def test_budget_runs_on_the_screen_and_its_sorted_copy_with_equal_results(tmp_path, monkeypatch):
+    from genepert_scale.datasets.synth import synth_screen
+
+    budget = benchmark_module("budget")
+    screen, _ = synth_screen(str(tmp_path / "s.zarr"), cells=2000, genes=300, perturbations=30)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert budget.main([screen, "--limits", "default,3GiB", "--n-top-genes", "100", "--sorted",
+                        "--results", str(tmp_path / "results")]) == 0
+    (report,) = (tmp_path / "results").glob("*-memory-budget-s.json")
+    runs = json.loads(report.read_text())
+    assert [r["run"] for r in runs["runs"]] == ["default", "sort (3GiB)", "3GiB"]
+    assert all(r["returncode"] == 0 for r in runs["runs"]) and runs["runs"][2]["same_as_first"]
+    assert runs["read_floor_s"] > 0 and runs["write_floor_s"] > 0
