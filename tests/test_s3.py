@@ -91,3 +91,20 @@ def test_missing_s3_screen_is_a_clear_error(s3, tmp_path, capsys):
     code = main(["run", str(config), "--no-progress", "--storage-options", json.dumps(options)])
     assert code == INPUT_ERROR_EXIT_CODE
     assert "input s3://screens/nothing.zarr does not exist" in capsys.readouterr().err
+
+
+def test_sort_reads_and_writes_s3(s3, tmp_path):
+    import anndata as ad
+
+    from genepert_scale.pp.sort import sort_screen
+
+    options, fs, local = s3
+    out = sort_screen("s3://screens/screen.zarr", "s3://screens/sorted.zarr",
+                      storage_options=options, memory_limit=200_000)
+    fs.get("screens/sorted.zarr", str(tmp_path / "sorted.zarr"), recursive=True)
+    remote = ad.read_zarr(tmp_path / "sorted.zarr")
+    expected = ad.read_zarr(sort_screen(local, str(tmp_path / "local.zarr")))
+    assert out == "s3://screens/sorted.zarr"
+    assert list(remote.obs_names) == list(expected.obs_names)
+    assert (remote.X != expected.X).nnz == 0
+    assert not [p for p in fs.ls("screens") if ".tmp-" in p]
