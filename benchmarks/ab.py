@@ -3,6 +3,7 @@ the same cached screen, alternating, each run its own process.
 
     python benchmarks/ab.py --base HEAD~1                    # HEAD~1 vs the working tree
     python benchmarks/ab.py --base main~3 --head main --cells 100000 --repeats 7
+    python benchmarks/ab.py --base HEAD~1 --screen S.zarr --args "--memory-limit 4GiB" --repeats 3
 
 ``--base`` and ``--head`` are git revisions (``--head`` defaults to the
 working tree); each revision's package is exported with ``git archive`` into
@@ -135,6 +136,11 @@ def ab_parser(description: str, *, repeats: int, stem: str) -> argparse.Argument
     parser.add_argument("--head-args", default="",
                         help="extra pseudobulk options of the B side, for the same work as A "
                              "(e.g. '--no-group-variance' where B's defaults do more)")
+    parser.add_argument("--args", default="",
+                        help="pseudobulk options of both sides (e.g. '--memory-limit 4GiB')")
+    parser.add_argument("--screen", type=Path,
+                        help="an existing screen instead of the synthetic one of --cells, "
+                             "--genes and --perturbations")
     return parser
 
 
@@ -145,9 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = ScreenSpec(args.cells, args.genes, args.perturbations)
-    screen = ensure_screen(spec, args.cache, dict(os.environ))
+    screen = args.screen or ensure_screen(spec, args.cache, dict(os.environ))
     sides = {"base": args.base, "head": args.head}
-    extra = {"base": (), "head": tuple(shlex.split(args.head_args))}
+    both = tuple(shlex.split(args.args))
+    extra = {"base": both, "head": (*both, *shlex.split(args.head_args))}
     labels = {side: describe(rev) for side, rev in sides.items()}
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="gps-ab-") as scratch:
@@ -185,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": today,
         "command": shlex.join(["python", "benchmarks/ab.py", *(argv or sys.argv[1:])]),
-        "machine": machine(), "versions": versions(), "screen": spec.name,
-        "repeats": args.repeats,
+        "machine": machine(), "versions": versions(),
+        "screen": str(args.screen) if args.screen else spec.name, "repeats": args.repeats,
         "sides": labels, "runs": runs, "summary": summary,
         "base_over_head": speedup, "round_ratios": rounds,
         "base_over_head_by_round": statistics.median(rounds) if rounds else None,
