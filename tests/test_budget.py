@@ -97,14 +97,6 @@ def test_means_are_converted_in_the_memory_of_their_sums():
     assert squares is None and np.shares_memory(means, sums) and stats.group_sum is None
 
 
-def test_sums_longer_than_a_run_are_converted_exactly():
-    sums = np.random.default_rng(2).integers(-2**50, 2**50, size=(3, kernels.FIXED_RUN // 2 + 7))
-    expected = kernels.from_fixed(sums, kernels.SQUARE_BITS)
-    converted = kernels._from_fixed_in_place(sums, kernels.SQUARE_BITS)
-    np.testing.assert_array_equal(converted, expected)
-    assert np.shares_memory(converted, sums)
-
-
 @pytest.fixture(scope="module")
 def unbudgeted(small_screen):
     return pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False, as_xarray=True)
