@@ -77,8 +77,10 @@ def describe(revision: str | None) -> str:
 
 def pseudobulk_argv(screen: Path, out: Path, extra: Sequence[str] = ()) -> list[str]:
     """The command line of one timed run: the CLI's defaults, as ``run.py``'s
-    ``ours``, and ``extra`` options (those one side needs for the same work)."""
-    return [sys.executable, "-m", "genepert_scale", "pseudobulk", str(screen), "--out", str(out),
+    ``ours``, and ``extra`` options (those one side needs for the same work).
+    ``-P``: the package comes from ``PYTHONPATH``, not from the current
+    directory (the checkout's own package when run from its root)."""
+    return [sys.executable, "-P", "-m", "genepert_scale", "pseudobulk", str(screen), "--out", str(out),
             "--overwrite", "--no-progress", *extra]
 
 

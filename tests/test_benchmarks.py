@@ -223,3 +223,16 @@ def test_budget_runs_on_the_screen_and_its_sorted_copy_with_equal_results(tmp_pa
     assert [r["run"] for r in runs["runs"]] == ["default", "sort (3GiB)", "3GiB"]
     assert all(r["returncode"] == 0 for r in runs["runs"]) and runs["runs"][2]["same_as_first"]
     assert runs["read_floor_s"] > 0 and runs["write_floor_s"] > 0
+
+
+def test_each_ab_side_runs_the_package_on_its_pythonpath(tmp_path, monkeypatch):
+    # run from the checkout's root, whose own genepert_scale must not shadow the side's
+    ab, harness = benchmark_module("ab"), load_harness()
+    side = tmp_path / "side" / "genepert_scale"
+    side.mkdir(parents=True)
+    (side / "__init__.py").write_text("")
+    (side / "__main__.py").write_text("print('the side package')\n")
+    monkeypatch.chdir(RUN.parents[1])
+    *_, code, stdout = harness.measure(ab.pseudobulk_argv(tmp_path / "s.zarr", tmp_path / "o.zarr"),
+                                       dict(os.environ, PYTHONPATH=str(side.parent)))
+    assert code == 0 and stdout.strip() == "the side package"
