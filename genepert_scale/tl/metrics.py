@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from scipy.stats import rankdata
 
 from ..pp.de import NO_GENE, mse_de, pearson_delta_de
 
@@ -159,6 +158,8 @@ def spearman_rows(pred: np.ndarray, true: np.ndarray, keep: np.ndarray) -> np.nd
     (rows × genes): :func:`pearson_rows` of their ranks there (ties: mean
     rank); NaN with fewer than two genes or a constant row (cell-eval's
     ``de_spearman_lfc_sig`` on the true DE genes)."""
+    from scipy.stats import rankdata  # slow to import; every command's start-up would pay
+
     keep = np.asarray(keep, dtype=bool)
     ranks = [np.nan_to_num(rankdata(np.where(keep, values, np.nan), axis=1, nan_policy="omit"))
              for values in (pred, true)]

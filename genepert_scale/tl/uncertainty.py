@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 #: Metrics given a confidence interval and a paired test.
 UNCERTAINTY_METRICS = ("pearson_delta", "rmse_delta")
@@ -90,6 +89,8 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
         "statistic": None, "pvalue": None,
     }
     if np.any(difference != 0):
+        from scipy import stats  # slow to import; every command's start-up would pay
+
         result = stats.wilcoxon(a[both], b[both])
         out["statistic"], out["pvalue"] = float(result.statistic), float(result.pvalue)
     return out
