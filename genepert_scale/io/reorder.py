@@ -166,7 +166,7 @@ def _reordered(key: str, element: Any, order: np.ndarray) -> Any:
 
 def _reorder_matrix(element, group: zarr.Group, plan: Reorder, source: str) -> None:
     """Write the cell matrix ``element`` (CSR or dense) into ``group`` as CSR
-    rows in ``order``, an output slab at a time (see the module's docstring)."""
+    rows in the new order, an output slab at a time (see the module's docstring)."""
     encoding = element.attrs.get("encoding-type", "array")
     if encoding == "csc_matrix":
         raise StoreError(f"{source} is stored as CSC (column-major); write the screen as "

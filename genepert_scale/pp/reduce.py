@@ -129,11 +129,10 @@ def blocks_with_groups(codes: np.ndarray, bounds: np.ndarray) -> list[int]:
 
     Only these add to group sums: a pass without gene moments or knockdown
     reads no other block. On a store whose cells are in group order
-    (:func:`.io.sort.sort_screen`) a slab of groups is a run of rows, so its
+    (:func:`.sort.sort_screen`) a slab of groups is a run of rows, so its
     pass reads only the blocks of that run.
     """
-    rows = np.flatnonzero(codes >= 0)
-    found = np.unique(np.searchsorted(bounds, rows, side="right") - 1)
+    found = np.unique(_block_of(np.flatnonzero(codes >= 0), bounds))
     return found.tolist() or [0]
 
 
@@ -142,9 +141,13 @@ def slab_block_reads(codes: np.ndarray, slabs: Sequence[tuple[int, int]],
     """The blocks that the passes of ``slabs`` (ranges of group codes) read
     together: :func:`blocks_with_groups` of each slab, counted at once."""
     rows = np.flatnonzero(codes >= 0)
-    block = np.searchsorted(bounds, rows, side="right") - 1
     slab = np.searchsorted([stop for _, stop in slabs], codes[rows], side="right")
-    return int(np.unique(slab.astype(np.int64) * len(bounds) + block).size)
+    return int(np.unique(slab.astype(np.int64) * len(bounds) + _block_of(rows, bounds)).size)
+
+
+def _block_of(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The block (of row ``bounds``) of each of ``rows``."""
+    return np.searchsorted(bounds, rows, side="right") - 1
 
 
 class BlockRef:
@@ -266,7 +269,7 @@ def slab_means(
     every block holding one of its cells is read once per slab
     (:func:`blocks_with_groups`): on a screen in random order that is every
     block, and the slabs trade reads for memory; on one in group order
-    (:func:`.io.sort.sort_screen`) each slab reads its own run of rows, so
+    (:func:`.sort.sort_screen`) each slab reads its own run of rows, so
     all the slabs together read the screen about once. Group sums are exact
     integers, so the means equal those of one pass over all groups, bit for bit.
     """
