@@ -121,13 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sort", parents=[parent],
                        help="write a screen with its cells in group order (then a pass in "
-                            "group slabs reads it about once)")
+                            "group slabs reads it about once)",
+                       description="Give the grouping options as the pseudobulk run will.")
     p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
     p.add_argument("out", help="output zarr store")
-    for name in ("perturbation_key", "control", "context_key", "batch_key"):
-        spec = next(f for f in fields(PseudobulkParams) if f.name == name)
-        p.add_argument("--" + name.replace("_", "-"), default=spec.default,
-                       help=spec.metadata["help"] + " (as the pseudobulk run will give it)")
+    add_parameter_options(p, ("perturbation_key", "control", "context_key", "batch_key"))
 
     p = sub.add_parser("pseudobulk", parents=[parent], help="normalize, select HVGs, pseudo-bulk")
     add_pseudobulk_options(p)
@@ -258,7 +256,14 @@ def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
     per field of :class:`.pp.params.PseudobulkParams`, with its default,
     choices and help, and the block size of the pass."""
     p.add_argument("screen", help="AnnData zarr store (path or URL) or .h5ad")
-    for spec in fields(PseudobulkParams):
+    add_parameter_options(p, PARAMETERS)
+    p.add_argument("--block-rows", type=int, help="rows per block of the pass (default: auto)")
+
+
+def add_parameter_options(p: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """An option for each :class:`.pp.params.PseudobulkParams` field of
+    ``names``, with its default, choices and help."""
+    for spec in (f for f in fields(PseudobulkParams) if f.name in names):
         flag, meta = "--" + spec.name.replace("_", "-"), spec.metadata
         if isinstance(spec.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default,
@@ -267,7 +272,6 @@ def add_pseudobulk_options(p: argparse.ArgumentParser) -> None:
         kind = _n_top_genes if spec.name == "n_top_genes" else _option_type(meta["types"])
         p.add_argument(flag, type=kind, default=spec.default, choices=meta["choices"] or None,
                        help=meta["help"])
-    p.add_argument("--block-rows", type=int, help="rows per block of the pass (default: auto)")
 
 
 def _option_type(types: type | tuple[type, ...]) -> type:

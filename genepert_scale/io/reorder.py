@@ -38,7 +38,7 @@ from ..validate import memory_bytes
 from .convert import slabs
 from .integrity import complete_chunks, mark_complete
 from .ordered import threaded_in_order
-from .screen import block_rows_for, open_group, stored_values
+from .screen import block_rows_for, open_group, read_index, stored_values
 from .store import (
     ANNDATA_ATTRS,
     CsrAppender,
@@ -99,7 +99,7 @@ def write_reordered(
         If a cell matrix is stored as CSC (``genepert-scale convert`` first).
     """
     group = open_group(source, storage_options)
-    n_obs = len(read_elem(group["obs"]).index)
+    n_obs = read_index(group["obs"]).size
     order = np.asarray(order)
     if order.shape != (n_obs,) or not np.array_equal(np.sort(order), np.arange(n_obs)):
         raise ParameterError(f"{source}: the new order must hold each of its {n_obs} cells "

@@ -123,7 +123,7 @@ class Screen:
         if self.obs is not None:
             return np.asarray(self.obs.index, dtype=str)
         with named_chunk_errors(self.group, self.source, ("obs",)):
-            return _read_index(self.group["obs"])
+            return read_index(self.group["obs"])
 
     @contextmanager
     def naming_bad_chunks(self, elements: tuple[str, ...] | None = None) -> Iterator[None]:
@@ -328,7 +328,7 @@ def _index_key(df_group) -> str:
     return df_group.attrs.get("_index", "_index")
 
 
-def _read_index(df_group) -> np.ndarray:
+def read_index(df_group) -> np.ndarray:
     """The index of an AnnData dataframe (``obs`` or ``var``) as a string array."""
     names = np.asarray(read_elem(df_group[_index_key(df_group)]))
     return names if names.dtype.kind in "OTU" else names.astype(str)
@@ -526,8 +526,8 @@ def screen_from_group(
     x_group = group[x_key]
     encoding = _x_encoding(x_group, path)
     with named_chunk_errors(group, path, ("obs", "var")):
-        var_names = pd.Index(_read_index(group["var"]), dtype=object)
-        obs_names = _read_index(group["obs"])
+        var_names = pd.Index(read_index(group["var"]), dtype=object)
+        obs_names = read_index(group["obs"])
     check_unique_names(obs_names, "obs", path)
     check_unique_names(var_names, "var", path)
     check_case_collisions(var_names, path)
