@@ -162,6 +162,21 @@ def test_slabs_written_in_waves_with_groups_dropped_between_them(tmp_path, monke
     assert_same_budgeted(open_pseudobulk(str(tmp_path / "pb.zarr")).compute(), expected)
 
 
+@pytest.mark.usefixtures("pass_memory_only")
+def test_one_slabs_perturbation_chunks_are_the_stored_chunks(small_screen, monkeypatch):
+    # the control rows are a chunk apart: the perturbations' chunks start on the
+    # stored grid, so the writer writes each stored chunk once, never reading one back
+    import genepert_scale.io.store as store
+
+    monkeypatch.setattr(budget, "ONE_PASS_BYTES", 0)
+    monkeypatch.setattr(store, "WAVE_CHUNK_BYTES", 100 * 8 * 7)  # stored chunks of 7 rows
+    ds = pseudobulk(small_screen[0], n_top_genes=100, group_variance=True, progress=False,
+                    as_xarray=True)
+    for name in ("mean", "delta", "var"):
+        rows = ds[name].data.chunks[0]
+        assert len(rows) > 2 and set(rows[:-1]) == {7}, name
+
+
 @pytest.mark.parametrize(("start", "stop", "stored"), [(0, 45, 7), (45, 91, 7), (3, 4, 7), (14, 28, 7)])
 def test_a_regions_chunks_never_share_a_stored_chunk(start, stop, stored):
     from genepert_scale.io.store import region_chunks

@@ -188,6 +188,12 @@ def region_chunks(start: int, stop: int, stored: int) -> tuple[int, ...]:
 WAVE_CHUNK_BYTES = 32 * 2**20
 
 
+def wave_rows(row_bytes: int) -> int:
+    """Rows per stored chunk of an array written in waves whose rows take
+    ``row_bytes`` each (:data:`WAVE_CHUNK_BYTES` a chunk, at least one row)."""
+    return max(1, WAVE_CHUNK_BYTES // max(row_bytes, 1))
+
+
 def _write_in_waves(ds: xr.Dataset, store: Any, encoding: dict[str, dict], lazy: list[str],
                     along: str, chunks_at_once: int) -> None:
     """Write ``ds``: its metadata and in-memory arrays first, then its dask
@@ -199,8 +205,7 @@ def _write_in_waves(ds: xr.Dataset, store: Any, encoding: dict[str, dict], lazy:
     ds = ds.assign({name: ds[name].compute() for name in ds.data_vars
                     if name not in lazy and isinstance(ds[name].data, da.Array)})
     for name in lazy:
-        rows = max(1, WAVE_CHUNK_BYTES // max(ds[name].dtype.itemsize
-                                              * int(np.prod(ds[name].shape[1:])), 1))
+        rows = wave_rows(ds[name].dtype.itemsize * int(np.prod(ds[name].shape[1:])))
         encoding[name] = {**encoding.get(name, {}),
                           "chunks": (min(rows, ds.sizes[along]), *ds[name].shape[1:])}
     ds.to_zarr(store, mode="w", consolidated=True, encoding=encoding, write_empty_chunks=True,

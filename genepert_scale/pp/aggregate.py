@@ -47,7 +47,7 @@ from .reduce import SPLIT_EVERY, clipped_moments, pass_stats, slab_block_reads, 
 from ..io.interop import anndata_to_pseudobulk, pseudobulk_to_anndata
 from ..io.screen import Screen, open_data
 from ..io.encodings import PSEUDOBULK, open_checked
-from ..io.store import WAVE_CHUNK_BYTES, write_dataset
+from ..io.store import wave_rows, write_dataset
 from ..validate import (
     check_choice,
     NTopGenes,
@@ -294,7 +294,8 @@ def pseudobulk(
         means, squares = kernels.slab_means(_selected_sums(stats, keep))
     else:
         means, squares = _group_means(screen, codes, plan, kernels.gene_columns(keep), kind,
-                                      target_sum, group_variance, progress)
+                                      target_sum, group_variance, progress,
+                                      n_controls=int(groups.is_control.sum()))
     knocked = None if targets is None else knockdown_of(stats.target_sums, targets, groups,
                                                          n_cells)
     ds = finalize(means, squares, n_cells, groups, hvg, params, kind=kind, left_out=left_out,
@@ -416,13 +417,16 @@ def _group_means(
     target_sum: float,
     group_variance: bool,
     progress: bool,
+    n_controls: int = 0,
 ) -> tuple[Any, Any]:
     """Group means (and mean squares) over the genes of ``gene_map``, by the
     slabs of ``plan`` (:func:`.reduce.slab_means`), as dask arrays.
 
-    One slab is computed here, in row chunks of :data:`.io.store.WAVE_CHUNK_BYTES`
-    from which its outputs (rows taken, delta) are computed as they are
-    written. Several slabs stay lazy, a chunk per slab, computed as the
+    One slab is computed here, in the row chunks the output is stored in
+    (:func:`.io.store.wave_rows`, counted from the first of the
+    ``n_controls`` perturbations after the control groups), from which its
+    outputs (rows taken, delta) are computed as they are written, each
+    stored chunk once. Several slabs stay lazy, a chunk per slab, computed as the
     output is written, a few slabs at a time (:func:`write_pseudobulk`): the
     whole ``(groups × genes)`` output is never in memory.
     """
@@ -431,9 +435,12 @@ def _group_means(
                        with_group_sumsq=group_variance, chains=plan.chains if one_slab else 1,
                        concurrent=1 if one_slab else plan.chains)
     n_selected = int(gene_map.max()) + 1
-    chunks = (max(1, WAVE_CHUNK_BYTES // (8 * n_selected)), n_selected)
     if one_slab:
         means, squares = _timed_pass(parts, screen, "group-sum pass", progress)[0]
+        rows = wave_rows(8 * n_selected)
+        perturbations = means.shape[0] - n_controls
+        chunks = ((n_controls,) * (n_controls > 0) + (rows,) * (perturbations // rows)
+                  + (perturbations % rows,) * (perturbations % rows > 0), n_selected)
         return (da.from_array(means, chunks=chunks),
                 None if squares is None else da.from_array(squares, chunks=chunks))
 
