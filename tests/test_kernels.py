@@ -298,34 +298,3 @@ def test_rows_not_counted_are_left_out_of_everything(use_numba):
     assert part.n_cells == alone.n_cells == kept.sum()
     for name in ("group_sum", "group_sumsq", "group_n", "gene_sum", "gene_log_sumsq"):
         np.testing.assert_array_equal(getattr(part, name), getattr(alone, name), err_msg=name)
-
-
-@pytest.mark.skipif(not kernels._numba_kernels.AVAILABLE, reason="numba not installed")
-@pytest.mark.parametrize("selected", [False, True])
-def test_flushing_touched_columns_only_gives_the_sums_of_flushing_all(monkeypatch, selected):
-    # many groups of few cells: each group's run touches a few of the columns
-    rng = np.random.default_rng(11)
-    x = sp.random(600, 80, density=0.04, format="csr", random_state=12, dtype=np.float32)
-    x.data = np.floor(x.data * 90)
-    codes = rng.integers(-1, 300, 600).astype(np.int32)
-    gene_map = kernels.gene_columns(rng.random(80) < 0.5) if selected else None
-    order = np.sort(codes)
-    columns = 80 if gene_map is None else int(gene_map.max()) + 1
-    assert kernels._numba_kernels.flush_touched(order, x.nnz, columns, gene_map)
-    results = []
-    for share in (0.0, np.inf):  # never, always
-        monkeypatch.setattr(kernels._numba_kernels, "TOUCHED_SHARE", share)
-        results.append(kernels.fold_block(None, x, codes, 300, with_group_sumsq=True,
-                                          moments=() if selected else ("log1p",),
-                                          gene_map=gene_map))
-    swept, listed = results
-    np.testing.assert_array_equal(listed.group_sum, swept.group_sum)
-    np.testing.assert_array_equal(listed.group_sumsq, swept.group_sumsq)
-    assert swept.group_sum.any()
-
-
-def test_a_block_of_few_large_groups_flushes_every_column():
-    codes = np.repeat(np.arange(4), 50)  # 4 runs of 50 rows
-    assert not kernels._numba_kernels.flush_touched(codes, 50 * 4 * 30, 100, None)
-    assert kernels._numba_kernels.flush_touched(codes, 4 * 10, 100, None)
-    assert not kernels._numba_kernels.flush_touched(np.full(5, -1), 40, 100, None)

@@ -44,10 +44,6 @@ TABLE_SIZE = 64
 #: The per-gene moment pairs (sum, sum of squares) the fold can add: of the
 #: normalized values, of their log1p, of the raw stored values.
 MOMENT_KINDS = ("normalized", "log1p", "raw")
-#: A group's run of rows flushes the columns it touched, not all of them, when
-#: the block's values per run are below this share of the columns
-#: (:func:`flush_touched`).
-TOUCHED_SHARE = 0.25
 #: Entries of the value-check counts (``kernels.CHECKS``): non-finite,
 #: negative, non-integer counts, too large log1p values, and gene indices or
 #: row offsets outside the stored matrix (at :data:`BAD_INDEX`).
@@ -182,22 +178,10 @@ def _flush(sums, work, column):
 
 
 @jit
-def _flush_group(group_sum, group_sumsq, work, group, touched, n_touched):
-    # The group's work columns into its rows of the sums: every column in one
-    # sweep, or (with `touched`) only the n_touched columns listed there, in
-    # any order (the sums are integers)
-    if touched is None:
-        _flush(group_sum[group], work, 0)
-        if group_sumsq is not None:
-            _flush(group_sumsq[group], work, 1)
-        return
-    for j in range(n_touched):
-        slot = touched[j]
-        group_sum[group, slot] += work[slot, 0]
-        work[slot, 0] = 0
-        if group_sumsq is not None:
-            group_sumsq[group, slot] += work[slot, 1]
-            work[slot, 1] = 0
+def _flush_group(group_sum, group_sumsq, work, group):
+    _flush(group_sum[group], work, 0)
+    if group_sumsq is not None:
+        _flush(group_sumsq[group], work, 1)
 
 
 @jit
@@ -210,7 +194,7 @@ def _copy_pair(out, moments, column):
 @jit
 def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p_max,
                group_sum, sum_scale, group_sumsq, square_scale, norm_moments, log_moments,
-               raw_moments, gene_map, scales, present, touched, checks):
+               raw_moments, gene_map, scales, present, checks):
     # group_sumsq and the moments are arrays or None: numba compiles one
     # version per combination and prunes the branches of the absent ones.
     # Everything a value updates is in its gene's row of `work` (one cache
@@ -227,11 +211,6 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     # arrays (fold_rows checks the arguments' shapes).
     # With a gene_map (moments are then None), a gene's group sums sit in
     # column gene_map[gene] of group_sum, and genes mapped to -1 are not summed.
-    # With `touched` (an array, else None), the columns each group's rows
-    # touch are listed there as they are first added to (`stamp`: the last
-    # group run that touched a column), and only those are flushed: where a
-    # group has few values in the block (many groups, few cells each), a
-    # sweep over every column per group would cost more than its values.
     logs = np.empty(TABLE_SIZE)
     fixed = np.empty(TABLE_SIZE, np.int64)
     fixed_sq = np.zeros(TABLE_SIZE, np.int64)
@@ -242,9 +221,6 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
     work = np.zeros((group_sum.shape[1], _padded_width(width)), np.int64)
     moments = work.view(np.float64)
     n_genes = np.uint64(group_sum.shape[1] if gene_map is None else gene_map.size)
-    stamp = np.full(group_sum.shape[1] if touched is not None else 0, -1, np.int64)
-    n_touched = 0
-    run = -1
     current = -1
     for i in range(order.size):
         row = order[i]
@@ -252,9 +228,7 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
         group = codes[row]
         if group != current:  # rows come in group order: the last group is complete
             if current >= 0:
-                _flush_group(group_sum, group_sumsq, work, current, touched, n_touched)
-            n_touched = 0
-            run += 1
+                _flush_group(group_sum, group_sumsq, work, current)
             current = group
         scale = scales[row]
         todo = present[row]
@@ -301,15 +275,11 @@ def _fold_rows(data, indices, indptr, codes, order, normalize, target_sum, log1p
                 moments[gene, raw_col] += raw
                 moments[gene, raw_col + 1] += raw * raw
             if group >= 0:
-                if touched is not None and stamp[slot] != run:
-                    stamp[slot] = run
-                    touched[n_touched] = slot
-                    n_touched += 1
                 work[slot, 0] += add
                 if group_sumsq is not None:
                     work[slot, 1] += add_sq
     if current >= 0:
-        _flush_group(group_sum, group_sumsq, work, current, touched, n_touched)
+        _flush_group(group_sum, group_sumsq, work, current)
     if norm_moments is not None:
         _copy_pair(norm_moments, moments, norm_col)
     if log_moments is not None:
@@ -384,43 +354,12 @@ def fold_rows(
     # neither are rows in no group (they add nothing)
     order = order[np.searchsorted(codes[order], -1 if gene_map is None else 0):]
     scales, present = _row_scales(data, indptr, normalize, float(target_sum), checks)
-    gene_map = None if gene_map is None else gene_map.astype(np.int64, copy=False)
-    touched = (np.empty(n_genes, np.int64) if flush_touched(codes[order], data.size, n_genes,
-                                                            gene_map) else None)
     _fold_rows(data, indices, indptr, codes, order, normalize, float(target_sum),
                float(log1p_max), group_sum, float(2.0**sum_bits), group_sumsq,
                float(2.0**square_bits), *(sums.get(kind) for kind in MOMENT_KINDS),
-               gene_map, scales, present, touched, checks)
+               None if gene_map is None else gene_map.astype(np.int64, copy=False),
+               scales, present, checks)
     return sums, checks, scales
-
-
-def flush_touched(visited_codes: np.ndarray, n_values: int, n_columns: int,
-                  gene_map: np.ndarray | None) -> bool:
-    """Whether the fold flushes each group's touched columns only (else every column).
-
-    A group's rows in a block are one *run* (rows are visited in group
-    order), flushed into its row of the sums when they end. Where a run
-    holds fewer values than :data:`TOUCHED_SHARE` of the columns (many
-    groups of few cells each, as in 100,000-group screens), listing the
-    columns it touches costs less than sweeping all of them.
-
-    Parameters
-    ----------
-    visited_codes
-        The group codes of the visited rows, in visiting order.
-    n_values
-        Values of the block.
-    n_columns
-        Columns of the group sums.
-    gene_map
-        The fold's gene map (``None``: every gene is a column); the values
-        are counted in the share of genes it maps.
-    """
-    in_groups = visited_codes[visited_codes >= 0]
-    runs = int(np.count_nonzero(np.diff(in_groups))) + 1 if in_groups.size else 0
-    if gene_map is not None and gene_map.size:
-        n_values = n_values * n_columns / gene_map.size
-    return runs > 0 and n_values < runs * n_columns * TOUCHED_SHARE
 
 
 @jit
