@@ -422,11 +422,11 @@ def _group_means(
     """Group means (and mean squares) over the genes of ``gene_map``, by the
     slabs of ``plan`` (:func:`.reduce.slab_means`), as dask arrays.
 
-    One slab is computed here, in the row chunks the output is stored in
-    (:func:`.io.store.wave_rows`, counted from the first of the
-    ``n_controls`` perturbations after the control groups), from which its
-    outputs (rows taken, delta) are computed as they are written, each
-    stored chunk once. Several slabs stay lazy, a chunk per slab, computed as the
+    One slab is computed here, then cut into the row chunks the output is
+    stored in (:func:`.io.store.wave_rows`), counted from the first
+    perturbation: the ``n_controls`` control groups before it are a chunk
+    of their own. Its outputs (rows taken, delta) are computed from these
+    chunks as they are written, each stored chunk once. Several slabs stay lazy, a chunk per slab, computed as the
     output is written, a few slabs at a time (:func:`write_pseudobulk`): the
     whole ``(groups × genes)`` output is never in memory.
     """
@@ -438,9 +438,8 @@ def _group_means(
     if one_slab:
         means, squares = _timed_pass(parts, screen, "group-sum pass", progress)[0]
         rows = wave_rows(8 * n_selected)
-        perturbations = means.shape[0] - n_controls
-        chunks = ((n_controls,) * (n_controls > 0) + (rows,) * (perturbations // rows)
-                  + (perturbations % rows,) * (perturbations % rows > 0), n_selected)
+        edges = [0, n_controls, *range(n_controls + rows, means.shape[0], rows), means.shape[0]]
+        chunks = (tuple(int(n) for n in np.diff(edges) if n), n_selected)
         return (da.from_array(means, chunks=chunks),
                 None if squares is None else da.from_array(squares, chunks=chunks))
 
