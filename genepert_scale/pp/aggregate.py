@@ -424,9 +424,10 @@ def _group_means(
 
     One slab is computed here, then cut into the row chunks the output is
     stored in (:func:`.io.store.wave_rows`), counted from the first
-    perturbation: the ``n_controls`` control groups before it are a chunk
-    of their own. Its outputs (rows taken, delta) are computed from these
-    chunks as they are written, each stored chunk once. Several slabs stay lazy, a chunk per slab, computed as the
+    perturbation: the ``n_controls`` control groups, which come first
+    (:mod:`.groups`), are a chunk of their own. Its outputs (rows taken,
+    delta) are computed from these chunks as they are written, each stored
+    chunk once. Several slabs stay lazy, a chunk per slab, computed as the
     output is written, a few slabs at a time (:func:`write_pseudobulk`): the
     whole ``(groups × genes)`` output is never in memory.
     """
@@ -437,7 +438,7 @@ def _group_means(
     n_selected = int(gene_map.max()) + 1
     if one_slab:
         means, squares = _timed_pass(parts, screen, "group-sum pass", progress)[0]
-        rows = wave_rows(8 * n_selected)
+        rows = wave_rows(means[0].nbytes)
         edges = [0, n_controls, *range(n_controls + rows, means.shape[0], rows), means.shape[0]]
         chunks = (tuple(int(n) for n in np.diff(edges) if n), n_selected)
         return (da.from_array(means, chunks=chunks),
